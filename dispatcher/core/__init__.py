@@ -1,0 +1,1 @@
+"""The pure core: admission, queue order, deadlines, machine selection. No I/O."""

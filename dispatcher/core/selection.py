@@ -1,0 +1,126 @@
+"""Machine selection (SPEC §3): which machine of the target takes a run, or why none can.
+
+Power Automate's documented rules, then: least loaded first, ties broken at random. A run
+that occupies a machine (dispatched or running) counts as a session of its user, as it would
+on a real machine, so later decisions see it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from dispatcher.codes import ErrorCode
+from dispatcher.core.admission import same_user, tenant_blocked
+from dispatcher.models import (
+    Connection,
+    ConnectionKind,
+    MachineView,
+    Mode,
+    OsKind,
+    Session,
+    SessionState,
+)
+
+_UNATTENDED_SESSION_CODES = {
+    SessionState.active: ErrorCode.SessionExistsForTheUserWhenUnattended,
+    SessionState.locked: ErrorCode.UnattendedUserSessionLocked,
+    SessionState.disconnected: ErrorCode.UnattendedUserSessionDisconnected,
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen machine (or None) and, for every machine not chosen, why not."""
+
+    machine_id: str | None
+    reasons: dict[str, ErrorCode] = field(default_factory=dict)
+
+
+def effective_sessions(view: MachineView) -> list[Session]:
+    """Reported sessions, plus one active session per user an unattended run occupies."""
+    sessions = list(view.sessions)
+    for run in view.assigned:
+        if run.mode is Mode.unattended and not any(
+            same_user(session.user, run.user) for session in sessions
+        ):
+            sessions.append(Session(user=run.user, state=SessionState.active))
+    return sessions
+
+
+def slots_of(view: MachineView) -> int:
+    """Unattended slots: a Windows client machine runs one session at a time."""
+    if view.machine.os is OsKind.windows_client:
+        return 1
+    return view.machine.max_unattended_runs
+
+
+def machine_verdict(view: MachineView, connection: Connection, mode: Mode) -> ErrorCode | None:
+    """Why ``view`` cannot take a run of ``connection`` in ``mode`` now, or None if it can."""
+    if not view.online:
+        return ErrorCode.MachineOffline
+    if view.machine.maintenance:
+        return ErrorCode.MachineInMaintenance
+    if tenant_blocked(view.machine, connection):
+        return ErrorCode.UnallowedTenantForConnectWithSignIn
+    if not view.has_public_key:
+        return ErrorCode.NoWorkerKey
+    user = connection.session_user
+    occupied = any(same_user(run.user, user) for run in view.assigned)
+    if mode is Mode.attended:
+        own = [s for s in view.sessions if same_user(s.user, user)]
+        if not own:
+            if connection.kind is ConnectionKind.sign_in:
+                return ErrorCode.NoSessionFoundForPasswordless
+            return ErrorCode.AttendedUserNotLoggedIn
+        if not any(s.state is SessionState.active for s in own):
+            return ErrorCode.AttendedUserSessionNotActive
+        if occupied:
+            return ErrorCode.UserRunInProgress
+        return None
+    sessions = effective_sessions(view)
+    own = [s for s in sessions if same_user(s.user, user)]
+    if own:
+        return _UNATTENDED_SESSION_CODES[own[0].state]
+    if view.unattended_in_use >= slots_of(view):
+        return ErrorCode.NoFreeSlot
+    if view.machine.os is OsKind.windows_client and any(
+        s.state is SessionState.active for s in sessions
+    ):
+        return ErrorCode.Win10AlreadyHasActiveSession
+    return None
+
+
+def select_machine(
+    views: Iterable[MachineView],
+    connection: Connection,
+    mode: Mode,
+    rng: random.Random | None = None,
+) -> Selection:
+    """Pick the least loaded eligible machine, ties at random; say why the others cannot."""
+    reasons: dict[str, ErrorCode] = {}
+    eligible: list[MachineView] = []
+    for view in views:
+        verdict = machine_verdict(view, connection, mode)
+        if verdict is None:
+            eligible.append(view)
+        else:
+            reasons[view.machine_id] = verdict
+    if not eligible:
+        return Selection(machine_id=None, reasons=reasons)
+    lightest = min(view.load for view in eligible)
+    candidates = sorted(view.machine_id for view in eligible if view.load == lightest)
+    chosen = (rng or random).choice(candidates)
+    return Selection(machine_id=chosen, reasons=reasons)
+
+
+def describe(code: ErrorCode, offline_since: str | None = None) -> str:
+    """A human line for a why-waiting reason."""
+    if code is ErrorCode.MachineOffline and offline_since:
+        return f"offline since {offline_since}"
+    if code is ErrorCode.MachineInMaintenance:
+        return "in maintenance"
+    if code is ErrorCode.NoFreeSlot:
+        return "no free slot"
+    return f"{code.value}: {code.meaning}"
