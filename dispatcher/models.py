@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -74,7 +75,10 @@ class Strict(BaseModel):
 
 
 def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of a JSON value, stopping early past ``limit``."""
+    """Nesting depth of a JSON value, stopping early past ``limit``.
+
+    Also refuses NaN and Infinity, which are not JSON and which the parser lets through.
+    """
     stack = [(value, 1)]
     deepest = 0
     while stack:
@@ -86,6 +90,8 @@ def _depth(value: Any, limit: int) -> int:
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("inputs hold NaN or Infinity, which JSON cannot carry")
     return deepest
 
 
@@ -99,8 +105,9 @@ class RunRequest(Strict):
     mode: Mode
     priority: Priority = Priority.normal
     inputs: dict[str, Any] = Field(default_factory=dict)
-    queue_timeout_s: Seconds | None = Field(default=None, gt=0)
-    max_run_s: Seconds | None = Field(default=None, gt=0)
+    # JSON has no NaN/Infinity; an infinite max_run_s would switch the run time limit off.
+    queue_timeout_s: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_run_s: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
     submitted_at: datetime | None = Field(default=None, strict=False)
 
     @field_validator("inputs")
@@ -330,20 +337,44 @@ class Run(BaseModel):
 
 
 class Assignment(BaseModel):
-    """The hand-off message a machine worker receives. Secrets inside are sealed to it."""
+    """The hand-off message a machine worker receives. The secret inside is sealed to it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    run_id: str
     fence: int
     machine_id: str
-    flow_id: str
     mode: Mode
     user: str
     connection_kind: ConnectionKind
-    inputs: dict[str, Any]
     max_run_s: float
     sealed_secret: str | None = None
+    request: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return str(self.request["run_id"])
+
+    @property
+    def flow_id(self) -> str:
+        return str(self.request["flow_id"])
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        inputs = self.request.get("inputs") or {}
+        return inputs if isinstance(inputs, dict) else {}
+
+    @property
+    def time_limit_s(self) -> float:
+        """The run time limit: the request's ``max_run_s``, else the dispatcher's default."""
+        requested = self.request.get("max_run_s")
+        return float(requested) if isinstance(requested, int | float) else self.max_run_s
+
+
+class CancelRequest(Strict):
+    """Cancel a run, over AMQP (routing key ``cancel``) or from the CLI."""
+
+    run_id: SafeId
+    reason: Annotated[str, Field(max_length=512)] | None = None
 
 
 class FleetFile(BaseModel):

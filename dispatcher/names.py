@@ -125,6 +125,10 @@ class Names:
         """Sorted set lane -> score of its head run."""
         return f"{self.ns}:lanes:{target}"
 
+    def reasons(self, target: str) -> str:
+        """Hash lane -> why its head run cannot be placed (JSON, per machine)."""
+        return f"{self.ns}:reasons:{target}"
+
     @property
     def targets(self) -> str:
         """Set of targets that have queued runs."""

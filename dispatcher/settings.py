@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     client_secret: SecretStr = SecretStr("")
     idp_ca_file: str = ""
     token_scope: str = "https://service.flow.microsoft.com//.default"
+    # An access token handed to a worker stays valid at least this long.
+    token_validity_s: float = Field(default=600, gt=0)
 
     # Metrics.
     metrics_port: int = Field(default=9464, ge=0, le=65535)

@@ -32,13 +32,13 @@ def top_score(current_head_score: float | None, fallback: float) -> float:
     return min(current_head_score, fallback) - 1.0
 
 
-def lane_of(connection_id: str, mode: str) -> str:
+def lane_of(connection_id: str, mode: str, priority: str) -> str:
     """Runs of a target with the same lane are eligible for exactly the same machines.
 
     Placement looks at the head of each lane instead of at every queued run, so its cost
     depends on the number of lanes, never on the backlog.
     """
-    return f"{connection_id}|{mode}"
+    return f"{connection_id}|{mode}|{priority}"
 
 
 def sort_key(score: float, run_id: str) -> tuple[float, str]:

@@ -1,0 +1,267 @@
+"""RabbitMQ: topology, confirmed publishing, and batched consuming with one ack decision point.
+
+Publishing always waits for publisher confirms, but as a window (many publishes in flight,
+confirms awaited together), never one by one. Messages to machine queues are ``mandatory``: a
+message RabbitMQ cannot route raises instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from dispatcher.adapters.redis_store import OutboxMessage
+from dispatcher.names import Names
+
+log = logging.getLogger(__name__)
+
+DELIVERY_LIMIT = 5
+TERMINAL_EVENT_KEYS = ("run.succeeded", "run.failed", "run.cancelled", "run.timed_out")
+REASON_HEADER = "x-rundispatch-reason"
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The message's effect is durably recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """The message breaks the contract: copy it to the dead-letter queue with ``reason``."""
+
+    reason: str
+    reason_class: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A transient failure: give the message back to RabbitMQ for another try."""
+
+    error: str
+
+
+Verdict = Ack | DeadLetter | Retry
+BatchHandler = Callable[[Sequence[AbstractIncomingMessage]], Awaitable[list[Verdict]]]
+
+
+def quorum_arguments(names: Names) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": names.dead_exchange,
+    }
+
+
+class Amqp:
+    """One robust connection, a confirming publisher channel, and consumers."""
+
+    def __init__(self, url: str, names: Names, prefetch: int = 200) -> None:
+        self.url = url
+        self.names = names
+        self.prefetch = prefetch
+        self.connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._machine_queues: set[str] = set()
+        self._consumer_channels: list[AbstractChannel] = []
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect_robust(
+            self.url, client_properties={"connection_name": f"rundispatch:{self.names.ns}"}
+        )
+        self._publisher = await self.connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        await self.declare_topology()
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+            self.connection = None
+
+    @property
+    def publisher(self) -> AbstractChannel:
+        if self._publisher is None:
+            raise RuntimeError("not connected")
+        return self._publisher
+
+    async def declare_topology(self) -> None:
+        """Declare every exchange and shared queue of the public contract (idempotent)."""
+        names, channel = self.names, self.publisher
+        direct, topic, fanout = (
+            aio_pika.ExchangeType.DIRECT,
+            aio_pika.ExchangeType.TOPIC,
+            aio_pika.ExchangeType.FANOUT,
+        )
+        dead = await channel.declare_exchange(names.dead_exchange, fanout, durable=True)
+        dead_queue = await channel.declare_queue(
+            names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dead_queue.bind(dead)
+        requests = await channel.declare_exchange(names.requests_exchange, direct, durable=True)
+        requests_queue = await channel.declare_queue(
+            names.requests_queue, durable=True, arguments=quorum_arguments(names)
+        )
+        await requests_queue.bind(requests, "submit")
+        await requests_queue.bind(requests, "cancel")
+        events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
+        machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
+        heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
+        heartbeats_queue = await channel.declare_queue(
+            names.heartbeats_queue, durable=True, arguments={"x-message-ttl": 60_000}
+        )
+        await heartbeats_queue.bind(heartbeats)
+        signals = await channel.declare_queue(
+            names.signals_queue, durable=True, arguments=quorum_arguments(names)
+        )
+        for key in (*TERMINAL_EVENT_KEYS, "machine.#"):
+            await signals.bind(events, key)
+        self._exchanges = {
+            "dead": dead,
+            "requests": requests,
+            "events": events,
+            "machines": machines,
+            "heartbeats": heartbeats,
+        }
+
+    def exchange(self, role: str) -> AbstractExchange:
+        return self._exchanges[role]
+
+    async def ensure_machine_queue(self, machine_id: str) -> AbstractQueue:
+        """Declare a machine's queue (quorum, bound to the machines exchange by machine id)."""
+        queue = await self.publisher.declare_queue(
+            self.names.machine_queue(machine_id),
+            durable=True,
+            arguments=quorum_arguments(self.names),
+        )
+        if machine_id not in self._machine_queues:
+            await queue.bind(self.exchange("machines"), machine_id)
+            self._machine_queues.add(machine_id)
+        return queue
+
+    async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        """Publish outbox messages with confirms awaited as one window."""
+        if not messages:
+            return
+        for message in messages:
+            if message.kind != "event" and message.routing_key not in self._machine_queues:
+                await self.ensure_machine_queue(message.routing_key)
+        await asyncio.gather(*(self._publish_one(m) for m in messages))
+
+    async def _publish_one(self, message: OutboxMessage) -> None:
+        if message.kind == "event":
+            exchange, mandatory = self.exchange("events"), False
+        else:
+            exchange, mandatory = self.exchange("machines"), True
+        await exchange.publish(
+            aio_pika.Message(
+                message.body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                type=message.kind,
+                message_id=message.id,
+            ),
+            routing_key=message.routing_key,
+            mandatory=mandatory,
+        )
+
+    async def publish_json(
+        self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
+    ) -> None:
+        """Publish one persistent JSON message to an exchange of the contract."""
+        await self.exchange(role).publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                type=kind,
+            ),
+            routing_key=routing_key,
+            mandatory=mandatory,
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Copy a message to the dead-letter queue with the reason in a header."""
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:1000]
+        headers["x-rundispatch-source"] = message.routing_key or ""
+        await self.exchange("dead").publish(
+            aio_pika.Message(
+                message.body,
+                headers=headers,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=message.message_id,
+                type=message.type,
+            ),
+            routing_key="",
+            mandatory=True,
+        )
+
+    async def consume_batches(
+        self,
+        queue_name: str,
+        handler: BatchHandler,
+        *,
+        batch_size: int,
+        prefetch: int | None = None,
+        arguments: dict[str, Any] | None = None,
+    ) -> asyncio.Task[None]:
+        """Consume ``queue_name`` in batches; apply the handler's verdicts (the one ack point)."""
+        if self.connection is None:
+            raise RuntimeError("not connected")
+        channel = await self.connection.channel(publisher_confirms=False)
+        await channel.set_qos(prefetch_count=prefetch or self.prefetch)
+        self._consumer_channels.append(channel)
+        queue = await channel.get_queue(queue_name, ensure=False)
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(inbox.put, no_ack=False, arguments=arguments)
+
+        async def loop() -> None:
+            while True:
+                first = await inbox.get()
+                batch = [first]
+                while len(batch) < batch_size and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                try:
+                    verdicts = await handler(batch)
+                except Exception:
+                    log.exception("batch of %d failed; messages go back to the queue", len(batch))
+                    verdicts = [Retry("handler crashed")] * len(batch)
+                await self._settle(batch, verdicts)
+
+        return asyncio.create_task(loop(), name=f"consume:{queue_name}")
+
+    async def _settle(
+        self, batch: Sequence[AbstractIncomingMessage], verdicts: Sequence[Verdict]
+    ) -> None:
+        if any(isinstance(verdict, Retry) for verdict in verdicts):
+            # Back off before handing messages back, or a dead store turns into a hot loop.
+            await asyncio.sleep(0.5)
+        for message, verdict in zip(batch, verdicts, strict=True):
+            try:
+                if isinstance(verdict, DeadLetter):
+                    await self.dead_letter(message, verdict.reason)
+                    await message.ack()
+                elif isinstance(verdict, Retry):
+                    await message.nack(requeue=True)
+                else:
+                    await message.ack()
+            except Exception:
+                # The channel is gone: RabbitMQ redelivers the message, dedupe absorbs it.
+                log.warning("could not settle a delivery; it will be redelivered", exc_info=True)

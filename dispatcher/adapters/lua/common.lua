@@ -1,0 +1,61 @@
+-- Shared helpers, prepended to every script. A run is a hash whose values are JSON
+-- fragments; its record is assembled here by splicing them, so no JSON is parsed in Lua.
+
+local function record_json(key, with_timeline)
+  local h = redis.call('HGETALL', key)
+  local req = '{}'
+  local parts = {}
+  for i = 1, #h, 2 do
+    local k, v = h[i], h[i + 1]
+    if k == 'req' then
+      req = v
+    elseif k == 'tl' then
+      if with_timeline then parts[#parts + 1] = '"timeline":' .. v end
+    elseif string.sub(k, 1, 1) ~= '_' then
+      parts[#parts + 1] = '"' .. k .. '":' .. v
+    end
+  end
+  local inner = string.sub(req, 2, -2)
+  if #parts == 0 then return req end
+  if inner == '' then return '{' .. table.concat(parts, ',') .. '}' end
+  return '{' .. inner .. ',' .. table.concat(parts, ',') .. '}'
+end
+
+local function append_timeline(key, entry)
+  if entry == nil or entry == '' then return end
+  local tl = redis.call('HGET', key, 'tl')
+  if not tl or tl == '[]' then
+    tl = '[' .. entry .. ']'
+  else
+    tl = string.sub(tl, 1, -2) .. ',' .. entry .. ']'
+  end
+  redis.call('HSET', key, 'tl', tl)
+end
+
+-- Record a message to publish in the outbox stream; returns {id, kind, routing key, body}.
+local function outbox(stream, kind, routing_key, body)
+  local id = redis.call('XADD', stream, '*', 'k', kind, 'r', routing_key, 'b', body)
+  return {id, kind, routing_key, body}
+end
+
+local function event(stream, key, status)
+  return outbox(stream, 'event', 'run.' .. status, record_json(key, false))
+end
+
+-- Keep the lanes index pointing at the score of each lane's head run.
+local function refresh_lane(lanes, lane_key, lane_name)
+  local head = redis.call('ZRANGE', lane_key, 0, 0, 'WITHSCORES')
+  if #head == 0 then
+    redis.call('ZREM', lanes, lane_name)
+  else
+    redis.call('ZADD', lanes, head[2], lane_name)
+  end
+end
+
+local function unqueue(run_id, queue, lane_key, lanes, lane_name, deadlines, targets, target)
+  redis.call('ZREM', queue, run_id)
+  redis.call('ZREM', lane_key, run_id)
+  redis.call('ZREM', deadlines, run_id)
+  refresh_lane(lanes, lane_key, lane_name)
+  if redis.call('ZCARD', queue) == 0 then redis.call('SREM', targets, target) end
+end

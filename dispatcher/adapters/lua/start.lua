@@ -1,0 +1,14 @@
+-- A worker starts a run: allowed only for the dispatched run, on this machine, under the
+-- current fencing token. A stale or redelivered assignment is refused here.
+-- KEYS: run, outbox, running_deadlines
+-- ARGV: 1 run_id, 2 machine_id, 3 fence, 4 now, 5 tl_entry, 6 run deadline, 7 worker_id
+local run, stream, running = KEYS[1], KEYS[2], KEYS[3]
+local state = redis.call('HMGET', run, 'status', 'machine_id', 'fence')
+if state[1] ~= '"dispatched"' or state[2] ~= '"' .. ARGV[2] .. '"' or state[3] ~= ARGV[3] then
+  return {'refused', state[1] or 'null', state[3] or 'null'}
+end
+redis.call('HSET', run, 'status', '"running"', 'started_at', ARGV[4],
+  '_worker', '"' .. ARGV[7] .. '"')
+redis.call('ZADD', running, ARGV[6], ARGV[1])
+append_timeline(run, ARGV[5])
+return {'ok', outbox(stream, 'event', 'run.started', record_json(run, false))}

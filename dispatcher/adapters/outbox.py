@@ -1,0 +1,48 @@
+"""Publishing what the store recorded in its outbox, and relaying what a dead process left.
+
+The fast path: whoever made a state change publishes its messages at once (confirms awaited
+as a window) and deletes them from the outbox. The relay: one replica at a time (a lease)
+publishes entries older than a few seconds, whose writer died before it could. Consumers of
+events and workers therefore see each message at least once; both dedupe.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from dispatcher.adapters.amqp import Amqp
+from dispatcher.adapters.redis_store import OutboxMessage, RunStore
+
+log = logging.getLogger(__name__)
+
+
+class OutboxPublisher:
+    def __init__(self, amqp: Amqp, store: RunStore) -> None:
+        self.amqp = amqp
+        self.store = store
+        self.published = 0
+
+    async def send(self, messages: Sequence[OutboxMessage]) -> bool:
+        """Publish and forget ``messages``; on failure they stay for the relay."""
+        if not messages:
+            return True
+        try:
+            await self.amqp.publish_outbox(messages)
+        except Exception as exc:
+            log.warning("publish failed (%s); %d messages left to the relay", exc, len(messages))
+            return False
+        self.published += len(messages)
+        try:
+            await self.store.outbox_done([m.id for m in messages])
+        except Exception as exc:
+            log.warning("could not clear %d outbox entries: %s", len(messages), exc)
+        return True
+
+    async def relay(self, older_than_s: float, batch: int = 500) -> int:
+        """Publish outbox entries older than ``older_than_s``; returns how many."""
+        stale = await self.store.outbox_older_than(older_than_s, batch)
+        if stale and await self.send(stale):
+            log.info("relayed %d outbox messages left by another process", len(stale))
+            return len(stale)
+        return 0

@@ -1,0 +1,66 @@
+"""The composition root: builds connections, stores and services from the settings."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from dispatcher.adapters.amqp import Amqp
+from dispatcher.adapters.fleet_store import FleetStore
+from dispatcher.adapters.redis_store import MachineStore, RunStore
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Live connections and the stores on top of them."""
+
+    settings: Settings
+    names: Names
+    redis: aioredis.Redis
+    amqp: Amqp
+    runs: RunStore
+    fleet: FleetStore
+    machines: MachineStore
+
+
+def make_redis(settings: Settings) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        health_check_interval=10,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry_on_timeout=True,
+        max_connections=64,
+    )
+
+
+@contextlib.asynccontextmanager
+async def runtime(settings: Settings, *, amqp: bool = True) -> AsyncIterator[Runtime]:
+    """Connect to Redis (and RabbitMQ unless ``amqp`` is False); close both on exit."""
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    broker = Amqp(settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch)
+    try:
+        await redis.ping()
+        if amqp:
+            await broker.connect()
+        yield Runtime(
+            settings=settings,
+            names=names,
+            redis=redis,
+            amqp=broker,
+            runs=RunStore(redis, names, settings.retention_s),
+            fleet=FleetStore(redis, names),
+            machines=MachineStore(redis, names),
+        )
+    finally:
+        await broker.close()
+        await redis.aclose()

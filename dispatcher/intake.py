@@ -1,0 +1,80 @@
+"""Decoding what arrives on the requests queue: a run request or a cancel, or a clear reason
+why the message is not one (it then goes to the dead-letter queue)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from dispatcher.errors import InvalidMessage
+from dispatcher.models import CancelRequest, RunRequest
+
+JSON_TYPES = {None, "", "application/json"}
+ENCODINGS = {None, "", "utf-8", "identity"}
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why a message is not a valid request: a human reason and a closed reason class."""
+
+    reason: str
+    reason_class: str
+
+
+def _summarise(error: ValidationError) -> tuple[str, str]:
+    items = error.errors(include_url=False, include_input=False)
+    kinds = {item["type"] for item in items}
+    if "json_invalid" in kinds:
+        return "invalid_json", "body is not valid JSON: " + items[0]["msg"]
+    if "model_type" in kinds or "model_attributes_type" in kinds:
+        return "not_an_object", "body is not a JSON object"
+    if "recursion_loop" in kinds:
+        return "schema", "body nests too deep"
+    parts = []
+    for item in items[:5]:
+        location = ".".join(str(p) for p in item["loc"]) or "body"
+        parts.append(f"{location}: {item['msg']}")
+    more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+    return "schema", "; ".join(parts) + more
+
+
+def decode(
+    body: bytes,
+    *,
+    content_type: str | None,
+    content_encoding: str | None,
+    kind: str,
+    max_bytes: int,
+) -> RunRequest | CancelRequest:
+    """Validate one message; raise InvalidMessage with the reason for the dead-letter header."""
+    if len(body) > max_bytes:
+        raise InvalidMessageClass("oversize", f"body is {len(body)} bytes; the limit is {max_bytes}")
+    if content_type not in JSON_TYPES:
+        raise InvalidMessageClass("content_type", f"content type {content_type!r} is not JSON")
+    if content_encoding not in ENCODINGS:
+        raise InvalidMessageClass(
+            "encoding", f"content encoding {content_encoding!r} is not supported"
+        )
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessageClass("encoding", f"body is not UTF-8 at byte {exc.start}") from exc
+    model: type[RunRequest] | type[CancelRequest] = (
+        CancelRequest if kind == "cancel" else RunRequest
+    )
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        reason_class, reason = _summarise(exc)
+        raise InvalidMessageClass(reason_class, reason) from exc
+    except RecursionError as exc:
+        raise InvalidMessageClass("schema", "body nests too deep") from exc
+
+
+class InvalidMessageClass(InvalidMessage):
+    """An invalid message with its reason class (a closed vocabulary for metrics)."""
+
+    def __init__(self, reason_class: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reason_class = reason_class

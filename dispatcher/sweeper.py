@@ -1,0 +1,182 @@
+"""Time-driven chores, each done by one replica at a time (a short lease in Redis):
+
+* queue deadlines: a run still queued at its deadline ends ``timed_out`` / NoCandidateMachine,
+  with the last per-machine reasons; deadlines live in Redis, so any replica enforces them,
+  also after a restart;
+* machine liveness: a machine without heartbeats is offline; its runs that never started go
+  back to the queue at their old position; its running runs fail after a grace period;
+* overdue runs: a run still running long past its time limit (its worker is gone) fails;
+* the outbox relay, and a periodic placement pass over every target with queued runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from dispatcher.adapters.fleet_store import FleetStore
+from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis_store import Leases, MachineStore, RunStore, error_fragment
+from dispatcher.codes import ErrorCode
+from dispatcher.core.ordering import lane_of
+from dispatcher.metrics_hooks import MetricsHooks
+from dispatcher.models import RunStatus
+from dispatcher.scheduler import Placer, reasons_payload
+from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Sweeper:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        runs: RunStore,
+        machines: MachineStore,
+        fleet: FleetStore,
+        placer: Placer,
+        publisher: OutboxPublisher,
+        leases: Leases,
+        metrics: MetricsHooks,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.runs = runs
+        self.machines = machines
+        self.fleet = fleet
+        self.placer = placer
+        self.publisher = publisher
+        self.leases = leases
+        self.metrics = metrics
+        self.clock = clock
+        self._last_resweep = 0.0
+
+    async def run_forever(self) -> None:
+        interval = self.settings.sweep_interval_s
+        while True:
+            try:
+                if await self.leases.hold("sweeper", ttl_s=max(1.5, 3 * interval)):
+                    await self.sweep_once()
+            except Exception:
+                log.exception("sweep failed; trying again")
+            await asyncio.sleep(interval)
+
+    async def sweep_once(self) -> None:
+        now = self.clock()
+        await self.expire_deadlines(now)
+        await self.check_liveness(now)
+        await self.fail_overdue(now)
+        await self.publisher.relay(self.settings.outbox_relay_after_s)
+        if now - self._last_resweep >= self.settings.resweep_interval_s:
+            self._last_resweep = now
+            self.placer.request(*await self.runs.targets())
+
+    async def expire_deadlines(self, now: float) -> int:
+        """Time out every queued run whose deadline has passed."""
+        expired = 0
+        for run_id in await self.runs.due_deadlines(now):
+            run = await self.runs.get(run_id)
+            if run is None:
+                await self.runs.redis.zrem(self.runs.names.queue_deadlines, run_id)
+                continue
+            lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
+            reasons = reasons_payload(await self.runs.lane_reasons(run.target or "", lane))
+            waited = now - (run.queued_at or now)
+            outcome = await self.runs.unqueue(
+                run,
+                status=RunStatus.timed_out,
+                error=error_fragment(
+                    ErrorCode.NoCandidateMachine,
+                    f"no machine could take the run within {waited:.0f} s",
+                    {"reasons": reasons},
+                ),
+                now=now,
+                due_only=True,
+                detail={"reasons": reasons},
+            )
+            if outcome.ok:
+                expired += 1
+                await self.publisher.send(outcome.messages)
+                self.metrics.run_completed(
+                    run, RunStatus.timed_out, ErrorCode.NoCandidateMachine.value, None
+                )
+        return expired
+
+    async def check_liveness(self, now: float) -> None:
+        """Mark silent machines offline; requeue their unstarted runs; fail lost running runs."""
+        offline_after = self.settings.offline_after_s
+        marks = await self.machines.offline_marks()
+        for machine_id in await self.machines.stale(now, offline_after):
+            if machine_id not in marks and await self.machines.mark_offline(machine_id, now):
+                log.warning("machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after)
+                marks[machine_id] = now
+                await self._requeue_unstarted(machine_id, now)
+        for machine_id, since in marks.items():
+            if now - since >= self.settings.running_grace_s:
+                await self._fail_running(machine_id, now)
+
+    async def _requeue_unstarted(self, machine_id: str, now: float) -> None:
+        assigned = await self.machines.assigned(machine_id)
+        requeued_targets: set[str] = set()
+        for run in await self.runs.get_many([a.run_id for a in assigned]):
+            if run is None or run.status is not RunStatus.dispatched:
+                continue
+            outcome = await self.runs.requeue(run, reason="machine offline", now=now)
+            if outcome.ok:
+                await self.publisher.send(outcome.messages)
+                requeued_targets.add(run.target or "")
+        self.placer.request(*requeued_targets)
+
+    async def _fail_running(self, machine_id: str, now: float) -> None:
+        assigned = await self.machines.assigned(machine_id)
+        for run in await self.runs.get_many([a.run_id for a in assigned]):
+            if run is None:
+                continue
+            if run.status is RunStatus.dispatched:
+                outcome = await self.runs.requeue(run, reason="machine offline", now=now)
+                if outcome.ok:
+                    await self.publisher.send(outcome.messages)
+                    self.placer.request(run.target or "")
+                continue
+            if run.status is not RunStatus.running:
+                continue
+            outcome = await self.runs.finish(
+                run.run_id,
+                machine_id=machine_id,
+                fence=run.fence,
+                allowed=(RunStatus.running,),
+                status=RunStatus.failed,
+                now=now,
+                error=error_fragment(
+                    ErrorCode.MachineLost,
+                    f"machine {machine_id} stopped sending heartbeats while the flow ran",
+                ),
+            )
+            if outcome.ok:
+                await self.publisher.send(outcome.messages)
+                self.metrics.run_completed(run, RunStatus.failed, ErrorCode.MachineLost.value, None)
+
+    async def fail_overdue(self, now: float) -> None:
+        """Fail runs still running well past their time limit (their worker never reported)."""
+        for run in await self.runs.get_many(await self.runs.overdue_running(now)):
+            if run is None or run.status is not RunStatus.running:
+                if run is not None:
+                    await self.runs.redis.zrem(self.runs.names.running_deadlines, run.run_id)
+                continue
+            outcome = await self.runs.finish(
+                run.run_id,
+                machine_id=run.machine_id or "",
+                fence=run.fence,
+                allowed=(RunStatus.running,),
+                status=RunStatus.failed,
+                now=now,
+                error=error_fragment(
+                    ErrorCode.DesktopFlowsActionTimeout,
+                    "the run exceeded its time limit and its worker did not stop it",
+                ),
+            )
+            if outcome.ok:
+                await self.publisher.send(outcome.messages)

@@ -1,0 +1,1 @@
+"""Machine workers: each serves one machine, runs the flows handed to it, and reports back."""

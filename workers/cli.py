@@ -1,0 +1,107 @@
+"""``python -m workers serve``: run the worker of one machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from dispatcher.adapters.runtime import runtime
+from dispatcher.crypto import WorkerKeyPair
+from dispatcher.logs import configure
+from dispatcher.settings import Settings
+from workers.executors import CommandExecutor, Executor, SimulateExecutor
+from workers.ledger import Ledger
+from workers.sessions import SessionsFile
+from workers.worker import MachineWorker
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers",
+        description="Machine worker: heartbeats its machine's live state, runs the flows the "
+        "dispatcher hands to it, reports the outcome. Settings: RUNDISPATCH_* variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("serve", help="serve one machine", description="serve one machine")
+    p.add_argument("--machine-id", required=True, help="the machine this worker runs on")
+    p.add_argument("--executor", choices=["simulate", "command"], default="simulate",
+                   help="simulate: honours inputs duration_s and outcome; command: runs a program")
+    p.add_argument("--command", default=None,
+                   help="command executor: the program for every flow (inputs as JSON on stdin)")
+    p.add_argument("--command-map", default=None,
+                   help="command executor: JSON file {flow_id: command} (overrides --command)")
+    p.add_argument("--sessions-file", type=Path, default=None,
+                   help='JSON [{"user": ..., "state": "active|locked|disconnected"}], re-read '
+                   "at every heartbeat and as soon as it changes")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="key pair and execution ledger (default ~/.rundispatch/<ns>/<machine>)")
+    p.add_argument("--capacity", type=int, default=1, help="reported capacity (informational)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
+    return parser
+
+
+async def serve(args: argparse.Namespace, settings: Settings) -> int:
+    state_dir = args.state_dir or Path.home() / ".rundispatch" / settings.namespace / args.machine_id
+    state_dir.mkdir(parents=True, exist_ok=True)
+    executor: Executor
+    if args.executor == "command":
+        if not (args.command or args.command_map):
+            print("error: --executor command needs --command or --command-map", file=sys.stderr)
+            return 2
+        executor = CommandExecutor.from_options(args.command, args.command_map)
+    else:
+        executor = SimulateExecutor()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    metrics = None
+    if args.metrics_port is not None:
+        from workers.telemetry import start_metrics
+
+        metrics = start_metrics(settings, args.metrics_port, args.machine_id)
+    async with runtime(settings) as rt:
+        worker = MachineWorker(
+            settings=settings,
+            machine_id=args.machine_id,
+            amqp=rt.amqp,
+            runs=rt.runs,
+            executor=executor,
+            keys=WorkerKeyPair.load_or_create(state_dir / "worker.key"),
+            ledger=Ledger(state_dir / "ledger.jsonl"),
+            sessions=SessionsFile(args.sessions_file),
+            capacity=args.capacity,
+            metrics=metrics,
+        )
+        await worker.start()
+        await stop.wait()
+        await worker.stop()
+        worker.ledger.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.load()
+    except ValidationError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(serve(args, settings))
+    except KeyboardInterrupt:
+        return 130
+    except (ConnectionError, OSError) as exc:
+        print(f"error: cannot reach RabbitMQ or Redis: {exc}", file=sys.stderr)
+        return 3

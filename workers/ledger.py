@@ -1,0 +1,44 @@
+"""The worker's local execution ledger: one JSON line per start and per finish, fsynced.
+
+It is how a worker refuses an assignment it already ran (a redelivered message), and the log
+that fault tests count executions from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._seen: set[str] = set()
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a crash
+                if isinstance(entry, dict) and entry.get("event") == "started":
+                    self._seen.add(str(entry.get("run_id")))
+        self._file = path.open("a", encoding="utf-8")
+
+    def already_ran(self, run_id: str) -> bool:
+        return run_id in self._seen
+
+    def record(self, event: str, run_id: str, fence: int, **extra: Any) -> None:
+        """Append and fsync one entry (a start is on disk before the flow begins)."""
+        if event == "started":
+            self._seen.add(run_id)
+        entry = {"at": time.time(), "event": event, "run_id": run_id, "fence": fence, **extra}
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()

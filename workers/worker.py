@@ -1,0 +1,278 @@
+"""The machine worker: heartbeats, consumes its machine's queue, runs flows, reports back.
+
+    assignment ─▶ refuse if already run ─▶ fenced start (Lua) ─▶ ledger ─▶ ack ─▶ run flow
+               ─▶ outcome (Lua, fence-checked) ─▶ ledger ─▶ events
+
+A delivery is acked as soon as the start is recorded: nothing stays unacked while a flow runs.
+A run that was started is never started again: after a crash, the run is reported failed
+(``WorkerRestarted``) instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Verdict
+from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis_store import RunStore, error_fragment
+from dispatcher.codes import ErrorCode
+from dispatcher.crypto import WorkerKeyPair
+from dispatcher.models import Assignment, Heartbeat, RunningRef, RunStatus
+from dispatcher.settings import Settings
+from workers.executors import Executor, FlowContext, FlowResult
+from workers.ledger import Ledger
+from workers.sessions import SessionsFile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    assignment: Assignment
+    task: asyncio.Task[None]
+    cancel_reason: str | None = None
+
+
+class MachineWorker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        machine_id: str,
+        amqp: Amqp,
+        runs: RunStore,
+        executor: Executor,
+        keys: WorkerKeyPair,
+        ledger: Ledger,
+        sessions: SessionsFile,
+        capacity: int = 1,
+        metrics: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.machine_id = machine_id
+        self.amqp = amqp
+        self.runs = runs
+        self.executor = executor
+        self.keys = keys
+        self.ledger = ledger
+        self.sessions = sessions
+        self.capacity = capacity
+        self.metrics = metrics
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.publisher = OutboxPublisher(amqp, runs)
+        self.running: dict[str, Running] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.amqp.ensure_machine_queue(self.machine_id)
+        await self.reconcile()
+        await self.send_heartbeat()
+        self._tasks = [
+            await self.amqp.consume_batches(
+                self.runs.names.machine_queue(self.machine_id), self.handle, batch_size=20,
+                prefetch=50,
+            ),
+            asyncio.create_task(self.heartbeat_forever(), name="heartbeat"),
+        ]
+        log.info("worker %s serving machine %s", self.worker_id, self.machine_id)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        """At start-up nothing runs here: runs this machine was running were cut short."""
+        assigned = await self.runs.redis.hgetall(self.runs.names.machine_assigned(self.machine_id))
+        ids = [k.decode() if isinstance(k, bytes) else str(k) for k in assigned]
+        for run in await self.runs.get_many(ids):
+            if run is None or run.status is not RunStatus.running:
+                continue
+            log.warning("run %s was running when this worker stopped; reporting it failed", run.run_id)
+            outcome = await self.runs.finish(
+                run.run_id,
+                machine_id=self.machine_id,
+                fence=run.fence,
+                allowed=(RunStatus.running,),
+                status=RunStatus.failed,
+                now=time.time(),
+                error=error_fragment(
+                    ErrorCode.WorkerRestarted,
+                    "the worker restarted while the flow ran; the run is not started again",
+                ),
+            )
+            if outcome.ok:
+                self.ledger.record("abandoned", run.run_id, run.fence or 0)
+                await self.publisher.send(outcome.messages)
+
+    # ---- heartbeats ---------------------------------------------------------------------------
+    async def heartbeat_forever(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        next_beat = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(min(0.2, interval))
+            if self.sessions.changed() or time.monotonic() >= next_beat:
+                await self.send_heartbeat()
+                next_beat = time.monotonic() + interval
+
+    async def send_heartbeat(self) -> None:
+        heartbeat = Heartbeat(
+            machine_id=self.machine_id,
+            worker_id=self.worker_id,
+            sent_at=time.time(),
+            sessions=self.sessions.read(),
+            running=tuple(
+                RunningRef(run_id=run_id, fence=item.assignment.fence)
+                for run_id, item in self.running.items()
+            ),
+            public_key=self.keys.public_key_b64,
+            capacity=self.capacity,
+        )
+        try:
+            await self.amqp.publish_json(
+                "heartbeats", "", heartbeat.model_dump_json().encode(), kind="heartbeat"
+            )
+            if self.metrics is not None:
+                self.metrics.heartbeat_sent()
+        except Exception as exc:
+            log.warning("heartbeat not sent: %s", exc)
+            if self.metrics is not None:
+                self.metrics.heartbeat_failed()
+
+    # ---- assignments --------------------------------------------------------------------------
+    async def handle(self, batch: Sequence[AbstractIncomingMessage]) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        for message in batch:
+            if message.type == "cancel":
+                verdicts.append(await self._cancel(message.body))
+            else:
+                verdicts.append(await self._assign(message.body))
+        return verdicts
+
+    async def _assign(self, body: bytes) -> Verdict:
+        try:
+            assignment = Assignment.model_validate_json(body)
+        except ValidationError as exc:
+            return DeadLetter(f"not an assignment: {exc.error_count()} errors", "schema")
+        run_id = assignment.run_id
+        if assignment.machine_id != self.machine_id:
+            return DeadLetter(f"assignment for machine {assignment.machine_id!r}", "schema")
+        if self.ledger.already_ran(run_id) or run_id in self.running:
+            log.info("refusing run %s: this worker already ran it", run_id)
+            return Ack()
+        now = time.time()
+        outcome = await self.runs.start(
+            run_id,
+            machine_id=self.machine_id,
+            fence=assignment.fence,
+            run_deadline=now + assignment.time_limit_s + self.settings.running_grace_s + 30,
+            worker_id=self.worker_id,
+            now=now,
+        )
+        if not outcome.ok:
+            log.info("refusing run %s (fence %d): %s", run_id, assignment.fence, outcome.extra)
+            return Ack()
+        self.ledger.record("started", run_id, assignment.fence, machine_id=self.machine_id)
+        await self.publisher.send(outcome.messages)
+        task = asyncio.create_task(self._execute(assignment), name=f"run:{run_id}")
+        self.running[run_id] = Running(assignment, task)
+        return Ack()
+
+    async def _cancel(self, body: bytes) -> Verdict:
+        try:
+            data = json.loads(body)
+            run_id = str(data["run_id"])
+        except (ValueError, KeyError, TypeError):
+            return DeadLetter("not a cancel message", "schema")
+        item = self.running.get(run_id)
+        if item is not None and item.cancel_reason is None:
+            item.cancel_reason = str(data.get("reason") or "cancelled")
+            item.task.cancel()
+        return Ack()
+
+    async def _execute(self, assignment: Assignment) -> None:
+        run_id = assignment.run_id
+        started = time.monotonic()
+        try:
+            result = await self._run_flow(assignment)
+        except asyncio.CancelledError:
+            item = self.running.get(run_id)
+            reason = item.cancel_reason if item else None
+            if reason is None:
+                raise
+            result = FlowResult(False, code=ErrorCode.Cancelled, message=reason)
+        status = RunStatus.succeeded if result.succeeded else RunStatus.failed
+        if result.code is ErrorCode.Cancelled:
+            status = RunStatus.cancelled
+        error = "" if result.succeeded else error_fragment(result.code or ErrorCode.FlowFailed, result.message)
+        try:
+            await self._report(assignment, status, error, result.outputs)
+        finally:
+            self.running.pop(run_id, None)
+            if self.metrics is not None:
+                self.metrics.run_executed(status.value, time.monotonic() - started)
+
+    async def _run_flow(self, assignment: Assignment) -> FlowResult:
+        try:
+            secret = (
+                json.loads(self.keys.open(assignment.sealed_secret, assignment.run_id))
+                if assignment.sealed_secret
+                else {}
+            )
+        except Exception:
+            return FlowResult(False, code=ErrorCode.FlowFailed, message="the sealed secret could not be opened")
+        context = FlowContext(
+            run_id=assignment.run_id,
+            flow_id=assignment.flow_id,
+            user=assignment.user,
+            inputs=assignment.inputs,
+            secret=secret,
+        )
+        try:
+            return await asyncio.wait_for(self.executor.run(context), assignment.time_limit_s)
+        except TimeoutError:
+            return FlowResult(
+                False,
+                code=ErrorCode.DesktopFlowsActionTimeout,
+                message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
+            )
+
+    async def _report(
+        self, assignment: Assignment, status: RunStatus, error: str, outputs: dict[str, Any]
+    ) -> None:
+        """Record the outcome; keep trying while the store is unreachable."""
+        delay = 0.2
+        while True:
+            try:
+                outcome = await self.runs.finish(
+                    assignment.run_id,
+                    machine_id=self.machine_id,
+                    fence=assignment.fence,
+                    allowed=(RunStatus.running,),
+                    status=status,
+                    now=time.time(),
+                    error=error,
+                    outputs=outputs or None,
+                )
+                break
+            except Exception as exc:
+                log.warning("could not report run %s yet: %s", assignment.run_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.ledger.record("finished", assignment.run_id, assignment.fence, status=status.value)
+        if outcome.ok:
+            await self.publisher.send(outcome.messages)
+        else:
+            log.warning("outcome of run %s not recorded: %s", assignment.run_id, outcome.result)
