@@ -1,0 +1,156 @@
+"""Small builders for the pure-core tests: a fleet, machines, views and requests in one line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dispatcher.core.fleet import FleetSnapshot
+from dispatcher.models import (
+    AssignedRun,
+    Connection,
+    ConnectionKind,
+    Environment,
+    Group,
+    JoinType,
+    Machine,
+    MachineView,
+    Mode,
+    OsKind,
+    RunRequest,
+    Session,
+    SessionState,
+    Target,
+)
+
+TENANT = "0f8fad5b-d9cb-469f-a165-70867728950e"  # has letters: case rules show
+OTHER_TENANT = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
+
+OWNER = "alice@contoso.com"
+ROBOT = "CONTOSO\\svc-fin"  # the Windows account of the credentials connection
+SIGN_IN_USER = "bob@contoso.com"
+
+SERVER = OsKind.windows_server
+CLIENT = OsKind.windows_client
+ACTIVE = SessionState.active
+LOCKED = SessionState.locked
+DISCONNECTED = SessionState.disconnected
+ATTENDED = Mode.attended
+UNATTENDED = Mode.unattended
+
+
+def machine(
+    machine_id: str = "m1",
+    *,
+    os: OsKind = SERVER,
+    join: JoinType = JoinType.entra_joined,
+    tenants: tuple[str, ...] = (),
+    slots: int = 1,
+    maintenance: bool = False,
+    group_id: str | None = None,
+) -> Machine:
+    return Machine(
+        machine_id=machine_id,
+        name=f"NAME-{machine_id}",
+        group_id=group_id,
+        os=os,
+        join_type=join,
+        allowed_registration_tenants=tenants,
+        max_unattended_runs=slots,
+        maintenance=maintenance,
+    )
+
+
+def credentials(
+    *,
+    connection_id: str = "c1",
+    owner: str = OWNER,
+    username: str = ROBOT,
+    machine_id: str | None = "m1",
+    group_id: str | None = None,
+) -> Connection:
+    return Connection(
+        connection_id=connection_id,
+        owner=owner,
+        kind=ConnectionKind.credentials,
+        target=_target(machine_id, group_id),
+        username=username,
+    )
+
+
+def sign_in(
+    *,
+    connection_id: str = "s1",
+    owner: str = SIGN_IN_USER,
+    account: str = SIGN_IN_USER,
+    tenant_id: str = TENANT,
+    machine_id: str | None = "m1",
+    group_id: str | None = None,
+) -> Connection:
+    return Connection(
+        connection_id=connection_id,
+        owner=owner,
+        kind=ConnectionKind.sign_in,
+        target=_target(machine_id, group_id),
+        account=account,
+        tenant_id=tenant_id,
+    )
+
+
+def _target(machine_id: str | None, group_id: str | None) -> Target:
+    if group_id is not None:
+        return Target(group_id=group_id)
+    return Target(machine_id=machine_id)
+
+
+def view(
+    machine_: Machine | None = None,
+    *,
+    online: bool = True,
+    sessions: tuple[tuple[str, SessionState], ...] = (),
+    assigned: tuple[tuple[str, Mode], ...] = (),
+    has_public_key: bool = True,
+) -> MachineView:
+    """A machine's live state; ``assigned`` lists (user, mode) of runs dispatched to it."""
+    return MachineView(
+        machine=machine_ or machine(),
+        online=online,
+        sessions=tuple(Session(user=user, state=state) for user, state in sessions),
+        assigned=tuple(
+            AssignedRun(run_id=f"busy-{index}", mode=mode, user=user, fence=index)
+            for index, (user, mode) in enumerate(assigned)
+        ),
+        has_public_key=has_public_key,
+    )
+
+
+def fleet(
+    *,
+    machines: tuple[Machine, ...] = (),
+    groups: tuple[str, ...] = (),
+    connections: tuple[Connection, ...] = (),
+    tenant_id: str | None = TENANT,
+) -> FleetSnapshot:
+    return FleetSnapshot.build(
+        environment=Environment(tenant_id=tenant_id) if tenant_id else None,
+        groups={group_id: Group(group_id=group_id, name=group_id) for group_id in groups},
+        machines={m.machine_id: m for m in machines},
+        connections={c.connection_id: c for c in connections},
+    )
+
+
+def request_payload(**overrides: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "run_id": "run-1",
+        "flow_id": "flow-1",
+        "connection_id": "c1",
+        "requested_by": OWNER,
+        "mode": "attended",
+    }
+    payload.update(overrides)
+    return payload
+
+
+def request(**overrides: Any) -> RunRequest:
+    """A run request parsed the way the consumer parses it (JSON, strict)."""
+    return RunRequest.model_validate_json(json.dumps(request_payload(**overrides)))

@@ -1,0 +1,284 @@
+"""Properties of the pure core, checked on generated fleets, queues and limits (hypothesis)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dispatcher.core.deadlines import queue_deadline
+from dispatcher.core.ordering import order_score, rescore, sort_key, top_score
+from dispatcher.core.selection import machine_verdict, select_machine
+from dispatcher.models import (
+    AssignedRun,
+    ConnectionKind,
+    JoinType,
+    Machine,
+    MachineView,
+    Mode,
+    OsKind,
+    Priority,
+    Session,
+    SessionState,
+)
+
+from .builders import OTHER_TENANT, ROBOT, SIGN_IN_USER, TENANT, credentials, sign_in
+
+pytestmark = pytest.mark.unit
+
+FAST = settings(max_examples=200, deadline=None)
+
+# --- (a) selection --------------------------------------------------------------------------
+
+# A few users, in mixed case, so that sessions and runs of the connection's user show up often.
+USERS = st.sampled_from([ROBOT, ROBOT.lower(), SIGN_IN_USER, SIGN_IN_USER.upper(), "CONTOSO\\x"])
+
+
+@st.composite
+def machine_views(draw: st.DrawFn, machine_id: str) -> MachineView:
+    machine = Machine(
+        machine_id=machine_id,
+        name=machine_id,
+        os=draw(st.sampled_from(OsKind)),
+        join_type=draw(st.sampled_from(JoinType)),
+        allowed_registration_tenants=draw(
+            st.lists(st.sampled_from([TENANT, OTHER_TENANT]), max_size=2).map(tuple)
+        ),
+        max_unattended_runs=draw(st.integers(1, 4)),
+        maintenance=draw(st.booleans()),
+    )
+    sessions = draw(
+        st.lists(st.builds(Session, user=USERS, state=st.sampled_from(SessionState)), max_size=3)
+    )
+    modes = draw(st.lists(st.tuples(USERS, st.sampled_from(Mode)), max_size=4))
+    assigned = [
+        AssignedRun(run_id=f"{machine_id}-run{index}", mode=mode, user=user, fence=index)
+        for index, (user, mode) in enumerate(modes)
+    ]
+    return MachineView(
+        machine=machine,
+        online=draw(st.booleans()),
+        sessions=tuple(sessions),
+        assigned=tuple(assigned),
+        has_public_key=draw(st.booleans()),
+    )
+
+
+@st.composite
+def fleets(draw: st.DrawFn) -> list[MachineView]:
+    count = draw(st.integers(0, 8))
+    return [draw(machine_views(f"m{index}")) for index in range(count)]
+
+
+# Sign-in connections only run attended (admission refuses the rest).
+JOBS = st.sampled_from(
+    [
+        (credentials(), Mode.attended),
+        (credentials(), Mode.unattended),
+        (sign_in(), Mode.attended),
+    ]
+)
+
+
+@FAST
+@given(views=fleets(), job=JOBS, seed=st.integers(0, 2**32 - 1))
+def test_selection_picks_only_eligible_machines_and_the_least_loaded(
+    views: list[MachineView], job: Any, seed: int
+) -> None:
+    connection, mode = job
+    verdicts = {view.machine_id: machine_verdict(view, connection, mode) for view in views}
+    eligible = {view.machine_id: view.load for view in views if verdicts[view.machine_id] is None}
+
+    selection = select_machine(views, connection, mode, random.Random(seed))
+
+    if not eligible:
+        assert selection.machine_id is None
+    else:
+        assert selection.machine_id in eligible
+        assert eligible[selection.machine_id] == min(eligible.values())
+    # Every ineligible machine is explained with its own verdict; eligible ones are not.
+    assert selection.reasons == {
+        machine_id: verdict for machine_id, verdict in verdicts.items() if verdict is not None
+    }
+
+
+@FAST
+@given(views=fleets(), job=JOBS, seed=st.integers(0, 2**32 - 1))
+def test_selection_does_not_depend_on_the_order_machines_are_listed(
+    views: list[MachineView], job: Any, seed: int
+) -> None:
+    connection, mode = job
+    forward = select_machine(views, connection, mode, random.Random(seed))
+    backward = select_machine(views[::-1], connection, mode, random.Random(seed))
+    assert forward == backward
+
+
+# --- (b) queue order ------------------------------------------------------------------------
+
+# Times on a 1/1024 s grid, around today's epoch: the float arithmetic below is then exact, so
+# the properties test the ordering rule, not rounding.
+TICK = 1 / 1024
+TIMES = st.integers(1_700_000_000 * 1024, 1_700_100_000 * 1024).map(lambda ticks: ticks * TICK)
+BOOSTS = st.integers(1, 86_400 * 1024).map(lambda ticks: ticks * TICK)
+PRIORITIES = st.sampled_from(Priority)
+
+
+@st.composite
+def queues(draw: st.DrawFn) -> list[tuple[str, Priority, float]]:
+    size = draw(st.integers(0, 30))
+    # A few distinct times only, so that equal scores (and the run-id tie-break) come up.
+    times = draw(st.lists(TIMES, min_size=1, max_size=5))
+    return [
+        (f"r{index:03d}", draw(PRIORITIES), draw(st.sampled_from(times))) for index in range(size)
+    ]
+
+
+@FAST
+@given(runs=queues(), boost=BOOSTS, data=st.data())
+def test_queue_order_is_total_and_stable(
+    runs: list[tuple[str, Priority, float]], boost: float, data: st.DataObject
+) -> None:
+    def key(run: tuple[str, Priority, float]) -> tuple[float, str]:
+        run_id, priority, enqueued_at = run
+        return sort_key(order_score(priority, enqueued_at, boost), run_id)
+
+    expected = sorted(runs, key=key)
+    shuffled = data.draw(st.permutations(runs))
+    assert sorted(shuffled, key=key) == expected
+    # Total: distinct runs never compare equal.
+    keys = [key(run) for run in expected]
+    assert all(left < right for left, right in itertools.pairwise(keys))
+
+
+@FAST
+@given(high_at=TIMES, normal_at=TIMES, boost=BOOSTS, high_id=st.text(), normal_id=st.text())
+def test_priority_then_enqueue_time_with_aging(
+    high_at: float, normal_at: float, boost: float, high_id: str, normal_id: str
+) -> None:
+    high = sort_key(order_score(Priority.high, high_at, boost), high_id)
+    normal = sort_key(order_score(Priority.normal, normal_at, boost), normal_id)
+    if normal_at > high_at - boost:
+        # A high run precedes every normal run enqueued after (its time - boost).
+        assert high < normal
+    if high_at - normal_at > boost:
+        # Aging: a normal run is never behind a high run enqueued more than boost after it.
+        assert normal < high
+
+
+@FAST
+@given(
+    first_at=TIMES,
+    second_at=TIMES,
+    priority=PRIORITIES,
+    boost=BOOSTS,
+    ids=st.tuples(st.text(), st.text()),
+)
+def test_same_priority_runs_in_enqueue_order(
+    first_at: float, second_at: float, priority: Priority, boost: float, ids: tuple[str, str]
+) -> None:
+    first = sort_key(order_score(priority, first_at, boost), ids[0])
+    second = sort_key(order_score(priority, second_at, boost), ids[1])
+    if first_at < second_at:
+        assert first < second
+
+
+@FAST
+@given(enqueued_at=TIMES, boost=BOOSTS, priority=PRIORITIES)
+def test_rescore_round_trips(enqueued_at: float, boost: float, priority: Priority) -> None:
+    other = Priority.high if priority is Priority.normal else Priority.normal
+    score = order_score(priority, enqueued_at, boost)
+    changed = rescore(score, priority, other, boost)
+    assert changed == order_score(other, enqueued_at, boost)
+    assert rescore(changed, other, priority, boost) == score
+    assert rescore(score, priority, priority, boost) == score
+
+
+@FAST
+@given(
+    scores=st.lists(TIMES.map(lambda t: t - 86_400), max_size=20),
+    fallback=TIMES,
+)
+def test_top_score_is_strictly_below_every_existing_score(
+    scores: list[float], fallback: float
+) -> None:
+    head = min(scores) if scores else None
+    top = top_score(head, fallback)
+    assert all(top < score for score in scores)
+    assert top <= fallback
+
+
+# --- (c) queue deadlines --------------------------------------------------------------------
+
+LIMITS = st.integers(1, 48 * 3600 * 1024).map(lambda ticks: ticks * TICK)
+KINDS = st.sampled_from(ConnectionKind)
+
+
+@st.composite
+def deadline_inputs(draw: st.DrawFn) -> dict[str, Any]:
+    enqueued_at = draw(TIMES)
+    return {
+        "enqueued_at": enqueued_at,
+        "kind": draw(KINDS),
+        "requested_timeout_s": draw(st.none() | LIMITS),
+        "default_timeout_s": draw(LIMITS),
+        "sign_in_timeout_s": draw(LIMITS),
+        "refresh_token_expires_at": draw(
+            st.none() | LIMITS.map(lambda offset: enqueued_at - 3600 + offset)
+        ),
+    }
+
+
+@FAST
+@given(inputs=deadline_inputs())
+def test_queue_deadline_bounds(inputs: dict[str, Any]) -> None:
+    deadline = queue_deadline(**inputs)
+    enqueued_at = inputs["enqueued_at"]
+    assert deadline <= enqueued_at + inputs["default_timeout_s"]
+    if inputs["requested_timeout_s"] is not None:
+        assert deadline <= enqueued_at + inputs["requested_timeout_s"]
+    if inputs["kind"] is ConnectionKind.sign_in:
+        assert deadline <= enqueued_at + inputs["sign_in_timeout_s"]
+        if inputs["refresh_token_expires_at"] is not None:
+            assert deadline <= inputs["refresh_token_expires_at"]
+    else:
+        # Nothing but the default and the request shortens a credentials run's wait.
+        limit = inputs["default_timeout_s"]
+        if inputs["requested_timeout_s"] is not None:
+            limit = min(limit, inputs["requested_timeout_s"])
+        assert deadline == enqueued_at + limit
+
+
+@FAST
+@given(inputs=deadline_inputs())
+def test_a_requested_timeout_only_shortens(inputs: dict[str, Any]) -> None:
+    without = queue_deadline(**{**inputs, "requested_timeout_s": None})
+    with_request = queue_deadline(**inputs)
+    assert with_request <= without
+    requested = inputs["requested_timeout_s"]
+    if requested is not None and inputs["enqueued_at"] + requested >= without:
+        assert with_request == without
+
+
+MONOTONIC_FIELDS = {
+    "enqueued_at": TIMES,
+    "requested_timeout_s": LIMITS,
+    "default_timeout_s": LIMITS,
+    "sign_in_timeout_s": LIMITS,
+    "refresh_token_expires_at": TIMES,
+}
+
+
+@FAST
+@given(inputs=deadline_inputs(), name=st.sampled_from(sorted(MONOTONIC_FIELDS)), data=st.data())
+def test_queue_deadline_is_monotonic_in_each_input(
+    inputs: dict[str, Any], name: str, data: st.DataObject
+) -> None:
+    low, high = sorted(data.draw(st.tuples(MONOTONIC_FIELDS[name], MONOTONIC_FIELDS[name])))
+    assert queue_deadline(**{**inputs, name: low}) <= queue_deadline(**{**inputs, name: high})
+    # No limit at all is the loosest limit there is.
+    if name in ("requested_timeout_s", "refresh_token_expires_at"):
+        assert queue_deadline(**{**inputs, name: high}) <= queue_deadline(**{**inputs, name: None})
