@@ -29,9 +29,10 @@ class Canceller:
     async def cancel(self, run_id: str, reason: str) -> Run:
         """Cancel ``run_id``; returns the record after the request (terminal or stopping)."""
         for _attempt in range(5):
-            run = await self.runs.get(run_id)
-            if run is None:
+            found = await self.runs.get(run_id)
+            if found is None:
                 raise NotFound(f"run {run_id!r} does not exist")
+            run = found
             if run.status.terminal:
                 return run
             now = self.clock()
@@ -62,7 +63,10 @@ class Canceller:
             if outcome.ok:
                 await self.publisher.send(outcome.messages)
                 return await self.runs.get(run_id) or run
-        return await self.runs.get(run_id) or run
+        final = await self.runs.get(run_id)
+        if final is None:
+            raise NotFound(f"run {run_id!r} does not exist")
+        return final
 
     async def _ask_worker_to_stop(self, run: Run, reason: str, now: float) -> None:
         await self.runs.redis.hset(self.runs.names.run(run.run_id), "cancel_requested", "true")

@@ -197,7 +197,10 @@ async def cmd_queue_show(args: argparse.Namespace, settings: Settings) -> int:
         if entry.target != current:
             current = entry.target
             print(f"\n{current}")
-            print(f"  {'pos':>4}  {'run_id':<34} {'prio':<6} {'mode':<10} {'wait':>8}  deadline                  reason")
+            print(
+                f"  {'pos':>4}  {'run_id':<34} {'prio':<6} {'mode':<10} {'wait':>8}  "
+                f"{'deadline':<24}  reason"
+            )
         reason = "; ".join(f"{m}: {r}" for m, r in sorted(entry.reasons.items())) or "-"
         print(
             f"  {entry.position:>4}  {entry.run_id:<34} {entry.priority:<6} {entry.mode:<10} "
@@ -212,7 +215,9 @@ async def cmd_queue_priority(args: argparse.Namespace, settings: Settings) -> in
     async with Client.connect(settings) as client:
         run = await client.set_priority(args.run_id, args.priority)
         entry = await client.explain(run)
-    print(f"{run.run_id}: priority {run.priority.value}, position {entry.position if entry else '-'}")
+    print(
+        f"{run.run_id}: priority {run.priority.value}, position {entry.position if entry else '-'}"
+    )
     return 0
 
 
@@ -238,7 +243,9 @@ async def cmd_cancel(args: argparse.Namespace, settings: Settings) -> int:
     elif run.status.terminal:
         print(f"{run.run_id}: {run.status.value}")
     else:
-        print(f"{run.run_id}: {run.status.value}; the worker on {run.machine_id} was told to stop it")
+        print(
+            f"{run.run_id}: {run.status.value}; the worker on {run.machine_id} was told to stop it"
+        )
     return 0
 
 
@@ -266,7 +273,7 @@ async def cmd_machines_list(args: argparse.Namespace, settings: Settings) -> int
         fleet = await rt.fleet.load()
         machines = [fleet.machines[m] for m in sorted(fleet.machines)]
         views = await rt.machines.views(machines, time.time(), settings.offline_after_s)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "machine_id": v.machine_id,
             "group_id": v.machine.group_id,
@@ -284,7 +291,10 @@ async def cmd_machines_list(args: argparse.Namespace, settings: Settings) -> int
     for row in rows:
         state = "maintenance" if row["maintenance"] else ("online" if row["online"] else "offline")
         sessions = ", ".join(f"{s['user']}({s['state']})" for s in row["sessions"]) or "-"
-        print(f"{row['machine_id']:<20} {row['group_id'] or '-':<16} {state:<12} runs {row['runs']}/{row['max_unattended_runs']}  sessions {sessions}")
+        print(
+            f"{row['machine_id']:<20} {row['group_id'] or '-':<16} {state:<12} "
+            f"runs {row['runs']}/{row['max_unattended_runs']}  sessions {sessions}"
+        )
     return 0
 
 
@@ -318,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Handler, help_text: str, parent: Any = sub) -> argparse.ArgumentParser:
+    def add(
+        name: str, handler: Handler, help_text: str, parent: Any = sub
+    ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(handler=handler)
         return p
@@ -326,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "run a dispatcher replica (consume requests, place runs)")
     p.add_argument("--metrics-port", type=int, default=None, help="port of /metrics (0 = any)")
 
-    p = add("apply", cmd_apply, "create or update groups, machines and connections from a fleet file")
+    p = add(
+        "apply", cmd_apply, "create or update groups, machines and connections from a fleet file"
+    )
     p.add_argument("file", help="fleet file (YAML or JSON), see deploy/examples/fleet.yaml")
     p.add_argument("--prune", action="store_true", help="delete what the file does not list")
     p.add_argument("--no-signal", action="store_true", help="write Redis only, skip RabbitMQ")
@@ -338,16 +352,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requested-by", required=True)
     p.add_argument("--mode", required=True, choices=["attended", "unattended"])
     p.add_argument("--priority", default="normal", choices=["high", "normal"])
-    p.add_argument("--input", action="append", default=[], metavar="KEY=VALUE",
-                   help="a flow input; VALUE is parsed as JSON when it can be")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a flow input; VALUE is parsed as JSON when it can be",
+    )
     p.add_argument("--run-id", default=None, help="idempotency key (default: a new id)")
-    p.add_argument("--queue-timeout", type=float, default=None, help="seconds; may only shorten the limit")
+    p.add_argument(
+        "--queue-timeout", type=float, default=None, help="seconds; may only shorten the limit"
+    )
     p.add_argument("--max-run", type=float, default=None, help="run time limit in seconds")
     p.add_argument("--wait", action="store_true", help="wait until the run is terminal, print it")
-    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S seconds")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="with --wait: give up after S seconds"
+    )
     p.add_argument("--json", action="store_true")
 
-    runs = add("runs", cmd_runs_show, "show runs").add_subparsers(dest="runs_command", required=True)
+    runs = add("runs", cmd_runs_show, "show runs").add_subparsers(
+        dest="runs_command", required=True
+    )
     p = add("show", cmd_runs_show, "a run with its timeline, position and why it waits", runs)
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
@@ -359,7 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     queue = add("queue", cmd_queue_show, "inspect and reorder queues").add_subparsers(
         dest="queue_command", required=True
     )
-    p = add("show", cmd_queue_show, "queued runs per target: position, priority, wait, deadline, reason", queue)
+    p = add(
+        "show",
+        cmd_queue_show,
+        "queued runs per target: position, priority, wait, deadline, reason",
+        queue,
+    )
     p.add_argument("--target", default=None, help="a target key: m:<machine_id> or g:<group_id>")
     p.add_argument("--limit", type=int, default=100, help="runs per target (default 100)")
     p.add_argument("--json", action="store_true")
@@ -381,12 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("list", cmd_machines_list, "machines with live state", machines)
     p.add_argument("--json", action="store_true")
-    p = add("maintenance", cmd_maintenance, "maintenance on: running runs finish, new ones queue", machines)
+    p = add(
+        "maintenance",
+        cmd_maintenance,
+        "maintenance on: running runs finish, new ones queue",
+        machines,
+    )
     p.add_argument("machine_id")
     p.add_argument("state", choices=["on", "off"])
 
     p = add("redrive", cmd_redrive, "re-submit runs that ended with a status in a time window")
-    p.add_argument("--status", default="timed_out", choices=["timed_out", "failed", "cancelled", "rejected"])
+    p.add_argument(
+        "--status", default="timed_out", choices=["timed_out", "failed", "cancelled", "rejected"]
+    )
     p.add_argument("--since", required=True, help="ISO time, epoch seconds, or -2h / -30m")
     p.add_argument("--until", default=None)
     p.add_argument("--dry-run", action="store_true")

@@ -1,9 +1,9 @@
 """The Python client: submit runs, follow them, cancel them, reorder queues.
 
-    async with Client.connect(Settings()) as client:
-        run_id = await client.submit(connection_id="c1", flow_id="invoice",
-                                     requested_by="alice@contoso.com", mode="unattended")
-        run = await client.wait(run_id, timeout=60)
+async with Client.connect(Settings()) as client:
+    run_id = await client.submit(connection_id="c1", flow_id="invoice",
+                                 requested_by="alice@contoso.com", mode="unattended")
+    run = await client.wait(run_id, timeout=60)
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ class Client:
 
     async def cancel(self, run_id: str, reason: str = "cancelled by request") -> Run:
         """Cancel a queued or dispatched run at once; ask the worker to stop a running one."""
-        canceller = Canceller(runs=self.rt.runs, publisher=OutboxPublisher(self.rt.amqp, self.rt.runs))
+        canceller = Canceller(
+            runs=self.rt.runs, publisher=OutboxPublisher(self.rt.amqp, self.rt.runs)
+        )
         return await canceller.cancel(run_id, reason)
 
     async def set_priority(self, run_id: str, priority: str | Priority) -> Run:
@@ -188,6 +190,8 @@ class Client:
                     continue
                 lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
                 if lane not in reasons_cache:
-                    reasons_cache[lane] = reasons_payload(await self.rt.runs.lane_reasons(key, lane))
+                    reasons_cache[lane] = reasons_payload(
+                        await self.rt.runs.lane_reasons(key, lane)
+                    )
                 entries.append(self._entry(run, position, reasons_cache[lane]))
         return entries

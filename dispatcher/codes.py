@@ -94,7 +94,9 @@ MEANINGS: dict[ErrorCode, str] = {
     ),
     ErrorCode.UserRunInProgress: "a run of this user already occupies its session on the machine",
     ErrorCode.NoWorkerKey: "the machine's worker has not registered its public key yet",
-    ErrorCode.NoCandidateMachine: "the run's queue deadline passed before any machine could take it",
+    ErrorCode.NoCandidateMachine: (
+        "the run's queue deadline passed before any machine could take it"
+    ),
     ErrorCode.DesktopFlowsActionTimeout: "the run exceeded its run time limit",
     ErrorCode.PasswordlessTokenExpiry: (
         "the sign-in connection's tokens are expired or revoked: sign the connection in again"

@@ -62,8 +62,8 @@ def build_connections(
 ) -> list[Connection]:
     """Turn connection entries into Connections; a plain ``password`` is sealed at once."""
     connections = []
-    for index, entry in enumerate(fleet.connections):
-        entry = dict(entry)
+    for index, original in enumerate(fleet.connections):
+        entry = dict(original)
         password = entry.pop("password", None)
         if password is not None:
             if not isinstance(password, str) or not password:

@@ -49,7 +49,9 @@ def decode(
 ) -> RunRequest | CancelRequest:
     """Validate one message; raise InvalidMessage with the reason for the dead-letter header."""
     if len(body) > max_bytes:
-        raise InvalidMessageClass("oversize", f"body is {len(body)} bytes; the limit is {max_bytes}")
+        raise InvalidMessageClass(
+            "oversize", f"body is {len(body)} bytes; the limit is {max_bytes}"
+        )
     if content_type not in JSON_TYPES:
         raise InvalidMessageClass("content_type", f"content type {content_type!r} is not JSON")
     if content_encoding not in ENCODINGS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from dispatcher.models import Connection
@@ -21,7 +22,24 @@ class PasswordSource(Protocol):
     async def password(self, connection: Connection) -> str: ...
 
 
-class Sealer(Protocol):
-    """Encrypts a secret to one machine's public key, bound to one run."""
+# Encrypts a secret to one machine's public key, bound to one run (public key, plaintext, aad).
+Sealer = Callable[[str, bytes, str], str]
 
-    def __call__(self, public_key: str, plaintext: bytes, aad: str) -> str: ...
+
+class Delivery(Protocol):
+    """What the data path reads of an AMQP delivery (the consumer adapter owns acking)."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def content_encoding(self) -> str | None: ...
+
+    @property
+    def routing_key(self) -> str | None: ...
+
+    @property
+    def type(self) -> str | None: ...

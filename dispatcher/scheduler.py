@@ -3,7 +3,7 @@
 A pass looks at the head run of each lane of the target (runs that share connection, mode and
 priority are eligible for exactly the same machines), in queue order. A head that cannot be
 placed is skipped, so it never blocks the lanes behind it; its reasons are recorded per
-machine. Cost: lanes × machines of the target, independent of the backlog and of the fleet.
+machine. Cost: lanes x machines of the target, independent of the backlog and of the fleet.
 Passes are requested by events (a run queued, a slot freed, a heartbeat that changed a
 machine) and coalesced per target.
 """
@@ -214,10 +214,9 @@ class Placer:
             view = views.get(machine_id)
             if code is ErrorCode.MachineOffline and view is not None:
                 since = view.offline_since
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)) if since else None
                 reasons[machine_id] = (
-                    f"MachineOffline since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}"
-                    if since
-                    else "MachineOffline (never seen)"
+                    f"MachineOffline since {stamp}" if stamp else "MachineOffline (never seen)"
                 )
             else:
                 reasons[machine_id] = code.value

@@ -44,7 +44,9 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
             metrics=metrics,
         )
         await dispatcher.start()
-        reporter_task = asyncio.create_task(reporter()) if reporter else None
+        reporter_task: asyncio.Task[None] | None = None
+        if reporter is not None:
+            reporter_task = asyncio.create_task(reporter())
         await stop.wait()
         log.info("stopping")
         if reporter_task:

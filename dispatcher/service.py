@@ -16,7 +16,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Retry, Verdict
@@ -38,7 +37,7 @@ from dispatcher.handoff import Handoff
 from dispatcher.intake import InvalidMessageClass, decode
 from dispatcher.metrics_hooks import MetricsHooks
 from dispatcher.models import CancelRequest, ConnectionKind, Heartbeat, RunRequest
-from dispatcher.ports import TokenSource
+from dispatcher.ports import Delivery, TokenSource
 from dispatcher.scheduler import Placer
 from dispatcher.settings import Settings
 from dispatcher.sweeper import Sweeper
@@ -101,9 +100,15 @@ class Dispatcher:
         """Consume the requests, heartbeats and signals queues; start placement and sweeps."""
         names, size = self.runs.names, self.settings.batch_size
         self._tasks = [
-            await self.amqp.consume_batches(names.requests_queue, self.handle_requests, batch_size=size),
-            await self.amqp.consume_batches(names.heartbeats_queue, self.handle_heartbeats, batch_size=size),
-            await self.amqp.consume_batches(names.signals_queue, self.handle_signals, batch_size=size),
+            await self.amqp.consume_batches(
+                names.requests_queue, self.handle_requests, batch_size=size
+            ),
+            await self.amqp.consume_batches(
+                names.heartbeats_queue, self.handle_heartbeats, batch_size=size
+            ),
+            await self.amqp.consume_batches(
+                names.signals_queue, self.handle_signals, batch_size=size
+            ),
             asyncio.create_task(self.placer.run_forever(), name="placer"),
             asyncio.create_task(self.sweeper.run_forever(), name="sweeper"),
         ]
@@ -116,7 +121,7 @@ class Dispatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- the data path ------------------------------------------------------------------------
-    async def handle_requests(self, batch: Sequence[AbstractIncomingMessage]) -> list[Verdict]:
+    async def handle_requests(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """Decode, admit and record a batch of requests; the verdicts say ack or dead-letter."""
         verdicts: list[Verdict] = []
         work: list[tuple[int, RunRequest | CancelRequest]] = []
@@ -182,7 +187,11 @@ class Dispatcher:
         kind = connection.kind.value if connection else "unknown"
         target = connection.target.key if connection else "unknown"
         if isinstance(decision, Rejection):
-            extra = ["target", json.dumps(target), "connection_kind", json.dumps(kind)]
+            extra = (
+                ["target", json.dumps(target), "connection_kind", json.dumps(kind)]
+                if connection
+                else []
+            )
             outcome = await self.runs.reject(
                 request, decision.code, decision.message, now, extra_fields=extra
             )
@@ -226,7 +235,7 @@ class Dispatcher:
         return None, outcome.messages
 
     # ---- reactions ----------------------------------------------------------------------------
-    async def handle_heartbeats(self, batch: Sequence[AbstractIncomingMessage]) -> list[Verdict]:
+    async def handle_heartbeats(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """Record machines' live state; place runs where a machine can now take more."""
         verdicts: list[Verdict] = []
         fleet = await self.fleet.load()
@@ -236,7 +245,9 @@ class Dispatcher:
                 heartbeat = Heartbeat.model_validate_json(message.body)
             except ValidationError as exc:
                 self.metrics.dead_letter("heartbeat")
-                verdicts.append(DeadLetter(f"not a heartbeat: {exc.error_count()} errors", "heartbeat"))
+                verdicts.append(
+                    DeadLetter(f"not a heartbeat: {exc.error_count()} errors", "heartbeat")
+                )
                 continue
             if heartbeat.machine_id not in fleet.machines:
                 verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
@@ -253,7 +264,7 @@ class Dispatcher:
             verdicts.append(Ack())
         return verdicts
 
-    async def handle_signals(self, batch: Sequence[AbstractIncomingMessage]) -> list[Verdict]:
+    async def handle_signals(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """A run ended or a machine changed: its machine's targets may place more runs."""
         fleet = await self.fleet.load()
         targets: set[str] = set()

@@ -76,5 +76,5 @@ class Settings(BaseSettings):
         """Build the settings from the environment, an optional env file, and overrides."""
         env_file = os.environ.get("RUNDISPATCH_SETTINGS_FILE")
         if env_file:
-            return cls(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+            return cls(_env_file=env_file, **overrides)
         return cls(**overrides)

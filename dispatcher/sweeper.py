@@ -111,7 +111,9 @@ class Sweeper:
         marks = await self.machines.offline_marks()
         for machine_id in await self.machines.stale(now, offline_after):
             if machine_id not in marks and await self.machines.mark_offline(machine_id, now):
-                log.warning("machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after)
+                log.warning(
+                    "machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after
+                )
                 marks[machine_id] = now
                 await self._requeue_unstarted(machine_id, now)
         for machine_id, since in marks.items():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from dispatcher.metrics_hooks import MetricsHooks
 from dispatcher.ports import PasswordSource, TokenSource
@@ -30,9 +30,11 @@ def identity_sources(
         from dispatcher.adapters.identity.credentials import CredentialResolver
         from dispatcher.adapters.identity.token_broker import TokenBroker
     except ImportError:
+
         class _Stored:
             async def password(self, connection):  # type: ignore[no-untyped-def]
                 return box.open(connection.password_sealed or "", connection.connection_id).decode()
+
         return None, _Stored(), []
     tokens = TokenBroker(settings, rt.redis, rt.names, box) if settings.client_id else None
     passwords = CredentialResolver(settings, box)
@@ -46,6 +48,6 @@ def identity_sources(
 
 def metrics_for(
     settings: Settings, rt: Runtime, port: int | None
-) -> tuple[MetricsHooks, Callable[[], Awaitable[None]] | None]:
+) -> tuple[MetricsHooks, Callable[[], Coroutine[Any, Any, None]] | None]:
     """Metrics hooks and the periodic queue-state reporter (None when metrics are off)."""
     return MetricsHooks(), None

@@ -33,24 +33,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("serve", help="serve one machine", description="serve one machine")
     p.add_argument("--machine-id", required=True, help="the machine this worker runs on")
-    p.add_argument("--executor", choices=["simulate", "command"], default="simulate",
-                   help="simulate: honours inputs duration_s and outcome; command: runs a program")
-    p.add_argument("--command", default=None,
-                   help="command executor: the program for every flow (inputs as JSON on stdin)")
-    p.add_argument("--command-map", default=None,
-                   help="command executor: JSON file {flow_id: command} (overrides --command)")
-    p.add_argument("--sessions-file", type=Path, default=None,
-                   help='JSON [{"user": ..., "state": "active|locked|disconnected"}], re-read '
-                   "at every heartbeat and as soon as it changes")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="key pair and execution ledger (default ~/.rundispatch/<ns>/<machine>)")
+    p.add_argument(
+        "--executor",
+        choices=["simulate", "command"],
+        default="simulate",
+        help="simulate: honours inputs duration_s and outcome; command: runs a program",
+    )
+    p.add_argument(
+        "--command",
+        default=None,
+        help="command executor: the program for every flow (inputs as JSON on stdin)",
+    )
+    p.add_argument(
+        "--command-map",
+        default=None,
+        help="command executor: JSON file {flow_id: command} (overrides --command)",
+    )
+    p.add_argument(
+        "--sessions-file",
+        type=Path,
+        default=None,
+        help='JSON [{"user": ..., "state": "active|locked|disconnected"}], re-read '
+        "at every heartbeat and as soon as it changes",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="key pair and execution ledger (default ~/.rundispatch/<ns>/<machine>)",
+    )
     p.add_argument("--capacity", type=int, default=1, help="reported capacity (informational)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics on this port")
     return parser
 
 
 async def serve(args: argparse.Namespace, settings: Settings) -> int:
-    state_dir = args.state_dir or Path.home() / ".rundispatch" / settings.namespace / args.machine_id
+    state_dir = (
+        args.state_dir or Path.home() / ".rundispatch" / settings.namespace / args.machine_id
+    )
     state_dir.mkdir(parents=True, exist_ok=True)
     executor: Executor
     if args.executor == "command":

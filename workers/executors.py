@@ -67,7 +67,9 @@ class CommandExecutor:
         if command_map:
             with open(command_map, encoding="utf-8") as handle:
                 raw = json.load(handle)
-            commands = {str(k): shlex.split(v) if isinstance(v, str) else list(v) for k, v in raw.items()}
+            commands = {
+                str(k): shlex.split(v) if isinstance(v, str) else list(v) for k, v in raw.items()
+            }
         return cls(commands, shlex.split(command) if command else None)
 
     async def run(self, context: FlowContext) -> FlowResult:

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Verdict
@@ -30,6 +29,7 @@ from dispatcher.adapters.redis_store import RunStore, error_fragment
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.models import Assignment, Heartbeat, RunningRef, RunStatus
+from dispatcher.ports import Delivery
 from dispatcher.settings import Settings
 from workers.executors import Executor, FlowContext, FlowResult
 from workers.ledger import Ledger
@@ -81,7 +81,9 @@ class MachineWorker:
         await self.send_heartbeat()
         self._tasks = [
             await self.amqp.consume_batches(
-                self.runs.names.machine_queue(self.machine_id), self.handle, batch_size=20,
+                self.runs.names.machine_queue(self.machine_id),
+                self.handle,
+                batch_size=20,
                 prefetch=50,
             ),
             asyncio.create_task(self.heartbeat_forever(), name="heartbeat"),
@@ -100,7 +102,9 @@ class MachineWorker:
         for run in await self.runs.get_many(ids):
             if run is None or run.status is not RunStatus.running:
                 continue
-            log.warning("run %s was running when this worker stopped; reporting it failed", run.run_id)
+            log.warning(
+                "run %s was running when this worker stopped; reporting it failed", run.run_id
+            )
             outcome = await self.runs.finish(
                 run.run_id,
                 machine_id=self.machine_id,
@@ -152,7 +156,7 @@ class MachineWorker:
                 self.metrics.heartbeat_failed()
 
     # ---- assignments --------------------------------------------------------------------------
-    async def handle(self, batch: Sequence[AbstractIncomingMessage]) -> list[Verdict]:
+    async def handle(self, batch: Sequence[Delivery]) -> list[Verdict]:
         verdicts: list[Verdict] = []
         for message in batch:
             if message.type == "cancel":
@@ -216,7 +220,11 @@ class MachineWorker:
         status = RunStatus.succeeded if result.succeeded else RunStatus.failed
         if result.code is ErrorCode.Cancelled:
             status = RunStatus.cancelled
-        error = "" if result.succeeded else error_fragment(result.code or ErrorCode.FlowFailed, result.message)
+        error = (
+            ""
+            if result.succeeded
+            else error_fragment(result.code or ErrorCode.FlowFailed, result.message)
+        )
         try:
             await self._report(assignment, status, error, result.outputs)
         finally:
@@ -232,7 +240,9 @@ class MachineWorker:
                 else {}
             )
         except Exception:
-            return FlowResult(False, code=ErrorCode.FlowFailed, message="the sealed secret could not be opened")
+            return FlowResult(
+                False, code=ErrorCode.FlowFailed, message="the sealed secret could not be opened"
+            )
         context = FlowContext(
             run_id=assignment.run_id,
             flow_id=assignment.flow_id,

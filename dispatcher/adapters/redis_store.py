@@ -228,27 +228,27 @@ class RunStore:
     # ---- placement ----------------------------------------------------------------------------
     async def lane_heads(self, target: str) -> list[QueuedHead]:
         """The head run of every lane of a target, in queue order."""
-        lanes = await self.redis.zrange(self.names.lanes(target), 0, -1, withscores=True)
+        lanes: list[Any] = await self.redis.zrange(self.names.lanes(target), 0, -1, withscores=True)
         if not lanes:
             return []
         pipe = self.redis.pipeline(transaction=False)
-        for lane, _ in lanes:
+        for lane, _score in lanes:
             pipe.zrange(self.names.lane(target, _text(lane)), 0, 0, withscores=True)
         heads = await pipe.execute()
         result = []
         for (lane, _), head in zip(lanes, heads, strict=True):
             if head:
-                run_id, score = head[0]
-                result.append(QueuedHead(_text(run_id), float(score), _text(lane)))
+                result.append(QueuedHead(_text(head[0][0]), float(head[0][1]), _text(lane)))
         result.sort(key=lambda head: (head.score, head.run_id))
         return result
 
     async def next_in_lane(self, target: str, lane: str) -> QueuedHead | None:
-        head = await self.redis.zrange(self.names.lane(target, lane), 0, 0, withscores=True)
+        head: list[Any] = await self.redis.zrange(
+            self.names.lane(target, lane), 0, 0, withscores=True
+        )
         if not head:
             return None
-        run_id, score = head[0]
-        return QueuedHead(_text(run_id), float(score), lane)
+        return QueuedHead(_text(head[0][0]), float(head[0][1]), lane)
 
     async def claim(
         self,
@@ -445,7 +445,7 @@ class RunStore:
     # ---- reads --------------------------------------------------------------------------------
     async def get(self, run_id: str) -> Run | None:
         """The run record with its timeline, or None."""
-        raw = await self.redis.hgetall(self.names.run(run_id))
+        raw: Any = await self.redis.hgetall(self.names.run(run_id))
         if not raw:
             return None
         return parse_run(raw)
@@ -462,12 +462,14 @@ class RunStore:
 
     async def position(self, run: Run) -> int | None:
         """1-based position of a queued run in its target's queue."""
-        rank = await self.redis.zrank(self.names.queue(run.target or ""), run.run_id)
+        rank: Any = await self.redis.zrank(self.names.queue(run.target or ""), run.run_id)
         return None if rank is None else int(rank) + 1
 
     async def queue_page(self, target: str, start: int, stop: int) -> list[tuple[str, float]]:
-        rows = await self.redis.zrange(self.names.queue(target), start, stop, withscores=True)
-        return [(_text(run_id), float(score)) for run_id, score in rows]
+        rows: list[Any] = await self.redis.zrange(
+            self.names.queue(target), start, stop, withscores=True
+        )
+        return [(_text(row[0]), float(row[1])) for row in rows]
 
     async def queue_length(self, target: str) -> int:
         return int(await self.redis.zcard(self.names.queue(target)))
@@ -529,7 +531,7 @@ class RunStore:
     async def outbox_older_than(self, age_s: float, count: int) -> list[OutboxMessage]:
         """Outbox entries nobody published (their writer died): for the relay."""
         cutoff_ms = int((time.time() - age_s) * 1000)
-        rows = await self.redis.xrange(self.names.outbox, "-", f"{cutoff_ms}", count=count)
+        rows: Any = await self.redis.xrange(self.names.outbox, "-", f"{cutoff_ms}", count=count)
         return [
             OutboxMessage(_text(entry_id), _text(f[b"k"]), _text(f[b"r"]), bytes(f[b"b"]))
             for entry_id, f in rows

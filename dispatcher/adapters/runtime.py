@@ -32,14 +32,17 @@ class Runtime:
 
 
 def make_redis(settings: Settings) -> aioredis.Redis:
-    return aioredis.Redis.from_url(
+    # A blocking pool: a burst of concurrent commands waits for a connection instead of failing.
+    pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
         health_check_interval=10,
         socket_connect_timeout=5,
         socket_timeout=10,
         retry_on_timeout=True,
         max_connections=64,
+        timeout=30,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,64 @@
+"""Shared fixtures: a private namespace, the real services, and the product's processes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dispatcher.client import Client
+from dispatcher.settings import Settings
+from tests.harness import Processes, cleanup, new_settings
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return new_settings()
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with Client.connect(settings) as c:
+        yield c
+    await cleanup(settings, machine_ids=_machine_ids(settings))
+
+
+_MACHINES: dict[str, list[str]] = {}
+
+
+def _machine_ids(settings: Settings) -> list[str]:
+    return _MACHINES.get(settings.namespace, [])
+
+
+@pytest.fixture
+def procs(settings: Settings, tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(settings, tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()
+
+
+@pytest.fixture
+def apply_fleet(settings: Settings, tmp_path: Path, procs: Processes):  # type: ignore[no-untyped-def]
+    """Write a fleet file and apply it with the real CLI."""
+    import subprocess
+    import sys
+
+    def apply(document: dict[str, Any], *extra: str) -> None:
+        path = tmp_path / "fleet.json"
+        path.write_text(json.dumps(document))
+        _MACHINES[settings.namespace] = [m["machine_id"] for m in document.get("machines", [])]
+        result = subprocess.run(
+            [sys.executable, "-m", "dispatcher", "apply", str(path), *extra],
+            env=procs.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+
+    return apply

@@ -1,0 +1,258 @@
+"""Test harness: a private namespace per test, real processes, clean-up afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import redis.asyncio as aioredis
+
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+TENANT = "11111111-2222-3333-4444-555555555555"
+
+FAST = {
+    "heartbeat_interval_s": 0.3,
+    "offline_after_s": 2.0,
+    "running_grace_s": 2.0,
+    "sweep_interval_s": 0.2,
+    "resweep_interval_s": 1.0,
+    "outbox_relay_after_s": 2.0,
+    "log_level": "INFO",
+    "throttle_per_minute": 100_000,
+}
+
+
+def new_settings(**overrides: Any) -> Settings:
+    """Settings for one test: its own namespace, fast timings, a fresh secret key."""
+    key = base64.b64encode(os.urandom(32)).decode()
+    values: dict[str, Any] = {
+        "namespace": f"t{uuid.uuid4().hex[:10]}",
+        "secret_keys": f"test:{key}",
+        **FAST,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a subprocess exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNDISPATCH_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"RUNDISPATCH_{name.upper()}"] = str(text)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def cleanup(settings: Settings, machine_ids: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Delete every Redis key and AMQP entity of the namespace."""
+    names = Names(settings.namespace)
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        batch: list[bytes] = []
+        async for key in redis.scan_iter(match=names.pattern(), count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await redis.delete(*batch)
+                batch = []
+        if batch:
+            await redis.delete(*batch)
+    finally:
+        await redis.aclose()
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        queues = [
+            names.requests_queue,
+            names.dead_queue,
+            names.heartbeats_queue,
+            names.signals_queue,
+            *(names.machine_queue(m) for m in machine_ids),
+        ]
+        for queue in queues:
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(queue)
+            except Exception:
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        for exchange in (
+            names.requests_exchange,
+            names.events_exchange,
+            names.dead_exchange,
+            names.machines_exchange,
+            names.heartbeats_exchange,
+        ):
+            channel = await connection.channel()
+            try:
+                await channel.exchange_delete(exchange)
+            except Exception:
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+    finally:
+        await connection.close()
+
+
+def fleet_document(
+    machines: list[dict[str, Any]],
+    connections: list[dict[str, Any]],
+    groups: list[dict[str, Any]] | None = None,
+    tenant: str = TENANT,
+) -> dict[str, Any]:
+    return {
+        "environment": {"tenant_id": tenant},
+        "groups": groups or [],
+        "machines": machines,
+        "connections": connections,
+    }
+
+
+class Processes:
+    """Starts dispatcher and worker processes for one test and stops them all."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.env = settings_env(settings)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: dict[str, Path] = {}
+
+    def _start(
+        self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{name}.log"
+        self.logs[name] = log
+        env = dict(self.env)
+        env.update(extra_env or {})
+        with log.open("ab") as output:
+            proc = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=REPO,
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def dispatcher(
+        self, name: str = "dispatcher", *extra: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self._start(name, ["-m", "dispatcher", "serve", *extra], env)
+
+    def worker(
+        self,
+        machine_id: str,
+        *,
+        sessions: list[dict[str, str]] | None = None,
+        executor: str = "simulate",
+        extra: list[str] | None = None,
+        name: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        argv = [
+            "-m",
+            "workers",
+            "serve",
+            "--machine-id",
+            machine_id,
+            "--executor",
+            executor,
+            "--state-dir",
+            str(self.state_dir(machine_id)),
+        ]
+        if sessions is not None:
+            path = self.sessions_file(machine_id)
+            path.write_text(json.dumps(sessions))
+            argv += ["--sessions-file", str(path)]
+        argv += extra or []
+        return self._start(name or f"worker-{machine_id}", argv)
+
+    def state_dir(self, machine_id: str) -> Path:
+        return self.workdir / f"state-{machine_id}"
+
+    def sessions_file(self, machine_id: str) -> Path:
+        return self.workdir / f"sessions-{machine_id}.json"
+
+    def set_sessions(self, machine_id: str, sessions: list[dict[str, str]]) -> None:
+        path = self.sessions_file(machine_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sessions))
+        os.replace(tmp, path)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=20)
+
+    def alive(self, name: str) -> bool:
+        return self.procs[name].poll() is None
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def log_text(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+    def executions(self) -> list[dict[str, Any]]:
+        """Every execution start recorded by any worker's ledger."""
+        entries = []
+        for ledger in self.workdir.glob("state-*/ledger.jsonl"):
+            machine = ledger.parent.name.removeprefix("state-")
+            for line in ledger.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == "started":
+                    entry["machine"] = machine
+                    entries.append(entry)
+        return entries
+
+
+async def eventually(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
+) -> Any:
+    """Wait until ``predicate()`` (sync or async) is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
