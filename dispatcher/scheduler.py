@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dispatcher.adapters.fleet_store import FleetStore
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import (
     MachineStore,
+    Outcome,
     QueuedHead,
     RunStore,
     error_fragment,
@@ -192,7 +194,7 @@ class Placer:
                     }
                 )
                 await self.publisher.send(outcome.messages)
-                self.metrics.run_dispatched(target, connection.kind.value, mode.value, now)
+                self._observe_dispatch(target, connection.kind.value, mode.value, outcome, now)
                 return "placed"
             if outcome.result == "not_queued":
                 return "gone"
@@ -237,7 +239,14 @@ class Placer:
         )
         if outcome.ok:
             await self.publisher.send(outcome.messages)
-            self.metrics.run_completed(run, RunStatus.failed, failure.code.value, None)
+
+    def _observe_dispatch(
+        self, target: str, kind: str, mode: str, outcome: Outcome, now: float
+    ) -> None:
+        self.metrics.run_dispatched(target, kind, mode)
+        record = json.loads(outcome.messages[0].body)
+        submitted = record.get("submitted_at") or record.get("queued_at") or now
+        self.metrics.queue_wait(max(0.0, now - float(submitted)), target, kind)
 
 
 def reasons_payload(raw: dict[str, Any] | None) -> dict[str, str]:

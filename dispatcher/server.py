@@ -25,8 +25,8 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     async with runtime(settings) as rt:
-        tokens, passwords, closers = identity_sources(settings, rt)
-        metrics, reporter = metrics_for(settings, rt, metrics_port)
+        metrics, exporter, reporter = metrics_for(settings, rt, metrics_port)
+        tokens, passwords, closers = identity_sources(settings, rt, metrics)
         handoff = Handoff(
             tokens=tokens,
             passwords=passwords,
@@ -44,6 +44,8 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
             metrics=metrics,
         )
         await dispatcher.start()
+        if exporter is not None:
+            exporter.set_up(True)
         reporter_task: asyncio.Task[None] | None = None
         if reporter is not None:
             reporter_task = asyncio.create_task(reporter())

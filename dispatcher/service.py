@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
-from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Retry, Verdict
+from dispatcher.adapters.amqp import TERMINAL_EVENT_KEYS, Ack, Amqp, DeadLetter, Retry, Verdict
 from dispatcher.adapters.fleet_store import FleetStore
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import (
@@ -35,7 +35,7 @@ from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import order_score
 from dispatcher.handoff import Handoff
 from dispatcher.intake import InvalidMessageClass, decode
-from dispatcher.metrics_hooks import MetricsHooks
+from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
 from dispatcher.models import CancelRequest, ConnectionKind, Heartbeat, RunRequest
 from dispatcher.ports import Delivery, TokenSource
 from dispatcher.scheduler import Placer
@@ -68,10 +68,10 @@ class Dispatcher:
         self.fleet = fleet
         self.machines = machines
         self.tokens = tokens
-        self.metrics = metrics or MetricsHooks()
+        self.metrics: MetricsHooks = metrics or NullMetrics()
         self.clock = clock
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
-        self.publisher = OutboxPublisher(amqp, runs)
+        self.publisher = OutboxPublisher(amqp, runs, self.metrics)
         self.placer = Placer(
             settings=settings,
             fleet=fleet,
@@ -274,9 +274,30 @@ class Dispatcher:
                 machine_id = data.get("machine_id") if isinstance(data, dict) else None
             except ValueError:
                 machine_id = None
+            if isinstance(data, dict) and message.routing_key in TERMINAL_EVENT_KEYS:
+                self._observe_completion(data)
             if isinstance(machine_id, str):
                 targets.update(fleet.targets_of_machine(machine_id))
             elif message.routing_key == "machine.changed":
                 targets.update(await self.runs.targets())
         self.placer.request(*targets)
         return [Ack() for _ in batch]
+
+    def _observe_completion(self, record: dict[str, object]) -> None:
+        """Count a run's final status once: one replica consumes each terminal event."""
+        error = record.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        started, finished = record.get("started_at"), record.get("finished_at")
+        duration = (
+            float(finished) - float(started)
+            if isinstance(started, int | float) and isinstance(finished, int | float)
+            else None
+        )
+        self.metrics.run_completed(
+            str(record.get("target") or ""),
+            str(record.get("connection_kind") or ""),
+            str(record.get("mode") or ""),
+            status=str(record.get("status") or ""),
+            code=str(code) if code else None,
+            duration_s=duration,
+        )

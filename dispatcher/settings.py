@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     token_validity_s: float = Field(default=600, gt=0)
 
     # Metrics.
-    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_port: int = Field(default=9464, ge=-1, le=65535)  # -1: no metrics endpoint
     metrics_host: str = "127.0.0.1"
 
     # Logging.

@@ -100,9 +100,6 @@ class Sweeper:
             if outcome.ok:
                 expired += 1
                 await self.publisher.send(outcome.messages)
-                self.metrics.run_completed(
-                    run, RunStatus.timed_out, ErrorCode.NoCandidateMachine.value, None
-                )
         return expired
 
     async def check_liveness(self, now: float) -> None:
@@ -159,7 +156,6 @@ class Sweeper:
             )
             if outcome.ok:
                 await self.publisher.send(outcome.messages)
-                self.metrics.run_completed(run, RunStatus.failed, ErrorCode.MachineLost.value, None)
 
     async def fail_overdue(self, now: float) -> None:
         """Fail runs still running well past their time limit (their worker never reported)."""

@@ -26,6 +26,7 @@ TENANT = "11111111-2222-3333-4444-555555555555"
 
 FAST = {
     "heartbeat_interval_s": 0.3,
+    "metrics_port": 0,
     "offline_after_s": 2.0,
     "running_grace_s": 2.0,
     "sweep_interval_s": 0.2,

@@ -89,7 +89,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.metrics_port is not None:
         from workers.telemetry import start_metrics
 
-        metrics = start_metrics(settings, args.metrics_port, args.machine_id)
+        metrics = start_metrics(settings, args.metrics_port, args.executor)
     async with runtime(settings) as rt:
         worker = MachineWorker(
             settings=settings,

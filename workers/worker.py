@@ -28,6 +28,7 @@ from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import RunStore, error_fragment
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.metrics import WorkerMetrics
 from dispatcher.models import Assignment, Heartbeat, RunningRef, RunStatus
 from dispatcher.ports import Delivery
 from dispatcher.settings import Settings
@@ -58,7 +59,7 @@ class MachineWorker:
         ledger: Ledger,
         sessions: SessionsFile,
         capacity: int = 1,
-        metrics: Any = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.machine_id = machine_id
@@ -192,6 +193,8 @@ class MachineWorker:
         await self.publisher.send(outcome.messages)
         task = asyncio.create_task(self._execute(assignment), name=f"run:{run_id}")
         self.running[run_id] = Running(assignment, task)
+        if self.metrics is not None:
+            self.metrics.set_running_runs(len(self.running))
         return Ack()
 
     async def _cancel(self, body: bytes) -> Verdict:
@@ -230,7 +233,9 @@ class MachineWorker:
         finally:
             self.running.pop(run_id, None)
             if self.metrics is not None:
-                self.metrics.run_executed(status.value, time.monotonic() - started)
+                code = None if result.code is None else result.code.value
+                self.metrics.run_executed(status.value, time.monotonic() - started, code)
+                self.metrics.set_running_runs(len(self.running))
 
     async def _run_flow(self, assignment: Assignment) -> FlowResult:
         try:

@@ -13,14 +13,16 @@ from collections.abc import Sequence
 
 from dispatcher.adapters.amqp import Amqp
 from dispatcher.adapters.redis_store import OutboxMessage, RunStore
+from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
 
 log = logging.getLogger(__name__)
 
 
 class OutboxPublisher:
-    def __init__(self, amqp: Amqp, store: RunStore) -> None:
+    def __init__(self, amqp: Amqp, store: RunStore, metrics: MetricsHooks | None = None) -> None:
         self.amqp = amqp
         self.store = store
+        self.metrics: MetricsHooks = metrics or NullMetrics()
         self.published = 0
 
     async def send(self, messages: Sequence[OutboxMessage]) -> bool:
@@ -33,6 +35,9 @@ class OutboxPublisher:
             log.warning("publish failed (%s); %d messages left to the relay", exc, len(messages))
             return False
         self.published += len(messages)
+        for message in messages:
+            if message.kind == "event":
+                self.metrics.event_published(message.routing_key)
         try:
             await self.store.outbox_done([m.id for m in messages])
         except Exception as exc:
