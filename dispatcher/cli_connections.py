@@ -17,6 +17,7 @@ from typing import Any
 from dispatcher.adapters.identity.sign_in import (
     DeviceCodePrompt,
     SignInFailed,
+    import_refresh_token,
     sign_in_with_device_code,
 )
 from dispatcher.adapters.identity.token_broker import TokenBroker
@@ -39,6 +40,11 @@ def register(subparsers: Any) -> None:
     )
     sign_in.add_argument("connection_id")
     sign_in.add_argument("--timeout", type=float, default=900.0, help="seconds to wait")
+    sign_in.add_argument(
+        "--refresh-token-stdin",
+        action="store_true",
+        help="import a refresh token read from standard input instead (migrations, demos)",
+    )
     sign_in.set_defaults(func=cmd_sign_in)
     show = commands.add_parser("show", help="a connection's token state or password source")
     show.add_argument("connection_id")
@@ -48,7 +54,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_sign_in(args: argparse.Namespace, settings: Settings) -> int:
     """Sign the connection in; the user completes the sign-in in a browser."""
-    return asyncio.run(_sign_in(args.connection_id, args.timeout, settings))
+    refresh_token = sys.stdin.readline().strip() if args.refresh_token_stdin else None
+    return asyncio.run(_sign_in(args.connection_id, args.timeout, settings, refresh_token))
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -56,7 +63,9 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_show(args.connection_id, args.json, settings))
 
 
-async def _sign_in(connection_id: str, timeout_s: float, settings: Settings) -> int:
+async def _sign_in(
+    connection_id: str, timeout_s: float, settings: Settings, refresh_token: str | None
+) -> int:
     def show(prompt: DeviceCodePrompt) -> None:
         print(prompt.message or f"Open {prompt.verification_uri} and enter {prompt.user_code}")
         print(f"Waiting up to {int(prompt.expires_at - time.time())} s ...", flush=True)
@@ -70,9 +79,12 @@ async def _sign_in(connection_id: str, timeout_s: float, settings: Settings) -> 
                 return 2
             broker = TokenBroker(settings, rt.redis, rt.names, box)
             try:
-                status = await sign_in_with_device_code(
-                    broker, connection, show, timeout_s=timeout_s
-                )
+                if refresh_token:
+                    status = await import_refresh_token(broker, connection, refresh_token)
+                else:
+                    status = await sign_in_with_device_code(
+                        broker, connection, show, timeout_s=timeout_s
+                    )
             finally:
                 await broker.aclose()
     except (SignInFailed, DispatchError) as exc:

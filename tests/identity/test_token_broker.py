@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 
 import pytest
@@ -15,10 +16,12 @@ from dispatcher.adapters.identity.retry import retry_transient
 from dispatcher.adapters.identity.sign_in import import_refresh_token
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.codes import ErrorCode
+from dispatcher.crypto import SecretBox
 from dispatcher.devtools.idp import IdentityProvider
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.models import Connection
 from dispatcher.names import Names
+from dispatcher.settings import Settings
 from tests.identity.conftest import (
     ACCOUNT,
     CLIENT_ID,
@@ -43,12 +46,20 @@ async def all_values(redis: aioredis.Redis, names: Names) -> str:
 
 
 async def test_cached_token_then_expired_token_is_refreshed(
+    identity_settings: Settings,
     broker: TokenBroker,
     connection: Connection,
     idp: IdentityProvider,
     redis: aioredis.Redis,
     names: Names,
+    box: SecretBox,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
+    refreshes: list[str] = []
+    broker = TokenBroker(
+        identity_settings, redis, names, box, on_refresh=lambda result, _: refreshes.append(result)
+    )
     first = await broker.access_token(connection, 600)
     assert await broker.access_token(connection, 600) == first
     assert idp.counters().get("token", 0) == 0  # served from the cache
@@ -66,6 +77,10 @@ async def test_cached_token_then_expired_token_is_refreshed(
     assert refreshed not in json.dumps(status)
     stored = await all_values(redis, names)
     assert refreshed not in stored and first not in stored and "rt." not in stored
+    assert refreshes == ["success"]
+    assert "refreshed the sign-in of connection s1" in caplog.text
+    assert refreshed not in caplog.text and first not in caplog.text and "rt." not in caplog.text
+    await broker.aclose()
 
 
 async def test_revoked_grant_fails_first_run_and_later_ones_fast(

@@ -18,8 +18,10 @@ So N concurrent runs over any number of processes make one identity-provider req
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ from redis.asyncio import Redis
 
 from dispatcher.adapters.identity.cache_view import usable_access_token
 from dispatcher.adapters.identity.failures import (
+    CLIENT_CONFIG,
+    INTERACTION_REQUIRED,
     REAUTH_REQUIRED,
     TENANT_MISMATCH,
     UNAVAILABLE,
@@ -45,6 +49,8 @@ from dispatcher.errors import RunFailure
 from dispatcher.models import Connection, ConnectionKind
 from dispatcher.names import Names
 from dispatcher.settings import Settings
+
+log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 30.0  # longer than a refresh can take (HTTP timeout 10 s, plus discovery)
 LOCK_WAIT_S = 35.0
@@ -72,8 +78,10 @@ class TokenBroker:
         http_client: httpx.Client | None = None,
         *,
         max_threads: int = 8,
+        on_refresh: Callable[[str, float], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_refresh = on_refresh
         self.store = TokenStore(redis, names, box)
         self.apps = MsalAppFactory(settings, http_client)
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="msal")
@@ -94,10 +102,7 @@ class TokenBroker:
 
     async def refresh_token_expiry(self, connection: Connection) -> float | None:
         """When the connection's refresh token expires, if the identity provider said so."""
-        snapshot = await self.store.load(connection.connection_id)
-        if snapshot.marker is not None:
-            return float(snapshot.state.get("error_at", time.time()))
-        value = snapshot.state.get("refresh_token_expires_at")
+        value = (await self.store.state(connection.connection_id)).get("refresh_token_expires_at")
         return float(value) if value else None
 
     async def status(self, connection: Connection) -> dict[str, Any]:
@@ -135,9 +140,11 @@ class TokenBroker:
         if snapshot.cache_json is None:
             raise _not_signed_in()
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         refreshed = await loop.run_in_executor(
             self._executor, self._refresh_blocking, tenant_id, snapshot.cache_json
         )
+        self._report(connection_id, refreshed.failure, time.monotonic() - started)
         if refreshed.cache_json is not None:
             await self.store.save_cache(connection_id, refreshed.cache_json)
         failure = refreshed.failure
@@ -184,6 +191,17 @@ class TokenBroker:
         return _Refreshed(result, changed, None, time.time())
 
     # ---- helpers ----------------------------------------------------------------------------
+    def _report(self, connection_id: str, failure: RefreshFailure | None, seconds: float) -> None:
+        """Log the refresh (never a token) and hand its result to the metrics hook."""
+        if failure is None:
+            result = "success"
+            log.info("refreshed the sign-in of connection %s in %.3f s", connection_id, seconds)
+        else:
+            result = _RESULTS.get(failure.kind, "permanent_failure")
+            log.warning("refresh failed for connection %s: %s", connection_id, failure.describe())
+        if self._on_refresh is not None:
+            self._on_refresh(result, seconds)
+
     def _usable(
         self, snapshot: TokenSnapshot, tenant_id: str, valid_for_s: float, aging_ok: bool = False
     ) -> str | None:
@@ -218,6 +236,14 @@ class TokenBroker:
         return connection.tenant_id
 
 
+# Results as the token-refresh metric labels them.
+_RESULTS = {
+    UNAVAILABLE: "transient_failure",
+    CLIENT_CONFIG: "misconfigured",
+    REAUTH_REQUIRED: "permanent_failure",
+    INTERACTION_REQUIRED: "permanent_failure",
+    TENANT_MISMATCH: "permanent_failure",
+}
 _NO_ACCOUNT = RefreshFailure(REAUTH_REQUIRED, "no_refresh_token")
 _TENANT_MISMATCH = RefreshFailure(TENANT_MISMATCH, "tenant_mismatch")
 

@@ -87,6 +87,11 @@ class TokenStore:
             ) from None
         return TokenSnapshot(cache_json, state)
 
+    async def state(self, connection_id: str) -> dict[str, str]:
+        """The token state alone (no decryption)."""
+        raw = await self._redis.hgetall(self._names.token_state(connection_id))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
     async def save_cache(self, connection_id: str, cache_json: str) -> None:
         """Store a changed cache (a rotated refresh token must never be lost)."""
         sealed = self._box.seal_text(cache_json, cache_context(connection_id))
