@@ -275,6 +275,7 @@ class MachineView(BaseModel):
     sessions: tuple[Session, ...] = ()
     assigned: tuple[AssignedRun, ...] = ()
     has_public_key: bool = True
+    public_key: str | None = None
 
     @property
     def machine_id(self) -> str:

@@ -16,11 +16,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.adapters.fleet_store import FleetStore
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import (
+    ClaimPlan,
+    OutboxMessage,
     MachineStore,
     Outcome,
     QueuedHead,
@@ -34,12 +37,23 @@ from dispatcher.core.selection import Selection, select_machine, slots_of
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.handoff import Handoff
 from dispatcher.metrics_hooks import MetricsHooks
-from dispatcher.models import AssignedRun, MachineView, Mode, RunStatus
+from dispatcher.models import AssignedRun, Connection, MachineView, Mode, RunStatus
 from dispatcher.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1.0
+PREFETCH_PER_LANE = 50
+MAX_CLAIMS_PER_PASS = 200
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A lane head the pass decided to place on ``view``'s machine."""
+
+    head: QueuedHead
+    connection: Connection
+    view: MachineView
 
 
 class Placer:
@@ -99,11 +113,17 @@ class Placer:
                     self.request_later(target, RETRY_AFTER_S)
 
     async def place(self, target: str) -> int:
-        """One pass over ``target``; returns how many runs were handed to machines."""
+        """One pass over ``target``; returns how many runs were handed to machines.
+
+        Decisions are made on a local copy of the machines' state (each placement is applied
+        to it), then their claims run in one round trip and their messages are published as
+        one confirmed window. A claim that loses a race (another replica filled the machine)
+        just asks for another pass.
+        """
         started = time.perf_counter()
         fleet = await self.fleet.load()
-        heads = await self.runs.lane_heads(target)
-        if not heads:
+        lanes = await self.runs.lane_members(target, PREFETCH_PER_LANE)
+        if not lanes:
             return 0
         now = self.clock()
         machine_ids = fleet.machine_ids_of_key(target)
@@ -113,104 +133,141 @@ class Placer:
                 [fleet.machines[m] for m in machine_ids], now, self.settings.offline_after_s
             )
         }
-        heapq.heapify(heap := [(h.score, h.run_id, h) for h in heads])
-        placed = 0
-        while heap:
-            _, _, head = heapq.heappop(heap)
-            result = await self._place_head(fleet, target, head, views, now)
-            if result == "placed":
-                placed += 1
-            if result in {"placed", "gone", "failed"}:
-                following = await self.runs.next_in_lane(target, head.lane)
-                if following is not None:
-                    heapq.heappush(heap, (following.score, following.run_id, following))
+        plans, waiting, again = self._decide(fleet, target, lanes, views, now)
+        placed, lost_races = await self._claim(target, plans, waiting, now)
+        await self.runs.record_reasons(target, waiting, now)
         self.metrics.decision_latency(time.perf_counter() - started)
+        if again or lost_races:
+            self.request(target)
         return placed
 
-    async def _place_head(
+    def _decide(
         self,
         fleet: FleetSnapshot,
         target: str,
-        head: QueuedHead,
+        lanes: dict[str, list[QueuedHead]],
         views: dict[str, MachineView],
         now: float,
-    ) -> str:
-        connection = fleet.connections.get(head.connection_id)
-        if connection is None:
-            return "waiting"
-        mode = Mode(head.mode)
-        for _attempt in range(3):
+    ) -> tuple[list[Planned], dict[str, tuple[str, dict[str, str]]], bool]:
+        """Walk lane heads in queue order, placing each on the local state if it fits."""
+        heap = [(members[0].score, members[0].run_id, lane, 0) for lane, members in lanes.items()]
+        heapq.heapify(heap)
+        plans: list[Planned] = []
+        waiting: dict[str, tuple[str, dict[str, str]]] = {}
+        again = False
+        while heap and len(plans) < MAX_CLAIMS_PER_PASS:
+            _, _, lane, index = heapq.heappop(heap)
+            head = lanes[lane][index]
+            connection = fleet.connections.get(head.connection_id)
+            if connection is None:
+                continue  # deleted meanwhile: the run waits for its deadline
+            mode = Mode(head.mode)
             selection = select_machine(views.values(), connection, mode)
             if selection.machine_id is None:
-                await self._record_reasons(target, head, selection, views, now)
-                return "waiting"
+                waiting[lane] = (head.run_id, self._reasons(selection, views))
+                continue
             view = views[selection.machine_id]
-            heartbeat = await self.machines.heartbeat(view.machine_id)
-            public_key = heartbeat.public_key if heartbeat else None
-            try:
-                sealed = await self.handoff.sealed_secret(connection, head.run_id, public_key or "")
-            except RunFailure as failure:
-                await self._fail_queued(head, failure, now)
-                return "failed"
-            except RetryableRunError as error:
-                reasons = dict(selection.reasons)
-                reasons[view.machine_id] = error.code
-                await self._record_reasons(target, head, Selection(None, reasons), views, now)
-                self.request_later(target, RETRY_AFTER_S)
-                return "waiting"
-            assignment_head = ",".join(
-                f'"{key}":{fragment(value)}'
-                for key, value in (
-                    ("machine_id", view.machine_id),
-                    ("mode", mode.value),
-                    ("user", connection.session_user),
-                    ("connection_kind", connection.kind.value),
-                    ("max_run_s", self.settings.max_run_s),
-                    ("sealed_secret", sealed),
-                )
+            plans.append(Planned(head, connection, view))
+            views[view.machine_id] = view.model_copy(
+                update={
+                    "assigned": (
+                        *view.assigned,
+                        AssignedRun(
+                            run_id=head.run_id,
+                            mode=mode,
+                            user=connection.session_user.casefold(),
+                            fence=0,
+                        ),
+                    )
+                }
             )
-            outcome = await self.runs.claim(
-                head,
-                target,
-                machine_id=view.machine_id,
-                user=connection.session_user,
-                slots=slots_of(view),
-                assignment_head=assignment_head,
-                now=now,
-            )
-            if outcome.ok:
-                fence = int(outcome.extra[0])
-                views[view.machine_id] = view.model_copy(
-                    update={
-                        "assigned": (
-                            *view.assigned,
-                            AssignedRun(
-                                run_id=head.run_id,
-                                mode=mode,
-                                user=connection.session_user.casefold(),
-                                fence=fence,
-                            ),
-                        )
-                    }
-                )
-                await self.publisher.send(outcome.messages)
-                self._observe_dispatch(target, connection.kind.value, mode.value, outcome, now)
-                return "placed"
-            if outcome.result == "not_queued":
-                return "gone"
-            # Another replica filled the machine meanwhile: look again with fresh state.
-            fresh = await self.machines.views([view.machine], now, self.settings.offline_after_s)
-            views[view.machine_id] = fresh[0]
-        return "waiting"
+            if index + 1 < len(lanes[lane]):
+                following = lanes[lane][index + 1]
+                heapq.heappush(heap, (following.score, following.run_id, lane, index + 1))
+            elif len(lanes[lane]) == PREFETCH_PER_LANE:
+                again = True  # the lane has more runs than were fetched
+        return plans, waiting, again or bool(heap)
 
-    async def _record_reasons(
+    async def _claim(
         self,
         target: str,
-        head: QueuedHead,
-        selection: Selection,
-        views: dict[str, MachineView],
+        plans: list[Planned],
+        waiting: dict[str, tuple[str, dict[str, str]]],
         now: float,
-    ) -> None:
+    ) -> tuple[int, int]:
+        """Fetch and seal the secrets, claim in one round trip, publish in one window.
+
+        Returns how many runs were placed and how many claims lost a race.
+        """
+        if not plans:
+            return 0, 0
+        secrets = await asyncio.gather(
+            *(
+                self.handoff.sealed_secret(p.connection, p.head.run_id, p.view.public_key or "")
+                for p in plans
+            ),
+            return_exceptions=True,
+        )
+        claims: list[ClaimPlan] = []
+        claimed: list[Planned] = []
+        for plan, secret in zip(plans, secrets, strict=True):
+            if isinstance(secret, RunFailure):
+                await self._fail_queued(plan.head, secret, now)
+                continue
+            if isinstance(secret, RetryableRunError):
+                waiting[plan.head.lane] = (
+                    plan.head.run_id,
+                    {plan.view.machine_id: f"{secret.code.value} (retrying)"},
+                )
+                self.request_later(target, RETRY_AFTER_S)
+                continue
+            if isinstance(secret, BaseException):
+                log.error("preparing the hand-off of run %s failed: %r", plan.head.run_id, secret)
+                self.request_later(target, RETRY_AFTER_S)
+                continue
+            claims.append(
+                ClaimPlan(
+                    head=plan.head,
+                    target=target,
+                    machine_id=plan.view.machine_id,
+                    user=plan.connection.session_user,
+                    slots=slots_of(plan.view),
+                    assignment_head=self._assignment_head(plan, secret),
+                )
+            )
+            claimed.append(plan)
+        outcomes = await self.runs.claim_many(claims, now)
+        messages: list[OutboxMessage] = []
+        placed = lost = 0
+        for plan, outcome in zip(claimed, outcomes, strict=True):
+            if outcome.result in {"user_busy", "no_slot"}:
+                lost += 1
+            elif outcome.ok:
+                placed += 1
+                messages.extend(outcome.messages)
+                self._observe_dispatch(
+                    target, plan.connection.kind.value, plan.head.mode, outcome, now
+                )
+            elif outcome.result == "error":
+                log.warning("claim of run %s failed: %s", plan.head.run_id, outcome.extra)
+        await self.publisher.send(messages)
+        return placed, lost
+
+    def _assignment_head(self, plan: Planned, sealed: str) -> str:
+        return ",".join(
+            f'"{key}":{fragment(value)}'
+            for key, value in (
+                ("machine_id", plan.view.machine_id),
+                ("mode", plan.head.mode),
+                ("user", plan.connection.session_user),
+                ("connection_kind", plan.connection.kind.value),
+                ("max_run_s", self.settings.max_run_s),
+                ("sealed_secret", sealed),
+            )
+        )
+
+    @staticmethod
+    def _reasons(selection: Selection, views: dict[str, MachineView]) -> dict[str, str]:
         reasons: dict[str, str] = {}
         for machine_id, code in selection.reasons.items():
             view = views.get(machine_id)
@@ -222,8 +279,7 @@ class Placer:
                 )
             else:
                 reasons[machine_id] = code.value
-        if await self.runs.set_lane_reasons(target, head.lane, reasons, now):
-            await self.runs.note(head.run_id, "waiting", now, {"reasons": reasons})
+        return reasons
 
     async def _fail_queued(self, head: QueuedHead, failure: RunFailure, now: float) -> None:
         run = await self.runs.get(head.run_id)

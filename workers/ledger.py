@@ -33,10 +33,21 @@ class Ledger:
 
     def record(self, event: str, run_id: str, fence: int, **extra: Any) -> None:
         """Append and fsync one entry (a start is on disk before the flow begins)."""
-        if event == "started":
-            self._seen.add(run_id)
-        entry = {"at": time.time(), "event": event, "run_id": run_id, "fence": fence, **extra}
-        self._file.write(json.dumps(entry) + "\n")
+        self.record_many(event, [(run_id, fence, extra)])
+
+    def record_many(self, event: str, entries: list[tuple[str, int, dict[str, Any]]]) -> None:
+        """Append several entries with one fsync."""
+        if not entries:
+            return
+        now = time.time()
+        lines = []
+        for run_id, fence, extra in entries:
+            if event == "started":
+                self._seen.add(run_id)
+            lines.append(
+                json.dumps({"at": now, "event": event, "run_id": run_id, "fence": fence, **extra})
+            )
+        self._file.write("\n".join(lines) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 

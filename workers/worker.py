@@ -19,13 +19,18 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import ValidationError
 
-from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Verdict
+from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Retry, Verdict
 from dispatcher.adapters.outbox import OutboxPublisher
-from dispatcher.adapters.redis_store import RunStore, error_fragment
+from dispatcher.adapters.redis_store import (
+    Ending,
+    Outcome,
+    OutboxMessage,
+    RunStore,
+    error_fragment,
+)
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.metrics import WorkerMetrics
@@ -74,6 +79,7 @@ class MachineWorker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.publisher = OutboxPublisher(amqp, runs)
         self.running: dict[str, Running] = {}
+        self._endings: asyncio.Queue[tuple[Ending, float, ErrorCode | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -88,6 +94,7 @@ class MachineWorker:
                 prefetch=50,
             ),
             asyncio.create_task(self.heartbeat_forever(), name="heartbeat"),
+            asyncio.create_task(self.report_forever(), name="reporter"),
         ]
         log.info("worker %s serving machine %s", self.worker_id, self.machine_id)
 
@@ -156,46 +163,75 @@ class MachineWorker:
             if self.metrics is not None:
                 self.metrics.heartbeat_failed()
 
-    # ---- assignments --------------------------------------------------------------------------
+    # ---- assignments ----------------------------------------------------------------------------
     async def handle(self, batch: Sequence[Delivery]) -> list[Verdict]:
+        """Start the batch's assignments with one fenced-start round trip and one fsync."""
         verdicts: list[Verdict] = []
+        pending: list[tuple[int, Assignment]] = []
         for message in batch:
             if message.type == "cancel":
                 verdicts.append(await self._cancel(message.body))
-            else:
-                verdicts.append(await self._assign(message.body))
+                continue
+            verdict, assignment = self._accept(message.body)
+            verdicts.append(verdict)
+            if assignment is not None:
+                pending.append((len(verdicts) - 1, assignment))
+        if pending:
+            await self._start(pending, verdicts)
         return verdicts
 
-    async def _assign(self, body: bytes) -> Verdict:
+    def _accept(self, body: bytes) -> tuple[Verdict, Assignment | None]:
         try:
             assignment = Assignment.model_validate_json(body)
         except ValidationError as exc:
-            return DeadLetter(f"not an assignment: {exc.error_count()} errors", "schema")
-        run_id = assignment.run_id
+            return DeadLetter(f"not an assignment: {exc.error_count()} errors", "schema"), None
         if assignment.machine_id != self.machine_id:
-            return DeadLetter(f"assignment for machine {assignment.machine_id!r}", "schema")
+            return DeadLetter(f"assignment for machine {assignment.machine_id!r}", "schema"), None
+        run_id = assignment.run_id
         if self.ledger.already_ran(run_id) or run_id in self.running:
             log.info("refusing run %s: this worker already ran it", run_id)
-            return Ack()
+            return Ack(), None
+        return Ack(), assignment
+
+    async def _start(self, pending: list[tuple[int, Assignment]], verdicts: list[Verdict]) -> None:
         now = time.time()
-        outcome = await self.runs.start(
-            run_id,
-            machine_id=self.machine_id,
-            fence=assignment.fence,
-            run_deadline=now + assignment.time_limit_s + self.settings.running_grace_s + 30,
-            worker_id=self.worker_id,
-            now=now,
+        grace = self.settings.running_grace_s + 30
+        try:
+            outcomes = await self.runs.start_many(
+                [(a.run_id, a.fence, now + a.time_limit_s + grace) for _, a in pending],
+                machine_id=self.machine_id,
+                worker_id=self.worker_id,
+                now=now,
+            )
+        except Exception as exc:  # the store is unreachable: RabbitMQ keeps the assignments
+            log.warning("could not start %d runs yet: %s", len(pending), exc)
+            for index, _ in pending:
+                verdicts[index] = Retry(str(exc))
+            return
+        started: list[Assignment] = []
+        messages: list[OutboxMessage] = []
+        for (index, assignment), outcome in zip(pending, outcomes, strict=True):
+            if outcome.ok:
+                started.append(assignment)
+                messages.extend(outcome.messages)
+            elif outcome.result == "error":
+                verdicts[index] = Retry(str(outcome.extra))
+            else:
+                log.info(
+                    "refusing run %s (fence %d): %s",
+                    assignment.run_id,
+                    assignment.fence,
+                    outcome.extra,
+                )
+        self.ledger.record_many(
+            "started", [(a.run_id, a.fence, {"machine_id": self.machine_id}) for a in started]
         )
-        if not outcome.ok:
-            log.info("refusing run %s (fence %d): %s", run_id, assignment.fence, outcome.extra)
-            return Ack()
-        self.ledger.record("started", run_id, assignment.fence, machine_id=self.machine_id)
-        await self.publisher.send(outcome.messages)
-        task = asyncio.create_task(self._execute(assignment), name=f"run:{run_id}")
-        self.running[run_id] = Running(assignment, task)
+        for assignment in started:
+            task = asyncio.create_task(self._execute(assignment), name=f"run:{assignment.run_id}")
+            self.running[assignment.run_id] = Running(assignment, task)
         if self.metrics is not None:
             self.metrics.set_running_runs(len(self.running))
-        return Ack()
+        await self.publisher.send(messages)
 
     async def _cancel(self, body: bytes) -> Verdict:
         try:
@@ -228,14 +264,16 @@ class MachineWorker:
             if result.succeeded
             else error_fragment(result.code or ErrorCode.FlowFailed, result.message)
         )
-        try:
-            await self._report(assignment, status, error, result.outputs)
-        finally:
-            self.running.pop(run_id, None)
-            if self.metrics is not None:
-                code = None if result.code is None else result.code.value
-                self.metrics.run_executed(status.value, time.monotonic() - started, code)
-                self.metrics.set_running_runs(len(self.running))
+        ending = Ending(
+            run_id,
+            self.machine_id,
+            assignment.fence,
+            (RunStatus.running,),
+            status,
+            error,
+            result.outputs or None,
+        )
+        self._endings.put_nowait((ending, time.monotonic() - started, result.code))
 
     async def _run_flow(self, assignment: Assignment) -> FlowResult:
         try:
@@ -264,30 +302,39 @@ class MachineWorker:
                 message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
             )
 
-    async def _report(
-        self, assignment: Assignment, status: RunStatus, error: str, outputs: dict[str, Any]
-    ) -> None:
-        """Record the outcome; keep trying while the store is unreachable."""
+    async def report_forever(self) -> None:
+        """Record outcomes in batches: one round trip, one fsync, one publish window."""
+        while True:
+            batch = [await self._endings.get()]
+            while not self._endings.empty() and len(batch) < 100:
+                batch.append(self._endings.get_nowait())
+            endings = [ending for ending, _, _ in batch]
+            outcomes = await self._finish_with_retry(endings)
+            self.ledger.record_many(
+                "finished", [(e.run_id, e.fence or 0, {"status": e.status.value}) for e in endings]
+            )
+            messages: list[OutboxMessage] = []
+            for (ending, duration, code), outcome in zip(batch, outcomes, strict=True):
+                self.running.pop(ending.run_id, None)
+                if outcome.ok:
+                    messages.extend(outcome.messages)
+                else:
+                    log.warning("outcome of run %s not recorded: %s", ending.run_id, outcome.result)
+                if self.metrics is not None:
+                    self.metrics.run_executed(
+                        ending.status.value, duration, None if code is None else code.value
+                    )
+            if self.metrics is not None:
+                self.metrics.set_running_runs(len(self.running))
+            await self.publisher.send(messages)
+
+    async def _finish_with_retry(self, endings: list[Ending]) -> list[Outcome]:
+        """Keep trying while the store is unreachable: an outcome is never dropped."""
         delay = 0.2
         while True:
             try:
-                outcome = await self.runs.finish(
-                    assignment.run_id,
-                    machine_id=self.machine_id,
-                    fence=assignment.fence,
-                    allowed=(RunStatus.running,),
-                    status=status,
-                    now=time.time(),
-                    error=error,
-                    outputs=outputs or None,
-                )
-                break
+                return await self.runs.finish_many(endings, time.time())
             except Exception as exc:
-                log.warning("could not report run %s yet: %s", assignment.run_id, exc)
+                log.warning("could not report %d outcomes yet: %s", len(endings), exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self.ledger.record("finished", assignment.run_id, assignment.fence, status=status.value)
-        if outcome.ok:
-            await self.publisher.send(outcome.messages)
-        else:
-            log.warning("outcome of run %s not recorded: %s", assignment.run_id, outcome.result)

@@ -100,6 +100,15 @@ def load_scripts() -> dict[str, str]:
     return {name: common + "\n" + (package / f"{name}.lua").read_text() for name in _SCRIPTS}
 
 
+_NOTE = (
+    "local tl = redis.call('HGET', KEYS[1], 'tl') "
+    "if not tl then return 0 end "
+    "if tl == '[]' then tl = '[' .. ARGV[1] .. ']' "
+    "else tl = string.sub(tl, 1, -2) .. ',' .. ARGV[1] .. ']' end "
+    "redis.call('HSET', KEYS[1], 'tl', tl) return 1"
+)
+
+
 @dataclass(frozen=True)
 class QueuedHead:
     """The first run of a lane: what placement looks at."""
@@ -115,6 +124,32 @@ class QueuedHead:
     @property
     def mode(self) -> str:
         return self.lane.split("|", 2)[1]
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a dispatched or running run ends (see finish.lua)."""
+
+    run_id: str
+    machine_id: str
+    fence: int | None
+    allowed: tuple[RunStatus, ...]
+    status: RunStatus
+    error: str = ""
+    outputs: dict[str, Any] | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    """A decision to hand ``head`` to ``machine_id``, to be made atomic by the claim script."""
+
+    head: QueuedHead
+    target: str
+    machine_id: str
+    user: str
+    slots: int
+    assignment_head: str
 
 
 class RunStore:
@@ -242,6 +277,80 @@ class RunStore:
         result.sort(key=lambda head: (head.score, head.run_id))
         return result
 
+    async def lane_members(self, target: str, per_lane: int) -> dict[str, list[QueuedHead]]:
+        """The first ``per_lane`` runs of every lane of a target (two round trips)."""
+        lanes: list[Any] = await self.redis.zrange(self.names.lanes(target), 0, -1)
+        if not lanes:
+            return {}
+        names = [_text(lane) for lane in lanes]
+        pipe = self.redis.pipeline(transaction=False)
+        for lane in names:
+            pipe.zrange(self.names.lane(target, lane), 0, per_lane - 1, withscores=True)
+        members = await pipe.execute()
+        return {
+            lane: [QueuedHead(_text(m[0]), float(m[1]), lane) for m in rows]
+            for lane, rows in zip(names, members, strict=True)
+            if rows
+        }
+
+    async def claim_many(self, plans: Sequence[ClaimPlan], now: float) -> list[Outcome]:
+        """Run several claims in one round trip (each still atomic on its own)."""
+        return await self._many("claim", [self._claim_call(plan, now) for plan in plans])
+
+    def _claim_call(self, plan: ClaimPlan, now: float) -> tuple[list[str], list[Any]]:
+        names, head, target = self.names, plan.head, plan.target
+        keys = [
+            names.run(head.run_id),
+            names.queue(target),
+            names.lane(target, head.lane),
+            names.lanes(target),
+            names.queue_deadlines,
+            names.targets,
+            names.machine_assigned(plan.machine_id),
+            names.fence,
+            names.outbox,
+        ]
+        args = [
+            head.run_id,
+            plan.machine_id,
+            repr(now),
+            head.mode,
+            plan.user.casefold(),
+            plan.slots,
+            head.lane,
+            target,
+            timeline_entry("dispatched", now, {"machine_id": plan.machine_id}),
+            plan.assignment_head,
+        ]
+        return keys, args
+
+    async def record_reasons(
+        self, target: str, waiting: dict[str, tuple[str, dict[str, str]]], now: float
+    ) -> int:
+        """Store why lane heads cannot be placed (lane -> (head run, reasons)); a change also
+        goes into the head run's timeline. Two round trips whatever the number of lanes."""
+        if not waiting:
+            return 0
+        lanes = list(waiting)
+        previous = await self.redis.hmget(self.names.reasons(target), lanes)
+        pipe = self.redis.pipeline(transaction=False)
+        changed = 0
+        for lane, old in zip(lanes, previous, strict=True):
+            run_id, reasons = waiting[lane]
+            if old is not None and json.loads(old).get("machines") == reasons:
+                continue
+            changed += 1
+            pipe.hset(
+                self.names.reasons(target), lane, fragment({"machines": reasons, "since": now})
+            )
+            self._scripts_note(pipe, run_id, timeline_entry("waiting", now, {"reasons": reasons}))
+        if changed:
+            await pipe.execute()
+        return changed
+
+    def _scripts_note(self, pipe: Any, run_id: str, entry: str) -> None:
+        pipe.eval(_NOTE, 1, self.names.run(run_id), entry)
+
     async def next_in_lane(self, target: str, lane: str) -> QueuedHead | None:
         head: list[Any] = await self.redis.zrange(
             self.names.lane(target, lane), 0, 0, withscores=True
@@ -301,19 +410,66 @@ class RunStore:
         now: float,
     ) -> Outcome:
         """The fenced start: succeeds for the current hand-off only (see start.lua)."""
-        return await self._run_script(
+        keys, args = self._start_call(
+            run_id, fence, run_deadline, machine_id=machine_id, worker_id=worker_id, now=now
+        )
+        return await self._run_script("start", keys, args)
+
+    def _start_call(
+        self,
+        run_id: str,
+        fence: int,
+        run_deadline: float,
+        *,
+        machine_id: str,
+        worker_id: str,
+        now: float,
+    ) -> tuple[list[str], list[Any]]:
+        keys = [self.names.run(run_id), self.names.outbox, self.names.running_deadlines]
+        args = [
+            run_id,
+            machine_id,
+            fence,
+            repr(now),
+            timeline_entry("started", now, {"machine_id": machine_id}),
+            repr(run_deadline),
+            worker_id,
+        ]
+        return keys, args
+
+    async def start_many(
+        self,
+        starts: Sequence[tuple[str, int, float]],
+        *,
+        machine_id: str,
+        worker_id: str,
+        now: float,
+    ) -> list[Outcome]:
+        """Fenced starts of several runs (run id, fence, run deadline) in one round trip."""
+        return await self._many(
             "start",
-            [self.names.run(run_id), self.names.outbox, self.names.running_deadlines],
             [
-                run_id,
-                machine_id,
-                fence,
-                repr(now),
-                timeline_entry("started", now, {"machine_id": machine_id}),
-                repr(run_deadline),
-                worker_id,
+                self._start_call(
+                    run_id, fence, deadline, machine_id=machine_id, worker_id=worker_id, now=now
+                )
+                for run_id, fence, deadline in starts
             ],
         )
+
+    async def _many(
+        self, script: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Outcome]:
+        """Several calls of one script in a pipeline (each atomic on its own)."""
+        if not calls:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            await self._scripts[script](keys=keys, args=args, client=pipe)
+        raw = await pipe.execute(raise_on_error=False)
+        return [
+            Outcome("error", (), (repr(item),)) if isinstance(item, Exception) else _outcome(item)
+            for item in raw
+        ]
 
     async def finish(
         self,
@@ -329,27 +485,34 @@ class RunStore:
         detail: dict[str, Any] | None = None,
     ) -> Outcome:
         """End a dispatched or running run with ``status`` (fence-checked when given)."""
-        return await self._run_script(
-            "finish",
-            [
-                self.names.run(run_id),
-                self.names.outbox,
-                self.names.machine_assigned(machine_id),
-                self.names.running_deadlines,
-                self.names.finished(status),
-            ],
-            [
-                run_id,
-                "" if fence is None else fence,
-                " ".join(fragment(s.value) for s in allowed),
-                status.value,
-                error,
-                "" if outputs is None else fragment(outputs),
-                repr(now),
-                timeline_entry(status.value, now, detail),
-                self.retention_s,
-            ],
-        )
+        ending = Ending(run_id, machine_id, fence, tuple(allowed), status, error, outputs, detail)
+        keys, args = self._finish_call(ending, now)
+        return await self._run_script("finish", keys, args)
+
+    async def finish_many(self, endings: Sequence[Ending], now: float) -> list[Outcome]:
+        """Several ends in one round trip."""
+        return await self._many("finish", [self._finish_call(e, now) for e in endings])
+
+    def _finish_call(self, ending: Ending, now: float) -> tuple[list[str], list[Any]]:
+        keys = [
+            self.names.run(ending.run_id),
+            self.names.outbox,
+            self.names.machine_assigned(ending.machine_id),
+            self.names.running_deadlines,
+            self.names.finished(ending.status),
+        ]
+        args = [
+            ending.run_id,
+            "" if ending.fence is None else ending.fence,
+            " ".join(fragment(s.value) for s in ending.allowed),
+            ending.status.value,
+            ending.error,
+            "" if ending.outputs is None else fragment(ending.outputs),
+            repr(now),
+            timeline_entry(ending.status.value, now, ending.detail),
+            self.retention_s,
+        ]
+        return keys, args
 
     async def unqueue(
         self,
@@ -512,16 +675,7 @@ class RunStore:
 
     async def note(self, run_id: str, event: str, now: float, detail: dict[str, Any]) -> None:
         """Append an event to a run's timeline (queue events such as changed reasons)."""
-        await self.redis.eval(
-            "local tl = redis.call('HGET', KEYS[1], 'tl') "
-            "if not tl then return 0 end "
-            "if tl == '[]' then tl = '[' .. ARGV[1] .. ']' "
-            "else tl = string.sub(tl, 1, -2) .. ',' .. ARGV[1] .. ']' end "
-            "redis.call('HSET', KEYS[1], 'tl', tl) return 1",
-            1,
-            self.names.run(run_id),
-            timeline_entry(event, now, detail),
-        )
+        await self.redis.eval(_NOTE, 1, self.names.run(run_id), timeline_entry(event, now, detail))
 
     # ---- outbox -------------------------------------------------------------------------------
     async def outbox_done(self, ids: Sequence[str]) -> None:
@@ -605,6 +759,7 @@ class MachineStore:
                         AssignedRun.decode(_text(k), _text(v)) for k, v in assigned.items()
                     ),
                     has_public_key=bool(heartbeat and heartbeat.public_key),
+                    public_key=heartbeat.public_key if heartbeat else None,
                 )
             )
         return views
