@@ -51,10 +51,11 @@ class RunFailure(PermanentError):
 class RetryableRunError(TransientError):
     """A step of a run failed for now (vault or identity provider busy): retry within deadline."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(PermanentError):

@@ -23,8 +23,8 @@ from dispatcher.adapters.fleet_store import FleetStore
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import (
     ClaimPlan,
-    OutboxMessage,
     MachineStore,
+    OutboxMessage,
     Outcome,
     QueuedHead,
     RunStore,
@@ -219,7 +219,7 @@ class Placer:
                     plan.head.run_id,
                     {plan.view.machine_id: f"{secret.code.value} (retrying)"},
                 )
-                self.request_later(target, RETRY_AFTER_S)
+                self.request_later(target, max(RETRY_AFTER_S, secret.retry_after_s or 0.0))
                 continue
             if isinstance(secret, BaseException):
                 log.error("preparing the hand-off of run %s failed: %r", plan.head.run_id, secret)

@@ -55,5 +55,5 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
             reporter_task.cancel()
         await dispatcher.stop()
         for close in closers:
-            close()
+            await close()
     return 0

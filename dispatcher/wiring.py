@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -19,36 +19,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+B = TypeVar("B")
+
 QUEUE_STATE_INTERVAL_S = 2.0
 
 
 def identity_sources(
-    settings: Settings, rt: Runtime, metrics: MetricsHooks | None = None
-) -> tuple[TokenSource | None, PasswordSource | None, list[Callable[[], None]]]:
-    """The token broker and credential resolver, when secret keys are configured."""
+    settings: Settings, rt: Runtime, metrics: MetricsHooks
+) -> tuple[TokenSource | None, PasswordSource | None, list[Callable[[], Awaitable[None]]]]:
+    """The token broker (when a client is configured) and the credential resolver."""
     if not settings.secret_keys.get_secret_value():
         log.warning("RUNDISPATCH_SECRET_KEYS is not set: runs cannot receive secrets")
         return None, None, []
+    from dispatcher.adapters.identity.credentials import CredentialResolver
+    from dispatcher.adapters.identity.token_broker import TokenBroker
     from dispatcher.crypto import SecretBox
 
     box = SecretBox.from_settings(settings)
-    try:
-        from dispatcher.adapters.identity.credentials import CredentialResolver
-        from dispatcher.adapters.identity.token_broker import TokenBroker
-    except ImportError:
-
-        class _Stored:
-            async def password(self, connection):  # type: ignore[no-untyped-def]
-                return box.open(connection.password_sealed or "", connection.connection_id).decode()
-
-        return None, _Stored(), []
-    tokens = TokenBroker(settings, rt.redis, rt.names, box) if settings.client_id else None
     passwords = CredentialResolver(settings, box)
-    closers: list[Callable[[], None]] = []
-    for source in (tokens, passwords):
-        close = getattr(source, "close", None)
-        if callable(close):
-            closers.append(close)
+    closers: list[Callable[[], Awaitable[None]]] = [passwords.aclose]
+    tokens = None
+    if settings.client_id:
+        tokens = TokenBroker(settings, rt.redis, rt.names, box, on_refresh=metrics.token_refresh)
+        closers.append(tokens.aclose)
+    else:
+        log.info("RUNDISPATCH_CLIENT_ID is not set: sign-in connections cannot get tokens")
     return tokens, passwords, closers
 
 
