@@ -1,8 +1,10 @@
-"""Time-driven chores, each done by one replica at a time (a short lease in Redis):
+"""Time-driven chores, each done by one replica at a time (a short lease in Redis), except
+queue deadlines, which every replica enforces:
 
 * queue deadlines: a run still queued at its deadline ends ``timed_out`` / NoCandidateMachine,
-  with the last per-machine reasons; deadlines live in Redis, so any replica enforces them,
-  also after a restart;
+  with the last per-machine reasons; deadlines live in Redis and the time-out is one atomic
+  script, so every live replica enforces them, also right after a restart (no waiting for a
+  dead replica's lease to lapse);
 * machine liveness: a machine without heartbeats is offline; its runs that never started go
   back to the queue at their old position; its running runs fail after a grace period;
 * overdue runs: a run still running long past its time limit (its worker is gone) fails;
@@ -60,6 +62,8 @@ class Sweeper:
             try:
                 if await self.leases.hold("sweeper", ttl_s=max(1.5, 3 * interval)):
                     await self.sweep_once()
+                else:
+                    await self.expire_deadlines(self.clock())
             except Exception:
                 log.exception("sweep failed; trying again")
             await asyncio.sleep(interval)
