@@ -15,10 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-import redis.asyncio as aioredis
-
-from dispatcher.names import Names
+from dispatcher.adapters.runtime import purge_namespace
 from dispatcher.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,56 +58,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def cleanup(settings: Settings, machine_ids: list[str] = ()) -> None:  # type: ignore[assignment]
+async def cleanup(settings: Settings, machine_ids: list[str] | None = None) -> None:
     """Delete every Redis key and AMQP entity of the namespace."""
-    names = Names(settings.namespace)
-    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
-    try:
-        batch: list[bytes] = []
-        async for key in redis.scan_iter(match=names.pattern(), count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                await redis.delete(*batch)
-                batch = []
-        if batch:
-            await redis.delete(*batch)
-    finally:
-        await redis.aclose()
-    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
-    try:
-        queues = [
-            names.requests_queue,
-            names.dead_queue,
-            names.heartbeats_queue,
-            names.signals_queue,
-            *(names.machine_queue(m) for m in machine_ids),
-        ]
-        for queue in queues:
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(queue)
-            except Exception:
-                pass
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-        for exchange in (
-            names.requests_exchange,
-            names.events_exchange,
-            names.dead_exchange,
-            names.machines_exchange,
-            names.heartbeats_exchange,
-        ):
-            channel = await connection.channel()
-            try:
-                await channel.exchange_delete(exchange)
-            except Exception:
-                pass
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-    finally:
-        await connection.close()
+    await purge_namespace(settings, list(machine_ids or []))
 
 
 def fleet_document(

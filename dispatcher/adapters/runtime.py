@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aio_pika
 import redis.asyncio as aioredis
 
 from dispatcher.adapters.amqp import Amqp
@@ -67,3 +68,47 @@ async def runtime(settings: Settings, *, amqp: bool = True) -> AsyncIterator[Run
     finally:
         await broker.close()
         await redis.aclose()
+
+
+async def purge_namespace(settings: Settings, machine_ids: list[str]) -> int:
+    """Delete every Redis key and AMQP queue and exchange of the namespace (demos, tests,
+    benchmarks). Returns how many Redis keys were deleted."""
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        async for key in redis.scan_iter(match=names.pattern(), count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += await redis.delete(*batch)
+                batch = []
+        if batch:
+            deleted += await redis.delete(*batch)
+    finally:
+        await redis.aclose()
+    queues = [
+        names.requests_queue,
+        names.dead_queue,
+        names.heartbeats_queue,
+        names.signals_queue,
+        *(names.machine_queue(m) for m in machine_ids),
+    ]
+    exchanges = [
+        names.requests_exchange,
+        names.events_exchange,
+        names.dead_exchange,
+        names.machines_exchange,
+        names.heartbeats_exchange,
+    ]
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        for queue in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        for exchange in exchanges:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)
+    return deleted
