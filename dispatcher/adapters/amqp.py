@@ -22,6 +22,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import PublishError
 
 from dispatcher.adapters.redis_store import OutboxMessage
 from dispatcher.names import Names
@@ -163,21 +164,26 @@ class Amqp:
         await asyncio.gather(*(self._publish_one(m) for m in messages))
 
     async def _publish_one(self, message: OutboxMessage) -> None:
-        if message.kind == "event":
-            exchange, mandatory = self.exchange("events"), False
-        else:
-            exchange, mandatory = self.exchange("machines"), True
-        await exchange.publish(
-            aio_pika.Message(
-                message.body,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                type=message.kind,
-                message_id=message.id,
-            ),
-            routing_key=message.routing_key,
-            mandatory=mandatory,
+        """Publish with a confirm and ``mandatory``. A returned event only means nobody
+        subscribes to that status (legitimate); a returned assignment means the machine's
+        queue is missing: declare it and publish again."""
+        is_event = message.kind == "event"
+        exchange = self.exchange("events" if is_event else "machines")
+        amqp_message = aio_pika.Message(
+            message.body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            type=message.kind,
+            message_id=message.id,
         )
+        try:
+            await exchange.publish(amqp_message, routing_key=message.routing_key, mandatory=True)
+        except PublishError:  # basic.return: RabbitMQ could not route it
+            if is_event:
+                return
+            self._machine_queues.discard(message.routing_key)
+            await self.ensure_machine_queue(message.routing_key)
+            await exchange.publish(amqp_message, routing_key=message.routing_key, mandatory=True)
 
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
