@@ -134,10 +134,11 @@ class Placer:
             )
         }
         plans, waiting, again = self._decide(fleet, target, lanes, views, now)
-        placed, lost_races = await self._claim(target, plans, waiting, now)
+        placed, lost_races, failed = await self._claim(target, plans, waiting, now)
         await self.runs.record_reasons(target, waiting, now)
         self.metrics.decision_latency(time.perf_counter() - started)
-        if again or lost_races:
+        # A run failed at hand-off left its lane: the run behind it is the new head.
+        if again or lost_races or failed:
             self.request(target)
         return placed
 
@@ -194,13 +195,14 @@ class Placer:
         plans: list[Planned],
         waiting: dict[str, tuple[str, dict[str, str]]],
         now: float,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """Fetch and seal the secrets, claim in one round trip, publish in one window.
 
-        Returns how many runs were placed and how many claims lost a race.
+        Returns how many runs were placed, how many claims lost a race, and how many runs
+        failed at hand-off.
         """
         if not plans:
-            return 0, 0
+            return 0, 0, 0
         secrets = await asyncio.gather(
             *(
                 self.handoff.sealed_secret(p.connection, p.head.run_id, p.view.public_key or "")
@@ -210,9 +212,11 @@ class Placer:
         )
         claims: list[ClaimPlan] = []
         claimed: list[Planned] = []
+        failed = 0
         for plan, secret in zip(plans, secrets, strict=True):
             if isinstance(secret, RunFailure):
                 await self._fail_queued(plan.head, secret, now)
+                failed += 1
                 continue
             if isinstance(secret, RetryableRunError):
                 waiting[plan.head.lane] = (
@@ -251,7 +255,7 @@ class Placer:
             elif outcome.result == "error":
                 log.warning("claim of run %s failed: %s", plan.head.run_id, outcome.extra)
         await self.publisher.send(messages)
-        return placed, lost
+        return placed, lost, failed
 
     def _assignment_head(self, plan: Planned, sealed: str) -> str:
         return ",".join(
