@@ -291,6 +291,9 @@ class QueueStateSnapshot:
     oldest_sign_in_enqueued_at: Mapping[str, float] = field(default_factory=dict)  # target
     machines: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (group, state)
     slots: Mapping[str, SlotCounts] = field(default_factory=dict)  # group
+    # (target, connection kind, mode) of every run the fleet's connections can queue: their
+    # time-out counters are exported at 0 by every replica (see set_queue_state).
+    run_labels: frozenset[tuple[str, str, str]] = frozenset()
 
 
 def _family(spec: MetricSpec, values: Mapping[tuple[str, ...], float]) -> GaugeMetricFamily:
@@ -467,7 +470,15 @@ class DispatcherMetrics:
         self._up.set(1 if up else 0)
 
     def set_queue_state(self, snapshot: QueueStateSnapshot) -> None:
-        """Replace every queue and machine gauge with the snapshot's values, at once."""
+        """Replace every queue and machine gauge with the snapshot's values, at once.
+
+        Also exports ``rundispatch_runs_timed_out_total`` at 0 for each of the snapshot's
+        ``run_labels``: the replica that counts a time-out (the one consuming its event) is not
+        always the one that admitted the run, and ``increase()`` cannot see a counter born at 1,
+        so without this the time-out alert would miss the first time-out a replica counts.
+        """
+        for target, kind, mode in snapshot.run_labels:
+            self._timed_out.labels(*_run_labels(target, kind, mode))
         self._queue_state.replace(snapshot)
 
 

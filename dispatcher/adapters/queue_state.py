@@ -12,7 +12,7 @@ from dispatcher.adapters.fleet_store import FleetStore
 from dispatcher.adapters.redis_store import MachineStore, RunStore
 from dispatcher.core.selection import slots_of
 from dispatcher.metrics import QueueStateSnapshot, QueueStats, SlotCounts
-from dispatcher.models import ConnectionKind
+from dispatcher.models import ConnectionKind, Mode
 
 NO_GROUP = "none"
 
@@ -88,6 +88,13 @@ async def queue_state(
         else:
             busy[group] += 0
             free[group] += 0
+    run_labels = frozenset(
+        (connection.target.key, connection.kind.value, mode.value)
+        for connection in fleet.connections.values()
+        for mode in Mode
+        # Admission rejects unattended sign-in runs: they never queue, so never time out.
+        if not (connection.kind is ConnectionKind.sign_in and mode is Mode.unattended)
+    )
     return QueueStateSnapshot(
         now=now,
         queues=queues,
@@ -95,4 +102,5 @@ async def queue_state(
         oldest_sign_in_enqueued_at=sign_in_oldest,
         machines=dict(machine_counts),
         slots={group: SlotCounts(busy[group], free[group]) for group in busy},
+        run_labels=run_labels,
     )
