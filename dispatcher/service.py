@@ -196,7 +196,12 @@ class Dispatcher:
                 request, decision.code, decision.message, now, extra_fields=extra
             )
             if outcome.result == "rejected":
-                self.metrics.run_rejected(target, kind, request.mode.value, decision.code.value)
+                self.metrics.run_rejected(
+                    connection.target.key if connection else None,  # unknown: label "none"
+                    connection.kind.value if connection else None,
+                    request.mode.value,
+                    decision.code.value,
+                )
             return None, outcome.messages
         connection = decision.connection
         refresh_expiry = None
