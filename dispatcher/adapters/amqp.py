@@ -234,7 +234,10 @@ class Amqp:
         channel = await self.connection.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=prefetch or self.prefetch)
         self._consumer_channels.append(channel)
-        queue = await channel.get_queue(queue_name, ensure=False)
+        # Declared (passively), not just looked up: a robust channel re-creates only the
+        # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave this
+        # consumer dead after a reconnection.
+        queue = await channel.declare_queue(queue_name, passive=True)
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(inbox.put, no_ack=False, arguments=arguments)
 
