@@ -261,22 +261,6 @@ class RunStore:
         )
 
     # ---- placement ----------------------------------------------------------------------------
-    async def lane_heads(self, target: str) -> list[QueuedHead]:
-        """The head run of every lane of a target, in queue order."""
-        lanes: list[Any] = await self.redis.zrange(self.names.lanes(target), 0, -1, withscores=True)
-        if not lanes:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for lane, _score in lanes:
-            pipe.zrange(self.names.lane(target, _text(lane)), 0, 0, withscores=True)
-        heads = await pipe.execute()
-        result = []
-        for (lane, _), head in zip(lanes, heads, strict=True):
-            if head:
-                result.append(QueuedHead(_text(head[0][0]), float(head[0][1]), _text(lane)))
-        result.sort(key=lambda head: (head.score, head.run_id))
-        return result
-
     async def lane_members(self, target: str, per_lane: int) -> dict[str, list[QueuedHead]]:
         """The first ``per_lane`` runs of every lane of a target (two round trips)."""
         lanes: list[Any] = await self.redis.zrange(self.names.lanes(target), 0, -1)
@@ -350,14 +334,6 @@ class RunStore:
 
     def _scripts_note(self, pipe: Any, run_id: str, entry: str) -> None:
         pipe.eval(_NOTE, 1, self.names.run(run_id), entry)
-
-    async def next_in_lane(self, target: str, lane: str) -> QueuedHead | None:
-        head: list[Any] = await self.redis.zrange(
-            self.names.lane(target, lane), 0, 0, withscores=True
-        )
-        if not head:
-            return None
-        return QueuedHead(_text(head[0][0]), float(head[0][1]), lane)
 
     async def claim(
         self,
@@ -634,9 +610,6 @@ class RunStore:
         )
         return [(_text(row[0]), float(row[1])) for row in rows]
 
-    async def queue_length(self, target: str) -> int:
-        return int(await self.redis.zcard(self.names.queue(target)))
-
     async def targets(self) -> list[str]:
         return sorted(_text(t) for t in await self.redis.smembers(self.names.targets))
 
@@ -660,18 +633,6 @@ class RunStore:
     async def lane_reasons(self, target: str, lane: str) -> dict[str, Any] | None:
         raw = await self.redis.hget(self.names.reasons(target), lane)
         return json.loads(raw) if raw else None
-
-    async def set_lane_reasons(
-        self, target: str, lane: str, reasons: dict[str, str], now: float
-    ) -> bool:
-        """Store why a lane's head cannot be placed; True when the reasons changed."""
-        key = self.names.reasons(target)
-        old = await self.redis.hget(key, lane)
-        previous = json.loads(old) if old else None
-        if previous is not None and previous.get("machines") == reasons:
-            return False
-        await self.redis.hset(key, lane, fragment({"machines": reasons, "since": now}))
-        return True
 
     async def note(self, run_id: str, event: str, now: float, detail: dict[str, Any]) -> None:
         """Append an event to a run's timeline (queue events such as changed reasons)."""
@@ -763,14 +724,6 @@ class MachineStore:
                 )
             )
         return views
-
-    async def public_key(self, machine_id: str) -> str | None:
-        live = await self.redis.get(self.names.machine_live(machine_id))
-        return Heartbeat.model_validate_json(live).public_key if live else None
-
-    async def heartbeat(self, machine_id: str) -> Heartbeat | None:
-        live = await self.redis.get(self.names.machine_live(machine_id))
-        return Heartbeat.model_validate_json(live) if live else None
 
     async def stale(self, now: float, offline_after_s: float) -> list[str]:
         """Machines whose last heartbeat is older than ``offline_after_s``."""
