@@ -18,7 +18,14 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
-from dispatcher.adapters.amqp import TERMINAL_EVENT_KEYS, Ack, Amqp, DeadLetter, Retry, Verdict
+from dispatcher.adapters.amqp import (
+    TERMINAL_EVENT_KEYS,
+    Ack,
+    Amqp,
+    DeadLetter,
+    Verdict,
+    retry_for,
+)
 from dispatcher.adapters.fleet_store import FleetStore
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import (
@@ -157,14 +164,14 @@ class Dispatcher:
         except Exception as exc:  # the store is unavailable: every message goes back
             log.warning("store unavailable, %d requests go back to the queue: %s", len(work), exc)
             for index, _ in work:
-                verdicts[index] = Retry(str(exc))
+                verdicts[index] = retry_for(exc)
             return verdicts
         messages: list[OutboxMessage] = []
         targets: set[str] = set()
         for (index, _), result in zip(work, results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("request could not be recorded, retrying: %r", result)
-                verdicts[index] = Retry(repr(result))
+                verdicts[index] = retry_for(result)
                 continue
             target, recorded = result
             messages.extend(recorded)

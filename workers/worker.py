@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Retry, Verdict
+from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Retry, Verdict, retry_for
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis_store import (
     Ending,
-    Outcome,
     OutboxMessage,
+    Outcome,
     RunStore,
     error_fragment,
 )
@@ -206,7 +206,7 @@ class MachineWorker:
         except Exception as exc:  # the store is unreachable: RabbitMQ keeps the assignments
             log.warning("could not start %d runs yet: %s", len(pending), exc)
             for index, _ in pending:
-                verdicts[index] = Retry(str(exc))
+                verdicts[index] = retry_for(exc)
             return
         started: list[Assignment] = []
         messages: list[OutboxMessage] = []

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
+import redis.exceptions
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -30,6 +32,16 @@ from dispatcher.names import Names
 log = logging.getLogger(__name__)
 
 DELIVERY_LIMIT = 5
+# How long a consumer keeps retrying a batch whose handler hit a transient failure (Redis
+# down or restarting) before it hands the messages back (well under the consumer timeout).
+HOLD_S = 60.0
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
 TERMINAL_EVENT_KEYS = ("run.succeeded", "run.failed", "run.cancelled", "run.timed_out")
 REASON_HEADER = "x-rundispatch-reason"
 
@@ -49,9 +61,19 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """A transient failure: give the message back to RabbitMQ for another try."""
+    """A transient failure: give the message back to RabbitMQ for another try.
+
+    ``outage``: the store (or broker) could not be reached. The consumer then keeps the
+    delivery and tries again itself for a while (see ``Amqp._decide``).
+    """
 
     error: str
+    outage: bool = False
+
+
+def retry_for(exc: BaseException) -> Retry:
+    """The verdict for a message whose handling raised ``exc``."""
+    return Retry(repr(exc), outage=isinstance(exc, TRANSIENT_ERRORS))
 
 
 Verdict = Ack | DeadLetter | Retry
@@ -247,14 +269,49 @@ class Amqp:
                 batch = [first]
                 while len(batch) < batch_size and not inbox.empty():
                     batch.append(inbox.get_nowait())
-                try:
-                    verdicts = await handler(batch)
-                except Exception:
-                    log.exception("batch of %d failed; messages go back to the queue", len(batch))
-                    verdicts = [Retry("handler crashed")] * len(batch)
+                verdicts = await self._decide(handler, batch)
                 await self._settle(batch, verdicts)
 
         return asyncio.create_task(loop(), name=f"consume:{queue_name}")
+
+    async def _decide(
+        self, handler: BatchHandler, batch: Sequence[AbstractIncomingMessage]
+    ) -> list[Verdict]:
+        """The handler's verdicts, retrying transient failures here while holding the deliveries.
+
+        Handing a message back to a quorum queue counts as a delivery: a store outage of a few
+        seconds would otherwise use up its delivery limit and dead-letter a valid request or
+        assignment. So a batch (or the part of it) that failed because the store could not be
+        reached is handled again here, with backoff, for up to ``HOLD_S``; any other failure
+        (a crash, a permanent error) goes back to RabbitMQ at once, as before.
+        """
+        verdicts: list[Verdict] = [Retry("not handled")] * len(batch)
+        todo = list(range(len(batch)))
+        deadline = time.monotonic() + HOLD_S
+        delay = 0.25
+        while True:
+            subset = [batch[index] for index in todo]
+            try:
+                decided = await handler(subset)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("store or broker unavailable, holding %d messages: %s", len(todo), exc)
+                decided = [retry_for(exc)] * len(subset)
+            except Exception:
+                log.exception("batch of %d failed; messages go back to the queue", len(subset))
+                for index in todo:
+                    verdicts[index] = Retry("handler crashed")
+                return verdicts
+            for index, verdict in zip(todo, decided, strict=True):
+                verdicts[index] = verdict
+            todo = [
+                index
+                for index in todo
+                if isinstance(verdict := verdicts[index], Retry) and verdict.outage
+            ]
+            if not todo or time.monotonic() + delay > deadline:
+                return verdicts
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _settle(
         self, batch: Sequence[AbstractIncomingMessage], verdicts: Sequence[Verdict]
