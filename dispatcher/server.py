@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 
-from dispatcher.adapters.runtime import runtime
+from dispatcher.adapters.runtime import STARTUP_WAIT_S, runtime
 from dispatcher.crypto import seal_to
 from dispatcher.handoff import Handoff
 from dispatcher.service import Dispatcher
@@ -24,7 +24,7 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with runtime(settings) as rt:
+    async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
         metrics, exporter, reporter = metrics_for(settings, rt, metrics_port)
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
         handoff = Handoff(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher.adapters.runtime import runtime
+from dispatcher.adapters.runtime import STARTUP_WAIT_S, runtime
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.logs import configure
 from dispatcher.settings import Settings
@@ -90,7 +90,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         from workers.telemetry import start_metrics
 
         metrics = start_metrics(settings, args.metrics_port, args.executor)
-    async with runtime(settings) as rt:
+    async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
         worker = MachineWorker(
             settings=settings,
             machine_id=args.machine_id,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aio_pika
 import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from dispatcher.adapters.amqp import Amqp
 from dispatcher.adapters.fleet_store import FleetStore
@@ -46,16 +49,50 @@ def make_redis(settings: Settings) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+# A service (dispatcher, worker) starting while Redis or RabbitMQ restarts waits this long.
+STARTUP_WAIT_S = 120.0
+UNREACHABLE = (
+    OSError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    aio_pika.exceptions.AMQPConnectionError,
+)
+
+
+async def _connect(redis: aioredis.Redis, broker: Amqp | None, wait_s: float) -> None:
+    """Reach Redis (and RabbitMQ); keep trying for ``wait_s`` seconds before giving up."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.2
+    while True:
+        try:
+            await redis.ping()
+            if broker is not None:
+                await broker.connect()
+            return
+        except UNREACHABLE as exc:
+            if broker is not None:
+                await broker.close()
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("cannot reach Redis or RabbitMQ yet, retrying in %.1f s: %s", delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 @contextlib.asynccontextmanager
-async def runtime(settings: Settings, *, amqp: bool = True) -> AsyncIterator[Runtime]:
-    """Connect to Redis (and RabbitMQ unless ``amqp`` is False); close both on exit."""
+async def runtime(
+    settings: Settings, *, amqp: bool = True, wait_s: float = 0.0
+) -> AsyncIterator[Runtime]:
+    """Connect to Redis (and RabbitMQ unless ``amqp`` is False); close both on exit.
+
+    ``wait_s``: how long to keep trying while they cannot be reached (a service starting
+    during a Redis restart waits for it; a CLI command fails at once).
+    """
     names = Names(settings.namespace)
     redis = make_redis(settings)
     broker = Amqp(settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch)
     try:
-        await redis.ping()
-        if amqp:
-            await broker.connect()
+        await _connect(redis, broker if amqp else None, wait_s)
         yield Runtime(
             settings=settings,
             names=names,
