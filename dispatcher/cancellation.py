@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 
 from dispatcher.adapters.outbox import OutboxPublisher
-from dispatcher.adapters.redis_store import OutboxMessage, RunStore, error_fragment
+from dispatcher.adapters.records import OutboxMessage, error_fragment
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.codes import ErrorCode
 from dispatcher.errors import NotFound
 from dispatcher.models import Run, RunStatus

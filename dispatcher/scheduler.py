@@ -20,17 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.adapters.fleet_store import FleetStore
+from dispatcher.adapters.machine_store import MachineStore
 from dispatcher.adapters.outbox import OutboxPublisher
-from dispatcher.adapters.redis_store import (
+from dispatcher.adapters.records import (
     ClaimPlan,
-    MachineStore,
     OutboxMessage,
     Outcome,
     QueuedHead,
-    RunStore,
     error_fragment,
     fragment,
 )
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.selection import Selection, select_machine, slots_of

@@ -27,13 +27,10 @@ from dispatcher.adapters.amqp import (
     retry_for,
 )
 from dispatcher.adapters.fleet_store import FleetStore
+from dispatcher.adapters.machine_store import Leases, MachineStore
 from dispatcher.adapters.outbox import OutboxPublisher
-from dispatcher.adapters.redis_store import (
-    Leases,
-    MachineStore,
-    OutboxMessage,
-    RunStore,
-)
+from dispatcher.adapters.records import OutboxMessage
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.cancellation import Canceller
 from dispatcher.codes import ErrorCode
 from dispatcher.core.admission import Rejection, admit

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 
 from dispatcher.adapters.fleet_store import FleetStore
+from dispatcher.adapters.machine_store import Leases, MachineStore
 from dispatcher.adapters.outbox import OutboxPublisher
-from dispatcher.adapters.redis_store import Leases, MachineStore, RunStore, error_fragment
+from dispatcher.adapters.records import error_fragment
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.codes import ErrorCode
 from dispatcher.core.ordering import lane_of
 from dispatcher.metrics_hooks import MetricsHooks

@@ -24,13 +24,8 @@ from pydantic import ValidationError
 
 from dispatcher.adapters.amqp import Ack, Amqp, DeadLetter, Retry, Verdict, retry_for
 from dispatcher.adapters.outbox import OutboxPublisher
-from dispatcher.adapters.redis_store import (
-    Ending,
-    OutboxMessage,
-    Outcome,
-    RunStore,
-    error_fragment,
-)
+from dispatcher.adapters.records import Ending, OutboxMessage, Outcome, error_fragment
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.metrics import WorkerMetrics

@@ -26,7 +26,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import PublishError
 
-from dispatcher.adapters.redis_store import OutboxMessage
+from dispatcher.adapters.records import OutboxMessage
 from dispatcher.names import Names
 
 log = logging.getLogger(__name__)

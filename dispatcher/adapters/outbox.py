@@ -12,7 +12,8 @@ import logging
 from collections.abc import Sequence
 
 from dispatcher.adapters.amqp import Amqp
-from dispatcher.adapters.redis_store import OutboxMessage, RunStore
+from dispatcher.adapters.records import OutboxMessage
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,8 @@ from collections import Counter
 from typing import Any
 
 from dispatcher.adapters.fleet_store import FleetStore
-from dispatcher.adapters.redis_store import MachineStore, RunStore
+from dispatcher.adapters.machine_store import MachineStore
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.core.selection import slots_of
 from dispatcher.metrics import QueueStateSnapshot, QueueStats, SlotCounts
 from dispatcher.models import ConnectionKind, Mode

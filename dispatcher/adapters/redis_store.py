@@ -11,145 +11,29 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from dispatcher.adapters.records import (
+    NOTE_SCRIPT,
+    ClaimPlan,
+    Ending,
+    OutboxMessage,
+    Outcome,
+    QueuedHead,
+    error_fragment,
+    fragment,
+    load_scripts,
+    outcome_of,
+    parse_run,
+    text,
+    timeline_entry,
+)
 from dispatcher.codes import ErrorCode
 from dispatcher.core.ordering import lane_of
-from dispatcher.models import (
-    AssignedRun,
-    Heartbeat,
-    Machine,
-    MachineView,
-    Priority,
-    Run,
-    RunRequest,
-    RunStatus,
-)
+from dispatcher.models import Priority, Run, RunRequest, RunStatus
 from dispatcher.names import Names
-
-_SCRIPTS = ("admit", "reject", "claim", "start", "finish", "unqueue", "requeue", "reorder")
-
-
-def fragment(value: Any) -> str:
-    """A value as the JSON fragment stored in a run hash field."""
-    return json.dumps(value, separators=(",", ":"))
-
-
-def timeline_entry(event: str, at: float, detail: dict[str, Any] | None = None) -> str:
-    entry: dict[str, Any] = {"at": at, "event": event}
-    if detail:
-        entry["detail"] = detail
-    return fragment(entry)
-
-
-def error_fragment(code: ErrorCode, message: str, detail: dict[str, Any] | None = None) -> str:
-    error: dict[str, Any] = {"code": code.value, "message": message}
-    if detail is not None:
-        error["detail"] = detail
-    return fragment(error)
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxMessage:
-    """A message recorded with a state change, to publish and then delete from the outbox."""
-
-    id: str
-    kind: str  # "event" | "assign" | "cancel"
-    routing_key: str
-    body: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a script did: ``result`` (ok, duplicate, conflict ...) and messages to publish."""
-
-    result: str
-    messages: tuple[OutboxMessage, ...] = ()
-    extra: tuple[Any, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return self.result == "ok"
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _outcome(raw: Sequence[Any]) -> Outcome:
-    result = _text(raw[0])
-    messages: list[OutboxMessage] = []
-    extra: list[Any] = []
-    for item in raw[1:]:
-        if isinstance(item, list) and len(item) == 4:
-            body = item[3] if isinstance(item[3], bytes) else str(item[3]).encode()
-            messages.append(OutboxMessage(_text(item[0]), _text(item[1]), _text(item[2]), body))
-        else:
-            extra.append(_text(item) if isinstance(item, bytes) else item)
-    return Outcome(result, tuple(messages), tuple(extra))
-
-
-def load_scripts() -> dict[str, str]:
-    """The Lua sources, each prefixed with the shared helpers."""
-    package = resources.files("dispatcher.adapters") / "lua"
-    common = (package / "common.lua").read_text()
-    return {name: common + "\n" + (package / f"{name}.lua").read_text() for name in _SCRIPTS}
-
-
-_NOTE = (
-    "local tl = redis.call('HGET', KEYS[1], 'tl') "
-    "if not tl then return 0 end "
-    "if tl == '[]' then tl = '[' .. ARGV[1] .. ']' "
-    "else tl = string.sub(tl, 1, -2) .. ',' .. ARGV[1] .. ']' end "
-    "redis.call('HSET', KEYS[1], 'tl', tl) return 1"
-)
-
-
-@dataclass(frozen=True)
-class QueuedHead:
-    """The first run of a lane: what placement looks at."""
-
-    run_id: str
-    score: float
-    lane: str
-
-    @property
-    def connection_id(self) -> str:
-        return self.lane.split("|", 2)[0]
-
-    @property
-    def mode(self) -> str:
-        return self.lane.split("|", 2)[1]
-
-
-@dataclass(frozen=True)
-class Ending:
-    """How a dispatched or running run ends (see finish.lua)."""
-
-    run_id: str
-    machine_id: str
-    fence: int | None
-    allowed: tuple[RunStatus, ...]
-    status: RunStatus
-    error: str = ""
-    outputs: dict[str, Any] | None = None
-    detail: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ClaimPlan:
-    """A decision to hand ``head`` to ``machine_id``, to be made atomic by the claim script."""
-
-    head: QueuedHead
-    target: str
-    machine_id: str
-    user: str
-    slots: int
-    assignment_head: str
 
 
 class RunStore:
@@ -165,7 +49,7 @@ class RunStore:
 
     async def _run_script(self, name: str, keys: list[str], args: list[Any]) -> Outcome:
         raw = await self._scripts[name](keys=keys, args=args)
-        return _outcome(raw)
+        return outcome_of(raw)
 
     # ---- admission ----------------------------------------------------------------------------
     @staticmethod
@@ -266,13 +150,13 @@ class RunStore:
         lanes: list[Any] = await self.redis.zrange(self.names.lanes(target), 0, -1)
         if not lanes:
             return {}
-        names = [_text(lane) for lane in lanes]
+        names = [text(lane) for lane in lanes]
         pipe = self.redis.pipeline(transaction=False)
         for lane in names:
             pipe.zrange(self.names.lane(target, lane), 0, per_lane - 1, withscores=True)
         members = await pipe.execute()
         return {
-            lane: [QueuedHead(_text(m[0]), float(m[1]), lane) for m in rows]
+            lane: [QueuedHead(text(m[0]), float(m[1]), lane) for m in rows]
             for lane, rows in zip(names, members, strict=True)
             if rows
         }
@@ -333,7 +217,7 @@ class RunStore:
         return changed
 
     def _scripts_note(self, pipe: Any, run_id: str, entry: str) -> None:
-        pipe.eval(_NOTE, 1, self.names.run(run_id), entry)
+        pipe.eval(NOTE_SCRIPT, 1, self.names.run(run_id), entry)
 
     async def claim(
         self,
@@ -443,7 +327,7 @@ class RunStore:
             await self._scripts[script](keys=keys, args=args, client=pipe)
         raw = await pipe.execute(raise_on_error=False)
         return [
-            Outcome("error", (), (repr(item),)) if isinstance(item, Exception) else _outcome(item)
+            Outcome("error", (), (repr(item),)) if isinstance(item, Exception) else outcome_of(item)
             for item in raw
         ]
 
@@ -608,26 +492,26 @@ class RunStore:
         rows: list[Any] = await self.redis.zrange(
             self.names.queue(target), start, stop, withscores=True
         )
-        return [(_text(row[0]), float(row[1])) for row in rows]
+        return [(text(row[0]), float(row[1])) for row in rows]
 
     async def targets(self) -> list[str]:
-        return sorted(_text(t) for t in await self.redis.smembers(self.names.targets))
+        return sorted(text(t) for t in await self.redis.smembers(self.names.targets))
 
     async def due_deadlines(self, now: float, limit: int = 500) -> list[str]:
         rows = await self.redis.zrangebyscore(
             self.names.queue_deadlines, "-inf", now, start=0, num=limit
         )
-        return [_text(r) for r in rows]
+        return [text(r) for r in rows]
 
     async def overdue_running(self, now: float, limit: int = 500) -> list[str]:
         rows = await self.redis.zrangebyscore(
             self.names.running_deadlines, "-inf", now, start=0, num=limit
         )
-        return [_text(r) for r in rows]
+        return [text(r) for r in rows]
 
     async def finished_since(self, status: RunStatus, since: float, until: float) -> list[str]:
         rows = await self.redis.zrangebyscore(self.names.finished(status), since, until)
-        return [_text(r) for r in rows]
+        return [text(r) for r in rows]
 
     # ---- why waiting ----------------------------------------------------------------------------
     async def lane_reasons(self, target: str, lane: str) -> dict[str, Any] | None:
@@ -636,7 +520,9 @@ class RunStore:
 
     async def note(self, run_id: str, event: str, now: float, detail: dict[str, Any]) -> None:
         """Append an event to a run's timeline (queue events such as changed reasons)."""
-        await self.redis.eval(_NOTE, 1, self.names.run(run_id), timeline_entry(event, now, detail))
+        await self.redis.eval(
+            NOTE_SCRIPT, 1, self.names.run(run_id), timeline_entry(event, now, detail)
+        )
 
     # ---- outbox -------------------------------------------------------------------------------
     async def outbox_done(self, ids: Sequence[str]) -> None:
@@ -648,123 +534,9 @@ class RunStore:
         cutoff_ms = int((time.time() - age_s) * 1000)
         rows: Any = await self.redis.xrange(self.names.outbox, "-", f"{cutoff_ms}", count=count)
         return [
-            OutboxMessage(_text(entry_id), _text(f[b"k"]), _text(f[b"r"]), bytes(f[b"b"]))
+            OutboxMessage(text(entry_id), text(f[b"k"]), text(f[b"r"]), bytes(f[b"b"]))
             for entry_id, f in rows
         ]
 
     async def outbox_length(self) -> int:
         return int(await self.redis.xlen(self.names.outbox))
-
-
-def parse_run(raw: dict[bytes, bytes]) -> Run:
-    """Assemble a Run from its hash (the same splice the Lua scripts do)."""
-    data: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = _text(key)
-        if name == "req":
-            data.update(json.loads(value))
-        elif name == "tl":
-            data["timeline"] = json.loads(value)
-        elif not name.startswith("_"):
-            data[name] = json.loads(value)
-    return Run.model_validate(data)
-
-
-# ---- machines -----------------------------------------------------------------------------------
-class MachineStore:
-    """Live machine state: heartbeats, slots, offline marks."""
-
-    def __init__(self, redis: aioredis.Redis, names: Names) -> None:
-        self.redis = redis
-        self.names = names
-
-    async def record_heartbeat(
-        self, heartbeat: Heartbeat, received_at: float
-    ) -> tuple[Heartbeat | None, bool]:
-        """Store a heartbeat; return the previous one and whether the machine was offline."""
-        names = self.names
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.getset(names.machine_live(heartbeat.machine_id), heartbeat.model_dump_json())
-        pipe.zadd(names.heartbeat_index, {heartbeat.machine_id: received_at})
-        pipe.hdel(names.offline_machines, heartbeat.machine_id)
-        previous, _, was_offline = await pipe.execute()
-        return (Heartbeat.model_validate_json(previous) if previous else None), bool(was_offline)
-
-    async def views(
-        self, machines: Sequence[Machine], now: float, offline_after_s: float
-    ) -> list[MachineView]:
-        """What selection needs about each machine, read in one round trip."""
-        if not machines:
-            return []
-        names = self.names
-        pipe = self.redis.pipeline(transaction=False)
-        for machine in machines:
-            pipe.zscore(names.heartbeat_index, machine.machine_id)
-            pipe.get(names.machine_live(machine.machine_id))
-            pipe.hgetall(names.machine_assigned(machine.machine_id))
-        raw = await pipe.execute()
-        views = []
-        for index, machine in enumerate(machines):
-            last_seen, live, assigned = raw[3 * index : 3 * index + 3]
-            heartbeat = Heartbeat.model_validate_json(live) if live else None
-            online = last_seen is not None and now - float(last_seen) <= offline_after_s
-            views.append(
-                MachineView(
-                    machine=machine,
-                    online=online,
-                    offline_since=None
-                    if online or last_seen is None
-                    else float(last_seen) + offline_after_s,
-                    sessions=heartbeat.sessions if heartbeat else (),
-                    assigned=tuple(
-                        AssignedRun.decode(_text(k), _text(v)) for k, v in assigned.items()
-                    ),
-                    has_public_key=bool(heartbeat and heartbeat.public_key),
-                    public_key=heartbeat.public_key if heartbeat else None,
-                )
-            )
-        return views
-
-    async def stale(self, now: float, offline_after_s: float) -> list[str]:
-        """Machines whose last heartbeat is older than ``offline_after_s``."""
-        rows = await self.redis.zrangebyscore(
-            self.names.heartbeat_index, "-inf", now - offline_after_s
-        )
-        return [_text(r) for r in rows]
-
-    async def offline_marks(self) -> dict[str, float]:
-        raw = await self.redis.hgetall(self.names.offline_machines)
-        return {_text(k): float(v) for k, v in raw.items()}
-
-    async def mark_offline(self, machine_id: str, since: float) -> bool:
-        """True the first time a machine is marked offline (one replica wins)."""
-        return bool(await self.redis.hsetnx(self.names.offline_machines, machine_id, since))
-
-    async def assigned(self, machine_id: str) -> list[AssignedRun]:
-        raw = await self.redis.hgetall(self.names.machine_assigned(machine_id))
-        return [AssignedRun.decode(_text(k), _text(v)) for k, v in raw.items()]
-
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
-
-
-class Leases:
-    """Short leases so that one replica at a time performs a singleton chore."""
-
-    def __init__(self, redis: aioredis.Redis, names: Names, owner: str) -> None:
-        self.redis = redis
-        self.names = names
-        self.owner = owner
-        self._renew = redis.register_script(_RENEW)
-
-    async def hold(self, role: str, ttl_s: float) -> bool:
-        """Take or renew the lease for ``role``; True while this replica holds it."""
-        return bool(
-            await self._renew(keys=[self.names.lease(role)], args=[self.owner, int(ttl_s * 1000)])
-        )

@@ -15,7 +15,8 @@ from redis import exceptions as redis_errors
 
 from dispatcher.adapters.amqp import Amqp
 from dispatcher.adapters.fleet_store import FleetStore
-from dispatcher.adapters.redis_store import MachineStore, RunStore
+from dispatcher.adapters.machine_store import MachineStore
+from dispatcher.adapters.redis_store import RunStore
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 
