@@ -1,0 +1,429 @@
+"""The baseline: the physical limit of our design on this machine.
+
+A raw aio-pika + redis-py pipeline that moves a run through the same AMQP hops and issues the
+same Redis commands per run as the dispatcher and the worker do (see bench/README.md, "Hops
+and round trips"), with no logic: no validation, no admission, no selection, no secrets, no
+ledger. It is written in the batched style the stack-limits notes recommend: take the
+deliveries that are ready (at most ``batch``), one pipeline per stage for the whole batch,
+publishes gathered with their confirms awaited together, one ``ack(multiple=True)``.
+
+    python -m bench.baseline dispatcher --machines m1,m2     (settings from RUNDISPATCH_*)
+    python -m bench.baseline worker --machine m1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+
+from dispatcher.adapters.runtime import make_redis
+from dispatcher.settings import Settings
+
+# The same state changes as the product's scripts, as hashes, a zset and outbox stream
+# entries, without any check. Each returns the outbox ids and the message bodies it recorded.
+ADMIT = """
+redis.call('HSET', KEYS[1], 'req', ARGV[1], 'status', '"queued"')
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+local body = '{"status":"queued",' .. string.sub(ARGV[1], 2)
+return {redis.call('XADD', KEYS[2], '*', 'k', 'event', 'b', body), body}
+"""
+CLAIM = """
+redis.call('HSET', KEYS[1], 'status', '"dispatched"', 'machine_id', ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], 'unattended|1|user')
+local req = redis.call('HGET', KEYS[1], 'req')
+local event = '{"status":"dispatched",' .. string.sub(req, 2)
+local assignment = '{"fence":1,"machine_id":"' .. ARGV[1] .. '","request":' .. req .. '}'
+return {redis.call('XADD', KEYS[2], '*', 'k', 'event', 'b', event), event,
+        redis.call('XADD', KEYS[2], '*', 'k', 'assign', 'b', assignment), assignment}
+"""
+START = """
+redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1])
+local req = redis.call('HGET', KEYS[1], 'req')
+local event = '{"status":"running",' .. string.sub(req, 2)
+return {redis.call('XADD', KEYS[2], '*', 'k', 'event', 'b', event), event}
+"""
+FINISH = """
+redis.call('HSET', KEYS[1], 'status', '"succeeded"', 'finished_at', ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+local req = redis.call('HGET', KEYS[1], 'req')
+local event = '{"status":"succeeded",' .. string.sub(req, 2)
+return {redis.call('XADD', KEYS[2], '*', 'k', 'event', 'b', event), event}
+"""
+SCRIPTS = {"admit": ADMIT, "claim": CLAIM, "start": START, "finish": FINISH}
+
+# A heartbeat-sized value for the machine views the baseline reads (the product stores ~300 B).
+LIVE_VALUE = json.dumps(
+    {"machine_id": "m", "worker_id": "w" * 40, "sent_at": 0.0, "sessions": [], "running": []}
+    | {"public_key": "k" * 44, "capacity": 1}
+)
+
+
+@dataclass(frozen=True)
+class BaselineNames:
+    """AMQP names ``<ns>.bl.*`` and Redis keys ``<ns>:bl:*`` of the baseline."""
+
+    ns: str
+
+    @property
+    def requests(self) -> str:
+        return f"{self.ns}.bl.requests"
+
+    @property
+    def events(self) -> str:
+        return f"{self.ns}.bl.events"
+
+    @property
+    def machines(self) -> str:
+        return f"{self.ns}.bl.machines"
+
+    @property
+    def signals(self) -> str:
+        return f"{self.ns}.bl.signals"
+
+    def machine_queue(self, machine_id: str) -> str:
+        return f"{self.ns}.bl.machine.{machine_id}"
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.ns, "bl", *parts))
+
+    @property
+    def finished(self) -> str:
+        return self.key("finished")
+
+    def queues(self, machine_ids: Sequence[str]) -> list[str]:
+        return [self.requests, self.signals, *(self.machine_queue(m) for m in machine_ids)]
+
+    def exchanges(self) -> list[str]:
+        return [self.requests, self.events, self.machines]
+
+
+def quorum(ns: str) -> dict[str, Any]:
+    """The product's queue arguments (quorum, delivery limit, dead-letter exchange)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 5,
+        "x-dead-letter-exchange": f"{ns}.bl.dead",
+    }
+
+
+async def declare_topology(settings: Settings, machine_ids: Sequence[str]) -> None:
+    """The baseline's exchanges and queues, the same types as the product's, and the keys the
+    placement reads look at."""
+    names = BaselineNames(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        requests = await channel.declare_exchange(
+            names.requests, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        queue = await channel.declare_queue(
+            names.requests, durable=True, arguments=quorum(names.ns)
+        )
+        await queue.bind(requests, "submit")
+        events = await channel.declare_exchange(
+            names.events, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        signals = await channel.declare_queue(
+            names.signals, durable=True, arguments=quorum(names.ns)
+        )
+        await signals.bind(events, "run.succeeded")
+        machines = await channel.declare_exchange(
+            names.machines, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        for machine_id in machine_ids:
+            mq = await channel.declare_queue(
+                names.machine_queue(machine_id), durable=True, arguments=quorum(names.ns)
+            )
+            await mq.bind(machines, machine_id)
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(names.key("version"), 1)
+        pipe.zadd(names.key("lanes"), {"c|unattended|normal": 1.0})
+        for machine_id in machine_ids:
+            pipe.set(names.key("live", machine_id), LIVE_VALUE)
+            pipe.zadd(names.key("hb"), {machine_id: time.time()})
+        await pipe.execute()
+    finally:
+        await redis.aclose()
+
+
+# ---- the batched consumer -------------------------------------------------------------------
+BatchHandler = Callable[[list[AbstractIncomingMessage]], Awaitable[None]]
+
+
+async def consume_batches(
+    connection: aio_pika.abc.AbstractRobustConnection,
+    queue_name: str,
+    handler: BatchHandler,
+    *,
+    batch: int,
+    prefetch: int,
+) -> asyncio.Task[None]:
+    """Take what is delivered (no linger), at most ``batch``, hand it to ``handler``."""
+    channel = await connection.channel(publisher_confirms=False)
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.get_queue(queue_name, ensure=False)
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(inbox.put, no_ack=False)
+
+    async def loop() -> None:
+        while True:
+            items = [await inbox.get()]
+            while len(items) < batch and not inbox.empty():
+                items.append(inbox.get_nowait())
+            await handler(items)
+
+    return asyncio.create_task(loop())
+
+
+def persistent(body: bytes, kind: str) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        type=kind,
+    )
+
+
+class Stage:
+    """Redis and AMQP handles shared by the baseline's processes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = BaselineNames(settings.namespace)
+        self.redis = make_redis(settings)
+        self.sha: dict[str, str] = {}
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self.channel: AbstractChannel | None = None
+        self.events: AbstractExchange | None = None
+        self.machines: AbstractExchange | None = None
+
+    async def open(self) -> None:
+        for name, source in SCRIPTS.items():
+            self.sha[name] = await self.redis.script_load(source)
+        self.connection = await aio_pika.connect_robust(self.settings.amqp_url.get_secret_value())
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self.events = await self.channel.get_exchange(self.names.events, ensure=False)
+        self.machines = await self.channel.get_exchange(self.names.machines, ensure=False)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                await self.connection.close()
+        await self.redis.aclose()
+
+    async def publish_events(self, bodies: Sequence[bytes], status: str) -> None:
+        assert self.events is not None
+        await asyncio.gather(
+            *(
+                self.events.publish(persistent(b, "event"), f"run.{status}", mandatory=False)
+                for b in bodies
+            )
+        )
+
+
+# ---- the dispatcher -------------------------------------------------------------------------
+class BaselineDispatcher(Stage):
+    def __init__(self, settings: Settings, machine_ids: Sequence[str]) -> None:
+        super().__init__(settings)
+        self.machine_ids = list(machine_ids)
+        self._next = 0
+
+    async def on_requests(self, batch: list[AbstractIncomingMessage]) -> None:
+        k = self.names
+        ids = [str(json.loads(m.body)["run_id"]) for m in batch]
+        await self.redis.get(k.key("version"))  # fleet.load(): the version counter
+        pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
+        for run_id, message in zip(ids, batch, strict=True):
+            pipe.evalsha(
+                self.sha["admit"],
+                3,
+                k.key("run", run_id),
+                k.key("outbox"),
+                k.key("lane"),
+                message.body,
+                repr(now),
+                run_id,
+            )
+        admitted = await pipe.execute()  # admit.lua, one per run
+        await self.publish_events([a[1] for a in admitted], "queued")
+        await self.redis.xdel(k.key("outbox"), *(a[0] for a in admitted))  # outbox_done
+        await batch[-1].ack(multiple=True)
+        await self.place(ids)
+
+    async def placement_reads(self) -> None:
+        """What a placement pass reads before it decides: the fleet version, the lanes and
+        their first members, the machine views of the target."""
+        k = self.names
+        await self.redis.get(k.key("version"))
+        lanes = await self.redis.zrange(k.key("lanes"), 0, -1)
+        pipe = self.redis.pipeline(transaction=False)
+        for _lane in lanes:
+            pipe.zrange(k.key("lane"), 0, 49, withscores=True)
+        await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for machine_id in self.machine_ids:
+            pipe.zscore(k.key("hb"), machine_id)
+            pipe.get(k.key("live", machine_id))
+            pipe.hgetall(k.key("assigned", machine_id))
+        await pipe.execute()
+
+    async def place(self, run_ids: list[str]) -> None:
+        k = self.names
+        await self.placement_reads()
+        chosen = []
+        for _ in run_ids:
+            chosen.append(self.machine_ids[self._next % len(self.machine_ids)])
+            self._next += 1
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id, machine_id in zip(run_ids, chosen, strict=True):
+            pipe.evalsha(
+                self.sha["claim"],
+                4,
+                k.key("run", run_id),
+                k.key("outbox"),
+                k.key("assigned", machine_id),
+                k.key("lane"),
+                machine_id,
+                run_id,
+            )
+        claimed = await pipe.execute()  # claim.lua, one per run
+        assert self.events is not None and self.machines is not None
+        publishes = []
+        for (_, event, _, assignment), machine_id in zip(claimed, chosen, strict=True):
+            publishes.append(
+                self.events.publish(persistent(event, "event"), "run.dispatched", mandatory=False)
+            )
+            publishes.append(
+                self.machines.publish(persistent(assignment, "assign"), machine_id, mandatory=True)
+            )
+        await asyncio.gather(*publishes)
+        await self.redis.xdel(k.key("outbox"), *(c[0] for c in claimed), *(c[2] for c in claimed))
+
+    async def on_signals(self, batch: list[AbstractIncomingMessage]) -> None:
+        await self.redis.get(self.names.key("version"))  # fleet.load() in handle_signals
+        await self.placement_reads()  # the pass the signal asks for
+        await batch[-1].ack(multiple=True)
+
+
+# ---- the worker -----------------------------------------------------------------------------
+class BaselineWorker(Stage):
+    def __init__(self, settings: Settings, machine_id: str) -> None:
+        super().__init__(settings)
+        self.machine_id = machine_id
+
+    async def on_assignments(self, batch: list[AbstractIncomingMessage]) -> None:
+        k = self.names
+        ids = [str(json.loads(m.body)["request"]["run_id"]) for m in batch]
+        now = repr(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.evalsha(self.sha["start"], 2, k.key("run", run_id), k.key("outbox"), now)
+        started = await pipe.execute()  # start.lua, one per run
+        await self.publish_events([s[1] for s in started], "started")
+        await self.redis.xdel(k.key("outbox"), *(s[0] for s in started))
+        await batch[-1].ack(multiple=True)
+        now = repr(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in ids:
+            pipe.evalsha(
+                self.sha["finish"],
+                4,
+                k.key("run", run_id),
+                k.key("outbox"),
+                k.finished,
+                k.key("assigned", self.machine_id),
+                now,
+                run_id,
+            )
+        finished = await pipe.execute()  # finish.lua, one per run
+        await self.publish_events([f[1] for f in finished], "succeeded")
+        await self.redis.xdel(k.key("outbox"), *(f[0] for f in finished))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    settings = Settings.load()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks: list[asyncio.Task[None]] = []
+    stage: Stage
+    if args.role == "dispatcher":
+        dispatcher = BaselineDispatcher(settings, args.machines.split(","))
+        stage = dispatcher
+        await stage.open()
+        assert stage.connection is not None
+        tasks.append(
+            await consume_batches(
+                stage.connection,
+                stage.names.requests,
+                dispatcher.on_requests,
+                batch=args.batch,
+                prefetch=args.prefetch,
+            )
+        )
+        tasks.append(
+            await consume_batches(
+                stage.connection,
+                stage.names.signals,
+                dispatcher.on_signals,
+                batch=args.batch,
+                prefetch=args.prefetch,
+            )
+        )
+    else:
+        worker = BaselineWorker(settings, args.machine)
+        stage = worker
+        await stage.open()
+        assert stage.connection is not None
+        tasks.append(
+            await consume_batches(
+                stage.connection,
+                stage.names.machine_queue(args.machine),
+                worker.on_assignments,
+                batch=args.batch,
+                prefetch=args.prefetch,
+            )
+        )
+    done = asyncio.create_task(stop.wait())
+    await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        if task.done() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+        task.cancel()
+    await stage.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline")
+    sub = parser.add_subparsers(dest="role", required=True)
+    d = sub.add_parser("dispatcher")
+    d.add_argument("--machines", required=True, help="comma-separated machine ids")
+    d.add_argument("--batch", type=int, default=100)
+    d.add_argument("--prefetch", type=int, default=200)
+    w = sub.add_parser("worker")
+    w.add_argument("--machine", required=True)
+    w.add_argument("--batch", type=int, default=20)
+    w.add_argument("--prefetch", type=int, default=50)
+    return asyncio.run(serve(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

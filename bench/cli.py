@@ -1,0 +1,338 @@
+"""``python -m bench``: run the sections, print the table, write bench/results/latest.json, and
+end with the one line of ratios. Progress goes to stderr; the table and the line to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.env import leftovers
+from bench.report import final_line, hops, print_table
+from bench.runner import Bench, median_of
+from bench.tokens import measure_tokens
+
+SECTIONS = (
+    "baseline",
+    "throughput",
+    "latency",
+    "replicas",
+    "fleet",
+    "queue",
+    "memory",
+    "hops",
+    "tokens",
+)
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the dispatcher against the physical limit of its design, on the "
+        "real RabbitMQ and Redis, in a private namespace that is deleted afterwards.",
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter runs (~3 min)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated sections to run: {', '.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument("--profile", action="store_true", help="also profile the dispatcher")
+    parser.add_argument("--live", type=int, default=8, help="machines with a simulated worker")
+    parser.add_argument("--runs", type=int, default=None, help="runs per drain")
+    parser.add_argument("--reps", type=int, default=None, help="drains per throughput figure")
+    parser.add_argument("--queued", type=int, default=100_000, help="waiting runs (scale)")
+    parser.add_argument("--fleet", type=int, default=1000, help="machines (scale)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in (*SECTIONS, "profile")]
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)}")
+    args.sections = chosen or list(SECTIONS)
+    if args.profile and "profile" not in args.sections:
+        args.sections.append("profile")
+    args.runs = args.runs or (1500 if args.quick else 3000)
+    args.reps = args.reps or (1 if args.quick else 3)
+    args.latency_s = 10.0 if args.quick else 12.0
+    args.latency_reps = 1 if args.quick else 3
+    return args
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    sections: dict[str, Any] = {}
+    bench = Bench(live=args.live, fleet_small=10, log=log)
+    started = time.time()
+    log(f"namespace {bench.settings.namespace}; work dir {bench.workdir}")
+    want = set(args.sections)
+    reference: list[dict[str, Any]] = []
+    try:
+        await bench.setup()
+
+        if want & {"baseline", "throughput"}:
+            log("throughput: drains of a pre-filled requests queue")
+            ours, base = [], []
+            for _ in range(args.reps):
+                if "throughput" in want:
+                    ours.append(await bench.drain("ours", args.runs, label="ours"))
+                if "baseline" in want:
+                    base.append(await bench.drain("baseline", args.runs, label="baseline"))
+            if ours:
+                sections["throughput"] = {"drains": ours, "rate": median_of(ours, "rate")}
+                reference = ours
+            if base:
+                sections["baseline"] = {"drains": base, "rate": median_of(base, "rate")}
+
+        needs_reference = want & {"latency", "replicas", "fleet", "queue", "profile"}
+        if needs_reference and not reference:
+            log("reference drain (10 queued, 10 machines, 1 dispatcher)")
+            reference = [await bench.drain("ours", args.runs, label="reference")]
+            sections["reference"] = {"drains": reference, "rate": median_of(reference, "rate")}
+        ref_rate = median_of(reference, "rate") if reference else None
+        ref_cost = median_of(reference, "dispatcher_us_per_run") if reference else None
+
+        if "latency" in want and ref_rate:
+            rate = 0.5 * ref_rate
+            log(f"latency: paced producer at {rate:.0f} runs/s (50 % of {ref_rate:.0f})")
+            reps: dict[str, list[dict[str, Any]]] = {"ours": [], "baseline": []}
+            for _ in range(args.latency_reps):
+                for kind in ("ours", "baseline"):
+                    reps[kind].append(await bench.paced(kind, rate, args.latency_s))
+            sections["latency"] = {
+                "rate": rate,
+                "ours": median_merge(reps["ours"]),
+                "baseline": median_merge(reps["baseline"]),
+                "reps": reps,
+            }
+
+        if "replicas" in want and ref_rate:
+            log("replicas: two dispatcher processes")
+            two = await bench.drain("ours", args.runs, dispatchers=2, label="ours-2-replicas")
+            sections["replicas"] = {
+                "one": ref_rate,
+                "two": two["rate"],
+                "gain": round(two["rate"] / ref_rate, 2),
+                "drain": two,
+            }
+
+        if "profile" in want:
+            log("profile: py-spy on the dispatcher during a drain")
+            drained = await bench.drain("ours", args.runs, label="profile", profile=True)
+            from bench.report import summarize_profile
+
+            sections["profile"] = {
+                "drain": drained,
+                "dispatcher": summarize_profile(RESULTS / "profile-dispatcher-profile.txt"),
+                "worker": summarize_profile(RESULTS / "profile-worker-profile.txt"),
+            }
+
+        if "fleet" in want and ref_cost:
+            log(f"fleet scale: {args.fleet} machines registered")
+            big = await bench.fleet_scale(args.fleet, args.runs, profile="profile" in want)
+            sections["fleet"] = {
+                "machines_small": bench.fleet_small,
+                "machines_large": args.fleet,
+                "cost_small_us": ref_cost,
+                "cost_large_us": big["dispatcher_us_per_run"],
+                "ratio": round(big["dispatcher_us_per_run"] / ref_cost, 2),
+                "rate_small": ref_rate,
+                "rate_large": big["rate"],
+                "drain": big,
+            }
+
+        if want & {"queue", "memory"}:
+            log(f"queue scale and memory: {args.queued} waiting runs")
+            memory: dict[str, Any] = {}
+            if "memory" in want:
+                memory["rss_10"] = await bench.idle_rss()
+            memory["usage"] = await bench.fill_queue(args.queued)
+            if "memory" in want:
+                memory["rss_large"] = await bench.idle_rss()
+                log(
+                    f"  dispatcher RSS idle: {memory['rss_10']['rss_mb']} MB with 10 queued, "
+                    f"{memory['rss_large']['rss_mb']} MB with {args.queued}"
+                )
+                sections["memory"] = memory
+            if "queue" in want and ref_cost:
+                large = await bench.drain(
+                    "ours", args.runs, label=f"queue-{args.queued}", profile="profile" in want
+                )
+                sections["queue"] = {
+                    "queued_small": 10,
+                    "queued_large": args.queued,
+                    "cost_small_us": ref_cost,
+                    "cost_large_us": large["dispatcher_us_per_run"],
+                    "ratio": round(large["dispatcher_us_per_run"] / ref_cost, 2),
+                    "rate_small": ref_rate,
+                    "rate_large": large["rate"],
+                    "drain": large,
+                    "memory": memory["usage"],
+                }
+
+        if "hops" in want:
+            log("hops: Redis round trips and AMQP frames per run, counted in the processes")
+            bench.tracing = True
+            bench.stop_workers("ours")
+            bench.stop_workers("baseline")
+            runs = min(args.runs, 2000)
+            traced = {
+                kind: await bench.drain(kind, runs, label=f"hops-{kind}")
+                for kind in ("ours", "baseline")
+            }
+            bench.tracing = False
+            sections["hops"] = {
+                "runs": runs,
+                "ours": traced["ours"]["per_run"],
+                "baseline": traced["baseline"]["per_run"],
+            }
+
+        if "tokens" in want:
+            log("tokens: cache hits and refreshes under 500 concurrent sign-in runs")
+            sections["tokens"] = await measure_tokens(bench.settings, bench.workdir)
+            log(f"  {sections['tokens']}")
+    finally:
+        log("cleaning up")
+        removed = await bench.close()
+        left = await leftovers(bench.settings)
+        sections["cleanup"] = {**removed, "redis_keys_left": left}
+        log(
+            f"  deleted {removed['redis_keys']} Redis keys, {removed['queues']} queues; left {left}"
+        )
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "quick": args.quick,
+        "machine": machine_info(),
+        "code": code_info(),
+        "config": {
+            "live_machines": args.live,
+            "runs_per_drain": args.runs,
+            "reps": args.reps,
+            "latency_s": args.latency_s,
+            "queued": args.queued,
+            "fleet": args.fleet,
+            "sections": args.sections,
+            "settings": {
+                k: v
+                for k, v in bench.settings.model_dump(mode="json").items()
+                if k not in {"secret_keys", "client_secret", "amqp_url", "redis_url"}
+            },
+        },
+        "hops": hops(),
+        "sections": sections,
+    }
+
+
+def median_merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result whose every number is the median over ``results`` (nested dicts too)."""
+    merged: dict[str, Any] = {}
+    for key, value in results[0].items():
+        values = [r[key] for r in results if key in r]
+        if isinstance(value, dict):
+            merged[key] = median_merge(values) if values and all(values) else value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = value
+    return merged
+
+
+def code_info() -> dict[str, Any]:
+    """The commit measured, and product files changed since (others work in the same tree)."""
+
+    def git(*argv: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *argv],
+                cwd=RESULTS.parent.parent,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError:
+            return ""
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--", "dispatcher", "workers").splitlines()
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_product_files": dirty}
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            model = next((ln.split(":", 1)[1].strip() for ln in handle if "model name" in ln), "")
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load_avg": os.getloadavg(),
+    }
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    s = report["sections"]
+    out: dict[str, Any] = {}
+    if "throughput" in s and "baseline" in s:
+        out["ratio_throughput"] = round(s["throughput"]["rate"] / s["baseline"]["rate"], 2)
+    if "latency" in s:
+        ours, base = s["latency"]["ours"], s["latency"]["baseline"]
+        out["ratio_p99"] = round(ours["started_p99_ms"] / base["started_p99_ms"], 2)
+        out["ratio_p99_dispatched"] = round(
+            ours["dispatched_p99_ms"] / base["dispatched_p99_ms"], 2
+        )
+    if "queue" in s:
+        out["ratio_queue_scale"] = s["queue"]["ratio"]
+    if "fleet" in s:
+        out["ratio_fleet_scale"] = s["fleet"]["ratio"]
+    usage = (s.get("queue") or {}).get("memory") or (s.get("memory") or {}).get("usage")
+    if usage:
+        out["redis_bytes_per_queued_run"] = usage["bytes_per_queued_run"]
+    tokens = s.get("tokens")
+    if tokens and tokens.get("measured"):
+        out["idp_requests_per_expiry"] = tokens["idp_requests_per_expiry_max"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        report = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        log("interrupted (the namespace was cleaned up)")
+        return 130
+    report["ratios"] = ratios(report)
+    line = final_line(report["ratios"])
+    report["final_line"] = line
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print_table(report)
+    print(f"(results written to {args.output})")
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""The bench's environment: a private namespace, child processes, CPU accounting, clean-up.
+
+Everything the bench creates lives under one namespace ``bench<hex>``: Redis keys
+``<ns>:*`` and AMQP names ``<ns>.*``. :func:`cleanup` deletes all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import redis.asyncio as aioredis
+
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def new_settings(**overrides: Any) -> Settings:
+    """Production defaults, except: a private namespace, a fresh secret key, no throttle and
+    no queue cap (the bench submits thousands of runs a minute on one connection), metrics on
+    any free port."""
+    values: dict[str, Any] = {
+        "namespace": f"bench{uuid.uuid4().hex[:8]}",
+        "secret_keys": f"bench:{base64.b64encode(os.urandom(32)).decode()}",
+        "throttle_per_minute": 1_000_000_000,
+        "queue_cap": 10_000_000,
+        "log_level": "WARNING",
+        "metrics_port": 0,  # metrics on, as deployed; any free port, so replicas can coexist
+    }
+    values.update(overrides)
+    return Settings.load(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a subprocess exactly these settings (as tests/harness.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RUNDISPATCH_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+        env[f"RUNDISPATCH_{name.upper()}"] = str(text)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# ---- processes ------------------------------------------------------------------------------
+@dataclass
+class Procs:
+    """Child processes of one bench run; each in its own session, stopped by its pid only."""
+
+    workdir: Path
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        log = self.workdir / f"{name}.log"
+        with log.open("ab") as output:
+            proc = subprocess.Popen(
+                [sys.executable, *argv],
+                cwd=REPO,
+                env=env or self.env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, timeout: float = 15.0) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for name in list(self.procs):
+            proc = self.procs.pop(name)
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def pids(self, prefix: str) -> list[int]:
+        return [p.pid for n, p in self.procs.items() if n.startswith(prefix) and p.poll() is None]
+
+    def check_alive(self, *names: str) -> None:
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is None or proc.poll() is not None:
+                log = (self.workdir / f"{name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"process {name} is not running; its log ends:\n{log}")
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+# ---- /proc accounting -----------------------------------------------------------------------
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) in bytes."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return rss, hwm
+
+
+def machine_times() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds of the whole machine since boot."""
+    with open("/proc/stat", encoding="ascii") as handle:
+        parts = [int(x) for x in handle.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (parts + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq
+    return busy / CLK_TCK, steal / CLK_TCK, (busy + idle + iowait + steal) / CLK_TCK
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as handle:
+            next(handle)
+            for line in handle:
+                cols = line.split()
+                if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(cols[9])
+    return inodes
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process listening on a local TCP port (RabbitMQ, Redis), for CPU accounting."""
+    inodes = {f"socket:[{i}]" for i in _listening_inodes(port)}
+    if not inodes:
+        return None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                        return int(entry)
+    return None
+
+
+@dataclass
+class CpuSample:
+    at: float
+    per_pid: dict[int, float]
+    busy: float
+    steal: float
+
+
+def sample(pids: Iterable[int]) -> CpuSample:
+    busy, steal, _ = machine_times()
+    return CpuSample(time.monotonic(), {p: proc_cpu(p) for p in pids}, busy, steal)
+
+
+def cores(first: CpuSample, last: CpuSample, pids: Iterable[int]) -> float:
+    """Cores used by ``pids`` between two samples (1.0 = one core busy)."""
+    span = max(1e-9, last.at - first.at)
+    return sum(last.per_pid.get(p, 0.0) - first.per_pid.get(p, 0.0) for p in pids) / span
+
+
+def machine_load(first: CpuSample, last: CpuSample) -> tuple[float, float]:
+    span = max(1e-9, last.at - first.at)
+    return (last.busy - first.busy) / span, (last.steal - first.steal) / span
+
+
+async def wait_quiet(max_wait_s: float = 6.0, threshold: float = 0.3) -> float:
+    """Wait (at most ``max_wait_s``) until the machine is below ``threshold`` busy cores;
+    return the busy cores seen last (the run goes on anyway when the machine stays busy)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy0, _, _ = machine_times()
+        await asyncio.sleep(1.0)
+        busy1, _, _ = machine_times()
+        load = busy1 - busy0
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
+# ---- clean-up -------------------------------------------------------------------------------
+async def delete_keys(redis: aioredis.Redis, pattern: str) -> int:
+    deleted = 0
+    batch: list[bytes] = []
+    async for key in redis.scan_iter(match=pattern, count=2000):
+        batch.append(key)
+        if len(batch) >= 2000:
+            deleted += await redis.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += await redis.unlink(*batch)
+    return deleted
+
+
+async def cleanup(
+    settings: Settings, queues: Iterable[str] = (), exchanges: Iterable[str] = ()
+) -> dict[str, int]:
+    """Delete every Redis key of the namespace, the product's AMQP entities and the extra
+    ``queues`` / ``exchanges`` the bench declared (machine queues, the baseline's)."""
+    names = Names(settings.namespace)
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        keys = await delete_keys(redis, names.pattern())
+    finally:
+        await redis.aclose()
+    all_queues = [
+        names.requests_queue,
+        names.dead_queue,
+        names.heartbeats_queue,
+        names.signals_queue,
+        *queues,
+    ]
+    all_exchanges = [
+        names.requests_exchange,
+        names.events_exchange,
+        names.dead_exchange,
+        names.machines_exchange,
+        names.heartbeats_exchange,
+        *exchanges,
+    ]
+    deleted_queues = 0
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        for queue in dict.fromkeys(all_queues):
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(queue)
+                deleted_queues += 1
+            except Exception:
+                pass  # never declared
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        for exchange in dict.fromkeys(all_exchanges):
+            channel = await connection.channel()
+            try:
+                await channel.exchange_delete(exchange)
+            except Exception:
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+    finally:
+        await connection.close()
+    return {"redis_keys": keys, "queues": deleted_queues}
+
+
+async def leftovers(settings: Settings) -> int:
+    """How many Redis keys of the namespace are left (0 after a clean run)."""
+    redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
+    try:
+        return len([k async for k in redis.scan_iter(match=Names(settings.namespace).pattern())])
+    finally:
+        await redis.aclose()
