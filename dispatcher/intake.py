@@ -72,6 +72,13 @@ def decode(
         raise InvalidMessageClass(reason_class, reason) from exc
     except RecursionError as exc:
         raise InvalidMessageClass("schema", "body nests too deep") from exc
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        # Validation code that fails on hostile input instead of reporting it, e.g. an
+        # integer no float can hold (OverflowError from the finite-number check). Without
+        # this the whole batch would crash and be redelivered until its delivery limit.
+        raise InvalidMessageClass(
+            "schema", f"body could not be validated: {type(exc).__name__}: {exc}"[:300]
+        ) from exc
 
 
 class InvalidMessageClass(InvalidMessage):
