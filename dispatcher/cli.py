@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -438,9 +439,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RELATIVE_TIME = re.compile(r"^-\d+(\.\d+)?[smhd]$")
+
+
+def glue_relative_times(argv: list[str]) -> list[str]:
+    """``--since -1h``: argparse would take ``-1h`` for an option; pass it as ``--since=-1h``."""
+    glued: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else ""
+        if arg in ("--since", "--until") and RELATIVE_TIME.match(following):
+            glued.append(f"{arg}={following}")
+            index += 2
+            continue
+        glued.append(arg)
+        index += 1
+    return glued
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(glue_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         settings = Settings.load()
     except ValidationError as exc:
