@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from dispatcher.adapters.records import (
     NOTE_SCRIPT,
@@ -322,14 +323,29 @@ class RunStore:
         """Several calls of one script in a pipeline (each atomic on its own)."""
         if not calls:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for keys, args in calls:
-            await self._scripts[script](keys=keys, args=args, client=pipe)
-        raw = await pipe.execute(raise_on_error=False)
+        # EVALSHA straight into the pipeline: registering the script with it would cost a
+        # SCRIPT EXISTS round trip per batch. A server that lost its scripts (restart)
+        # answers NOSCRIPT: load them and run those calls again.
+        sha = self._scripts[script].sha
+        raw = await self._pipeline_evalsha(sha, calls)
+        missing = [i for i, item in enumerate(raw) if isinstance(item, NoScriptError)]
+        if missing:
+            await self._scripts[script].registered_client.script_load(self._scripts[script].script)
+            again = await self._pipeline_evalsha(sha, [calls[i] for i in missing])
+            for index, item in zip(missing, again, strict=True):
+                raw[index] = item
         return [
             Outcome("error", (), (repr(item),)) if isinstance(item, Exception) else outcome_of(item)
             for item in raw
         ]
+
+    async def _pipeline_evalsha(
+        self, sha: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def finish(
         self,
