@@ -1,0 +1,448 @@
+"""Issue 6 acceptance: a real load through two dispatchers and four workers while the test breaks
+things: SIGKILLed dispatchers (restarted each time), a worker killed in mid-run, every AMQP
+connection cut through a TCP proxy, and the Redis server SIGKILLed and restarted on its AOF.
+
+Afterwards every submitted run has exactly one terminal state, none ran twice (the workers'
+ledgers log every execution start with its fencing token), none is lost.
+
+Everything goes through private infrastructure where it is broken: the processes and the test's
+own client reach RabbitMQ through a fault proxy (``tests/faultproxy.py``) and keep their state in
+a private redis-server with AOF (``tests/chaos/privateredis.py``). The shared RabbitMQ and Redis
+are never restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from dispatcher.client import Client
+from dispatcher.models import Run, RunStatus
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+from tests.chaos.privateredis import PrivateRedis
+from tests.faultproxy import ProxyProcess
+from tests.harness import Processes, fleet_document, new_settings
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+
+RUNS = 3000
+MACHINES = 4
+SLOTS = 5
+SUBMIT_RATE = 100.0  # runs per second offered by the test
+SUBMITTERS = 16
+LONG_EVERY = 40
+DRAIN_TIMEOUT_S = 150.0
+OWNER = "alice@contoso.com"
+DISPATCHERS = ("d1", "d2")
+# Started once, never twice; cut short by a killed worker or a machine declared lost.
+CUT_SHORT = {"WorkerRestarted", "MachineLost"}
+TERMINAL_EVENTS = {s.value for s in RunStatus if s.terminal}
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    assert server.config("appendonly") == "yes"
+    assert server.config("appendfsync") == "everysec"
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def amqp_proxy(tmp_path: Path) -> Iterator[ProxyProcess]:
+    proxy = ProxyProcess("127.0.0.1:5672", tmp_path)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def settings(private_redis: PrivateRedis, amqp_proxy: ProxyProcess) -> Settings:
+    return new_settings(
+        redis_url=private_redis.url,
+        amqp_url=f"amqp://guest:guest@127.0.0.1:{amqp_proxy.port}/",
+        throttle_per_minute=10_000_000,
+        heartbeat_interval_s=0.5,
+        # Long enough that a cut connection or a Redis restart does not declare live machines
+        # lost; short enough that a killed worker's machine is noticed within the test.
+        offline_after_s=6.0,
+        running_grace_s=3.0,
+        outbox_relay_after_s=2.0,
+        log_level="INFO",
+    )
+
+
+def chaos_fleet() -> dict[str, Any]:
+    return fleet_document(
+        groups=[{"group_id": "bots", "name": "Chaos bots"}],
+        machines=[
+            {
+                "machine_id": f"m{i}",
+                "name": f"BOT-{i:02d}",
+                "group_id": "bots",
+                "os": "windows_server",
+                "max_unattended_runs": SLOTS,
+            }
+            for i in range(1, MACHINES + 1)
+        ],
+        connections=[
+            {
+                "connection_id": "c1",
+                "owner": OWNER,
+                "kind": "credentials",
+                "target": {"group_id": "bots"},
+                "username": "CONTOSO\\svc-bot",
+                "password": "s3cret-pw",
+            }
+        ],
+    )
+
+
+class Chaos:
+    """Starts the processes, keeps them up like a service manager would, and breaks things."""
+
+    def __init__(self, procs: Processes, redis_server: PrivateRedis, proxy: ProxyProcess) -> None:
+        self.procs = procs
+        self.redis = redis_server
+        self.proxy = proxy
+        self.log: list[str] = []
+        self.started = time.monotonic()
+        self.dispatcher_kills = 0
+        self.worker_kills = 0
+        self.cuts = 0
+        self.redis_restarts = 0
+        self.unexpected_exits: list[str] = []
+        self._killing: set[str] = set()
+
+    def note(self, text: str) -> None:
+        line = f"{time.monotonic() - self.started:7.2f}s {text}"
+        self.log.append(line)
+        print(line, flush=True)
+
+    def start_dispatcher(self, name: str) -> None:
+        self.procs.dispatcher(name, "--metrics-port", "0")
+
+    def start_worker(self, machine_id: str) -> None:
+        self.procs.worker(machine_id)
+
+    def start_all(self) -> None:
+        for name in DISPATCHERS:
+            self.start_dispatcher(name)
+        for i in range(1, MACHINES + 1):
+            self.start_worker(f"m{i}")
+
+    async def supervise(self) -> None:
+        """Restart a process that exited on its own (counted: it should not happen)."""
+        while True:
+            await asyncio.sleep(0.5)
+            for name in list(self.procs.procs):
+                if name in self._killing or self.procs.alive(name):
+                    continue
+                code = self.procs.procs[name].returncode
+                self.unexpected_exits.append(f"{name} exited with {code}")
+                self.note(f"{name} exited on its own ({code}); restarting it")
+                self._restart(name)
+
+    def _restart(self, name: str) -> None:
+        if name.startswith("worker-"):
+            self.start_worker(name.removeprefix("worker-"))
+        else:
+            self.start_dispatcher(name)
+
+    async def kill_dispatcher(self, name: str, down_s: float = 0.3) -> None:
+        self._killing.add(name)
+        try:
+            await asyncio.to_thread(self.procs.kill, name)
+            self.dispatcher_kills += 1
+            self.note(f"SIGKILL {name}")
+            await asyncio.sleep(down_s)
+            self.start_dispatcher(name)
+        finally:
+            self._killing.discard(name)
+
+    async def kill_worker_mid_run(self, machine_id: str, down_s: float = 1.0) -> list[str]:
+        """SIGKILL a worker while its ledger shows a flow started and not finished."""
+        name = f"worker-{machine_id}"
+        ledger = self.procs.state_dir(machine_id) / "ledger.jsonl"
+        self._killing.add(name)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                open_runs = _open_runs(ledger)
+                if open_runs or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(self.procs.kill, name)
+            self.worker_kills += 1
+            open_runs = _open_runs(ledger)
+            self.note(f"SIGKILL {name} while it ran {len(open_runs)} flows")
+            await asyncio.sleep(down_s)
+            self.start_worker(machine_id)
+            return open_runs
+        finally:
+            self._killing.discard(name)
+
+    def cut_amqp(self) -> None:
+        self.proxy.reset_all()
+        self.cuts += 1
+        self.note("reset every AMQP connection through the proxy")
+
+    async def kill_redis(self) -> None:
+        await asyncio.to_thread(self.redis.kill)
+        self.note("SIGKILL redis-server")
+
+    async def start_redis(self) -> None:
+        await asyncio.to_thread(self.redis.start)
+        self.redis_restarts += 1
+        self.note("redis-server restarted on its AOF")
+
+
+def _open_runs(ledger: Path) -> list[str]:
+    """Runs whose start is in the ledger and whose end is not."""
+    if not ledger.exists():
+        return []
+    started: dict[str, int] = {}
+    for line in ledger.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("event") == "started":
+            started[entry["run_id"]] = entry["fence"]
+        elif entry.get("event") in {"finished", "abandoned"}:
+            started.pop(entry["run_id"], None)
+    return list(started)
+
+
+async def submit_all(client: Client, run_ids: list[str], stats: Counter[str]) -> None:
+    """Publish every run (confirmed), paced; a failed publish is retried with the same id."""
+    rng = random.Random(6)
+    pending: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+    for index, run_id in enumerate(run_ids):
+        pending.put_nowait((index, run_id))
+    began = time.monotonic()
+
+    async def submitter() -> None:
+        while not pending.empty():
+            index, run_id = pending.get_nowait()
+            delay = began + index / SUBMIT_RATE - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Mostly short flows; one in LONG_EVERY runs long enough to be caught mid-run.
+            duration = rng.uniform(1.0, 2.0) if index % LONG_EVERY == 0 else rng.uniform(0, 0.05)
+            inputs = {"duration_s": round(duration, 3)}
+            while True:
+                try:
+                    await asyncio.wait_for(
+                        client.submit(
+                            connection_id="c1",
+                            flow_id="chaos",
+                            requested_by=OWNER,
+                            mode="unattended",
+                            inputs=inputs,
+                            run_id=run_id,
+                        ),
+                        timeout=10,
+                    )
+                    stats["published"] += 1
+                    break
+                except Exception as exc:
+                    stats["publish retries"] += 1
+                    stats[f"publish error {type(exc).__name__}"] += 1
+                    await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(submitter() for _ in range(SUBMITTERS)))
+
+
+async def fetch(client: Client, run_ids: list[str]) -> list[Run | None]:
+    records: list[Run | None] = []
+    for start in range(0, len(run_ids), 500):
+        records.extend(await client.rt.runs.get_many(run_ids[start : start + 500]))
+    return records
+
+
+async def drain(client: Client, run_ids: list[str], timeout: float) -> list[Run | None]:
+    """Wait until every run is terminal (or the time is up); returns the last records read."""
+    deadline = time.monotonic() + timeout
+    records: list[Run | None] = [None] * len(run_ids)
+    while time.monotonic() < deadline:
+        try:
+            records = await fetch(client, run_ids)
+        except Exception:
+            await asyncio.sleep(0.5)
+            continue
+        if all(r is not None and r.status.terminal for r in records):
+            break
+        await asyncio.sleep(1.0)
+    return records
+
+
+async def dead_letters(settings: Settings) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Everything in the namespace's dead-letter queue (read straight from the broker)."""
+    names = Names(settings.namespace)
+    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1:5672/")
+    received = []
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(names.dead_queue)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            received.append(message)
+    return received
+
+
+def describe_dead_letter(message: aio_pika.abc.AbstractIncomingMessage) -> dict[str, Any]:
+    headers = message.headers or {}
+    return {
+        "routing_key": message.routing_key,
+        "queue": str(headers.get("x-first-death-queue")),
+        "why": str(headers.get("x-first-death-reason") or headers.get("x-rundispatch-reason")),
+        "body": message.body[:80],
+    }
+
+
+async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
+    client: Client,
+    settings: Settings,
+    procs: Processes,
+    apply_fleet: Any,
+    private_redis: PrivateRedis,
+    amqp_proxy: ProxyProcess,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    began = time.monotonic()
+    apply_fleet(chaos_fleet())
+    chaos = Chaos(procs, private_redis, amqp_proxy)
+    chaos.start_all()
+    run_ids = [f"chaos-{i:05d}-{uuid.uuid4().hex[:6]}" for i in range(RUNS)]
+    stats: Counter[str] = Counter()
+    supervisor = asyncio.create_task(chaos.supervise())
+    submitting = asyncio.create_task(submit_all(client, run_ids, stats))
+    killed_mid_run: list[str] = []
+
+    async def schedule() -> None:
+        await asyncio.sleep(2.0)
+        await chaos.kill_dispatcher("d1")
+        await asyncio.sleep(2.5)
+        chaos.cut_amqp()
+        await asyncio.sleep(3.0)
+        await chaos.kill_dispatcher("d2")
+        await asyncio.sleep(2.5)
+        killed_mid_run.extend(await chaos.kill_worker_mid_run("m2"))
+        await asyncio.sleep(2.5)
+        await chaos.kill_dispatcher("d1")
+        await asyncio.sleep(3.0)
+        await chaos.kill_redis()
+        await asyncio.sleep(0.5)
+        # Restarted at once, this replica starts while Redis is down: it must wait for it.
+        await chaos.kill_dispatcher("d2")
+        await asyncio.sleep(3.5)
+        await chaos.start_redis()
+        await asyncio.sleep(3.0)
+        await chaos.kill_dispatcher("d2")
+        await asyncio.sleep(2.5)
+        chaos.cut_amqp()
+        await asyncio.sleep(3.0)
+        await chaos.kill_dispatcher("d1")
+        await asyncio.sleep(2.5)
+        await chaos.kill_dispatcher("d2")
+
+    try:
+        await schedule()
+        await submitting
+        chaos.note(f"all {RUNS} runs published ({dict(stats)})")
+        records = await drain(client, run_ids, DRAIN_TIMEOUT_S)
+        chaos.note("drained")
+    finally:
+        supervisor.cancel()
+        submitting.cancel()
+    executions = Counter(e["run_id"] for e in procs.executions())
+    dead = await dead_letters(settings)
+
+    statuses: Counter[str] = Counter()
+    failed_by_code: Counter[str] = Counter()
+    lost: list[str] = []
+    problems: list[str] = []
+    for run_id, run in zip(run_ids, records, strict=True):
+        if run is None:
+            lost.append(run_id)
+            continue
+        statuses[run.status.value] += 1
+        if not run.status.terminal:
+            lost.append(run_id)
+            continue
+        terminal_events = [e.event for e in run.timeline if e.event in TERMINAL_EVENTS]
+        if terminal_events != [run.status.value]:
+            problems.append(f"{run_id}: terminal events {terminal_events}")
+        ran = executions.get(run_id, 0)
+        if run.status is RunStatus.succeeded and ran != 1:
+            problems.append(f"{run_id}: succeeded with {ran} executions")
+        if run.status is RunStatus.failed:
+            code = run.error.code.value if run.error else "?"
+            failed_by_code[code] += 1
+            if code not in CUT_SHORT:
+                problems.append(f"{run_id}: failed with {code}")
+        elif run.status is not RunStatus.succeeded:
+            problems.append(f"{run_id}: ended {run.status.value}")
+    duplicates = sorted(r for r, n in executions.items() if n > 1)
+    unknown = sorted(set(executions) - set(run_ids))
+
+    summary = {
+        "submitted": RUNS,
+        "succeeded": statuses.get("succeeded", 0),
+        "failed_by_code": dict(failed_by_code),
+        "other_statuses": {k: v for k, v in statuses.items() if k not in {"succeeded", "failed"}},
+        "executions": sum(executions.values()),
+        "runs_executed": len(executions),
+        "duplicates": len(duplicates),
+        "lost": len(lost),
+        "dead_lettered": len(dead),
+        "killed_mid_run": len(killed_mid_run),
+        "faults": {
+            "dispatcher_kills": chaos.dispatcher_kills,
+            "worker_kills": chaos.worker_kills,
+            "amqp_cuts": chaos.cuts,
+            "redis_restarts": chaos.redis_restarts,
+        },
+        "publish": dict(stats),
+        "unexpected_exits": chaos.unexpected_exits,
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    with capsys.disabled():
+        print("\nchaos counts: " + json.dumps(summary, indent=2, sort_keys=True), flush=True)
+        if lost:
+            sample = {
+                r: (rec.status.value if rec else None)
+                for r, rec in zip(run_ids, records, strict=True)
+                if r in set(lost[:10])
+            }
+            print(f"lost (sample): {sample}", flush=True)
+        for line in problems[:20]:
+            print(f"problem: {line}", flush=True)
+        for message in dead[:10]:
+            print(f"dead letter: {describe_dead_letter(message)}", flush=True)
+
+    assert chaos.dispatcher_kills >= 5 and chaos.worker_kills >= 1
+    assert chaos.cuts >= 2 and chaos.redis_restarts >= 1
+    assert not lost, f"{len(lost)} runs lost or stuck: {lost[:10]}"
+    assert not duplicates, f"{len(duplicates)} runs executed twice: {duplicates[:10]}"
+    assert not unknown, f"executions of runs never submitted: {unknown[:10]}"
+    assert not problems, problems[:20]
+    assert not dead, [describe_dead_letter(m) for m in dead[:5]]
+    assert killed_mid_run, "the worker was not killed in mid-run"
+    assert not chaos.unexpected_exits, chaos.unexpected_exits
