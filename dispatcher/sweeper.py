@@ -57,6 +57,10 @@ class Sweeper:
         self.metrics = metrics
         self.clock = clock
         self._last_resweep = 0.0
+        # Since when this replica could reach Redis without interruption. Heartbeats that
+        # arrive while Redis is unreachable cannot be recorded, so for ``offline_after_s``
+        # after start-up or an outage no machine is judged on its (stale) last heartbeat.
+        self._reachable_since: float | None = clock()
 
     async def run_forever(self) -> None:
         interval = self.settings.sweep_interval_s
@@ -68,6 +72,7 @@ class Sweeper:
                     await self.expire_deadlines(self.clock())
             except Exception:
                 log.exception("sweep failed; trying again")
+                self._reachable_since = None
             await asyncio.sleep(interval)
 
     async def sweep_once(self) -> None:
@@ -111,6 +116,10 @@ class Sweeper:
     async def check_liveness(self, now: float) -> None:
         """Mark silent machines offline; requeue their unstarted runs; fail lost running runs."""
         offline_after = self.settings.offline_after_s
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now - self._reachable_since < offline_after:
+            return  # heartbeats missed while the store was unreachable are no evidence
         marks = await self.machines.offline_marks()
         for machine_id in await self.machines.stale(now, offline_after):
             if machine_id not in marks and await self.machines.mark_offline(machine_id, now):
