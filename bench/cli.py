@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -73,13 +74,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _quiet_shutdown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """aiormq's channel readers complain when an interrupted run is torn down: drop that."""
+    if str(context.get("message", "")).startswith("unhandled exception during asyncio.run()"):
+        return
+    loop.default_exception_handler(context)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    asyncio.get_running_loop().set_exception_handler(_quiet_shutdown)
     sections: dict[str, Any] = {}
     bench = Bench(live=args.live, fleet_small=10, log=log)
     started = time.time()
+    code = code_info()  # at the start: others commit to the same tree while the bench runs
     log(f"namespace {bench.settings.namespace}; work dir {bench.workdir}")
     want = set(args.sections)
     reference: list[dict[str, Any]] = []
+    failed = True
     try:
         await bench.setup()
 
@@ -204,9 +215,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log("tokens: cache hits and refreshes under 500 concurrent sign-in runs")
             sections["tokens"] = await measure_tokens(bench.settings, bench.workdir)
             log(f"  {sections['tokens']}")
+        failed = False
     finally:
         log("cleaning up")
         removed = await bench.close()
+        if failed:
+            log(f"  process logs kept in {bench.workdir}")
+        else:
+            shutil.rmtree(bench.workdir, ignore_errors=True)
         left = await leftovers(bench.settings)
         sections["cleanup"] = {**removed, "redis_keys_left": left}
         log(
@@ -217,7 +233,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": round(time.time() - started, 1),
         "quick": args.quick,
         "machine": machine_info(),
-        "code": code_info(),
+        "code": code,
         "config": {
             "live_machines": args.live,
             "runs_per_drain": args.runs,

@@ -51,7 +51,6 @@ from bench.fleet import (
     static_heartbeat,
 )
 from bench.producer import prefill
-from dispatcher.adapters.amqp import Amqp
 from dispatcher.adapters.machine_store import MachineStore
 from dispatcher.names import Names
 from dispatcher.settings import Settings
@@ -89,7 +88,8 @@ class Bench:
         self.procs = Procs(self.workdir, self.env)
         self.log = log
         self.redis = aioredis.Redis.from_url(self.settings.redis_url.get_secret_value())
-        self.amqp = Amqp(self.settings.amqp_url.get_secret_value(), self.names)
+        self.requests_exchange: AbstractExchange | None = None
+        self.heartbeats_exchange: AbstractExchange | None = None
         self.machines = MachineStore(self.redis, self.names)
         self.bl_exchange: AbstractExchange | None = None
         self.bl_connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -104,13 +104,19 @@ class Bench:
 
     # ---- set-up and tear-down -------------------------------------------------------------
     async def setup(self) -> None:
-        await self.amqp.connect()  # declares the product's topology
+        await self.declare_product_topology()
         await bl.declare_topology(self.settings, self.live)
         self.bl_connection = await aio_pika.connect_robust(
             self.settings.amqp_url.get_secret_value()
         )
         channel = await self.bl_connection.channel(publisher_confirms=True)
         self.bl_exchange = await channel.get_exchange(self.bnames.requests, ensure=False)
+        self.requests_exchange = await channel.get_exchange(
+            self.names.requests_exchange, ensure=False
+        )
+        self.heartbeats_exchange = await channel.get_exchange(
+            self.names.heartbeats_exchange, ensure=False
+        )
         self.apply_fleet(self.fleet_small)
         await record_heartbeats(self.machines, self.static)
         await insert_waiting(self.redis, self.settings, 10)
@@ -146,6 +152,32 @@ class Bench:
             self._ours_workers = False
         else:
             self._bl_workers = False
+
+    async def declare_product_topology(self, timeout: float = 60.0) -> None:
+        """The product declares its own exchanges and queues: start a dispatcher once (the code
+        of the tree as it is now), wait for its requests queue, stop it."""
+        names = self.start_dispatchers("ours")
+        deadline = time.monotonic() + timeout
+        connection = await aio_pika.connect(self.settings.amqp_url.get_secret_value())
+        try:
+            while True:
+                self.procs.check_alive(*names)
+                channel = await connection.channel()
+                try:
+                    await channel.declare_queue(self.names.signals_queue, passive=True)
+                    await asyncio.sleep(1.0)  # its bindings follow the declaration
+                    break
+                except aio_pika.exceptions.ChannelClosed:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the dispatcher did not declare its topology") from None
+                    await asyncio.sleep(0.3)
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+        finally:
+            await connection.close()
+            for name in names:
+                self.procs.stop(name)
 
     def start_ours_workers(self) -> bool:
         """Start a simulated worker per live machine (once); True when started now."""
@@ -195,7 +227,6 @@ class Bench:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._keepalive
         self.procs.stop_all()
-        await self.amqp.close()
         if self.bl_connection is not None:
             with contextlib.suppress(Exception):
                 await self.bl_connection.close()
@@ -226,7 +257,8 @@ class Bench:
         """Heartbeats of the machines without a worker, over AMQP as a worker sends them: each
         machine every ``heartbeat_interval_s``, spread evenly."""
         interval = self.settings.heartbeat_interval_s
-        exchange = self.amqp.exchange("heartbeats")
+        exchange = self.heartbeats_exchange
+        assert exchange is not None
         position = 0.0
         tick = 0.25
         while True:
@@ -303,7 +335,7 @@ class Bench:
     ) -> dict[str, Any]:
         await self.ensure_workers(kind)
         quiet = await wait_quiet()
-        exchange = self.amqp.exchange("requests") if kind == "ours" else self.bl_exchange
+        exchange = self.requests_exchange if kind == "ours" else self.bl_exchange
         assert exchange is not None
         self._counter += 1
         prefix = f"{label}-{self._counter}-"
