@@ -181,25 +181,31 @@ class Chaos:
         finally:
             self._killing.discard(name)
 
-    async def kill_worker_mid_run(self, machine_id: str, down_s: float = 1.0) -> list[str]:
-        """SIGKILL a worker while its ledger shows a flow started and not finished."""
+    async def kill_worker_mid_run(
+        self, machine_id: str, long_runs: set[str], down_s: float = 1.0
+    ) -> list[str]:
+        """SIGKILL a worker while one of the long flows (1-2 s) has just started on it, so that
+        the kill certainly cuts a flow short; returns those flows."""
         name = f"worker-{machine_id}"
         ledger = self.procs.state_dir(machine_id) / "ledger.jsonl"
         self._killing.add(name)
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                open_runs = _open_runs(ledger)
-                if open_runs or time.monotonic() > deadline:
-                    break
+            deadline = time.monotonic() + 30
+            cut: list[str] = []
+            while not cut and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
+                # Started under half a second ago and lasting at least one: still running.
+                cut = [
+                    run_id
+                    for run_id, at in _open_runs(ledger).items()
+                    if run_id in long_runs and time.time() - at < 0.5
+                ]
             await asyncio.to_thread(self.procs.kill, name)
             self.worker_kills += 1
-            open_runs = _open_runs(ledger)
-            self.note(f"SIGKILL {name} while it ran {len(open_runs)} flows")
+            self.note(f"SIGKILL {name} while it ran {len(cut)} long flows")
             await asyncio.sleep(down_s)
             self.start_worker(machine_id)
-            return open_runs
+            return cut
         finally:
             self._killing.discard(name)
 
@@ -218,21 +224,21 @@ class Chaos:
         self.note("redis-server restarted on its AOF")
 
 
-def _open_runs(ledger: Path) -> list[str]:
-    """Runs whose start is in the ledger and whose end is not."""
+def _open_runs(ledger: Path) -> dict[str, float]:
+    """Runs whose start is in the ledger and whose end is not, with when they started."""
     if not ledger.exists():
-        return []
-    started: dict[str, int] = {}
+        return {}
+    started: dict[str, float] = {}
     for line in ledger.read_text().splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
         if entry.get("event") == "started":
-            started[entry["run_id"]] = entry["fence"]
+            started[entry["run_id"]] = entry["at"]
         elif entry.get("event") in {"finished", "abandoned"}:
             started.pop(entry["run_id"], None)
-    return list(started)
+    return started
 
 
 async def submit_all(client: Client, run_ids: list[str], stats: Counter[str]) -> None:
@@ -348,7 +354,8 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
         await asyncio.sleep(3.0)
         await chaos.kill_dispatcher("d2")
         await asyncio.sleep(2.5)
-        killed_mid_run.extend(await chaos.kill_worker_mid_run(KILLED_WORKER))
+        long_runs = {r for i, r in enumerate(run_ids) if i % LONG_EVERY == 0}
+        killed_mid_run.extend(await chaos.kill_worker_mid_run(KILLED_WORKER, long_runs))
         await asyncio.sleep(2.5)
         await chaos.kill_dispatcher("d1")
         await asyncio.sleep(3.0)
@@ -450,4 +457,9 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
     assert not problems, problems[:20]
     assert not dead, [describe_dead_letter(m) for m in dead[:5]]
     assert killed_mid_run, "the worker was not killed in mid-run"
+    for run_id in killed_mid_run:
+        run = records[run_ids.index(run_id)]
+        assert run is not None and run.status is RunStatus.failed, run
+        assert run.error is not None and run.error.code.value == "WorkerRestarted", run.error
+        assert executions[run_id] == 1
     assert not chaos.unexpected_exits, chaos.unexpected_exits
