@@ -10,7 +10,6 @@ from pydantic import ValidationError
 from dispatcher.errors import InvalidMessage
 from dispatcher.models import CancelRequest, RunRequest
 
-JSON_TYPES = {None, "", "application/json"}
 ENCODINGS = {None, "", "utf-8", "identity"}
 
 
@@ -39,6 +38,23 @@ def _summarise(error: ValidationError) -> tuple[str, str]:
     return "schema", "; ".join(parts) + more
 
 
+def is_json_type(content_type: str | None) -> bool:
+    """``application/json``, optionally with ``charset=utf-8``; none at all is taken as JSON."""
+    if not content_type:
+        return True
+    media, _, parameters = content_type.partition(";")
+    if media.strip().lower() != "application/json":
+        return False
+    for parameter in filter(None, (p.strip() for p in parameters.split(";"))):
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in {
+            "utf-8",
+            "utf8",
+        }:
+            return False
+    return True
+
+
 def decode(
     body: bytes,
     *,
@@ -52,7 +68,7 @@ def decode(
         raise InvalidMessageClass(
             "oversize", f"body is {len(body)} bytes; the limit is {max_bytes}"
         )
-    if content_type not in JSON_TYPES:
+    if not is_json_type(content_type):
         raise InvalidMessageClass("content_type", f"content type {content_type!r} is not JSON")
     if content_encoding not in ENCODINGS:
         raise InvalidMessageClass(

@@ -64,7 +64,7 @@ REFRESH_RESULTS: Final = _closed(
 )
 DEAD_LETTER_REASONS: Final = _closed(
     "invalid_json", "not_an_object", "schema", "oversize", "content_type", "encoding",
-    "delivery_limit", "heartbeat",
+    "delivery_limit", "heartbeat", "unknown_run",
 )  # fmt: skip
 EVENTS: Final = _closed(
     "queued", "dispatched", "started", "succeeded", "failed", "timed_out", "cancelled", "rejected"

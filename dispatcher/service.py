@@ -37,6 +37,7 @@ from dispatcher.core.admission import Rejection, admit
 from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import order_score
+from dispatcher.errors import NotFound
 from dispatcher.handoff import Handoff
 from dispatcher.intake import InvalidMessageClass, decode
 from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
@@ -166,6 +167,10 @@ class Dispatcher:
         messages: list[OutboxMessage] = []
         targets: set[str] = set()
         for (index, _), result in zip(work, results, strict=True):
+            if isinstance(result, NotFound):  # a cancel naming no run: bad input, not an outage
+                self.metrics.dead_letter("unknown_run")
+                verdicts[index] = DeadLetter(str(result), "unknown_run")
+                continue
             if isinstance(result, BaseException):
                 log.warning("request could not be recorded, retrying: %r", result)
                 verdicts[index] = retry_for(result)

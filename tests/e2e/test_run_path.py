@@ -169,3 +169,34 @@ async def test_same_run_id_twice_runs_once(
     assert [e["run_id"] for e in procs.executions()].count(run_id) == 1
     assert (await client.get(run_id)).timeline[0].event == "queued"
     assert sum(1 for e in (await client.get(run_id)).timeline if e.event == "started") == 1
+
+
+async def test_cancel_of_an_unknown_run_is_dead_lettered(
+    client: Client, settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    await start_fleet(procs, apply_fleet, machines=1)
+    names = Names(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(names.requests_exchange)
+        await exchange.publish(
+            aio_pika.Message(b'{"run_id": "no-such-run"}', content_type="application/json"),
+            "cancel",
+        )
+        valid = await client.submit(
+            connection_id="c1", flow_id="f", requested_by=OWNER, mode="unattended"
+        )
+        assert (await client.wait(valid, timeout=30)).status is RunStatus.succeeded
+        dead = await channel.get_queue(names.dead_queue)
+        found: list[aio_pika.abc.AbstractIncomingMessage] = []
+
+        async def dead_lettered() -> bool:
+            message = await dead.get(no_ack=True, fail=False)
+            if message is not None:
+                found.append(message)
+            return bool(found)
+
+        await eventually(dead_lettered, timeout=20)
+    assert found[0].body == b'{"run_id": "no-such-run"}'
+    assert "does not exist" in str((found[0].headers or {}).get("x-rundispatch-reason"))
