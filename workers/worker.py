@@ -132,7 +132,32 @@ class MachineWorker:
             await asyncio.sleep(min(0.2, interval))
             if self.sessions.changed() or time.monotonic() >= next_beat:
                 await self.send_heartbeat()
+                await self.drop_abandoned()
                 next_beat = time.monotonic() + interval
+
+    async def drop_abandoned(self) -> None:
+        """Stop flows whose run the dispatcher no longer has running here under our fence
+        (it failed the run while this machine was unreachable): the run is over, and it must
+        not be reported twice or keep a robot busy."""
+        if not self.running:
+            return
+        items = list(self.running.values())
+        try:
+            states = await self.runs.states([item.assignment.run_id for item in items])
+        except Exception as exc:
+            log.debug("run states not checked: %s", exc)
+            return
+        for item, (status, fence) in zip(items, states, strict=True):
+            if item.cancel_reason is None and (
+                status != "running" or fence != item.assignment.fence
+            ):
+                log.warning(
+                    "run %s is %s for the dispatcher; stopping its flow here",
+                    item.assignment.run_id,
+                    status,
+                )
+                item.cancel_reason = f"the dispatcher ended the run ({status})"
+                item.task.cancel()
 
     async def send_heartbeat(self) -> None:
         heartbeat = Heartbeat(

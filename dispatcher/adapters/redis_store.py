@@ -495,6 +495,16 @@ class RunStore:
             pipe.hgetall(self.names.run(run_id))
         return [parse_run(raw) if raw else None for raw in await pipe.execute()]
 
+    async def states(self, run_ids: Sequence[str]) -> list[tuple[str | None, int | None]]:
+        """(status, fence) of several runs, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hmget(self.names.run(run_id), "status", "fence")
+        result = []
+        for status, fence in await pipe.execute():
+            result.append((json.loads(status) if status else None, int(fence) if fence else None))
+        return result
+
     async def score_of(self, run_id: str) -> float | None:
         raw = await self.redis.hget(self.names.run(run_id), "_score")
         return float(raw) if raw is not None else None

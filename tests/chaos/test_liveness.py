@@ -155,6 +155,16 @@ async def test_a_silent_machine_gives_back_unstarted_runs_and_loses_running_ones
         return all(f"refusing run {run_id}" in log for run_id in handed)
 
     await eventually(refused_all, timeout=30)
+    if comeback == "resumed":
+        # The resumed worker still had the long flow running: it learns that the dispatcher
+        # failed that run and stops the flow instead of keeping the robot busy.
+        await eventually(
+            lambda: (
+                f"run {long_run} is failed for the dispatcher; stopping its flow here"
+                in procs.log_text("worker-m1")
+            ),
+            timeout=30,
+        )
     marker = await submit(client, "marker", "c1", 0.05)
     assert (await client.wait(marker, timeout=30)).status is RunStatus.succeeded
 
