@@ -146,6 +146,15 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         out.append(
             (
                 "",
+                f"  slots in use mean / max (of {o.get('slots_total', '?')})",
+                f"{_fmt(o.get('slots_used_mean'))} / {_fmt(o.get('slots_used_max'))}",
+                f"{_fmt(b.get('slots_used_mean'))} / {_fmt(b.get('slots_used_max'))}",
+                "runs on the machines",
+            )
+        )
+        out.append(
+            (
+                "",
                 "  started p50, first / last fifth",
                 f"{_fmt(o['started_p50_first_fifth_ms'])} / {_fmt(o['started_p50_last_fifth_ms'])}",
                 f"{_fmt(b['started_p50_first_fifth_ms'])} / {_fmt(b['started_p50_last_fifth_ms'])}",

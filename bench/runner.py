@@ -501,9 +501,12 @@ class Bench:
         pids = [*dpids, *self.worker_pids(kind), producer.pid, os.getpid()]
         pids += [p for p in (self.rabbit_pid, self.redis_pid) if p]
         first = sample(pids)
+        slots: list[int] = []
+        watcher = asyncio.create_task(self.watch_slots(kind, slots))
         try:
             await asyncio.sleep(duration)  # sample while the producer still runs
             last = sample(pids)
+            watcher.cancel()
             out, _ = await asyncio.wait_for(producer.communicate(), timeout=60)
             summary = json.loads(out.decode().strip().splitlines()[-1])
             deadline = time.monotonic() + 20
@@ -512,6 +515,7 @@ class Bench:
                     break
                 await asyncio.sleep(0.2)
         finally:
+            watcher.cancel()
             with contextlib.suppress(ProcessLookupError):
                 producer.kill()
             for name in names:
@@ -545,6 +549,10 @@ class Bench:
             "started_p50_first_fifth_ms": round(percentile(early, 50), 1),
             "started_p50_last_fifth_ms": round(percentile(late, 50), 1),
             "stages": stages,
+            # Runs on the machines (dispatched or running) every 0.25 s, of 10 per machine.
+            "slots_used_mean": round(statistics.mean(slots), 1) if slots else None,
+            "slots_used_max": max(slots, default=None),
+            "slots_total": 10 * len(self.live),
             "dispatcher_cores": round(cores(first, last, dpids), 3),
             "worker_cores": round(cores(first, last, self.worker_pids(kind)), 3),
             "producer_cores": round(cores(first, last, [producer.pid]), 3),
@@ -561,29 +569,45 @@ class Bench:
         )
         return result
 
+    async def watch_slots(self, kind: str, into: list[int]) -> None:
+        """Sum of the live machines' assigned runs (the product's slot bookkeeping)."""
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for machine_id in self.live:
+                if kind == "ours":
+                    pipe.hlen(self.names.machine_assigned(machine_id))
+                else:
+                    pipe.hlen(self.bnames.key("assigned", machine_id))
+            into.append(sum(await pipe.execute()))
+            await asyncio.sleep(0.25)
+
     async def stages(
         self, kind: str, seen: dict[str, dict[str, float]], measured: list[dict[str, float]]
     ) -> dict[str, dict[str, float]]:
         """Where a run's time goes, from the timestamps the product records (ms, p50/p99):
         submit -> queued (request consumed, admitted), queued -> dispatched (the placement
         pass that took it began), pass began -> run.dispatched observed (claim, publish),
-        dispatched -> started (assignment delivered, fenced start)."""
+        dispatched -> started (assignment delivered, fenced start), started -> finished (the
+        zero-length flow and the worker's outcome batch: the slot is busy until then)."""
         by_id = {id(e): run_id for run_id, e in seen.items()}
         run_ids = [by_id[id(e)] for e in measured]
         pipe = self.redis.pipeline(transaction=False)
         for run_id in run_ids:
-            pipe.hmget(self.names.run(run_id), "queued_at", "dispatched_at", "started_at")
+            pipe.hmget(
+                self.names.run(run_id), "queued_at", "dispatched_at", "started_at", "finished_at"
+            )
         rows = await pipe.execute()
         spans: dict[str, list[float]] = {
             "submit_to_queued": [],
             "queued_to_pass": [],
             "pass_to_dispatched_event": [],
             "dispatched_to_started": [],
+            "started_to_finished": [],
         }
         for entry, row in zip(measured, rows, strict=True):
             if None in row or "run.dispatched" not in entry:
                 continue
-            queued, dispatched, begun = (float(x) for x in row)
+            queued, dispatched, begun, ended = (float(x) for x in row)
             submitted = entry["submitted"]
             spans["submit_to_queued"].append(queued - submitted)
             spans["queued_to_pass"].append(dispatched - queued)
@@ -591,6 +615,7 @@ class Bench:
                 entry["run.dispatched"] - (dispatched - submitted)
             )
             spans["dispatched_to_started"].append(begun - dispatched)
+            spans["started_to_finished"].append(ended - begun)
         return {
             name: {
                 "p50_ms": round(percentile(values, 50) * 1000, 1),
