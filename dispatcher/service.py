@@ -280,7 +280,7 @@ class Dispatcher:
 
     async def handle_signals(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """A run ended or a machine changed: its machine's targets may place more runs."""
-        fleet = await self.fleet.load()
+        fleet = self.fleet.cached() or await self.fleet.load()
         targets: set[str] = set()
         for message in batch:
             try:

@@ -6,6 +6,7 @@ that fault tests count executions from.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -32,13 +33,25 @@ class Ledger:
         return run_id in self._seen
 
     def record(self, event: str, run_id: str, fence: int, **extra: Any) -> None:
-        """Append and fsync one entry (a start is on disk before the flow begins)."""
+        """Append and fsync one entry."""
         self.record_many(event, [(run_id, fence, extra)])
 
-    def record_many(self, event: str, entries: list[tuple[str, int, dict[str, Any]]]) -> None:
-        """Append several entries with one fsync."""
+    async def record_started(self, entries: list[tuple[str, int, dict[str, Any]]]) -> None:
+        """Starts are on disk before their flows begin (fsynced off the event loop): they
+        are what refuses a redelivered assignment even if the store lost its last writes."""
+        if self._write("started", entries):
+            await asyncio.to_thread(os.fsync, self._file.fileno())
+
+    def record_many(
+        self, event: str, entries: list[tuple[str, int, dict[str, Any]]], durable: bool = True
+    ) -> None:
+        """Append several entries, with one fsync when ``durable``."""
+        if self._write(event, entries) and durable:
+            os.fsync(self._file.fileno())
+
+    def _write(self, event: str, entries: list[tuple[str, int, dict[str, Any]]]) -> bool:
         if not entries:
-            return
+            return False
         now = time.time()
         lines = []
         for run_id, fence, extra in entries:
@@ -49,7 +62,7 @@ class Ledger:
             )
         self._file.write("\n".join(lines) + "\n")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        return True
 
     def close(self) -> None:
         self._file.close()

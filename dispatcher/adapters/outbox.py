@@ -8,6 +8,7 @@ events and workers therefore see each message at least once; both dedupe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
 
 log = logging.getLogger(__name__)
 
+FORGET_AFTER_S = 0.02
+
 
 class OutboxPublisher:
     def __init__(self, amqp: Amqp, store: RunStore, metrics: MetricsHooks | None = None) -> None:
@@ -25,6 +28,8 @@ class OutboxPublisher:
         self.store = store
         self.metrics: MetricsHooks = metrics or NullMetrics()
         self.published = 0
+        self._confirmed: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def send(self, messages: Sequence[OutboxMessage]) -> bool:
         """Publish and forget ``messages``; on failure they stay for the relay."""
@@ -39,11 +44,26 @@ class OutboxPublisher:
         for message in messages:
             if message.kind == "event":
                 self.metrics.event_published(message.routing_key)
-        try:
-            await self.store.outbox_done([m.id for m in messages])
-        except Exception as exc:
-            log.warning("could not clear %d outbox entries: %s", len(messages), exc)
+        self._forget([m.id for m in messages if m.id])
         return True
+
+    def _forget(self, ids: list[str]) -> None:
+        """Delete confirmed entries from the outbox a moment later, many per round trip.
+
+        Nothing waits for it: an entry left behind by a crash is published again by the
+        relay, which consumers absorb (they see every message at least once anyway).
+        """
+        self._confirmed.extend(ids)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="outbox-flush")
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(FORGET_AFTER_S)
+        ids, self._confirmed = self._confirmed, []
+        try:
+            await self.store.outbox_done(ids)
+        except Exception as exc:
+            log.warning("could not clear %d outbox entries: %s", len(ids), exc)
 
     async def relay(self, older_than_s: float, batch: int = 500) -> int:
         """Publish outbox entries older than ``older_than_s``; returns how many."""

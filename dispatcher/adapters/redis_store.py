@@ -8,6 +8,7 @@ nothing, the outbox relay publishes it later.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -47,10 +48,45 @@ class RunStore:
         self._scripts = {
             name: redis.register_script(source) for name, source in load_scripts().items()
         }
+        self._pending: dict[str, list[tuple[list[str], list[Any], asyncio.Future[Any]]]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def _run_script(self, name: str, keys: list[str], args: list[Any]) -> Outcome:
-        raw = await self._scripts[name](keys=keys, args=args)
-        return outcome_of(raw)
+        """Run one script call. Calls made in the same turn of the event loop (a batch of
+        requests handled concurrently, say) share one pipeline: one round trip for all."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        pending = self._pending.setdefault(name, [])
+        pending.append((keys, args, future))
+        if len(pending) == 1:
+            loop.call_soon(self._send_pending, name)
+        return outcome_of(await future)
+
+    def _send_pending(self, name: str) -> None:
+        calls = self._pending.pop(name, [])
+        task = asyncio.create_task(self._send(name, calls))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, name: str, calls: list[tuple[list[str], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            raw = await self._evalsha_many(name, [(keys, args) for keys, args, _ in calls])
+        except BaseException as exc:
+            for _, _, future in calls:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, future), item in zip(calls, raw, strict=True):
+            if future.done():
+                continue
+            if isinstance(item, Exception):
+                future.set_exception(item)
+            else:
+                future.set_result(item)
 
     # ---- admission ----------------------------------------------------------------------------
     @staticmethod
@@ -323,21 +359,27 @@ class RunStore:
         """Several calls of one script in a pipeline (each atomic on its own)."""
         if not calls:
             return []
-        # EVALSHA straight into the pipeline: registering the script with it would cost a
-        # SCRIPT EXISTS round trip per batch. A server that lost its scripts (restart)
-        # answers NOSCRIPT: load them and run those calls again.
-        sha = self._scripts[script].sha
-        raw = await self._pipeline_evalsha(sha, calls)
-        missing = [i for i, item in enumerate(raw) if isinstance(item, NoScriptError)]
-        if missing:
-            await self._scripts[script].registered_client.script_load(self._scripts[script].script)
-            again = await self._pipeline_evalsha(sha, [calls[i] for i in missing])
-            for index, item in zip(missing, again, strict=True):
-                raw[index] = item
+        raw = await self._evalsha_many(script, calls)
         return [
             Outcome("error", (), (repr(item),)) if isinstance(item, Exception) else outcome_of(item)
             for item in raw
         ]
+
+    async def _evalsha_many(
+        self, script: str, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """EVALSHA straight into a pipeline: registering the script with it would cost a
+        SCRIPT EXISTS round trip per batch. A server that lost its scripts (a restart)
+        answers NOSCRIPT: load the script and run those calls again."""
+        sha = self._scripts[script].sha
+        raw = await self._pipeline_evalsha(sha, calls)
+        missing = [i for i, item in enumerate(raw) if isinstance(item, NoScriptError)]
+        if missing:
+            await self.redis.script_load(self._scripts[script].script)
+            again = await self._pipeline_evalsha(sha, [calls[i] for i in missing])
+            for index, item in zip(missing, again, strict=True):
+                raw[index] = item
+        return raw
 
     async def _pipeline_evalsha(
         self, sha: str, calls: Sequence[tuple[list[str], list[Any]]]
