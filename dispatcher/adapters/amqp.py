@@ -25,6 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import PublishError
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from dispatcher.adapters.records import OutboxMessage
 from dispatcher.names import Names
@@ -32,6 +33,7 @@ from dispatcher.names import Names
 log = logging.getLogger(__name__)
 
 DELIVERY_LIMIT = 5
+SIGNALS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
 # How long a consumer keeps retrying a batch whose handler hit a transient failure (Redis
 # down or restarting) before it hands the messages back (well under the consumer timeout).
 HOLD_S = 60.0
@@ -150,8 +152,9 @@ class Amqp:
         await heartbeats_queue.bind(heartbeats)
         # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
         # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
+        await self._replace_if_declared_otherwise(names.signals_queue, SIGNALS_ARGUMENTS)
         signals = await channel.declare_queue(
-            names.signals_queue, durable=True, arguments={"x-message-ttl": 60_000}
+            names.signals_queue, durable=True, arguments=SIGNALS_ARGUMENTS
         )
         for key in (*TERMINAL_EVENT_KEYS, "machine.#"):
             await signals.bind(events, key)
@@ -162,6 +165,23 @@ class Amqp:
             "machines": machines,
             "heartbeats": heartbeats,
         }
+
+    async def _replace_if_declared_otherwise(self, name: str, arguments: dict[str, Any]) -> None:
+        """Re-create a queue of hints that an earlier version declared with other arguments
+        (RabbitMQ refuses the new declaration with PRECONDITION_FAILED otherwise). Only for
+        queues whose messages may be lost: the signals queue."""
+        assert self.connection is not None
+        probe = await self.connection.channel()
+        try:
+            await probe.declare_queue(name, durable=True, arguments=arguments)
+        except ChannelPreconditionFailed:
+            log.warning("queue %s was declared with other arguments; re-creating it", name)
+            fresh = await self.connection.channel()
+            await fresh.queue_delete(name)
+            await fresh.close()
+        finally:
+            if not probe.is_closed:
+                await probe.close()
 
     def exchange(self, role: str) -> AbstractExchange:
         return self._exchanges[role]
