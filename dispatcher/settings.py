@@ -71,6 +71,17 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = Field(default="text", pattern=r"^(text|json)$")
 
+    def as_environment(self) -> dict[str, str]:
+        """``RUNDISPATCH_*`` variables that give another process exactly these settings
+        (tests, demos and benchmarks start dispatchers and workers with them)."""
+        env: dict[str, str] = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"RUNDISPATCH_{name.upper()}"] = str(text)
+        return env
+
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
         """Build the settings from the environment, an optional env file, and overrides."""

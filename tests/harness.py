@@ -49,11 +49,7 @@ def new_settings(**overrides: Any) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a subprocess exactly these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNDISPATCH_")}
-    for name, value in settings.model_dump().items():
-        if value is None:
-            continue
-        text = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-        env[f"RUNDISPATCH_{name.upper()}"] = str(text)
+    env.update(settings.as_environment())
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -443,21 +443,10 @@ class RunStore:
         detail: dict[str, Any] | None = None,
     ) -> Outcome:
         """End a queued run (deadline passed, cancelled, or failed before hand-off)."""
-        names = self.names
-        target = run.target or ""
-        lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
+        target, lane, keys = self._queue_keys(run)
         return await self._run_script(
             "unqueue",
-            [
-                names.run(run.run_id),
-                names.queue(target),
-                names.lane(target, lane),
-                names.lanes(target),
-                names.queue_deadlines,
-                names.targets,
-                names.outbox,
-                names.finished(status),
-            ],
+            [*keys, self.names.outbox, self.names.finished(status)],
             [
                 run.run_id,
                 status.value,
@@ -471,23 +460,27 @@ class RunStore:
             ],
         )
 
-    async def requeue(self, run: Run, *, reason: str, now: float) -> Outcome:
-        """Put a dispatched run that never started back in its queue, at its old position."""
+    def _queue_keys(self, run: Run) -> tuple[str, str, list[str]]:
+        """Target, lane and the keys of a run's place in its queue (the scripts' first six)."""
         names = self.names
         target = run.target or ""
         lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
+        keys = [
+            names.run(run.run_id),
+            names.queue(target),
+            names.lane(target, lane),
+            names.lanes(target),
+            names.queue_deadlines,
+            names.targets,
+        ]
+        return target, lane, keys
+
+    async def requeue(self, run: Run, *, reason: str, now: float) -> Outcome:
+        """Put a dispatched run that never started back in its queue, at its old position."""
+        target, _, keys = self._queue_keys(run)
         return await self._run_script(
             "requeue",
-            [
-                names.run(run.run_id),
-                names.queue(target),
-                names.lane(target, lane),
-                names.lanes(target),
-                names.queue_deadlines,
-                names.targets,
-                names.machine_assigned(run.machine_id or ""),
-                names.outbox,
-            ],
+            [*keys, self.names.machine_assigned(run.machine_id or ""), self.names.outbox],
             [
                 run.run_id,
                 run.fence if run.fence is not None else "",
