@@ -166,6 +166,7 @@ def main(argv: list[str]) -> int:
     redis = os.environ.get("RUNDISPATCH_REDIS_URL", DEFAULT_REDIS)
     started: list[subprocess.Popen[bytes]] = []
     workdir = tempfile.mkdtemp(prefix="rundispatch-services-")
+    os.chmod(workdir, 0o755)  # a private RabbitMQ runs as the rabbitmq user: it must get in
     env = dict(os.environ)
     try:
         if not answers(redis, 6379):
