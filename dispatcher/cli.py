@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
-    runs = add("runs", cmd_runs_show, "show runs").add_subparsers(
-        dest="runs_command", required=True
-    )
+    runs = add(
+        "runs", cmd_runs_show, "a run's record, timeline and why it waits; wait for a run"
+    ).add_subparsers(dest="runs_command", required=True)
     p = add("show", cmd_runs_show, "a run with its timeline, position and why it waits", runs)
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
@@ -407,9 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--json", action="store_true")
 
-    machines = add("machines", cmd_machines_list, "machines").add_subparsers(
-        dest="machines_command", required=True
-    )
+    machines = add(
+        "machines", cmd_machines_list, "machines' live state; maintenance on/off"
+    ).add_subparsers(dest="machines_command", required=True)
     p = add("list", cmd_machines_list, "machines with live state", machines)
     p.add_argument("--json", action="store_true")
     p = add(
