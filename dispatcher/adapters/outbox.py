@@ -19,7 +19,7 @@ from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
 
 log = logging.getLogger(__name__)
 
-FORGET_AFTER_S = 0.02
+FORGET_AFTER_S = 0.25  # long enough to delete many entries per round trip
 
 
 class OutboxPublisher:
