@@ -233,14 +233,25 @@ class RunningRef(Strict):
     fence: int
 
 
+class FinishedRef(Strict):
+    """A run this worker finished lately, as it recorded the outcome (for reconciliation)."""
+
+    run_id: SafeId
+    fence: int
+    status: Literal["succeeded", "failed", "cancelled"]
+    code: str | None = None
+
+
 class Heartbeat(Strict):
-    """What a worker reports about its machine at every heartbeat."""
+    """What a worker reports about its machine at every heartbeat. ``running`` and
+    ``finished`` let the dispatcher repair a store that lost its last writes."""
 
     machine_id: SafeId
     worker_id: Text
     sent_at: float
     sessions: tuple[Session, ...] = ()
     running: tuple[RunningRef, ...] = ()
+    finished: tuple[FinishedRef, ...] = ()
     public_key: str | None = None
     capacity: int = 1
 

@@ -43,6 +43,7 @@ from dispatcher.intake import InvalidMessageClass, decode
 from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
 from dispatcher.models import CancelRequest, ConnectionKind, Heartbeat, RunRequest
 from dispatcher.ports import Delivery, TokenSource
+from dispatcher.reconcile import Reconciler
 from dispatcher.scheduler import Placer
 from dispatcher.settings import Settings
 from dispatcher.sweeper import Sweeper
@@ -88,6 +89,9 @@ class Dispatcher:
             clock=clock,
         )
         self.canceller = Canceller(runs=runs, publisher=self.publisher, clock=clock)
+        self.reconciler = Reconciler(
+            settings=settings, runs=runs, publisher=self.publisher, clock=clock
+        )
         self.sweeper = Sweeper(
             settings=settings,
             runs=runs,
@@ -267,6 +271,7 @@ class Dispatcher:
                 verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
                 continue
             previous, was_offline = await self.machines.record_heartbeat(heartbeat, now)
+            await self.reconciler.heartbeat(heartbeat)
             if (
                 was_offline
                 or previous is None

@@ -11,6 +11,7 @@ A run that was started is never started again: after a crash, the run is reporte
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from dispatcher.adapters.redis_store import RunStore
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.metrics import WorkerMetrics
-from dispatcher.models import Assignment, Heartbeat, RunningRef, RunStatus
+from dispatcher.models import Assignment, FinishedRef, Heartbeat, RunningRef, RunStatus
 from dispatcher.ports import Delivery
 from dispatcher.settings import Settings
 from workers.executors import Executor, FlowContext, FlowResult
@@ -37,6 +38,8 @@ from workers.ledger import Ledger
 from workers.sessions import SessionsFile
 
 log = logging.getLogger(__name__)
+
+RECENT_OUTCOMES = 50
 
 
 @dataclass
@@ -74,6 +77,8 @@ class MachineWorker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.publisher = OutboxPublisher(amqp, runs)
         self.running: dict[str, Running] = {}
+        # The last outcomes, reported with every heartbeat (bounded: a few minutes' worth).
+        self._finished: collections.deque[FinishedRef] = collections.deque(maxlen=RECENT_OUTCOMES)
         self._endings: asyncio.Queue[tuple[Ending, float, ErrorCode | None]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -136,9 +141,9 @@ class MachineWorker:
                 next_beat = time.monotonic() + interval
 
     async def drop_abandoned(self) -> None:
-        """Stop flows whose run the dispatcher no longer has running here under our fence
-        (it failed the run while this machine was unreachable): the run is over, and it must
-        not be reported twice or keep a robot busy."""
+        """Stop flows whose run the dispatcher no longer has here under our fence (it failed
+        the run while this machine was unreachable): the run is over, and it must not keep a
+        robot busy."""
         if not self.running:
             return
         items = list(self.running.values())
@@ -147,10 +152,11 @@ class MachineWorker:
         except Exception as exc:
             log.debug("run states not checked: %s", exc)
             return
-        for item, (status, fence) in zip(items, states, strict=True):
-            if item.cancel_reason is None and (
-                status != "running" or fence != item.assignment.fence
-            ):
+        for item, (status, fence, _machine) in zip(items, states, strict=True):
+            # "dispatched" under our fence is a start the store lost: the dispatcher repairs it
+            # from this worker's heartbeat, so the flow goes on.
+            ours = fence == item.assignment.fence and status in {"running", "dispatched"}
+            if item.cancel_reason is None and not ours:
                 log.warning(
                     "run %s is %s for the dispatcher; stopping its flow here",
                     item.assignment.run_id,
@@ -169,6 +175,7 @@ class MachineWorker:
                 RunningRef(run_id=run_id, fence=item.assignment.fence)
                 for run_id, item in self.running.items()
             ),
+            finished=tuple(self._finished),
             public_key=self.keys.public_key_b64,
             capacity=self.capacity,
         )
@@ -340,6 +347,14 @@ class MachineWorker:
             messages: list[OutboxMessage] = []
             for (ending, duration, code), outcome in zip(batch, outcomes, strict=True):
                 self.running.pop(ending.run_id, None)
+                self._finished.append(
+                    FinishedRef(
+                        run_id=ending.run_id,
+                        fence=ending.fence or 0,
+                        status=ending.status.value,  # type: ignore[arg-type]
+                        code=None if code is None else code.value,
+                    )
+                )
                 if outcome.ok:
                     messages.extend(outcome.messages)
                 else:

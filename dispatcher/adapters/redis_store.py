@@ -530,14 +530,22 @@ class RunStore:
             pipe.hgetall(self.names.run(run_id))
         return [parse_run(raw) if raw else None for raw in await pipe.execute()]
 
-    async def states(self, run_ids: Sequence[str]) -> list[tuple[str | None, int | None]]:
-        """(status, fence) of several runs, in one round trip."""
+    async def states(
+        self, run_ids: Sequence[str]
+    ) -> list[tuple[str | None, int | None, str | None]]:
+        """(status, fence, machine id) of several runs, in one round trip."""
         pipe = self.redis.pipeline(transaction=False)
         for run_id in run_ids:
-            pipe.hmget(self.names.run(run_id), "status", "fence")
+            pipe.hmget(self.names.run(run_id), "status", "fence", "machine_id")
         result = []
-        for status, fence in await pipe.execute():
-            result.append((json.loads(status) if status else None, int(fence) if fence else None))
+        for status, fence, machine in await pipe.execute():
+            result.append(
+                (
+                    json.loads(status) if status else None,
+                    int(fence) if fence else None,
+                    json.loads(machine) if machine else None,
+                )
+            )
         return result
 
     async def score_of(self, run_id: str) -> float | None:
