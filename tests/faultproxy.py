@@ -209,13 +209,10 @@ class ProxyProcess:
         self.resets += 1
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from tests.harness import terminate  # not at import: the proxy process stays light
+
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,17 @@ class Processes:
         return entries
 
 
+def terminate(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM a process we started, SIGKILL it if it does not stop in time."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 async def eventually(
     predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05
 ) -> Any:

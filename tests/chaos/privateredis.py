@@ -15,6 +15,8 @@ from pathlib import Path
 
 import redis
 
+from tests.harness import terminate
+
 REDIS_CONF = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "redis.conf"
 
 
@@ -90,10 +92,5 @@ class PrivateRedis:
         self.restarts += 1
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
