@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import datetime
 from enum import StrEnum
@@ -343,9 +342,6 @@ class Run(BaseModel):
     reasons: dict[str, str] | None = None
     cancel_requested: bool = False
     timeline: list[TimelineEvent] = Field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), separators=(",", ":"))
 
 
 class Assignment(BaseModel):

@@ -95,8 +95,3 @@ def expire_access_tokens(cache_json: str, now: float) -> str:
     for entry in cache.get("AccessToken", {}).values():
         entry["expires_on"] = str(int(now) - 1)
     return json.dumps(cache)
-
-
-def has_refresh_token(cache_json: str | None) -> bool:
-    """Whether the cache holds a refresh token at all."""
-    return bool(cache_json and json.loads(cache_json).get("RefreshToken"))
