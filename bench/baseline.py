@@ -64,6 +64,9 @@ return {redis.call('XADD', KEYS[2], '*', 'k', 'event', 'b', event), event}
 """
 SCRIPTS = {"admit": ADMIT, "claim": CLAIM, "start": START, "finish": FINISH}
 
+# The live connections of the bench's fleet, each a lane of the product's queue.
+LANES = 10
+
 # A heartbeat-sized value for the machine views the baseline reads (the product stores ~300 B).
 LIVE_VALUE = json.dumps(
     {"machine_id": "m", "worker_id": "w" * 40, "sent_at": 0.0, "sessions": [], "running": []}
@@ -152,7 +155,8 @@ async def declare_topology(settings: Settings, machine_ids: Sequence[str]) -> No
     try:
         pipe = redis.pipeline(transaction=False)
         pipe.set(names.key("version"), 1)
-        pipe.zadd(names.key("lanes"), {"c|unattended|normal": 1.0})
+        # As many lanes as the product's placement reads: one per live connection.
+        pipe.zadd(names.key("lanes"), {f"c{i}|unattended|normal": 1.0 for i in range(LANES)})
         for machine_id in machine_ids:
             pipe.set(names.key("live", machine_id), LIVE_VALUE)
             pipe.zadd(names.key("hb"), {machine_id: time.time()})

@@ -4,7 +4,9 @@ by the bench), and runs that wait (inserted through the admit script, pipelined)
 Fleet of ``total`` machines:
 
 * group ``live``: the machines with a simulated worker each (windows_server, 10 unattended
-  slots); connection ``c-live`` (credentials) targets it: the measured runs;
+  slots); connections ``c-live-0`` .. ``c-live-9`` (credentials, one user each) target it:
+  the measured runs. One user per slot: an unattended run occupies a session of its user, so
+  runs of a single connection could use only one slot per machine;
 * machine ``wait-att``: online (heartbeat written by the bench), no session; connection
   ``c-att`` runs attended there, so its runs wait for a session (AttendedUserNotLoggedIn);
 * group ``off``: machine ``wait-off``, never seen; connection ``c-off`` runs unattended there,
@@ -36,7 +38,10 @@ except ImportError:  # before the Redis adapter was split
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 OWNER = "bench@contoso.com"
-LIVE_CONNECTION = "c-live"
+LIVE_SLOTS = 10
+# One connection (one user) per unattended slot of a live machine: the measured runs are spread
+# over them round robin, so every slot of every live machine can be busy.
+LIVE_CONNECTIONS = tuple(f"c-live-{i}" for i in range(LIVE_SLOTS))
 GROUP_SIZE = 50
 STATIC_WORKER = "bench-static"
 STATIC_KEY = "bench-static-public-key"
@@ -61,7 +66,7 @@ def fleet_document(live: Sequence[str], total: int) -> dict[str, Any]:
             "name": machine_id,
             "group_id": "live",
             "os": "windows_server",
-            "max_unattended_runs": 10,
+            "max_unattended_runs": LIVE_SLOTS,
         }
         for machine_id in live
     ]
@@ -74,13 +79,16 @@ def fleet_document(live: Sequence[str], total: int) -> dict[str, Any]:
         machines.append({"machine_id": machine_id, "name": machine_id, "group_id": group})
     connections = [
         {
-            "connection_id": LIVE_CONNECTION,
+            "connection_id": connection_id,
             "owner": OWNER,
             "kind": "credentials",
             "target": {"group_id": "live"},
-            "username": "CONTOSO\\svc-bench",
+            "username": f"CONTOSO\\svc-bench-{index}",
             "password": "bench-password",
-        },
+        }
+        for index, connection_id in enumerate(LIVE_CONNECTIONS)
+    ]
+    connections += [
         {
             "connection_id": "c-att",
             "owner": OWNER,

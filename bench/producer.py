@@ -1,11 +1,12 @@
 """Run requests: the body ``Client.submit`` sends, a pre-fill, and a paced producer process.
 
     python -m bench.producer --exchange NS.requests --rate 150 --duration 20 \
-        --connection c-live --owner bench@contoso.com --prefix lat-
+        --connections c-live-0,c-live-1 --owner bench@contoso.com --prefix lat-
 
 The paced producer publishes every 5 ms tick the requests that are due (persistent,
 confirmed; the confirms of a tick are awaited together in the background, never one by one),
-each carrying ``submitted_at`` = the time of its publish. It prints a JSON summary.
+each carrying ``submitted_at`` = the time of its publish; request ``i`` names connection
+``i mod len(connections)``. It prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 
 import aio_pika
 from aio_pika.abc import AbstractExchange
@@ -52,17 +54,19 @@ def message(body: bytes) -> aio_pika.Message:
 async def prefill(
     exchange: AbstractExchange,
     count: int,
-    connection_id: str,
+    connections: Sequence[str],
     owner: str,
     prefix: str,
     window: int = 500,
 ) -> None:
-    """Publish ``count`` requests as fast as confirms allow (windows of ``window``)."""
+    """Publish ``count`` requests as fast as confirms allow (windows of ``window``), naming
+    the connections round robin."""
     for start in range(0, count, window):
         await asyncio.gather(
             *(
                 exchange.publish(
-                    message(request_body(f"{prefix}{i}", connection_id, owner)), "submit"
+                    message(request_body(f"{prefix}{i}", connections[i % len(connections)], owner)),
+                    "submit",
                 )
                 for i in range(start, min(count, start + window))
             )
@@ -75,6 +79,7 @@ async def paced(args: argparse.Namespace) -> dict[str, float]:
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(args.exchange, ensure=False)
+        connections = args.connections.split(",")
         pending: set[asyncio.Task[object]] = set()
         sent = 0
         total = int(args.rate * args.duration)
@@ -85,7 +90,11 @@ async def paced(args: argparse.Namespace) -> dict[str, float]:
             if due > sent:
                 batch = [
                     exchange.publish(
-                        message(request_body(f"{args.prefix}{i}", args.connection, args.owner)),
+                        message(
+                            request_body(
+                                f"{args.prefix}{i}", connections[i % len(connections)], args.owner
+                            )
+                        ),
                         "submit",
                     )
                     for i in range(sent, due)
@@ -107,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exchange", required=True)
     parser.add_argument("--rate", type=float, required=True, help="requests per second")
     parser.add_argument("--duration", type=float, required=True, help="seconds")
-    parser.add_argument("--connection", required=True)
+    parser.add_argument(
+        "--connections", required=True, help="comma-separated connection ids, used round robin"
+    )
     parser.add_argument("--owner", required=True)
     parser.add_argument("--prefix", required=True, help="run id prefix")
     summary = asyncio.run(paced(parser.parse_args(argv)))

@@ -39,7 +39,7 @@ from bench.env import (
     wait_quiet,
 )
 from bench.fleet import (
-    LIVE_CONNECTION,
+    LIVE_CONNECTIONS,
     OWNER,
     fleet_document,
     forget_machines,
@@ -340,7 +340,7 @@ class Bench:
         self._counter += 1
         prefix = f"{label}-{self._counter}-"
         fill_began = time.perf_counter()
-        await prefill(exchange, count, LIVE_CONNECTION, OWNER, prefix)
+        await prefill(exchange, count, LIVE_CONNECTIONS, OWNER, prefix)
         fill_s = time.perf_counter() - fill_began
         key = self.finished_key(kind)
         base = int(await self.redis.zcard(key))
@@ -489,7 +489,7 @@ class Bench:
             "--duration",
             f"{duration:.1f}",
             "--connection",
-            LIVE_CONNECTION,
+            LIVE_CONNECTIONS,
             "--owner",
             OWNER,
             "--prefix",
