@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import signal
@@ -27,6 +28,7 @@ import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+from dispatcher.adapters.outbox import FORGET_AFTER_S
 from dispatcher.adapters.runtime import make_redis
 from dispatcher.settings import Settings
 
@@ -215,6 +217,20 @@ class Stage:
         self.channel: AbstractChannel | None = None
         self.events: AbstractExchange | None = None
         self.machines: AbstractExchange | None = None
+        self._confirmed: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    def outbox_done(self, ids: Sequence[bytes]) -> None:
+        """``XDEL`` confirmed outbox entries 250 ms later, many per round trip (as the
+        product's ``OutboxPublisher`` does)."""
+        self._confirmed.extend(ids)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(FORGET_AFTER_S)
+        ids, self._confirmed = self._confirmed, []
+        await self.redis.xdel(self.names.key("outbox"), *ids)
 
     async def open(self) -> None:
         for name, source in SCRIPTS.items():
@@ -242,10 +258,16 @@ class Stage:
 
 # ---- the dispatcher -------------------------------------------------------------------------
 class BaselineDispatcher(Stage):
-    def __init__(self, settings: Settings, machine_ids: Sequence[str]) -> None:
+    def __init__(self, settings: Settings, machine_ids: Sequence[str], slots: int) -> None:
         super().__init__(settings)
         self.machine_ids = list(machine_ids)
         self._next = 0
+        self._admitted: collections.deque[str] = collections.deque()
+        # Runs in flight are bounded as the product's slots bound them (a counter, no per-
+        # machine bookkeeping): a pass places what the finished runs made room for, so passes
+        # come as often as in the product and cost the same round trips per run.
+        self._free = slots * len(self.machine_ids)
+        self._wakeup = asyncio.Event()
 
     async def on_requests(self, batch: list[AbstractIncomingMessage]) -> None:
         k = self.names
@@ -266,9 +288,23 @@ class BaselineDispatcher(Stage):
             )
         admitted = await pipe.execute()  # admit.lua, one per run
         await self.publish_events([a[1] for a in admitted], "queued")
-        await self.redis.xdel(k.key("outbox"), *(a[0] for a in admitted))  # outbox_done
+        self.outbox_done([a[0] for a in admitted])
         await batch[-1].ack(multiple=True)
-        await self.place(ids)
+        self.request_pass(ids)
+
+    def request_pass(self, run_ids: Sequence[str] = ()) -> None:
+        """Ask for a placement pass (coalesced with the passes already asked for, as the
+        product's ``Placer`` does)."""
+        self._admitted.extend(run_ids)
+        self._wakeup.set()
+
+    async def place_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            take = min(self._free, len(self._admitted))
+            self._free -= take
+            await self.place([self._admitted.popleft() for _ in range(take)])
 
     async def placement_reads(self) -> None:
         """What a placement pass reads before it decides: the fleet version, the lanes and
@@ -290,6 +326,8 @@ class BaselineDispatcher(Stage):
     async def place(self, run_ids: list[str]) -> None:
         k = self.names
         await self.placement_reads()
+        if not run_ids:
+            return
         chosen = []
         for _ in run_ids:
             chosen.append(self.machine_ids[self._next % len(self.machine_ids)])
@@ -317,11 +355,11 @@ class BaselineDispatcher(Stage):
                 self.machines.publish(persistent(assignment, "assign"), machine_id, mandatory=True)
             )
         await asyncio.gather(*publishes)
-        await self.redis.xdel(k.key("outbox"), *(c[0] for c in claimed), *(c[2] for c in claimed))
+        self.outbox_done([c[0] for c in claimed] + [c[2] for c in claimed])
 
     async def on_signals(self, batch: list[AbstractIncomingMessage]) -> None:
-        await self.redis.get(self.names.key("version"))  # fleet.load() in handle_signals
-        await self.placement_reads()  # the pass the signal asks for
+        self._free += len(batch)  # each run.succeeded frees a slot
+        self.request_pass()  # the pass the signal asks for
         await batch[-1].ack(multiple=True)
 
 
@@ -340,7 +378,7 @@ class BaselineWorker(Stage):
             pipe.evalsha(self.sha["start"], 2, k.key("run", run_id), k.key("outbox"), now)
         started = await pipe.execute()  # start.lua, one per run
         await self.publish_events([s[1] for s in started], "started")
-        await self.redis.xdel(k.key("outbox"), *(s[0] for s in started))
+        self.outbox_done([s[0] for s in started])
         await batch[-1].ack(multiple=True)
         now = repr(time.time())
         pipe = self.redis.pipeline(transaction=False)
@@ -357,7 +395,7 @@ class BaselineWorker(Stage):
             )
         finished = await pipe.execute()  # finish.lua, one per run
         await self.publish_events([f[1] for f in finished], "succeeded")
-        await self.redis.xdel(k.key("outbox"), *(f[0] for f in finished))
+        self.outbox_done([f[0] for f in finished])
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -369,7 +407,7 @@ async def serve(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task[None]] = []
     stage: Stage
     if args.role == "dispatcher":
-        dispatcher = BaselineDispatcher(settings, args.machines.split(","))
+        dispatcher = BaselineDispatcher(settings, args.machines.split(","), args.slots)
         stage = dispatcher
         await stage.open()
         assert stage.connection is not None
@@ -382,6 +420,7 @@ async def serve(args: argparse.Namespace) -> int:
                 prefetch=args.prefetch,
             )
         )
+        tasks.append(asyncio.create_task(dispatcher.place_forever()))
         tasks.append(
             await consume_batches(
                 stage.connection,
@@ -420,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="role", required=True)
     d = sub.add_parser("dispatcher")
     d.add_argument("--machines", required=True, help="comma-separated machine ids")
+    d.add_argument("--slots", type=int, default=10, help="runs in flight per machine")
     d.add_argument("--batch", type=int, default=100)
     d.add_argument("--prefetch", type=int, default=200)
     w = sub.add_parser("worker")

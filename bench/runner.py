@@ -40,6 +40,7 @@ from bench.env import (
 )
 from bench.fleet import (
     LIVE_CONNECTIONS,
+    LIVE_SLOTS,
     OWNER,
     fleet_document,
     forget_machines,
@@ -295,6 +296,7 @@ class Bench:
                 self.procs.start(name, ["-m", "dispatcher", "serve"], self.env_for(name))
             else:
                 argv = ["-m", "bench.baseline", "dispatcher", "--machines", ",".join(self.live)]
+                argv += ["--slots", str(LIVE_SLOTS)]
                 self.procs.start(name, argv, self.env_for(name))
             names.append(name)
         return names
