@@ -112,10 +112,11 @@ class Client:
 
     async def cancel(self, run_id: str, reason: str = "cancelled by request") -> Run:
         """Cancel a queued or dispatched run at once; ask the worker to stop a running one."""
-        canceller = Canceller(
-            runs=self.rt.runs, publisher=OutboxPublisher(self.rt.amqp, self.rt.runs)
-        )
-        return await canceller.cancel(run_id, reason)
+        publisher = OutboxPublisher(self.rt.amqp, self.rt.runs)
+        try:
+            return await Canceller(runs=self.rt.runs, publisher=publisher).cancel(run_id, reason)
+        finally:
+            await publisher.aclose()
 
     async def set_priority(self, run_id: str, priority: str | Priority) -> Run:
         """Change a queued run's priority (its position follows)."""

@@ -128,6 +128,7 @@ class Dispatcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.publisher.aclose()
 
     # ---- the data path ------------------------------------------------------------------------
     async def handle_requests(self, batch: Sequence[Delivery]) -> list[Verdict]:

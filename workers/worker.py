@@ -102,6 +102,7 @@ class MachineWorker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.publisher.aclose()
 
     async def reconcile(self) -> None:
         """At start-up nothing runs here: runs this machine was running were cut short."""

@@ -57,13 +57,23 @@ class OutboxPublisher:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="outbox-flush")
 
-    async def _flush(self) -> None:
-        await asyncio.sleep(FORGET_AFTER_S)
+    async def _flush(self, delay_s: float = FORGET_AFTER_S) -> None:
+        await asyncio.sleep(delay_s)
         ids, self._confirmed = self._confirmed, []
+        if not ids:
+            return
         try:
             await self.store.outbox_done(ids)
         except Exception as exc:
             log.warning("could not clear %d outbox entries: %s", len(ids), exc)
+
+    async def aclose(self) -> None:
+        """Delete the confirmed entries now (at shutdown: none is left to a later relay, and
+        no deletion runs after the store is closed)."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self._flush(0.0)
 
     async def relay(self, older_than_s: float, batch: int = 500) -> int:
         """Publish outbox entries older than ``older_than_s``; returns how many."""
