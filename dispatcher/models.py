@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from functools import cached_property
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -292,12 +294,44 @@ class MachineView(BaseModel):
         return self.machine.machine_id
 
     @property
+    def load(self) -> int:
+        return len(self.assigned)
+
+    # Indexes selection asks for once per machine and lane head: computed once per view.
+    # ``model_copy`` drops them (a copy with other runs or sessions must not inherit them).
+    @cached_property
     def unattended_in_use(self) -> int:
         return sum(1 for run in self.assigned if run.mode is Mode.unattended)
 
-    @property
-    def load(self) -> int:
-        return len(self.assigned)
+    @cached_property
+    def occupying_users(self) -> frozenset[str]:
+        """Casefolded users of the runs dispatched to or running on the machine."""
+        return frozenset(run.user.casefold() for run in self.assigned)
+
+    @cached_property
+    def unattended_users(self) -> frozenset[str]:
+        """Casefolded users of the unattended runs on the machine (each holds a session)."""
+        return frozenset(
+            run.user.casefold() for run in self.assigned if run.mode is Mode.unattended
+        )
+
+    @cached_property
+    def session_states(self) -> dict[str, tuple[SessionState, ...]]:
+        """Casefolded user -> the states of their reported sessions, in reported order."""
+        states: dict[str, tuple[SessionState, ...]] = {}
+        for session in self.sessions:
+            key = session.user.casefold()
+            states[key] = (*states.get(key, ()), session.state)
+        return states
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        for name in _VIEW_INDEXES:
+            copied.__dict__.pop(name, None)
+        return copied
+
+
+_VIEW_INDEXES = ("unattended_in_use", "occupying_users", "unattended_users", "session_states")
 
 
 class RunError(BaseModel):

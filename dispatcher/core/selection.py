@@ -66,27 +66,29 @@ def machine_verdict(view: MachineView, connection: Connection, mode: Mode) -> Er
         return ErrorCode.UnallowedTenantForConnectWithSignIn
     if not view.has_public_key:
         return ErrorCode.NoWorkerKey
-    user = connection.session_user
-    occupied = any(same_user(run.user, user) for run in view.assigned)
+    user = connection.session_user.casefold()
+    own = view.session_states.get(user, ())
     if mode is Mode.attended:
-        own = [s for s in view.sessions if same_user(s.user, user)]
         if not own:
             if connection.kind is ConnectionKind.sign_in:
                 return ErrorCode.NoSessionFoundForPasswordless
             return ErrorCode.AttendedUserNotLoggedIn
-        if not any(s.state is SessionState.active for s in own):
+        if SessionState.active not in own:
             return ErrorCode.AttendedUserSessionNotActive
-        if occupied:
+        if user in view.occupying_users:
             return ErrorCode.UserRunInProgress
         return None
-    sessions = effective_sessions(view)
-    own = [s for s in sessions if same_user(s.user, user)]
+    # The user's first session among the effective ones (see ``effective_sessions``): a
+    # reported one, else the one an unattended run of theirs holds.
     if own:
-        return _UNATTENDED_SESSION_CODES[own[0].state]
+        return _UNATTENDED_SESSION_CODES[own[0]]
+    if user in view.unattended_users:
+        return _UNATTENDED_SESSION_CODES[SessionState.active]
     if view.unattended_in_use >= slots_of(view):
         return ErrorCode.NoFreeSlot
-    if view.machine.os is OsKind.windows_client and any(
-        s.state is SessionState.active for s in sessions
+    if view.machine.os is OsKind.windows_client and (
+        any(SessionState.active in states for states in view.session_states.values())
+        or any(other not in view.session_states for other in view.unattended_users)
     ):
         return ErrorCode.Win10AlreadyHasActiveSession
     return None

@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dispatcher.codes import ErrorCode
+from dispatcher.core.admission import same_user, tenant_blocked
 from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.ordering import order_score, rescore, sort_key, top_score
-from dispatcher.core.selection import machine_verdict, select_machine
+from dispatcher.core.selection import effective_sessions, machine_verdict, select_machine, slots_of
 from dispatcher.models import (
     AssignedRun,
     ConnectionKind,
@@ -115,6 +117,58 @@ def test_selection_does_not_depend_on_the_order_machines_are_listed(
     forward = select_machine(views, connection, mode, random.Random(seed))
     backward = select_machine(views[::-1], connection, mode, random.Random(seed))
     assert forward == backward
+
+
+def reference_verdict(view: MachineView, connection: Any, mode: Mode) -> ErrorCode | None:
+    """The verdict spelled out over the effective sessions, without the view's indexes."""
+    if not view.online:
+        return ErrorCode.MachineOffline
+    if view.machine.maintenance:
+        return ErrorCode.MachineInMaintenance
+    if tenant_blocked(view.machine, connection):
+        return ErrorCode.UnallowedTenantForConnectWithSignIn
+    if not view.has_public_key:
+        return ErrorCode.NoWorkerKey
+    user = connection.session_user
+    occupied = any(same_user(run.user, user) for run in view.assigned)
+    if mode is Mode.attended:
+        own = [s for s in view.sessions if same_user(s.user, user)]
+        if not own:
+            if connection.kind is ConnectionKind.sign_in:
+                return ErrorCode.NoSessionFoundForPasswordless
+            return ErrorCode.AttendedUserNotLoggedIn
+        if not any(s.state is SessionState.active for s in own):
+            return ErrorCode.AttendedUserSessionNotActive
+        return ErrorCode.UserRunInProgress if occupied else None
+    sessions = effective_sessions(view)
+    own = [s for s in sessions if same_user(s.user, user)]
+    if own:
+        return {
+            SessionState.active: ErrorCode.SessionExistsForTheUserWhenUnattended,
+            SessionState.locked: ErrorCode.UnattendedUserSessionLocked,
+            SessionState.disconnected: ErrorCode.UnattendedUserSessionDisconnected,
+        }[own[0].state]
+    in_use = sum(1 for run in view.assigned if run.mode is Mode.unattended)
+    if in_use >= slots_of(view):
+        return ErrorCode.NoFreeSlot
+    if view.machine.os is OsKind.windows_client and any(
+        s.state is SessionState.active for s in sessions
+    ):
+        return ErrorCode.Win10AlreadyHasActiveSession
+    return None
+
+
+@FAST
+@given(view=machine_views("m"), other=machine_views("m"), job=JOBS)
+def test_verdict_from_the_view_indexes_equals_its_definition(
+    view: MachineView, other: MachineView, job: Any
+) -> None:
+    connection, mode = job
+    assert machine_verdict(view, connection, mode) == reference_verdict(view, connection, mode)
+    # A copy with other runs and sessions (as a placement pass makes) does not keep the
+    # indexes of the view it was copied from.
+    copied = view.model_copy(update={"assigned": other.assigned, "sessions": other.sessions})
+    assert machine_verdict(copied, connection, mode) == reference_verdict(copied, connection, mode)
 
 
 # --- (b) queue order ------------------------------------------------------------------------
