@@ -5,9 +5,9 @@
   first one encrypts, every one decrypts, so keys can be rotated. The text form carries the key
   id, and the associated data binds a blob to a context (the connection id): a blob copied to
   another connection does not open.
-- :func:`seal_to` / :class:`WorkerKeyPair` seal a secret to one machine's worker (ephemeral
-  X25519 + HKDF-SHA256 + AES-GCM) and bind it to a run id, so that neither the broker, nor another
-  machine, nor another run can use it.
+- :func:`seal_to` / :class:`Sealer` / :class:`WorkerKeyPair` seal a secret to one machine's
+  worker (ephemeral X25519 + HKDF-SHA256 + AES-GCM) and bind it to a run id, so that neither the
+  broker, nor another machine, nor another run can use it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,7 @@ _NONCE_BYTES = 12
 _KEY_BYTES = 32
 _KID = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 _HKDF_INFO = b"rundispatch sealed hand-off v1"
+_AGREED_KEYS = 64
 
 
 class SealedDataError(PermanentError):
@@ -161,8 +163,15 @@ def seal_to(public_key_b64: str, plaintext: bytes, aad: str) -> str:
     """Encrypt ``plaintext`` so only the holder of the private key can open it, for ``aad``.
 
     Each call uses a fresh ephemeral X25519 key; ``aad`` (the run id) is authenticated, so a
-    sealed blob replayed into another run does not open.
+    sealed blob replayed into another run does not open. :class:`Sealer` does the same with
+    one ephemeral key per recipient for a few minutes.
     """
+    ephemeral_b64, aead = _ephemeral_to(public_key_b64)
+    return _seal_with(ephemeral_b64, aead, plaintext, aad)
+
+
+def _ephemeral_to(public_key_b64: str) -> tuple[str, AESGCM]:
+    """A fresh ephemeral key and the AES-GCM key it agrees with ``public_key_b64``."""
     try:
         recipient_raw = _b64d(public_key_b64)
         recipient = X25519PublicKey.from_public_bytes(recipient_raw)
@@ -171,9 +180,50 @@ def seal_to(public_key_b64: str, plaintext: bytes, aad: str) -> str:
     ephemeral = X25519PrivateKey.generate()
     ephemeral_raw = _raw_public(ephemeral.public_key())
     key = _derive_key(ephemeral.exchange(recipient), ephemeral_raw, recipient_raw)
+    return _b64e(ephemeral_raw), AESGCM(key)
+
+
+def _seal_with(ephemeral_b64: str, aead: AESGCM, plaintext: bytes, aad: str) -> str:
     nonce = secrets.token_bytes(_NONCE_BYTES)
-    ciphertext = AESGCM(key).encrypt(nonce, plaintext, aad.encode("utf-8"))
-    return f"{_SEAL_PREFIX}.{_b64e(ephemeral_raw)}.{_b64e(nonce + ciphertext)}"
+    ciphertext = aead.encrypt(nonce, plaintext, aad.encode("utf-8"))
+    return f"{_SEAL_PREFIX}.{ephemeral_b64}.{_b64e(nonce + ciphertext)}"
+
+
+class Sealer:
+    """:func:`seal_to` for a dispatcher: one ephemeral key per recipient for ``reuse_s``.
+
+    The X25519 agreement is the costly part of sealing (~90 µs here, against ~5 µs for the
+    AES-GCM that follows), and a dispatcher seals a secret to the same few workers for every
+    run. So the agreed key is kept per recipient and replaced after ``reuse_s``: blobs keep the
+    same format and bindings (the run id is authenticated, every nonce is random, and a worker
+    opens them as before), and an AES key encrypts at most the hand-offs of one process to one
+    worker for a few minutes. What that gives up is per-run forward secrecy inside the window:
+    whoever reads this process's memory could open the hand-offs of the last minutes, which
+    are passwords and tokens this process holds in memory anyway.
+    """
+
+    def __init__(
+        self,
+        reuse_s: float = 300.0,
+        max_recipients: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reuse_s = reuse_s
+        self.max_recipients = max_recipients
+        self.clock = clock
+        self._keys: dict[str, tuple[float, str, AESGCM]] = {}
+
+    def __call__(self, public_key_b64: str, plaintext: bytes, aad: str) -> str:
+        now = self.clock()
+        cached = self._keys.get(public_key_b64)
+        if cached is None or cached[0] <= now:
+            if len(self._keys) >= self.max_recipients:
+                self._keys = {k: v for k, v in self._keys.items() if v[0] > now}
+                if len(self._keys) >= self.max_recipients:
+                    self._keys.clear()
+            cached = (now + self.reuse_s, *_ephemeral_to(public_key_b64))
+            self._keys[public_key_b64] = cached
+        return _seal_with(cached[1], cached[2], plaintext, aad)
 
 
 class WorkerKeyPair:
@@ -182,6 +232,8 @@ class WorkerKeyPair:
     def __init__(self, private_key: X25519PrivateKey) -> None:
         self._private = private_key
         self._public_raw = _raw_public(private_key.public_key())
+        # Keys agreed with recent ephemeral keys (a dispatcher reuses one for a few minutes).
+        self._agreed: dict[str, AESGCM] = {}
 
     @classmethod
     def generate(cls) -> WorkerKeyPair:
@@ -225,11 +277,17 @@ class WorkerKeyPair:
         """Decrypt a blob made by :func:`seal_to` for this key pair and the same ``aad``."""
         _, ephemeral_b64, body = _split(sealed, _SEAL_PREFIX)
         try:
-            ephemeral_raw = _b64d(ephemeral_b64)
-            ephemeral = X25519PublicKey.from_public_bytes(ephemeral_raw)
-            key = _derive_key(self._private.exchange(ephemeral), ephemeral_raw, self._public_raw)
+            aead = self._agreed.get(ephemeral_b64)
+            if aead is None:
+                ephemeral_raw = _b64d(ephemeral_b64)
+                ephemeral = X25519PublicKey.from_public_bytes(ephemeral_raw)
+                shared = self._private.exchange(ephemeral)
+                aead = AESGCM(_derive_key(shared, ephemeral_raw, self._public_raw))
+                if len(self._agreed) >= _AGREED_KEYS:
+                    self._agreed.pop(next(iter(self._agreed)))
+                self._agreed[ephemeral_b64] = aead
             raw = _b64d(body)
-            return AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], aad.encode("utf-8"))
+            return aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], aad.encode("utf-8"))
         except (InvalidTag, ValueError, binascii.Error):
             raise SealedDataError("sealed data is not for this machine or this run") from None
 

@@ -8,7 +8,7 @@ import logging
 import signal
 
 from dispatcher.adapters.runtime import STARTUP_WAIT_S, runtime
-from dispatcher.crypto import seal_to
+from dispatcher.crypto import Sealer
 from dispatcher.handoff import Handoff
 from dispatcher.service import Dispatcher
 from dispatcher.settings import Settings
@@ -30,7 +30,7 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
         handoff = Handoff(
             tokens=tokens,
             passwords=passwords,
-            seal=seal_to,
+            seal=Sealer(),
             token_validity_s=settings.token_validity_s,
         )
         dispatcher = Dispatcher(

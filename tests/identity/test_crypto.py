@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.crypto import SealedDataError, SecretBox, WorkerKeyPair, seal_to
+from dispatcher.crypto import SealedDataError, Sealer, SecretBox, WorkerKeyPair, seal_to
 from dispatcher.errors import ConfigurationError
 from dispatcher.settings import Settings
 
@@ -65,6 +65,45 @@ def test_sealed_hand_off_opens_only_on_its_machine_and_run() -> None:
     assert seal_to(machine.public_key_b64, b"x", "r") != seal_to(machine.public_key_b64, b"x", "r")
     with pytest.raises(SealedDataError):
         seal_to("not-a-key", b"x", "r")
+
+
+def test_sealer_reuses_one_ephemeral_key_per_worker_for_a_while() -> None:
+    now = [1000.0]
+    sealer = Sealer(reuse_s=300.0, clock=lambda: now[0])
+    m1, m2 = WorkerKeyPair.generate(), WorkerKeyPair.generate()
+
+    first = sealer(m1.public_key_b64, b"pw-1", "run-1")
+    second = sealer(m1.public_key_b64, b"pw-2", "run-2")
+    other = sealer(m2.public_key_b64, b"pw-3", "run-3")
+
+    assert first.split(".")[1] == second.split(".")[1]  # one agreement for both runs
+    assert first.split(".")[2] != second.split(".")[2]
+    assert other.split(".")[1] != first.split(".")[1]  # each worker its own
+    assert (m1.open(first, "run-1"), m1.open(second, "run-2")) == (b"pw-1", b"pw-2")
+    assert m2.open(other, "run-3") == b"pw-3"
+    # The bindings are those of seal_to: another run, another machine, a changed byte.
+    for blob, keys, run in ((first, m1, "run-2"), (first, m2, "run-1"), (other, m1, "run-3")):
+        with pytest.raises(SealedDataError):
+            keys.open(blob, run)
+    body = second.split(".")[2]
+    tampered = second[: -len(body)] + ("A" if body[0] != "A" else "B") + body[1:]
+    with pytest.raises(SealedDataError):
+        m1.open(tampered, "run-2")
+
+    now[0] += 301.0  # the window is over: a new ephemeral key, still opened by the worker
+    later = sealer(m1.public_key_b64, b"pw-4", "run-4")
+    assert later.split(".")[1] != first.split(".")[1]
+    assert m1.open(later, "run-4") == b"pw-4"
+
+
+def test_sealer_refuses_a_key_that_is_not_x25519_and_bounds_its_cache() -> None:
+    sealer = Sealer(max_recipients=2)
+    with pytest.raises(SealedDataError):
+        sealer("not-a-key", b"x", "run-1")
+    pairs = [WorkerKeyPair.generate() for _ in range(5)]
+    for index, pair in enumerate(pairs):
+        assert pair.open(sealer(pair.public_key_b64, b"s", f"r{index}"), f"r{index}") == b"s"
+        assert len(sealer._keys) <= 2
 
 
 def test_worker_key_file_is_private_and_stable(tmp_path: Path) -> None:
