@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1.0
 PREFETCH_PER_LANE = 50
 MAX_CLAIMS_PER_PASS = 200
+# Why-waiting reasons: unchanged ones are checked against the store at most every
+# REASONS_RECHECK_S, and a lane's reasons change at most every REASONS_MIN_INTERVAL_S (when
+# machines fill and free up quickly, heads wait for milliseconds and their reasons flip with
+# every pass; the last ones are still recorded, by a pass asked for when the interval ends).
+REASONS_RECHECK_S = 5.0
+REASONS_MIN_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class Placer:
         self._pending: set[str] = set()
         self._wakeup = asyncio.Event()
         self._retry_handles: dict[str, asyncio.TimerHandle] = {}
+        self._reasons_seen: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
 
     def request(self, *targets: str) -> None:
         """Ask for a pass over each target (coalesced with passes already asked for)."""
@@ -135,12 +142,36 @@ class Placer:
         }
         plans, waiting, again = self._decide(fleet, target, lanes, views, now)
         placed, lost_races, failed = await self._claim(target, plans, waiting, now)
-        await self.runs.record_reasons(target, waiting, now)
+        await self.runs.record_reasons(target, self._reasons_due(target, waiting, now), now)
         self.metrics.decision_latency(time.perf_counter() - started)
         # A run failed at hand-off left its lane: the run behind it is the new head.
         if again or lost_races or failed:
             self.request(target)
         return placed
+
+    def _reasons_due(
+        self, target: str, waiting: dict[str, tuple[str, dict[str, str]]], now: float
+    ) -> dict[str, tuple[str, dict[str, str]]]:
+        """The waiting lanes whose reasons are worth comparing with the store now."""
+        due: dict[str, tuple[str, dict[str, str]]] = {}
+        deferred = False
+        for lane, (run_id, reasons) in waiting.items():
+            seen = self._reasons_seen.get((target, lane))
+            if seen is not None:
+                age = now - seen[1]
+                if seen[0] == reasons and age < REASONS_RECHECK_S:
+                    continue
+                if seen[0] != reasons and age < REASONS_MIN_INTERVAL_S:
+                    deferred = True
+                    continue
+            due[lane] = (run_id, reasons)
+        if len(self._reasons_seen) > 10_000:
+            self._reasons_seen.clear()
+        for lane, (_, reasons) in due.items():
+            self._reasons_seen[(target, lane)] = (reasons, now)
+        if deferred:
+            self.request_later(target, REASONS_MIN_INTERVAL_S)
+        return due
 
     def _decide(
         self,
