@@ -251,7 +251,7 @@ class MachineWorker:
                     assignment.fence,
                     outcome.extra,
                 )
-        await self.ledger.record_started(
+        self.ledger.record_started(
             [(a.run_id, a.fence, {"machine_id": self.machine_id}) for a in started]
         )
         for assignment in started:

@@ -9,6 +9,7 @@ events and workers therefore see each message at least once; both dedupe.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Sequence
 
@@ -41,9 +42,9 @@ class OutboxPublisher:
             log.warning("publish failed (%s); %d messages left to the relay", exc, len(messages))
             return False
         self.published += len(messages)
-        for message in messages:
-            if message.kind == "event":
-                self.metrics.event_published(message.routing_key)
+        events = collections.Counter(m.routing_key for m in messages if m.kind == "event")
+        for routing_key, count in events.items():
+            self.metrics.event_published(routing_key, count)
         self._forget([m.id for m in messages if m.id])
         return True
 
