@@ -33,7 +33,7 @@ from dispatcher.adapters.records import (
 from dispatcher.adapters.redis_store import RunStore
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
-from dispatcher.core.selection import Selection, select_machine, slots_of
+from dispatcher.core.selection import Selection, placement_room, select_machine, slots_of
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.handoff import Handoff
 from dispatcher.metrics_hooks import MetricsHooks
@@ -129,8 +129,8 @@ class Placer:
         """
         started = time.perf_counter()
         fleet = await self.fleet.load()
-        lanes = await self.runs.lane_members(target, PREFETCH_PER_LANE)
-        if not lanes:
+        lane_names = await self.runs.lane_names(target)
+        if not lane_names:
             return 0
         now = self.clock()
         machine_ids = fleet.machine_ids_of_key(target)
@@ -140,7 +140,13 @@ class Placer:
                 [fleet.machines[m] for m in machine_ids], now, self.settings.offline_after_s
             )
         }
-        plans, waiting, again = self._decide(fleet, target, lanes, views, now)
+        # Read no more runs of a lane than the pass could place, at least the head (whose
+        # reasons are recorded when it waits).
+        per_lane = max(1, min(PREFETCH_PER_LANE, placement_room(views.values())))
+        lanes = await self.runs.lane_members(target, per_lane, lane_names)
+        if not lanes:
+            return 0
+        plans, waiting, again = self._decide(fleet, target, lanes, views, now, per_lane=per_lane)
         placed, lost_races, failed = await self._claim(target, plans, waiting, now)
         await self.runs.record_reasons(target, self._reasons_due(target, waiting, now), now)
         self.metrics.decision_latency(time.perf_counter() - started)
@@ -180,6 +186,8 @@ class Placer:
         lanes: dict[str, list[QueuedHead]],
         views: dict[str, MachineView],
         now: float,
+        *,
+        per_lane: int = PREFETCH_PER_LANE,
     ) -> tuple[list[Planned], dict[str, tuple[str, dict[str, str]]], bool]:
         """Walk lane heads in queue order, placing each on the local state if it fits."""
         heap = [(members[0].score, members[0].run_id, lane, 0) for lane, members in lanes.items()]
@@ -216,8 +224,8 @@ class Placer:
             if index + 1 < len(lanes[lane]):
                 following = lanes[lane][index + 1]
                 heapq.heappush(heap, (following.score, following.run_id, lane, index + 1))
-            elif len(lanes[lane]) == PREFETCH_PER_LANE:
-                again = True  # the lane has more runs than were fetched
+            elif len(lanes[lane]) == per_lane:
+                again = True  # the lane may have more runs than were fetched
         return plans, waiting, again or bool(heap)
 
     async def _claim(

@@ -182,12 +182,18 @@ class RunStore:
         )
 
     # ---- placement ----------------------------------------------------------------------------
-    async def lane_members(self, target: str, per_lane: int) -> dict[str, list[QueuedHead]]:
-        """The first ``per_lane`` runs of every lane of a target (two round trips)."""
-        lanes: list[Any] = await self.redis.zrange(self.names.lanes(target), 0, -1)
-        if not lanes:
+    async def lane_names(self, target: str) -> list[str]:
+        """The lanes of a target that hold queued runs."""
+        return [text(lane) for lane in await self.redis.zrange(self.names.lanes(target), 0, -1)]
+
+    async def lane_members(
+        self, target: str, per_lane: int, lanes: list[str] | None = None
+    ) -> dict[str, list[QueuedHead]]:
+        """The first ``per_lane`` runs of every lane of a target (of ``lanes`` when given:
+        one round trip, else two)."""
+        names = await self.lane_names(target) if lanes is None else lanes
+        if not names:
             return {}
-        names = [text(lane) for lane in lanes]
         pipe = self.redis.pipeline(transaction=False)
         for lane in names:
             pipe.zrange(self.names.lane(target, lane), 0, per_lane - 1, withscores=True)

@@ -94,6 +94,18 @@ def machine_verdict(view: MachineView, connection: Connection, mode: Mode) -> Er
     return None
 
 
+def placement_room(views: Iterable[MachineView]) -> int:
+    """How many runs, of any connection, these machines could take now at the most.
+
+    A placement takes a free unattended slot or an attended session of an online machine.
+    """
+    return sum(
+        max(0, slots_of(view) - view.unattended_in_use) + len(view.sessions)
+        for view in views
+        if view.online
+    )
+
+
 def select_machine(
     views: Iterable[MachineView],
     connection: Connection,

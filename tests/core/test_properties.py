@@ -14,7 +14,13 @@ from dispatcher.codes import ErrorCode
 from dispatcher.core.admission import same_user, tenant_blocked
 from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.ordering import order_score, rescore, sort_key, top_score
-from dispatcher.core.selection import effective_sessions, machine_verdict, select_machine, slots_of
+from dispatcher.core.selection import (
+    effective_sessions,
+    machine_verdict,
+    placement_room,
+    select_machine,
+    slots_of,
+)
 from dispatcher.models import (
     AssignedRun,
     ConnectionKind,
@@ -169,6 +175,32 @@ def test_verdict_from_the_view_indexes_equals_its_definition(
     # indexes of the view it was copied from.
     copied = view.model_copy(update={"assigned": other.assigned, "sessions": other.sessions})
     assert machine_verdict(copied, connection, mode) == reference_verdict(copied, connection, mode)
+
+
+@FAST
+@given(
+    views=fleets(),
+    jobs=st.lists(JOBS, min_size=1, max_size=40),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_a_pass_never_places_more_runs_than_the_room_it_reads_heads_for(
+    views: list[MachineView], jobs: list[Any], seed: int
+) -> None:
+    """A placement pass reads ``placement_room`` runs per lane: no sequence of placements,
+    each applied to the machine as the pass applies it, can take more."""
+    room = placement_room(views)
+    current = {view.machine_id: view for view in views}
+    rng = random.Random(seed)
+    placed = 0
+    for index, (connection, mode) in enumerate(jobs):
+        chosen = select_machine(current.values(), connection, mode, rng).machine_id
+        if chosen is None:
+            continue
+        placed += 1
+        view = current[chosen]
+        run = AssignedRun(run_id=f"p{index}", mode=mode, user=connection.session_user, fence=0)
+        current[chosen] = view.model_copy(update={"assigned": (*view.assigned, run)})
+    assert placed <= room
 
 
 # --- (b) queue order ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dispatcher.core.selection import (
     describe,
     effective_sessions,
     machine_verdict,
+    placement_room,
     select_machine,
     slots_of,
 )
@@ -524,3 +525,18 @@ def test_selection_accepts_any_iterable_of_views() -> None:
 )
 def test_describe(code: ErrorCode, since: str | None, line: str) -> None:
     assert describe(code, since) == line
+
+
+def test_placement_room_counts_free_unattended_slots_and_sessions_of_online_machines() -> None:
+    busy = view(machine("m1", slots=2), assigned=((ROBOT, UNATTENDED),))
+    full = view(machine("m2", slots=1), assigned=((ROBOT, UNATTENDED),), sessions=(("u", ACTIVE),))
+    over = view(machine("m3", slots=1), assigned=((ROBOT, UNATTENDED), ("x", UNATTENDED)))
+    offline = view(machine("m4", slots=5), online=False, sessions=(("u", ACTIVE),))
+    client = view(machine("m5", os=CLIENT, slots=3))
+    assert placement_room([busy]) == 1
+    assert placement_room([full]) == 1  # no slot left, but an attended run can use the session
+    assert placement_room([over]) == 0
+    assert placement_room([offline]) == 0
+    assert placement_room([client]) == 1  # a Windows client runs one session at a time
+    assert placement_room([busy, full, over, offline, client]) == 3
+    assert placement_room([]) == 0
