@@ -302,30 +302,32 @@ class BaselineDispatcher(Stage):
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
+            # As many heads per lane as the pass could place (the product's heads_to_read).
+            per_lane = max(1, min(50, self._free))
             take = min(self._free, len(self._admitted))
             self._free -= take
-            await self.place([self._admitted.popleft() for _ in range(take)])
+            await self.place([self._admitted.popleft() for _ in range(take)], per_lane)
 
-    async def placement_reads(self) -> None:
-        """What a placement pass reads before it decides: the fleet version, the lanes and
-        their first members, the machine views of the target."""
+    async def placement_reads(self, per_lane: int) -> None:
+        """What a placement pass reads before it decides: the fleet version, the lanes, the
+        machine views of the target, the first members of every lane."""
         k = self.names
         await self.redis.get(k.key("version"))
         lanes = await self.redis.zrange(k.key("lanes"), 0, -1)
-        pipe = self.redis.pipeline(transaction=False)
-        for _lane in lanes:
-            pipe.zrange(k.key("lane"), 0, 49, withscores=True)
-        await pipe.execute()
         pipe = self.redis.pipeline(transaction=False)
         for machine_id in self.machine_ids:
             pipe.zscore(k.key("hb"), machine_id)
             pipe.get(k.key("live", machine_id))
             pipe.hgetall(k.key("assigned", machine_id))
         await pipe.execute()
+        pipe = self.redis.pipeline(transaction=False)
+        for _lane in lanes:
+            pipe.zrange(k.key("lane"), 0, per_lane - 1, withscores=True)
+        await pipe.execute()
 
-    async def place(self, run_ids: list[str]) -> None:
+    async def place(self, run_ids: list[str], per_lane: int) -> None:
         k = self.names
-        await self.placement_reads()
+        await self.placement_reads(per_lane)
         if not run_ids:
             return
         chosen = []
