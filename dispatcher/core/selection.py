@@ -12,14 +12,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dispatcher.codes import ErrorCode
-from dispatcher.core.admission import same_user, tenant_blocked
+from dispatcher.core.admission import tenant_blocked
 from dispatcher.models import (
     Connection,
     ConnectionKind,
     MachineView,
     Mode,
     OsKind,
-    Session,
     SessionState,
 )
 
@@ -36,17 +35,6 @@ class Selection:
 
     machine_id: str | None
     reasons: dict[str, ErrorCode] = field(default_factory=dict)
-
-
-def effective_sessions(view: MachineView) -> list[Session]:
-    """Reported sessions, plus one active session per user an unattended run occupies."""
-    sessions = list(view.sessions)
-    for run in view.assigned:
-        if run.mode is Mode.unattended and not any(
-            same_user(session.user, run.user) for session in sessions
-        ):
-            sessions.append(Session(user=run.user, state=SessionState.active))
-    return sessions
 
 
 def slots_of(view: MachineView) -> int:
@@ -78,8 +66,8 @@ def machine_verdict(view: MachineView, connection: Connection, mode: Mode) -> Er
         if user in view.occupying_users:
             return ErrorCode.UserRunInProgress
         return None
-    # The user's first session among the effective ones (see ``effective_sessions``): a
-    # reported one, else the one an unattended run of theirs holds.
+    # The user's first session: a reported one, else the one an unattended run of theirs
+    # holds (an unattended run occupies a session of its user, as on a real machine).
     if own:
         return _UNATTENDED_SESSION_CODES[own[0]]
     if user in view.unattended_users:

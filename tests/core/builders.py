@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dispatcher.core.admission import same_user
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.models import (
     AssignedRun,
@@ -122,6 +123,18 @@ def view(
         ),
         has_public_key=has_public_key,
     )
+
+
+def effective_sessions(view: MachineView) -> list[Session]:
+    """The rule ``machine_verdict`` implements with the view's indexes, spelled out: reported
+    sessions, plus one active session per user an unattended run occupies."""
+    sessions = list(view.sessions)
+    for run in view.assigned:
+        if run.mode is Mode.unattended and not any(
+            same_user(session.user, run.user) for session in sessions
+        ):
+            sessions.append(Session(user=run.user, state=SessionState.active))
+    return sessions
 
 
 def fleet(

@@ -15,7 +15,6 @@ from dispatcher.core.admission import same_user, tenant_blocked
 from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.ordering import order_score, rescore, sort_key, top_score
 from dispatcher.core.selection import (
-    effective_sessions,
     machine_verdict,
     placement_room,
     select_machine,
@@ -34,7 +33,15 @@ from dispatcher.models import (
     SessionState,
 )
 
-from .builders import OTHER_TENANT, ROBOT, SIGN_IN_USER, TENANT, credentials, sign_in
+from .builders import (
+    OTHER_TENANT,
+    ROBOT,
+    SIGN_IN_USER,
+    TENANT,
+    credentials,
+    effective_sessions,
+    sign_in,
+)
 
 pytestmark = pytest.mark.unit
 

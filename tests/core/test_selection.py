@@ -10,7 +10,6 @@ import pytest
 from dispatcher.codes import ErrorCode
 from dispatcher.core.selection import (
     describe,
-    effective_sessions,
     machine_verdict,
     placement_room,
     select_machine,
@@ -31,6 +30,7 @@ from .builders import (
     TENANT,
     UNATTENDED,
     credentials,
+    effective_sessions,
     machine,
     sign_in,
     view,
