@@ -331,7 +331,9 @@ class MachineView(BaseModel):
         return copied
 
 
-_VIEW_INDEXES = ("unattended_in_use", "occupying_users", "unattended_users", "session_states")
+_VIEW_INDEXES = tuple(
+    name for name, value in vars(MachineView).items() if isinstance(value, cached_property)
+)
 
 
 class RunError(BaseModel):

@@ -143,7 +143,7 @@ class Placer:
         # Read no more runs of a lane than the pass could place, at least the head (whose
         # reasons are recorded when it waits).
         per_lane = max(1, min(PREFETCH_PER_LANE, placement_room(views.values())))
-        lanes = await self.runs.lane_members(target, per_lane, lane_names)
+        lanes = await self.runs.lane_members(target, lane_names, per_lane)
         if not lanes:
             return 0
         plans, waiting, again = self._decide(fleet, target, lanes, views, now, per_lane=per_lane)

@@ -214,8 +214,7 @@ class Amqp:
         machine's queue is missing, so it is declared and the message published again. Events
         are not: a status nobody subscribes to is normal, and having RabbitMQ return two
         events of every run costs both sides CPU for nothing (measured in bench/README.md)."""
-        is_event = message.kind == "event"
-        role = "events" if is_event else "machines"
+        role = "events" if message.kind == "event" else "machines"
         try:
             await self._publish(role, message.routing_key, message.body, message.kind, message.id)
         except PublishError:  # basic.return: RabbitMQ could not route the assignment

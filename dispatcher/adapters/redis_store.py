@@ -187,20 +187,18 @@ class RunStore:
         return [text(lane) for lane in await self.redis.zrange(self.names.lanes(target), 0, -1)]
 
     async def lane_members(
-        self, target: str, per_lane: int, lanes: list[str] | None = None
+        self, target: str, lanes: list[str], per_lane: int
     ) -> dict[str, list[QueuedHead]]:
-        """The first ``per_lane`` runs of every lane of a target (of ``lanes`` when given:
-        one round trip, else two)."""
-        names = await self.lane_names(target) if lanes is None else lanes
-        if not names:
+        """The first ``per_lane`` runs of each of a target's ``lanes`` (one round trip)."""
+        if not lanes:
             return {}
         pipe = self.redis.pipeline(transaction=False)
-        for lane in names:
+        for lane in lanes:
             pipe.zrange(self.names.lane(target, lane), 0, per_lane - 1, withscores=True)
         members = await pipe.execute()
         return {
             lane: [QueuedHead(text(m[0]), float(m[1]), lane) for m in rows]
-            for lane, rows in zip(names, members, strict=True)
+            for lane, rows in zip(lanes, members, strict=True)
             if rows
         }
 
