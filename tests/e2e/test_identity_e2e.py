@@ -119,6 +119,12 @@ def token_hashes(runs: list[Run]) -> Counter[str]:
     return Counter(str(run.outputs["sha256"]) for run in runs if run.outputs)
 
 
+def sign_in_s1(procs: Processes, services: Services) -> None:
+    """Sign connection ``s1`` in with a refresh token the identity provider mints for ACCOUNT."""
+    refresh_token = services.idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
+    sign_in_with_refresh_token(procs.env, "s1", refresh_token)
+
+
 def show(procs: Processes, connection_id: str = "s1") -> dict[str, Any]:
     result = subprocess.run(
         [sys.executable, "-m", "dispatcher", "connections", "show", connection_id, "--json"],
@@ -188,9 +194,7 @@ async def test_200_sign_in_runs_through_two_dispatchers_make_one_request_per_exp
 ) -> None:
     machine_count = 10  # one attended run per user session at a time: ten sessions
     apply_fleet(fleet(machine_count))
-    sign_in_with_refresh_token(
-        procs.env, "s1", services.idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
-    )
+    sign_in_s1(procs, services)
     await start(client, settings, procs, machine_count, dispatchers=2)
     services.idp.call("set_latency", seconds=0.3, endpoint="token")  # widen the race window
     seen: set[str] = set()
@@ -227,9 +231,7 @@ async def test_revoked_grant_fails_the_first_run_and_every_later_one_without_a_r
     apply_fleet: Any,
 ) -> None:
     apply_fleet(fleet(1))
-    sign_in_with_refresh_token(
-        procs.env, "s1", services.idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
-    )
+    sign_in_s1(procs, services)
     await start(client, settings, procs, 1, dispatchers=2)
     await expire_cached_access_token(settings, "s1")
     assert services.idp.call("revoke_user", username=ACCOUNT) == 1
@@ -255,9 +257,7 @@ async def test_revoked_grant_fails_the_first_run_and_every_later_one_without_a_r
     assert view["needs_sign_in"] and "sign in again" in view["error"]
 
     # Signing in again clears the marker; runs get tokens again.
-    sign_in_with_refresh_token(
-        procs.env, "s1", services.idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
-    )
+    sign_in_s1(procs, services)
     [again] = await run_sign_in(client)
     assert token_hashes([again]) == {services.issued()[-1]["sha256"]: 1}
     assert not show(procs)["needs_sign_in"]
@@ -271,9 +271,7 @@ async def test_503_from_the_identity_provider_is_retried_and_the_run_succeeds(
     apply_fleet: Any,
 ) -> None:
     apply_fleet(fleet(1))
-    sign_in_with_refresh_token(
-        procs.env, "s1", services.idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
-    )
+    sign_in_s1(procs, services)
     await start(client, settings, procs, 1)
     await expire_cached_access_token(settings, "s1")
     services.idp.call("fail_next", count=1, status=503, endpoint="token", retry_after=1)
