@@ -260,46 +260,6 @@ class RunStore:
     def _scripts_note(self, pipe: Any, run_id: str, entry: str) -> None:
         pipe.eval(NOTE_SCRIPT, 1, self.names.run(run_id), entry)
 
-    async def claim(
-        self,
-        head: QueuedHead,
-        target: str,
-        *,
-        machine_id: str,
-        user: str,
-        slots: int,
-        assignment_head: str,
-        now: float,
-    ) -> Outcome:
-        """Atomically hand a queued run to a machine with a new fencing token."""
-        names = self.names
-        return await self._run_script(
-            "claim",
-            [
-                names.run(head.run_id),
-                names.queue(target),
-                names.lane(target, head.lane),
-                names.lanes(target),
-                names.queue_deadlines,
-                names.targets,
-                names.machine_assigned(machine_id),
-                names.fence,
-                names.outbox,
-            ],
-            [
-                head.run_id,
-                machine_id,
-                repr(now),
-                head.mode,
-                user.casefold(),
-                slots,
-                head.lane,
-                target,
-                timeline_entry("dispatched", now, {"machine_id": machine_id}),
-                assignment_head,
-            ],
-        )
-
     async def start(
         self,
         run_id: str,
