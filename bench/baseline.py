@@ -28,8 +28,10 @@ import aio_pika
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
+from bench.fleet import LIVE_CONNECTIONS
 from dispatcher.adapters.outbox import FORGET_AFTER_S
 from dispatcher.adapters.runtime import make_redis
+from dispatcher.scheduler import PREFETCH_PER_LANE
 from dispatcher.settings import Settings
 
 # The same state changes as the product's scripts, as hashes, a zset and outbox stream
@@ -65,9 +67,6 @@ local event = '{"status":"succeeded",' .. string.sub(req, 2)
 return {redis.call('XADD', KEYS[2], '*', 'k', 'event', 'b', event), event}
 """
 SCRIPTS = {"admit": ADMIT, "claim": CLAIM, "start": START, "finish": FINISH}
-
-# The live connections of the bench's fleet, each a lane of the product's queue.
-LANES = 10
 
 # A heartbeat-sized value for the machine views the baseline reads (the product stores ~300 B).
 LIVE_VALUE = json.dumps(
@@ -158,7 +157,8 @@ async def declare_topology(settings: Settings, machine_ids: Sequence[str]) -> No
         pipe = redis.pipeline(transaction=False)
         pipe.set(names.key("version"), 1)
         # As many lanes as the product's placement reads: one per live connection.
-        pipe.zadd(names.key("lanes"), {f"c{i}|unattended|normal": 1.0 for i in range(LANES)})
+        lanes = {f"{connection}|unattended|normal": 1.0 for connection in LIVE_CONNECTIONS}
+        pipe.zadd(names.key("lanes"), lanes)
         for machine_id in machine_ids:
             pipe.set(names.key("live", machine_id), LIVE_VALUE)
             pipe.zadd(names.key("hb"), {machine_id: time.time()})
@@ -303,7 +303,7 @@ class BaselineDispatcher(Stage):
             await self._wakeup.wait()
             self._wakeup.clear()
             # As many heads per lane as the pass could place (the product's heads_to_read).
-            per_lane = max(1, min(50, self._free))
+            per_lane = max(1, min(PREFETCH_PER_LANE, self._free))
             take = min(self._free, len(self._admitted))
             self._free -= take
             await self.place([self._admitted.popleft() for _ in range(take)], per_lane)

@@ -42,6 +42,11 @@ def request_body(run_id: str, connection_id: str, owner: str) -> bytes:
     ).encode()
 
 
+def nth_request(prefix: str, i: int, connections: Sequence[str], owner: str) -> aio_pika.Message:
+    """Request ``i``: run id ``<prefix><i>``, the connections taken round robin."""
+    return message(request_body(f"{prefix}{i}", connections[i % len(connections)], owner))
+
+
 def message(body: bytes) -> aio_pika.Message:
     return aio_pika.Message(
         body,
@@ -64,10 +69,7 @@ async def prefill(
     for start in range(0, count, window):
         await asyncio.gather(
             *(
-                exchange.publish(
-                    message(request_body(f"{prefix}{i}", connections[i % len(connections)], owner)),
-                    "submit",
-                )
+                exchange.publish(nth_request(prefix, i, connections, owner), "submit")
                 for i in range(start, min(count, start + window))
             )
         )
@@ -89,14 +91,7 @@ async def paced(args: argparse.Namespace) -> dict[str, float]:
             due = min(total, int((time.monotonic() - started) * args.rate) + 1)
             if due > sent:
                 batch = [
-                    exchange.publish(
-                        message(
-                            request_body(
-                                f"{args.prefix}{i}", connections[i % len(connections)], args.owner
-                            )
-                        ),
-                        "submit",
-                    )
+                    exchange.publish(nth_request(args.prefix, i, connections, args.owner), "submit")
                     for i in range(sent, due)
                 ]
                 lag_max = max(lag_max, (due - sent) / args.rate)
