@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 ## demo: apply an example fleet, run a dispatcher and workers, submit a mixed workload
 demo: $(STAMP)
-	$(SERVICES) -- $(PY) -m dispatcher.demo
+	$(SERVICES) -- $(PY) -m devtools.demo
 
 ## test: the whole suite against the real RabbitMQ, Redis, identity provider and Prometheus
 test: $(STAMP) tools

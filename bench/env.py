@@ -48,7 +48,7 @@ def new_settings(**overrides: Any) -> Settings:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that gives a subprocess exactly these settings (as tests/harness.py)."""
+    """The environment that gives a subprocess exactly these settings (as the tests do)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNDISPATCH_")}
     env.update(settings.as_environment())
     env["PYTHONUNBUFFERED"] = "1"

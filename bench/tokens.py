@@ -2,7 +2,7 @@
 per access-token expiry under N concurrent sign-in runs of one connection.
 
 It plugs into ``dispatcher.adapters.identity.token_broker.TokenBroker`` and the local identity
-provider ``dispatcher.devtools.idp.IdentityProvider``. When either is missing (or fails to
+provider ``devtools.idp.IdentityProvider``. When either is missing (or fails to
 start) the section reports ``measured: false`` with the reason, and the final line says
 ``idp_requests_per_expiry=n/a``.
 
@@ -40,11 +40,11 @@ async def measure_tokens(
     base: Settings, workdir: Path, *, concurrency: int = 500, expiries: int = 3, hits: int = 1000
 ) -> dict[str, Any]:
     try:
+        from devtools.idp import IdentityProvider
         from dispatcher.adapters.identity.cache_view import expire_access_tokens
         from dispatcher.adapters.identity.sign_in import import_refresh_token
         from dispatcher.adapters.identity.token_broker import TokenBroker
         from dispatcher.crypto import SecretBox
-        from dispatcher.devtools.idp import IdentityProvider
         from dispatcher.models import Connection, ConnectionKind, Target
     except ImportError as exc:
         return {"measured": False, "reason": f"token broker or local IdP not available: {exc}"}

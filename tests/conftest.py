@@ -11,7 +11,11 @@ import pytest
 
 from dispatcher.client import Client
 from dispatcher.settings import Settings
-from tests.harness import Processes, cleanup, new_settings
+from tests.support.processes import (
+    Processes,
+    cleanup,
+    new_settings,
+)
 
 
 @pytest.fixture

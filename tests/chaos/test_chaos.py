@@ -6,9 +6,9 @@ Afterwards every submitted run has exactly one terminal state, none ran twice (t
 ledgers log every execution start with its fencing token), none is lost.
 
 Everything goes through private infrastructure where it is broken: the processes and the test's
-own client reach RabbitMQ through a fault proxy (``tests/faultproxy.py``) and keep their state in
-a private redis-server with AOF (``tests/chaos/privateredis.py``). The shared RabbitMQ and Redis
-are never restarted.
+own client reach RabbitMQ through a fault proxy (``tests/support/faultproxy.py``) and keep
+their state in a private redis-server with AOF (``tests/support/privateredis.py``). The shared
+RabbitMQ and Redis are never restarted.
 """
 
 from __future__ import annotations
@@ -31,9 +31,16 @@ from dispatcher.client import Client
 from dispatcher.models import Run, RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.chaos.privateredis import PrivateRedis
-from tests.faultproxy import ProxyProcess
-from tests.harness import Processes, fleet_document, new_settings
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import OWNER
+from tests.support.faultproxy import ProxyProcess
+from tests.support.privateredis import PrivateRedis
+from tests.support.processes import (
+    Processes,
+    new_settings,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
 
@@ -44,7 +51,6 @@ SUBMIT_RATE = 100.0  # runs per second offered by the test
 SUBMITTERS = 16
 LONG_EVERY = 40
 DRAIN_TIMEOUT_S = 150.0
-OWNER = "alice@contoso.com"
 DISPATCHERS = ("d1", "d2")
 # The only legitimate failure: a flow cut short by the killed worker (started once, never
 # again; its worker restarts within the liveness window, so the code is WorkerRestarted).

@@ -20,11 +20,18 @@ import pytest
 from dispatcher.client import Client
 from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings
-from tests.harness import Processes, eventually, fleet_document, new_settings
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import OWNER
+from tests.support.processes import (
+    Processes,
+    eventually,
+    new_settings,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
 
-OWNER = "alice@contoso.com"
 OFFLINE_AFTER_S = 3.0
 GRACE_S = 2.0
 CONNECTIONS = ("c1", "c2", "c3", "c4")

@@ -14,8 +14,12 @@ import pytest
 from dispatcher.adapters.amqp import Ack, Amqp, Verdict
 from dispatcher.names import Names
 from dispatcher.ports import Delivery
-from tests.faultproxy import FaultProxy
-from tests.harness import cleanup, eventually, new_settings
+from tests.support.faultproxy import FaultProxy
+from tests.support.processes import (
+    cleanup,
+    eventually,
+    new_settings,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(90)]
 

@@ -10,18 +10,14 @@ from dispatcher.codes import ErrorCode
 from dispatcher.core.admission import Acceptance, Rejection, admit, same_user, tenant_blocked
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.models import Connection, JoinType, Machine
-
-from .builders import (
-    OTHER_TENANT,
-    OWNER,
-    SIGN_IN_USER,
-    TENANT,
+from tests.support.builders import (
     credentials,
     fleet,
     machine,
     request,
     sign_in,
 )
+from tests.support.constants import OTHER_TENANT, OWNER, SIGN_IN_USER, TENANT
 
 pytestmark = pytest.mark.unit
 

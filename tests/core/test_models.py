@@ -18,8 +18,8 @@ from dispatcher.models import (
     RunRequest,
     Target,
 )
-
-from .builders import TENANT, request_payload
+from tests.support.builders import request_payload
+from tests.support.constants import TENANT
 
 pytestmark = pytest.mark.unit
 

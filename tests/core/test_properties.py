@@ -32,16 +32,12 @@ from dispatcher.models import (
     Session,
     SessionState,
 )
-
-from .builders import (
-    OTHER_TENANT,
-    ROBOT,
-    SIGN_IN_USER,
-    TENANT,
+from tests.support.builders import (
     credentials,
     effective_sessions,
     sign_in,
 )
+from tests.support.constants import OTHER_TENANT, ROBOT, SIGN_IN_USER, TENANT
 
 pytestmark = pytest.mark.unit
 

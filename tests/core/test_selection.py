@@ -16,18 +16,13 @@ from dispatcher.core.selection import (
     slots_of,
 )
 from dispatcher.models import Connection, JoinType, Machine, MachineView, Mode, Session
-
-from .builders import (
+from tests.support.builders import (
     ACTIVE,
     ATTENDED,
     CLIENT,
     DISCONNECTED,
     LOCKED,
-    OTHER_TENANT,
-    ROBOT,
     SERVER,
-    SIGN_IN_USER,
-    TENANT,
     UNATTENDED,
     credentials,
     effective_sessions,
@@ -35,6 +30,7 @@ from .builders import (
     sign_in,
     view,
 )
+from tests.support.constants import OTHER_TENANT, ROBOT, SIGN_IN_USER, TENANT
 
 pytestmark = pytest.mark.unit
 

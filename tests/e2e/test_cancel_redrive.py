@@ -24,11 +24,17 @@ from dispatcher.client import Client
 from dispatcher.models import Run, RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.harness import REPO, Processes, eventually, fleet_document
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import OWNER
+from tests.support.processes import (
+    REPO,
+    Processes,
+    eventually,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
-
-OWNER = "alice@contoso.com"
 
 
 def machine_fleet(slots: int = 2) -> dict[str, Any]:

@@ -11,21 +11,29 @@ import pytest
 
 from dispatcher.client import Client
 from dispatcher.models import RunStatus
-from tests.e2e.support import (
+from tests.support.builders import (
+    credentials,
+    fleet_document,
+    machine,
+    session,
+)
+from tests.support.constants import (
     ALICE_WIN,
+)
+from tests.support.e2e import (
     HOLD_S,
     acli,
     acli_json,
-    credentials,
     in_status,
-    machine,
     online,
     recorded,
-    session,
     submit,
     waiting_because,
 )
-from tests.harness import Processes, eventually, fleet_document
+from tests.support.processes import (
+    Processes,
+    eventually,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -35,10 +43,10 @@ NO_SLOT = {"m1": "NoFreeSlot"}
 
 def one_slot_fleet() -> dict[str, Any]:
     return fleet_document(
-        machines=[machine("m1", max_unattended_runs=1)],
+        machines=[machine("m1", slots=1)],
         connections=[
-            credentials("holder", {"machine_id": "m1"}, "CONTOSO\\svc-hold"),
-            credentials("c1", {"machine_id": "m1"}, "CONTOSO\\svc"),
+            credentials("holder", machine_id="m1", username="CONTOSO\\svc-hold"),
+            credentials("c1", machine_id="m1", username="CONTOSO\\svc"),
         ],
     )
 
@@ -132,7 +140,7 @@ async def test_runs_show_names_the_locked_session_and_the_offline_machine(
         fleet_document(
             groups=[{"group_id": "desk", "name": "Desks"}],
             machines=[machine("m1", group_id="desk"), machine("m2", group_id="desk")],
-            connections=[credentials("att", {"group_id": "desk"}, ALICE_WIN)],
+            connections=[credentials("att", group_id="desk", username=ALICE_WIN)],
         )
     )
     procs.dispatcher()

@@ -28,13 +28,19 @@ from dispatcher.client import Client
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.harness import Processes, fleet_document, new_settings
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import OWNER
+from tests.support.processes import (
+    Processes,
+    new_settings,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 MESSAGES = 2000
 MAX_REQUEST_BYTES = 16 * 1024
-OWNER = "alice@contoso.com"
 REASON = "x-rundispatch-reason"
 REQUIRED = ("run_id", "flow_id", "connection_id", "requested_by", "mode")
 KNOWN = {*REQUIRED, "priority", "inputs", "queue_timeout_s", "max_run_s", "submitted_at"}

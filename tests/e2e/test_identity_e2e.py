@@ -24,8 +24,14 @@ from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
 from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings
-from tests.e2e.identity_support import (
-    ACCOUNT,
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import (
+    OWNER,
+    TENANT,
+)
+from tests.support.identity import (
     Services,
     expire_cached_access_token,
     flow_command,
@@ -36,11 +42,15 @@ from tests.e2e.identity_support import (
     sign_in_with_device_code,
     sign_in_with_refresh_token,
 )
-from tests.harness import REPO, TENANT, Processes, eventually, fleet_document
+from tests.support.processes import (
+    REPO,
+    Processes,
+    eventually,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-SESSION = [{"user": ACCOUNT, "state": "active"}]
+SESSION = [{"user": OWNER, "state": "active"}]
 
 
 @pytest.fixture
@@ -65,10 +75,10 @@ def machines(count: int) -> list[dict[str, Any]]:
 def sign_in_connection(connection_id: str = "s1") -> dict[str, Any]:
     return {
         "connection_id": connection_id,
-        "owner": ACCOUNT,
+        "owner": OWNER,
         "kind": "sign_in",
         "target": {"group_id": "bots"},
-        "account": ACCOUNT,
+        "account": OWNER,
         "tenant_id": TENANT,  # the environment's tenant
     }
 
@@ -101,7 +111,7 @@ async def run_sign_in(client: Client, count: int = 1, connection_id: str = "s1")
             client.submit(
                 connection_id=connection_id,
                 flow_id="report-token",
-                requested_by=ACCOUNT,
+                requested_by=OWNER,
                 mode="attended",  # sign-in runs are attended only
                 inputs={"n": n},
             )
@@ -115,13 +125,13 @@ def token_hashes(runs: list[Run]) -> Counter[str]:
     for run in runs:
         assert run.status is RunStatus.succeeded, (run.status, run.error)
         assert run.outputs is not None and run.outputs["kind"] == "access_token"
-        assert run.outputs["who"] == ACCOUNT and run.outputs["length"] > 100
+        assert run.outputs["who"] == OWNER and run.outputs["length"] > 100
     return Counter(str(run.outputs["sha256"]) for run in runs if run.outputs)
 
 
 def sign_in_s1(procs: Processes, services: Services) -> None:
-    """Sign connection ``s1`` in with a refresh token the identity provider mints for ACCOUNT."""
-    refresh_token = services.idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
+    """Sign connection ``s1`` in with a refresh token the identity provider mints for OWNER."""
+    refresh_token = services.idp.call("mint_refresh_token", tenant_id=TENANT, username=OWNER)
     sign_in_with_refresh_token(procs.env, "s1", refresh_token)
 
 
@@ -152,7 +162,7 @@ async def test_expired_access_token_is_refreshed_and_the_worker_receives_the_new
     services.idp.call("set_lifetimes", access_token_s=312)
     apply_fleet(fleet(1))
     await start(client, settings, procs, 1)
-    signed_in = sign_in_with_device_code(procs.env, "s1", services.idp, ACCOUNT)
+    signed_in = sign_in_with_device_code(procs.env, "s1", services.idp, OWNER)
     assert "signed in as alice@contoso.com" in signed_in.stdout
     first = services.issued()
     assert len(first) == 1  # the sign-in's access token
@@ -234,7 +244,7 @@ async def test_revoked_grant_fails_the_first_run_and_every_later_one_without_a_r
     sign_in_s1(procs, services)
     await start(client, settings, procs, 1, dispatchers=2)
     await expire_cached_access_token(settings, "s1")
-    assert services.idp.call("revoke_user", username=ACCOUNT) == 1
+    assert services.idp.call("revoke_user", username=OWNER) == 1
     services.idp.call("reset_counters")
 
     [first] = await run_sign_in(client)
@@ -297,7 +307,7 @@ async def test_key_vault_and_cyberark_secrets_are_fetched_at_dispatch_time(
     connections = [
         {
             "connection_id": "kv1",
-            "owner": ACCOUNT,
+            "owner": OWNER,
             "kind": "credentials",
             "target": {"group_id": "bots"},
             "username": "CONTOSO\\svc-kv",
@@ -309,7 +319,7 @@ async def test_key_vault_and_cyberark_secrets_are_fetched_at_dispatch_time(
         },
         {
             "connection_id": "ca1",
-            "owner": ACCOUNT,
+            "owner": OWNER,
             "kind": "credentials",
             "target": {"group_id": "bots"},
             "username": "CONTOSO\\svc-ca",
@@ -328,7 +338,7 @@ async def test_key_vault_and_cyberark_secrets_are_fetched_at_dispatch_time(
     async def run_both() -> dict[str, dict[str, Any]]:
         ids = {
             c: await client.submit(
-                connection_id=c, flow_id="report-password", requested_by=ACCOUNT, mode="unattended"
+                connection_id=c, flow_id="report-password", requested_by=OWNER, mode="unattended"
             )
             for c in ("kv1", "ca1")
         }
@@ -359,7 +369,7 @@ async def test_key_vault_and_cyberark_secrets_are_fetched_at_dispatch_time(
     # A secret that no longer exists fails the run with a clear code.
     keyvault.call("delete_secret", name="svc-kv-password")
     run_id = await client.submit(
-        connection_id="kv1", flow_id="report-password", requested_by=ACCOUNT, mode="unattended"
+        connection_id="kv1", flow_id="report-password", requested_by=OWNER, mode="unattended"
     )
     run = await client.wait(run_id, timeout=30)
     assert run.status is RunStatus.failed

@@ -16,24 +16,39 @@ from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
 from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings
-from tests.e2e.support import (
-    ALICE_WIN,
-    BOB_WIN,
-    HOLD_S,
-    OTHER_TENANT,
-    acli,
+from tests.support.builders import (
+    AD_JOINED,
+    CLIENT,
+    ENTRA_JOINED,
+    SERVER,
     credentials,
-    events,
-    in_status,
+    fleet_document,
     machine,
-    online,
-    recorded,
     session,
     sign_in,
+)
+from tests.support.constants import (
+    ALICE_WIN,
+    BOB_WIN,
+    OTHER_TENANT,
+    OWNER,
+    TENANT,
+)
+from tests.support.e2e import (
+    HOLD_S,
+    acli,
+    events,
+    in_status,
+    online,
+    recorded,
     submit,
     waiting_because,
 )
-from tests.harness import TENANT, Processes, eventually, fleet_document, new_settings
+from tests.support.processes import (
+    Processes,
+    eventually,
+    new_settings,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
@@ -63,28 +78,28 @@ def admission_fleet(prune: bool = False) -> dict[str, Any]:
         {"group_id": "empty", "name": "Nobody"},
     ]
     machines = [
-        machine("m1", group_id="finance", join_type="entra_joined"),
-        machine("m2", group_id="adonly", join_type="ad_joined"),
+        machine("m1", group_id="finance", join=ENTRA_JOINED),
+        machine("m2", group_id="adonly", join=AD_JOINED),
         machine(
             "m3",
             group_id="adonly",
-            join_type="ad_joined",
-            allowed_registration_tenants=[OTHER_TENANT],
+            join=AD_JOINED,
+            tenants=(OTHER_TENANT,),
         ),
-        machine("m4", group_id="mixed", join_type="ad_joined"),
-        machine("m5", group_id="mixed", join_type="entra_joined"),
+        machine("m4", group_id="mixed", join=AD_JOINED),
+        machine("m5", group_id="mixed", join=ENTRA_JOINED),
     ]
     if not prune:
         groups.append({"group_id": "doomed", "name": "Going away"})
         machines += [machine("m6", group_id="doomed"), machine("m7")]
     connections = [
-        sign_in("s_m1", {"machine_id": "m1"}, TENANT),
-        sign_in("s_foreign", {"machine_id": "m1"}, OTHER_TENANT),
-        sign_in("s_adonly", {"group_id": "adonly"}, TENANT),
-        sign_in("s_mixed", {"group_id": "mixed"}, TENANT),
-        credentials("c_empty", {"group_id": "empty"}, ALICE_WIN),
-        credentials("c_doomed_group", {"group_id": "doomed"}, ALICE_WIN),
-        credentials("c_doomed_machine", {"machine_id": "m7"}, ALICE_WIN),
+        sign_in("s_m1", machine_id="m1", tenant_id=TENANT, owner=OWNER, account=OWNER),
+        sign_in("s_foreign", machine_id="m1", tenant_id=OTHER_TENANT, owner=OWNER, account=OWNER),
+        sign_in("s_adonly", group_id="adonly", tenant_id=TENANT, owner=OWNER, account=OWNER),
+        sign_in("s_mixed", group_id="mixed", tenant_id=TENANT, owner=OWNER, account=OWNER),
+        credentials("c_empty", group_id="empty", username=ALICE_WIN),
+        credentials("c_doomed_group", group_id="doomed", username=ALICE_WIN),
+        credentials("c_doomed_machine", machine_id="m7", username=ALICE_WIN),
     ]
     return fleet_document(machines=machines, connections=connections, groups=groups)
 
@@ -150,7 +165,7 @@ async def test_attended_run_waits_while_session_locked_and_runs_within_2s_of_unl
     apply_fleet(
         fleet_document(
             machines=[machine("m1")],
-            connections=[credentials("att", {"machine_id": "m1"}, ALICE_WIN)],
+            connections=[credentials("att", machine_id="m1", username=ALICE_WIN)],
         )
     )
     procs.dispatcher()
@@ -177,7 +192,7 @@ async def test_attended_run_waits_while_session_locked_and_runs_within_2s_of_unl
 def locked_attended_fleet() -> dict[str, Any]:
     return fleet_document(
         machines=[machine("m1")],
-        connections=[credentials("att", {"machine_id": "m1"}, ALICE_WIN)],
+        connections=[credentials("att", machine_id="m1", username=ALICE_WIN)],
     )
 
 
@@ -234,12 +249,12 @@ async def test_deadline_is_enforced_after_the_dispatcher_is_killed_and_replaced(
 
 
 # ---- 4. priority -------------------------------------------------------------------------------
-def one_slot_fleet(os: str = "windows_server") -> dict[str, Any]:
+def one_slot_fleet() -> dict[str, Any]:
     return fleet_document(
-        machines=[machine("m1", os=os, max_unattended_runs=1)],
+        machines=[machine("m1", os=SERVER, slots=1)],
         connections=[
-            credentials("holder", {"machine_id": "m1"}, "CONTOSO\\svc-hold"),
-            credentials("c1", {"machine_id": "m1"}, "CONTOSO\\svc"),
+            credentials("holder", machine_id="m1", username="CONTOSO\\svc-hold"),
+            credentials("c1", machine_id="m1", username="CONTOSO\\svc"),
         ],
     )
 
@@ -275,10 +290,10 @@ async def test_attended_run_stuck_at_the_head_does_not_block_unattended_runs(
 ) -> None:
     apply_fleet(
         fleet_document(
-            machines=[machine("m1", max_unattended_runs=2)],
+            machines=[machine("m1", slots=2)],
             connections=[
-                credentials("att", {"machine_id": "m1"}, ALICE_WIN),
-                credentials("una", {"machine_id": "m1"}, "CONTOSO\\svc"),
+                credentials("att", machine_id="m1", username=ALICE_WIN),
+                credentials("una", machine_id="m1", username="CONTOSO\\svc"),
             ],
         )
     )
@@ -307,8 +322,8 @@ async def test_runs_beyond_the_per_connection_rate_are_throttled(
         fleet_document(
             machines=[machine("m1")],
             connections=[
-                credentials("c1", {"machine_id": "m1"}, "CONTOSO\\svc"),
-                credentials("c2", {"machine_id": "m1"}, "CONTOSO\\svc2"),
+                credentials("c1", machine_id="m1", username="CONTOSO\\svc"),
+                credentials("c2", machine_id="m1", username="CONTOSO\\svc2"),
             ],
         ),
         "--no-signal",
@@ -337,8 +352,8 @@ async def test_a_full_queue_rejects_new_runs_with_queue_full(
         fleet_document(
             machines=[machine("m1"), machine("m2")],
             connections=[
-                credentials("c1", {"machine_id": "m1"}, "CONTOSO\\svc"),
-                credentials("c2", {"machine_id": "m2"}, "CONTOSO\\svc"),
+                credentials("c1", machine_id="m1", username="CONTOSO\\svc"),
+                credentials("c2", machine_id="m2", username="CONTOSO\\svc"),
             ],
         ),
         "--no-signal",
@@ -363,11 +378,11 @@ async def test_maintenance_lets_running_runs_finish_and_queues_new_ones(
 ) -> None:
     apply_fleet(
         fleet_document(
-            machines=[machine("m1", max_unattended_runs=3)],
+            machines=[machine("m1", slots=3)],
             connections=[
-                credentials("c1", {"machine_id": "m1"}, "CONTOSO\\svc1"),
-                credentials("c2", {"machine_id": "m1"}, "CONTOSO\\svc2"),
-                credentials("c3", {"machine_id": "m1"}, "CONTOSO\\svc3"),
+                credentials("c1", machine_id="m1", username="CONTOSO\\svc1"),
+                credentials("c2", machine_id="m1", username="CONTOSO\\svc2"),
+                credentials("c3", machine_id="m1", username="CONTOSO\\svc3"),
             ],
         )
     )
@@ -406,12 +421,12 @@ async def test_windows_client_with_another_users_active_session_waits_server_doe
     apply_fleet(
         fleet_document(
             machines=[
-                machine("desk", os="windows_client", max_unattended_runs=1),
-                machine("srv", os="windows_server", max_unattended_runs=2),
+                machine("desk", os=CLIENT, slots=1),
+                machine("srv", os=SERVER, slots=2),
             ],
             connections=[
-                credentials("on_desk", {"machine_id": "desk"}, "CONTOSO\\svc"),
-                credentials("on_srv", {"machine_id": "srv"}, "CONTOSO\\svc"),
+                credentials("on_desk", machine_id="desk", username="CONTOSO\\svc"),
+                credentials("on_srv", machine_id="srv", username="CONTOSO\\svc"),
             ],
         )
     )

@@ -15,11 +15,16 @@ from dispatcher.client import Client
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.harness import Processes, eventually, fleet_document
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import OWNER
+from tests.support.processes import (
+    Processes,
+    eventually,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
-
-OWNER = "alice@contoso.com"
 
 
 def group_fleet(machines: int = 3) -> dict[str, Any]:

@@ -27,9 +27,15 @@ from dispatcher.codes import ErrorCode
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.e2e.identity_support import (
-    ACCOUNT,
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import (
     CLIENT_SECRET,
+    OWNER,
+    TENANT,
+)
+from tests.support.identity import (
     Services,
     expire_cached_access_token,
     find_secrets,
@@ -39,7 +45,10 @@ from tests.e2e.identity_support import (
     sha256,
     sign_in_with_refresh_token,
 )
-from tests.harness import TENANT, Processes, eventually, fleet_document
+from tests.support.processes import (
+    Processes,
+    eventually,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -64,7 +73,7 @@ def demo_fleet(services: Services) -> dict[str, Any]:
     def credentials(connection_id: str, user: str, **source: Any) -> dict[str, Any]:
         return {
             "connection_id": connection_id,
-            "owner": ACCOUNT,
+            "owner": OWNER,
             "kind": "credentials",
             "target": {"group_id": "bots"},
             "username": user,
@@ -101,10 +110,10 @@ def demo_fleet(services: Services) -> dict[str, Any]:
             ),
             {
                 "connection_id": "s1",
-                "owner": ACCOUNT,
+                "owner": OWNER,
                 "kind": "sign_in",
                 "target": {"group_id": "bots"},
-                "account": ACCOUNT,
+                "account": OWNER,
                 "tenant_id": TENANT,
             },
         ],
@@ -213,7 +222,7 @@ async def test_no_secret_in_logs_redis_or_amqp(
     for machine_id in MACHINES:
         procs.worker(
             machine_id,
-            sessions=[{"user": ACCOUNT, "state": "active"}],
+            sessions=[{"user": OWNER, "state": "active"}],
             executor="command",
             extra=flow_command(tmp_path),
         )
@@ -290,13 +299,13 @@ async def demo_flow(
 ) -> str:
     """Runs over every connection; returns what the connections CLI printed."""
     idp, keyvault, cyberark = services.idp, services.keyvault, services.cyberark
-    refresh_token = idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
+    refresh_token = idp.call("mint_refresh_token", tenant_id=TENANT, username=OWNER)
     signed_in = sign_in_with_refresh_token(procs.env, "s1", refresh_token)
     cli_output = signed_in.stdout + signed_in.stderr
 
     async def run(connection_id: str, mode: str = "unattended") -> dict[str, Any]:
         run_id = await client.submit(
-            connection_id=connection_id, flow_id="demo", requested_by=ACCOUNT, mode=mode
+            connection_id=connection_id, flow_id="demo", requested_by=OWNER, mode=mode
         )
         record = await client.wait(run_id, timeout=30)
         assert record.status is RunStatus.succeeded, (connection_id, record.error)
@@ -332,14 +341,14 @@ async def demo_flow(
     assert await sign_in_run() == latest_access_token()  # refreshed after a 503
     # A new sign-in (device code's equivalent), then a revoked grant: error paths log too.
     again = sign_in_with_refresh_token(
-        procs.env, "s1", idp.call("mint_refresh_token", tenant_id=TENANT, username=ACCOUNT)
+        procs.env, "s1", idp.call("mint_refresh_token", tenant_id=TENANT, username=OWNER)
     )
     cli_output += again.stdout + again.stderr
     assert await sign_in_run() == latest_access_token()
     await expire_cached_access_token(settings, "s1")
-    idp.call("revoke_user", username=ACCOUNT)
+    idp.call("revoke_user", username=OWNER)
     run_id = await client.submit(
-        connection_id="s1", flow_id="demo", requested_by=ACCOUNT, mode="attended"
+        connection_id="s1", flow_id="demo", requested_by=OWNER, mode="attended"
     )
     failed = await client.wait(run_id, timeout=30)
     assert failed.error is not None and failed.error.code is ErrorCode.PasswordlessTokenExpiry

@@ -8,7 +8,9 @@ import pytest
 from dispatcher.adapters.amqp import Amqp
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.harness import cleanup
+from tests.support.processes import (
+    cleanup,
+)
 
 pytestmark = pytest.mark.integration
 

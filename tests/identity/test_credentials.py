@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from devtools.idp import IdentityProvider
+from devtools.vaults import CyberArkServer, KeyVaultServer
 from dispatcher.adapters.identity.credentials import CredentialResolver
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import SecretBox
-from dispatcher.devtools.idp import IdentityProvider
-from dispatcher.devtools.vaults import CyberArkServer, KeyVaultServer
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.models import Connection, ConnectionKind, SecretRef, Target
 from dispatcher.settings import Settings
-from tests.identity.conftest import CLIENT_ID, TENANT
+from tests.support.constants import CLIENT_ID, TENANT
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatcher.devtools.server import AdminClient, AdminError
-from tests.identity.conftest import TENANT
+from devtools.server import AdminClient, AdminError
+from tests.support.constants import TENANT
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def start(module: str, *args: str) -> tuple[subprocess.Popen[str], dict[str, str
 
 @pytest.fixture
 def idp_process(cert_dir: Path) -> Iterator[dict[str, str]]:
-    process, info = start("dispatcher.devtools.idp", "--cert-dir", str(cert_dir))
+    process, info = start("devtools.idp", "--cert-dir", str(cert_dir))
     yield info
     process.terminate()
     assert process.wait(timeout=10) == 0
@@ -69,7 +69,7 @@ def test_identity_provider_process_is_driven_by_its_admin_api(
 
 def test_vault_processes_serve_their_api_shapes(cert_dir: Path) -> None:
     kv, kv_info = start(
-        "dispatcher.devtools.vaults",
+        "devtools.vaults",
         "--kind",
         "keyvault",
         "--cert-dir",
@@ -77,9 +77,7 @@ def test_vault_processes_serve_their_api_shapes(cert_dir: Path) -> None:
         "--authority",
         f"https://127.0.0.1:1/{TENANT}",
     )
-    ccp, ccp_info = start(
-        "dispatcher.devtools.vaults", "--kind", "cyberark", "--cert-dir", str(cert_dir)
-    )
+    ccp, ccp_info = start("devtools.vaults", "--kind", "cyberark", "--cert-dir", str(cert_dir))
     try:
         AdminClient(kv_info["url"], kv_info["ca_file"]).call("set_secret", name="a", value="v")
         AdminClient(ccp_info["url"], ccp_info["ca_file"]).call(

@@ -22,21 +22,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.tls import ensure_certificate
 from dispatcher.adapters.identity.sign_in import import_refresh_token
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.crypto import SecretBox
-from dispatcher.devtools.tls import ensure_certificate
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.identity.conftest import (
-    ACCOUNT,
-    CLIENT_ID,
-    CLIENT_SECRET,
-    REDIS_URL,
-    TENANT,
-    expire_access_token,
-    sign_in_connection,
-)
+from tests.support.constants import CLIENT_ID, CLIENT_SECRET, SIGN_IN_USER, TENANT
+from tests.support.identity import expire_access_token, sign_in_connection
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +102,6 @@ def _get(url: str, ca_file: str) -> dict[str, object]:
 @pytest.fixture
 async def node_settings(node_idp: str, cert_dir: Path, namespace: str) -> Settings:
     return Settings(
-        redis_url=REDIS_URL,
         namespace=namespace,
         secret_keys=f"k1:{SecretBox.generate_key()}",
         authority_host=node_idp,
@@ -136,7 +128,7 @@ async def test_strict_rotation_provider_gets_one_request_per_expiry(
 ) -> None:
     ca_file = node_settings.idp_ca_file
     connection = sign_in_connection("node1")
-    seeded = _get(f"{node_idp}/_seed?account={ACCOUNT}", ca_file)
+    seeded = _get(f"{node_idp}/_seed?account={SIGN_IN_USER}", ca_file)
     await import_refresh_token(replicas[0], connection, str(seeded["refresh_token"]))
     for round_number in (1, 2, 3):
         await expire_access_token(replicas[0], connection.connection_id)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.idp import IdentityProvider
 from dispatcher.adapters.identity.failures import REAUTH_REQUIRED, RefreshFailure
 from dispatcher.adapters.identity.sign_in import (
     DeviceCodePrompt,
@@ -20,11 +21,11 @@ from dispatcher.adapters.identity.sign_in import (
     sign_in_with_device_code,
 )
 from dispatcher.adapters.identity.token_broker import TokenBroker
-from dispatcher.devtools.idp import IdentityProvider
 from dispatcher.models import Connection
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.identity.conftest import ACCOUNT, TENANT, sign_in_connection
+from tests.support.constants import SIGN_IN_USER, TENANT
+from tests.support.identity import sign_in_connection
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +60,8 @@ async def test_device_code_sign_in_stores_tokens_and_clears_the_marker(
     broker: TokenBroker, idp: IdentityProvider
 ) -> None:
     connection = sign_in_connection("s2")
-    status = await sign_in_as(broker, idp, connection, ACCOUNT)
-    assert status["account"] == ACCOUNT and not status["needs_sign_in"]
+    status = await sign_in_as(broker, idp, connection, SIGN_IN_USER)
+    assert status["account"] == SIGN_IN_USER and not status["needs_sign_in"]
     assert idp.counters()["devicecode"] == 1
     token = await broker.access_token(connection, 600)
     assert token and token not in json.dumps(status)
@@ -69,11 +70,11 @@ async def test_device_code_sign_in_stores_tokens_and_clears_the_marker(
     assert idp.counters()["token"] == tokens_before  # the sign-in's token is cached
 
     # Revoked, marked, then signed in again: runs work again.
-    idp.revoke_user(ACCOUNT)
+    idp.revoke_user(SIGN_IN_USER)
     revoked = RefreshFailure(REAUTH_REQUIRED, "invalid_grant", (50173,))
     await broker.store.mark(connection.connection_id, revoked)
     assert (await broker.status(connection))["needs_sign_in"]
-    await sign_in_as(broker, idp, connection, ACCOUNT)
+    await sign_in_as(broker, idp, connection, SIGN_IN_USER)
     assert not (await broker.status(connection))["needs_sign_in"]
     assert await broker.access_token(connection, 600)
 
@@ -131,10 +132,10 @@ async def test_cli_sign_in_and_show(
     assert "devicelogin" in first_line, first_line
     (user_code,) = idp.device_codes()
     assert user_code in first_line
-    await approve(idp, DeviceCodePrompt(f"{idp.url}/devicelogin", user_code, "", 0), ACCOUNT)
+    await approve(idp, DeviceCodePrompt(f"{idp.url}/devicelogin", user_code, "", 0), SIGN_IN_USER)
     out, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()
-    assert f"signed in as {ACCOUNT}" in out.decode()
+    assert f"signed in as {SIGN_IN_USER}" in out.decode()
 
     code, shown, errors = await run_cli(env, "connections", "show", "cli1", "--json")
     assert code == 0, errors

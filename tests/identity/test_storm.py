@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from devtools.idp import IdentityProvider
 from dispatcher.adapters.identity.token_broker import TokenBroker
-from dispatcher.devtools.idp import IdentityProvider
 from dispatcher.models import Connection
 from dispatcher.settings import Settings
-from tests.identity.conftest import expire_access_token
+from tests.support.identity import expire_access_token
 
 pytestmark = pytest.mark.integration
 

@@ -11,24 +11,19 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
+from devtools.idp import IdentityProvider
 from dispatcher.adapters.identity.failures import IdentityProviderBusy
 from dispatcher.adapters.identity.retry import retry_transient
 from dispatcher.adapters.identity.sign_in import import_refresh_token
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import SecretBox
-from dispatcher.devtools.idp import IdentityProvider
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.models import Connection
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.identity.conftest import (
-    ACCOUNT,
-    CLIENT_ID,
-    TENANT,
-    expire_access_token,
-    sign_in_connection,
-)
+from tests.support.constants import CLIENT_ID, SIGN_IN_USER, TENANT
+from tests.support.identity import expire_access_token, sign_in_connection
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +82,7 @@ async def test_revoked_grant_fails_first_run_and_later_ones_fast(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
     await expire_access_token(broker, connection.connection_id)
-    idp.revoke_user(ACCOUNT)
+    idp.revoke_user(SIGN_IN_USER)
     with pytest.raises(RunFailure) as first:
         await broker.access_token(connection, 600)
     assert first.value.code is ErrorCode.PasswordlessTokenExpiry
@@ -103,7 +98,7 @@ async def test_revoked_grant_fails_first_run_and_later_ones_fast(
     assert status["needs_sign_in"] and "sign in again" in status["error"]
 
     # Signing in again clears the marker.
-    await import_refresh_token(broker, connection, idp.mint_refresh_token(TENANT, ACCOUNT))
+    await import_refresh_token(broker, connection, idp.mint_refresh_token(TENANT, SIGN_IN_USER))
     assert await broker.access_token(connection, 600)
     assert not (await broker.status(connection))["needs_sign_in"]
 
@@ -118,7 +113,7 @@ async def test_marker_is_shared_by_replicas(
     box,  # type: ignore[no-untyped-def]
 ) -> None:
     await expire_access_token(broker, connection.connection_id)
-    idp.expire_refresh_tokens(ACCOUNT)
+    idp.expire_refresh_tokens(SIGN_IN_USER)
     with pytest.raises(RunFailure, match="AADSTS700082"):
         await broker.access_token(connection, 600)
     other_replica = TokenBroker(identity_settings, redis, names, box)

@@ -2,7 +2,7 @@
 
 Two dispatcher replicas and two machine workers run as processes (each serving ``/metrics`` on
 its own free port, passed with ``--metrics-port``) against the real RabbitMQ and Redis, with the
-local identity provider (``dispatcher.devtools.idp``) for sign-in connections. Debian's
+local identity provider (``devtools.idp``) for sign-in connections. Debian's
 ``prometheus`` scrapes all four every second and evaluates the shipped alert rules
 (``dashboards/alerts.rules.yml``, unchanged) every second. The runs are real:
 
@@ -48,18 +48,24 @@ import aio_pika
 import pytest
 from prometheus_client import CollectorRegistry
 
+from devtools.idp import IdentityProvider
 from dispatcher.adapters.identity.sign_in import import_refresh_token
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.client import Client
 from dispatcher.crypto import SecretBox
-from dispatcher.devtools.idp import IdentityProvider
 from dispatcher.metrics import DispatcherMetrics, QueueStateSnapshot
 from dispatcher.models import Connection, ConnectionKind, RunStatus, Target
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.harness import TENANT, Processes, fleet_document, new_settings
-
-from .promserver import (
+from tests.support.builders import (
+    fleet_document,
+)
+from tests.support.constants import CLIENT_ID, CLIENT_SECRET, OWNER, TENANT
+from tests.support.processes import (
+    Processes,
+    new_settings,
+)
+from tests.support.promserver import (
     DISPATCHER_JOB,
     WORKER_JOB,
     PromServer,
@@ -68,11 +74,9 @@ from .promserver import (
     prometheus_binary,
     prometheus_server,
 )
+
 from .test_rules import alert_rules, metric_names, require, variable_queries
 
-CLIENT_ID = "rundispatch-e2e"
-CLIENT_SECRET = "e2e-client-secret-value"
-ALICE = "alice@contoso.com"
 BOB, CAROL, DAVE = "bob@contoso.com", "carol@contoso.com", "dave@contoso.com"
 PROMETHEUS_SERIES = frozenset({"up"})  # made by Prometheus, not by the code
 
@@ -101,7 +105,7 @@ def observed_fleet() -> dict[str, Any]:
         connections=[
             {
                 "connection_id": "c1",
-                "owner": ALICE,
+                "owner": OWNER,
                 "kind": "credentials",
                 "target": {"group_id": "finance"},
                 "username": "CONTOSO\\svc-fin",
@@ -109,7 +113,7 @@ def observed_fleet() -> dict[str, Any]:
             },
             {  # for attended runs: nobody is logged in as the clerk on any machine
                 "connection_id": "c2",
-                "owner": ALICE,
+                "owner": OWNER,
                 "kind": "credentials",
                 "target": {"group_id": "finance"},
                 "username": "CONTOSO\\clerk",
@@ -188,14 +192,14 @@ async def wave(client: Client, successes: int) -> dict[str, str]:
         runs[f"ok{i}"] = await client.submit(
             connection_id="c1",
             flow_id="invoice",
-            requested_by=ALICE,
+            requested_by=OWNER,
             mode="unattended",
             inputs={"duration_s": 0.3},
         )
     runs["failed"] = await client.submit(
         connection_id="c1",
         flow_id="invoice",
-        requested_by=ALICE,
+        requested_by=OWNER,
         mode="unattended",
         inputs={"outcome": "failed", "duration_s": 0.2},
     )
@@ -350,7 +354,7 @@ async def exercise_and_check(
     # ---- wave 1, and the runs that do not end by themselves ----------------------------------
     waiting = {
         "attended": await client.submit(
-            connection_id="c2", flow_id="close-books", requested_by=ALICE, mode="attended"
+            connection_id="c2", flow_id="close-books", requested_by=OWNER, mode="attended"
         ),
         "carol": await client.submit(
             connection_id="s-carol", flow_id="report", requested_by=CAROL, mode="attended"
@@ -360,7 +364,7 @@ async def exercise_and_check(
     ending["timeout"] = await client.submit(
         connection_id="c2",
         flow_id="close-books",
-        requested_by=ALICE,
+        requested_by=OWNER,
         mode="attended",
         queue_timeout_s=3,
     )
@@ -371,7 +375,7 @@ async def exercise_and_check(
         connection_id="c1", flow_id="invoice", requested_by="mallory@contoso.com", mode="unattended"
     )
     ending["unknown"] = await client.submit(
-        connection_id="nope", flow_id="invoice", requested_by=ALICE, mode="unattended"
+        connection_id="nope", flow_id="invoice", requested_by=OWNER, mode="unattended"
     )
     await publish_garbage(settings, [b"\x00\xffgarbage\x13", b"[1, 2, 3]"])
     first = await final(client, ending)

@@ -32,8 +32,7 @@ from dispatcher.metrics import (
     exported_names,
     metrics_server,
 )
-
-from .promserver import (
+from tests.support.promserver import (
     ALERT_RULES,
     DASHBOARDS,
     DISPATCHER_JOB,
@@ -44,6 +43,7 @@ from .promserver import (
     prometheus_binary,
     prometheus_server,
 )
+
 from .test_metrics_definitions import exercised
 
 RULE_TESTS = REPO / "dashboards" / "tests" / "alerts_test.yml"

@@ -10,7 +10,7 @@
   ``AIMWS030E``.
 
 Both have settable secrets, ``fail_next``/``set_latency``, counters and the admin API.
-Run ``python -m dispatcher.devtools.vaults --kind keyvault|cyberark --cert-dir D
+Run ``python -m devtools.vaults --kind keyvault|cyberark --cert-dir D
 [--authority URL]``.
 """
 
@@ -22,8 +22,8 @@ import uuid
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dispatcher.devtools.jwt import decode_claims
-from dispatcher.devtools.server import (
+from devtools.jwt import decode_claims
+from devtools.server import (
     Handler,
     LocalService,
     Reply,
@@ -210,7 +210,7 @@ class CyberArkServer(LocalService):
 
 def main(argv: list[str] | None = None) -> int:
     """Run one local vault until interrupted, printing its URL and CA file as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m dispatcher.devtools.vaults")
+    parser = argparse.ArgumentParser(prog="python -m devtools.vaults")
     parser.add_argument("--kind", choices=("keyvault", "cyberark"), required=True)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cert-dir", required=True)

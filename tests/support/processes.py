@@ -1,4 +1,4 @@
-"""Test harness: a private namespace per test, real processes, clean-up afterwards."""
+"""The process harness: a private namespace per test, the product's processes, clean-up."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from dispatcher.adapters.runtime import purge_namespace
+from dispatcher.models import Session
 from dispatcher.settings import Settings
 
-REPO = Path(__file__).resolve().parent.parent
-TENANT = "11111111-2222-3333-4444-555555555555"
+REPO = Path(__file__).resolve().parents[2]
 
 FAST = {
     "heartbeat_interval_s": 0.3,
@@ -59,18 +59,11 @@ async def cleanup(settings: Settings, machine_ids: list[str] | None = None) -> N
     await purge_namespace(settings, list(machine_ids or []))
 
 
-def fleet_document(
-    machines: list[dict[str, Any]],
-    connections: list[dict[str, Any]],
-    groups: list[dict[str, Any]] | None = None,
-    tenant: str = TENANT,
-) -> dict[str, Any]:
-    return {
-        "environment": {"tenant_id": tenant},
-        "groups": groups or [],
-        "machines": machines,
-        "connections": connections,
-    }
+def sessions_json(sessions: Sequence[Session | dict[str, str]]) -> str:
+    """A worker's sessions file (``--sessions-file``) listing ``sessions``."""
+    return json.dumps(
+        [s.model_dump(mode="json") if isinstance(s, Session) else s for s in sessions]
+    )
 
 
 class Processes:
@@ -111,7 +104,7 @@ class Processes:
         self,
         machine_id: str,
         *,
-        sessions: list[dict[str, str]] | None = None,
+        sessions: Sequence[Session | dict[str, str]] | None = None,
         executor: str = "simulate",
         extra: list[str] | None = None,
         name: str | None = None,
@@ -129,7 +122,7 @@ class Processes:
         ]
         if sessions is not None:
             path = self.sessions_file(machine_id)
-            path.write_text(json.dumps(sessions))
+            path.write_text(sessions_json(sessions))
             argv += ["--sessions-file", str(path)]
         argv += extra or []
         return self._start(name or f"worker-{machine_id}", argv)
@@ -140,10 +133,10 @@ class Processes:
     def sessions_file(self, machine_id: str) -> Path:
         return self.workdir / f"sessions-{machine_id}.json"
 
-    def set_sessions(self, machine_id: str, sessions: list[dict[str, str]]) -> None:
+    def set_sessions(self, machine_id: str, sessions: Sequence[Session | dict[str, str]]) -> None:
         path = self.sessions_file(machine_id)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sessions))
+        tmp.write_text(sessions_json(sessions))
         os.replace(tmp, path)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-from dispatcher.devtools.server import Reply, Request, html_reply
+from devtools.server import Reply, Request, html_reply
 
 _FORM = """<!doctype html><html><body><h1>Sign in a device</h1>
 <form method="post" action="/devicelogin">

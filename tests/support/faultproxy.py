@@ -10,7 +10,7 @@ them on demand:
 Used in-process (``FaultProxy``) or as its own process, so that forwarding does not compete
 with the test's event loop::
 
-    python -m tests.faultproxy --upstream 127.0.0.1:5672 --port-file /tmp/p
+    python -m tests.support.faultproxy --upstream 127.0.0.1:5672 --port-file /tmp/p
 
 In process mode SIGUSR1 resets every connection, SIGUSR2 toggles ``refuse``; the listening port
 is written to ``--port-file`` once the proxy accepts connections. ``ProxyProcess`` wraps that.
@@ -155,7 +155,7 @@ async def _serve(upstream: str, port: int, port_file: Path | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.faultproxy")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.faultproxy")
     parser.add_argument("--upstream", required=True, help="host:port to forward to")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0 = any)")
     parser.add_argument("--port-file", type=Path, default=None)
@@ -184,7 +184,7 @@ class ProxyProcess:
                 [
                     sys.executable,
                     "-m",
-                    "tests.faultproxy",
+                    "tests.support.faultproxy",
                     "--upstream",
                     self.upstream,
                     "--port-file",
@@ -209,7 +209,8 @@ class ProxyProcess:
         self.resets += 1
 
     def stop(self) -> None:
-        from tests.harness import terminate  # not at import: the proxy process stays light
+        # Not at import: the proxy process stays light.
+        from tests.support.processes import terminate
 
         if self.proc is not None:
             terminate(self.proc)

@@ -11,8 +11,8 @@ Serves what msal's ``ConfidentialClientApplication`` needs (``instance_discovery
 
 Failures to switch on: :meth:`revoke_user` (``invalid_grant`` AADSTS50173),
 :meth:`expire_refresh_tokens` (AADSTS700082), ``fail_next`` (503/429/HTML), wrong client secret
-(``invalid_client``), ``set_latency``. Run ``python -m dispatcher.devtools.idp --port P
---cert-dir D``; the admin API (see :mod:`dispatcher.devtools.server`) drives it from elsewhere.
+(``invalid_client``), ``set_latency``. Run ``python -m devtools.idp --port P
+--cert-dir D``; the admin API (see :mod:`devtools.server`) drives it from elsewhere.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from dispatcher.devtools.idp_grants import Grant, GrantStore, PendingCode
-from dispatcher.devtools.jwt import b64url, unsigned_jwt
-from dispatcher.devtools.server import (
+from devtools.idp_grants import Grant, GrantStore, PendingCode
+from devtools.jwt import b64url, unsigned_jwt
+from devtools.server import (
     Handler,
     LocalService,
     Reply,
@@ -36,7 +36,7 @@ from dispatcher.devtools.server import (
     json_reply,
     serve_until_interrupted,
 )
-from dispatcher.devtools.user_pages import DevicePages
+from devtools.user_pages import DevicePages
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 OIDC_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
@@ -341,7 +341,7 @@ class IdentityProvider(DevicePages, LocalService):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the identity provider until interrupted, printing its URL and CA file."""
-    parser = argparse.ArgumentParser(prog="python -m dispatcher.devtools.idp")
+    parser = argparse.ArgumentParser(prog="python -m devtools.idp")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--cert-dir", required=True)
     parser.add_argument("--client-id", default="rundispatch-local")

@@ -1,4 +1,4 @@
-"""``make demo`` / ``python -m dispatcher.demo``: the product end to end on this machine.
+"""``make demo`` / ``python -m devtools.demo``: the product end to end on this machine.
 
 Starts a local identity provider, applies an example fleet, signs a "connect with sign-in"
 connection in with the device code flow, starts a dispatcher and four simulated machine
@@ -26,9 +26,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from devtools.server import AdminClient
 from dispatcher.adapters.runtime import purge_namespace
 from dispatcher.client import Client
-from dispatcher.devtools.server import AdminClient
 from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings
 
@@ -144,7 +144,7 @@ class Demo:
                 [
                     sys.executable,
                     "-m",
-                    "dispatcher.devtools.idp",
+                    "devtools.idp",
                     "--port",
                     "0",
                     "--cert-dir",
@@ -451,7 +451,7 @@ class Demo:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m dispatcher.demo",
+        prog="python -m devtools.demo",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

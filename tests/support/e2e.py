@@ -1,4 +1,4 @@
-"""Helpers shared by the rule-engine and CLI end-to-end tests."""
+"""Helpers of the end-to-end tests: runs in a status, why a run waits, the CLI, machines online."""
 
 from __future__ import annotations
 
@@ -12,49 +12,20 @@ from typing import Any
 from dispatcher.client import Client
 from dispatcher.errors import NotFound
 from dispatcher.models import Run, RunStatus
-from tests.harness import REPO, Processes, eventually
+from tests.support.constants import OWNER
+from tests.support.processes import (
+    REPO,
+    Processes,
+    eventually,
+)
 
-ALICE = "alice@contoso.com"
-ALICE_WIN = "CONTOSO\\alice"
-BOB_WIN = "CONTOSO\\bob"
-OTHER_TENANT = "99999999-8888-7777-6666-555555555555"
 # Long enough to hold a slot for the whole test; such runs are always cancelled.
 HOLD_S = 120
 
 
-def machine(machine_id: str, **fields: Any) -> dict[str, Any]:
-    return {"machine_id": machine_id, "name": machine_id.upper(), **fields}
-
-
-def credentials(connection_id: str, target: dict[str, str], user: str) -> dict[str, Any]:
-    return {
-        "connection_id": connection_id,
-        "owner": ALICE,
-        "kind": "credentials",
-        "target": target,
-        "username": user,
-        "password": "s3cret-pw",
-    }
-
-
-def sign_in(connection_id: str, target: dict[str, str], tenant: str) -> dict[str, Any]:
-    return {
-        "connection_id": connection_id,
-        "owner": ALICE,
-        "kind": "sign_in",
-        "target": target,
-        "account": ALICE,
-        "tenant_id": tenant,
-    }
-
-
-def session(user: str, state: str) -> dict[str, str]:
-    return {"user": user, "state": state}
-
-
 async def submit(client: Client, connection_id: str, mode: str, **extra: Any) -> str:
     return await client.submit(
-        connection_id=connection_id, flow_id="flow", requested_by=ALICE, mode=mode, **extra
+        connection_id=connection_id, flow_id="flow", requested_by=OWNER, mode=mode, **extra
     )
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import redis
 
-from tests.harness import terminate
+from tests.support.processes import (
+    terminate,
+)
 
 REDIS_CONF = Path(__file__).resolve().parents[2] / "deploy" / "redis" / "redis.conf"
 

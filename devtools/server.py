@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 from urllib.parse import parse_qsl, urlsplit
 
-from dispatcher.devtools.tls import CERT_FILE, client_context, server_context
+from devtools.tls import CERT_FILE, client_context, server_context
 
 BASE_ACTIONS = frozenset({"counters", "reset_counters", "fail_next", "set_latency"})
 

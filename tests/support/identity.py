@@ -1,7 +1,7 @@
 """Helpers of the identity end-to-end tests: the local identity provider and vaults as processes,
 a flow program that reports a hash of the secret it was handed, and sign-in through the CLI.
 
-``python -m tests.e2e.identity_support --cert-dir D [...]`` runs :class:`RecordingIdentityProvider`:
+``python -m tests.support.identity --cert-dir D [...]`` runs :class:`RecordingIdentityProvider`:
 the local identity provider plus one admin action, ``issued``, that lists every token it issued
 (so that a test can compare what a worker received with what the identity provider issued, and
 look for those exact strings where they must never appear).
@@ -26,20 +26,21 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote, quote_plus
 
+from devtools.idp import IdentityProvider
+from devtools.server import AdminClient, Reply, serve_until_interrupted
 from dispatcher.adapters.identity.cache_view import expire_access_tokens
+from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.adapters.identity.token_store import TokenStore
 from dispatcher.adapters.runtime import runtime
 from dispatcher.crypto import SecretBox
-from dispatcher.devtools.idp import IdentityProvider
-from dispatcher.devtools.server import AdminClient, Reply, serve_until_interrupted
+from dispatcher.models import Connection, ConnectionKind, Target
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from tests.harness import REPO, TENANT, new_settings
-
-ACCOUNT = "alice@contoso.com"
-CLIENT_ID = "rundispatch-e2e"
-# Known secret strings: each test looks for them where they must never appear.
-CLIENT_SECRET = "e2e-client-secret-Zq8Wv3-KNOWN"
+from tests.support.constants import CLIENT_ID, CLIENT_SECRET, SIGN_IN_USER, TENANT
+from tests.support.processes import (
+    REPO,
+    new_settings,
+)
 
 
 def sha256(text: str) -> str:
@@ -92,7 +93,7 @@ class RecordingIdentityProvider(IdentityProvider):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.e2e.identity_support")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.identity")
     parser.add_argument("--cert-dir", required=True)
     parser.add_argument("--client-id", default=CLIENT_ID)
     parser.add_argument("--client-secret", default=CLIENT_SECRET)
@@ -152,14 +153,14 @@ class Services:
 
     def start(self) -> Services:
         """Start the identity provider."""
-        self._launch("idp", ["-m", "tests.e2e.identity_support", "--cert-dir", str(self.cert_dir)])
+        self._launch("idp", ["-m", "tests.support.identity", "--cert-dir", str(self.cert_dir)])
         return self
 
     def start_vaults(self) -> Services:
         """Start a Key Vault (its tokens from the identity provider) and a CyberArk CCP."""
         authority = f"{self.idp.url}/{TENANT}"
         for kind in ("keyvault", "cyberark"):
-            argv = ["-m", "dispatcher.devtools.vaults", "--kind", kind]
+            argv = ["-m", "devtools.vaults", "--kind", kind]
             argv += ["--cert-dir", str(self.cert_dir), "--authority", authority]
             self._launch(kind, argv, wait=False)
         for kind in ("keyvault", "cyberark"):
@@ -304,6 +305,25 @@ async def expire_cached_access_token(settings: Settings, connection_id: str) -> 
         snapshot = await store.load(connection_id)
         assert snapshot.cache_json is not None
         await store.save_cache(connection_id, expire_access_tokens(snapshot.cache_json, 0))
+
+
+# ---- sign-in connections in the identity tests ----------------------------------------------
+def sign_in_connection(connection_id: str = "s1", tenant_id: str = TENANT) -> Connection:
+    return Connection(
+        connection_id=connection_id,
+        owner=SIGN_IN_USER,
+        kind=ConnectionKind.sign_in,
+        target=Target(machine_id="m1"),
+        account=SIGN_IN_USER,
+        tenant_id=tenant_id,
+    )
+
+
+async def expire_access_token(broker: TokenBroker, connection_id: str) -> None:
+    """Expire the cached access token, as time would."""
+    snapshot = await broker.store.load(connection_id)
+    assert snapshot.cache_json is not None
+    await broker.store.save_cache(connection_id, expire_access_tokens(snapshot.cache_json, 0))
 
 
 # ---- the dispatcher and workers ------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Small builders for the pure-core tests: a fleet, machines, views and requests in one line."""
+"""One set of builders: machines, connections, views, fleets and requests as models, in one
+line each, and fleet files (``fleet_document``) built from the same models."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from dispatcher.core.admission import same_user
@@ -23,13 +25,7 @@ from dispatcher.models import (
     SessionState,
     Target,
 )
-
-TENANT = "0f8fad5b-d9cb-469f-a165-70867728950e"  # has letters: case rules show
-OTHER_TENANT = "7c9e6679-7425-40de-944b-e07fc1f90ae7"
-
-OWNER = "alice@contoso.com"
-ROBOT = "CONTOSO\\svc-fin"  # the Windows account of the credentials connection
-SIGN_IN_USER = "bob@contoso.com"
+from tests.support.constants import OWNER, PASSWORD, ROBOT, SIGN_IN_USER, TENANT
 
 SERVER = OsKind.windows_server
 CLIENT = OsKind.windows_client
@@ -38,6 +34,10 @@ LOCKED = SessionState.locked
 DISCONNECTED = SessionState.disconnected
 ATTENDED = Mode.attended
 UNATTENDED = Mode.unattended
+
+
+AD_JOINED = JoinType.ad_joined
+ENTRA_JOINED = JoinType.entra_joined
 
 
 def machine(
@@ -52,7 +52,7 @@ def machine(
 ) -> Machine:
     return Machine(
         machine_id=machine_id,
-        name=f"NAME-{machine_id}",
+        name=machine_id.upper(),
         group_id=group_id,
         os=os,
         join_type=join,
@@ -63,8 +63,8 @@ def machine(
 
 
 def credentials(
-    *,
     connection_id: str = "c1",
+    *,
     owner: str = OWNER,
     username: str = ROBOT,
     machine_id: str | None = "m1",
@@ -80,8 +80,8 @@ def credentials(
 
 
 def sign_in(
-    *,
     connection_id: str = "s1",
+    *,
     owner: str = SIGN_IN_USER,
     account: str = SIGN_IN_USER,
     tenant_id: str = TENANT,
@@ -137,6 +137,10 @@ def effective_sessions(view: MachineView) -> list[Session]:
     return sessions
 
 
+def session(user: str, state: SessionState | str) -> Session:
+    return Session(user=user, state=SessionState(state))
+
+
 def fleet(
     *,
     machines: tuple[Machine, ...] = (),
@@ -167,3 +171,33 @@ def request_payload(**overrides: Any) -> dict[str, Any]:
 def request(**overrides: Any) -> RunRequest:
     """A run request parsed the way the consumer parses it (JSON, strict)."""
     return RunRequest.model_validate_json(json.dumps(request_payload(**overrides)))
+
+
+def fleet_document(
+    machines: Sequence[Machine | dict[str, Any]],
+    connections: Sequence[Connection | dict[str, Any]],
+    groups: Sequence[Group | dict[str, Any]] = (),
+    tenant: str = TENANT,
+) -> dict[str, Any]:
+    """A fleet file (as ``python -m dispatcher apply`` reads it) of these models; dicts are
+    taken as they are. A credentials connection without a vault reference gets ``PASSWORD``."""
+    return {
+        "environment": {"tenant_id": tenant},
+        "groups": [_entry(g) for g in groups],
+        "machines": [_entry(m) for m in machines],
+        "connections": [_connection_entry(c) for c in connections],
+    }
+
+
+def _entry(item: Machine | Group | dict[str, Any]) -> dict[str, Any]:
+    return item if isinstance(item, dict) else item.model_dump(mode="json", exclude_none=True)
+
+
+def _connection_entry(connection: Connection | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(connection, dict):
+        return connection
+    entry = connection.model_dump(mode="json", exclude_none=True)
+    if connection.kind is ConnectionKind.credentials and connection.secret_ref is None:
+        entry.pop("password_sealed", None)
+        entry["password"] = PASSWORD
+    return entry
