@@ -30,8 +30,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from bench.fleet import LIVE_CONNECTIONS
 from dispatcher.adapters.outbox import FORGET_AFTER_S
-from dispatcher.adapters.runtime import make_redis
-from dispatcher.scheduler import PREFETCH_PER_LANE
+from dispatcher.adapters.redis.connection import make_redis
+from dispatcher.core.placement import PREFETCH_PER_LANE
 from dispatcher.settings import Settings
 
 # The same state changes as the product's scripts, as hashes, a zset and outbox stream

@@ -23,18 +23,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from dispatcher.adapters.machine_store import MachineStore
-from dispatcher.adapters.redis_store import RunStore
+from dispatcher.adapters.redis.codec import Calls
+from dispatcher.adapters.redis.machines import RedisMachines
+from dispatcher.adapters.redis.scripts import ScriptRunner
 from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.ordering import order_score
 from dispatcher.models import ConnectionKind, Heartbeat, Mode, RunRequest
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-
-try:
-    from dispatcher.adapters.machine_store import MachineStore
-except ImportError:  # before the Redis adapter was split
-    from dispatcher.adapters.redis_store import MachineStore  # type: ignore[attr-defined,no-redef]
+from dispatcher.usecases.ports import Admission
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 OWNER = "bench@contoso.com"
@@ -124,8 +121,8 @@ def static_heartbeat(machine_id: str) -> Heartbeat:
     )
 
 
-async def record_heartbeats(machines: MachineStore, machine_ids: Sequence[str]) -> None:
-    """Heartbeats written straight into Redis (``MachineStore.record_heartbeat``)."""
+async def record_heartbeats(machines: RedisMachines, machine_ids: Sequence[str]) -> None:
+    """Heartbeats written straight into Redis (``RedisMachines.record_heartbeat``)."""
     now = time.time()
     for start in range(0, len(machine_ids), 100):
         await asyncio.gather(
@@ -148,30 +145,22 @@ async def forget_machines(redis: aioredis.Redis, names: Names, machine_ids: Sequ
 
 
 # ---- waiting runs ---------------------------------------------------------------------------
-class _PipelinedStore(RunStore):
-    """RunStore whose scripts are queued on a pipeline: ``admit`` builds exactly the keys and
-    arguments the dispatcher uses, the bench sends thousands in one round trip."""
-
-    pipe: Any = None
-
-    async def _run_script(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        self.pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
-        return None
-
-
 async def insert_waiting(
     redis: aioredis.Redis, settings: Settings, count: int, start: int = 0, chunk: int = 2000
 ) -> float:
     """Queue ``count`` runs that wait: alternately attended on ``wait-att`` (no session) and
-    unattended on group ``off`` (offline). Their run.queued outbox entries are deleted, as the
-    dispatcher does after publishing them (nobody subscribes to them here). Returns seconds."""
+    unattended on group ``off`` (offline), with exactly the keys and arguments the dispatcher's
+    admission uses (``Calls.admit``), thousands per round trip. Their run.queued outbox entries
+    are deleted, as the dispatcher does after publishing them (nobody subscribes to them
+    here). Returns seconds."""
     names = Names(settings.namespace)
-    store = _PipelinedStore(redis, names, settings.retention_s)
-    await redis.script_load(store._scripts["admit"].script)
+    calls = Calls(names, settings.retention_s)
+    scripts = ScriptRunner(redis)
+    await redis.script_load(scripts.scripts["admit"].script)
     began = time.perf_counter()
     now = time.time()
     for first in range(start, start + count, chunk):
-        store.pipe = redis.pipeline(transaction=False)
+        pipe = redis.pipeline(transaction=False)
         for i in range(first, min(start + count, first + chunk)):
             attended = i % 2 == 0
             request = RunRequest(
@@ -183,23 +172,26 @@ async def insert_waiting(
                 inputs={"duration_s": 0},
             )
             at = now + i * 1e-6
-            await store.admit(
-                request,
-                target="m:wait-att" if attended else "g:off",
-                connection_kind=ConnectionKind.credentials.value,
-                score=order_score(request.priority, at, settings.priority_boost_s),
-                deadline=queue_deadline(
-                    enqueued_at=at,
-                    kind=ConnectionKind.credentials,
-                    requested_timeout_s=None,
-                    default_timeout_s=settings.queue_timeout_s,
-                    sign_in_timeout_s=settings.sign_in_queue_timeout_s,
-                ),
-                throttle_limit=settings.throttle_per_minute,
-                queue_cap=settings.queue_cap,
-                now=at,
+            keys, args = calls.admit(
+                Admission(
+                    request=request,
+                    target="m:wait-att" if attended else "g:off",
+                    connection_kind=ConnectionKind.credentials,
+                    score=order_score(request.priority, at, settings.priority_boost_s),
+                    deadline=queue_deadline(
+                        enqueued_at=at,
+                        kind=ConnectionKind.credentials,
+                        requested_timeout_s=None,
+                        default_timeout_s=settings.queue_timeout_s,
+                        sign_in_timeout_s=settings.sign_in_queue_timeout_s,
+                    ),
+                    throttle_limit=settings.throttle_per_minute,
+                    queue_cap=settings.queue_cap,
+                    now=at,
+                )
             )
-        results = await store.pipe.execute()
+            pipe.evalsha(scripts.sha("admit"), len(keys), *keys, *args)
+        results = await pipe.execute()
         outbox_ids = []
         for result in results:
             if result[0] not in (b"queued", "queued"):

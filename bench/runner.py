@@ -52,7 +52,7 @@ from bench.fleet import (
     static_heartbeat,
 )
 from bench.producer import prefill
-from dispatcher.adapters.machine_store import MachineStore
+from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 
@@ -91,7 +91,7 @@ class Bench:
         self.redis = aioredis.Redis.from_url(self.settings.redis_url.get_secret_value())
         self.requests_exchange: AbstractExchange | None = None
         self.heartbeats_exchange: AbstractExchange | None = None
-        self.machines = MachineStore(self.redis, self.names)
+        self.machines = RedisMachines(self.redis, self.names)
         self.bl_exchange: AbstractExchange | None = None
         self.bl_connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.rabbit_pid = pid_listening_on(_port(self.settings.amqp_url.get_secret_value(), 5672))

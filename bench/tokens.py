@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.env import delete_keys
-from dispatcher.adapters.runtime import make_redis
+from dispatcher.adapters.redis.connection import make_redis
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.server import AdminClient
-from dispatcher.adapters.runtime import purge_namespace
+from dispatcher.bootstrap import purge_namespace
 from dispatcher.client import Client
 from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings

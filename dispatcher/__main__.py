@@ -1,3 +1,3 @@
-from dispatcher.cli import main
+from dispatcher.tools.cli import main
 
 raise SystemExit(main())

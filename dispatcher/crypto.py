@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from dispatcher.errors import ConfigurationError, PermanentError
+from dispatcher.errors import ConfigurationError, SealedDataError
 
 if TYPE_CHECKING:
     from dispatcher.settings import Settings
@@ -41,10 +41,6 @@ _KEY_BYTES = 32
 _KID = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 _HKDF_INFO = b"rundispatch sealed hand-off v1"
 _AGREED_KEYS = 64
-
-
-class SealedDataError(PermanentError):
-    """A sealed blob that does not open: wrong key, wrong context, or tampered with."""
 
 
 def _b64e(data: bytes) -> str:

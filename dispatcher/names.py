@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-def target_key(kind: str, target_id: str) -> str:
-    """The queue key of a target: ``m:<machine_id>`` or ``g:<group_id>``."""
-    return f"{kind}:{target_id}"
+# Routing keys of the events that end a run: the signals queue binds them (a finished run
+# frees room on its machine), and the replica consuming one counts the run's final status.
+TERMINAL_EVENT_KEYS = ("run.succeeded", "run.failed", "run.cancelled", "run.timed_out")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +94,8 @@ class Names:
         return f"{self.ns}:live:{machine_id}"
 
     def machine_assigned(self, machine_id: str) -> str:
-        """Hash run_id -> "mode|user|fence" of runs dispatched to or running on the machine."""
+        """Hash run_id -> ``mode|fence|user`` of runs dispatched to or running on the machine
+        (user case-folded; written by claim.lua, encoded in ``adapters/redis/codec.py``)."""
         return f"{self.ns}:assigned:{machine_id}"
 
     @property

@@ -1,4 +1,5 @@
-"""``python -m workers serve``: run the worker of one machine."""
+"""``python -m workers serve``: run the worker of one machine (its composition root: the
+settings, the executor, the link to the dispatcher side, the worker)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher.adapters.runtime import STARTUP_WAIT_S, runtime
+from dispatcher.bootstrap import STARTUP_WAIT_S, runtime
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.errors import Unavailable
 from dispatcher.logs import configure
+from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
 from dispatcher.settings import Settings
+from workers.adapters.store_link import StoreLink
 from workers.executors import CommandExecutor, Executor, SimulateExecutor
 from workers.ledger import Ledger
 from workers.sessions import SessionsFile
-from workers.worker import MachineWorker
+from workers.worker import MachineWorker, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +89,27 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    metrics = None
+    metrics: WorkerHooks = NullWorkerMetrics()
     if args.metrics_port is not None:
         from workers.telemetry import start_metrics
 
         metrics = start_metrics(settings, args.metrics_port, args.executor)
     async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
+        worker_id = new_worker_id()
+        link = StoreLink(
+            machine_id=args.machine_id,
+            worker_id=worker_id,
+            names=rt.names,
+            broker=rt.amqp,
+            lifecycle=rt.lifecycle(),
+            runs=rt.runs,
+            machines=rt.machines,
+        )
         worker = MachineWorker(
             settings=settings,
             machine_id=args.machine_id,
-            amqp=rt.amqp,
-            runs=rt.runs,
+            link=link,
+            worker_id=worker_id,
             executor=executor,
             keys=WorkerKeyPair.load_or_create(state_dir / "worker.key"),
             ledger=Ledger(state_dir / "ledger.jsonl"),
@@ -122,6 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(args, settings))
     except KeyboardInterrupt:
         return 130
-    except (ConnectionError, OSError) as exc:
+    except (Unavailable, ConnectionError, OSError) as exc:
         print(f"error: cannot reach RabbitMQ or Redis: {exc}", file=sys.stderr)
         return 3

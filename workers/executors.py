@@ -16,10 +16,14 @@ from dispatcher.codes import ErrorCode
 
 @dataclass(frozen=True)
 class FlowResult:
+    """How a flow ended. ``executor_error``: the executor itself failed to run the flow
+    (``start_failed``, ``crashed``, ``bad_output``), as the worker's metrics count it."""
+
     succeeded: bool
     outputs: dict[str, Any] = field(default_factory=dict)
     code: ErrorCode | None = None
     message: str = ""
+    executor_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,7 @@ class CommandExecutor:
     async def run(self, context: FlowContext) -> FlowResult:
         argv = self.commands.get(context.flow_id, self.default)
         if not argv:
-            return FlowResult(
-                False, code=ErrorCode.FlowFailed, message=f"no command for flow {context.flow_id!r}"
-            )
+            return _executor_failed("start_failed", f"no command for flow {context.flow_id!r}")
         env = dict(os.environ)
         env.update(
             RUNDISPATCH_RUN_ID=context.run_id,
@@ -85,13 +87,18 @@ class CommandExecutor:
             RUNDISPATCH_RUN_USER=context.user,
             RUNDISPATCH_RUN_SECRET=json.dumps(context.secret),
         )
-        process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+            )
+        except OSError as exc:  # no such program, not executable ...
+            return _executor_failed(
+                "start_failed", f"the flow's command could not start: {exc.strerror or exc}"
+            )
         try:
             stdout, stderr = await process.communicate(json.dumps(context.inputs).encode())
         finally:
@@ -101,15 +108,17 @@ class CommandExecutor:
                 await process.wait()
         if process.returncode != 0:
             tail = stderr.decode(errors="replace").strip()[-500:]
-            return FlowResult(
-                False,
-                code=ErrorCode.FlowFailed,
-                message=f"the flow's command exited with {process.returncode}: {tail}",
+            return _executor_failed(
+                "crashed", f"the flow's command exited with {process.returncode}: {tail}"
             )
         try:
             outputs = json.loads(stdout or b"{}")
         except ValueError:
-            return FlowResult(False, code=ErrorCode.FlowFailed, message="stdout is not JSON")
+            return _executor_failed("bad_output", "stdout is not JSON")
         if not isinstance(outputs, dict):
-            return FlowResult(False, code=ErrorCode.FlowFailed, message="stdout is not an object")
+            return _executor_failed("bad_output", "stdout is not an object")
         return FlowResult(True, outputs=outputs)
+
+
+def _executor_failed(reason: str, message: str) -> FlowResult:
+    return FlowResult(False, code=ErrorCode.FlowFailed, message=message, executor_error=reason)

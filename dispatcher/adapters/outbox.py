@@ -13,10 +13,10 @@ import collections
 import logging
 from collections.abc import Sequence
 
-from dispatcher.adapters.amqp import Amqp
-from dispatcher.adapters.records import OutboxMessage
-from dispatcher.adapters.redis_store import RunStore
-from dispatcher.metrics_hooks import MetricsHooks, NullMetrics
+from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.adapters.redis.outbox import RedisOutbox
+from dispatcher.metrics.hooks import MetricsHooks, NullMetrics
+from dispatcher.usecases.results import OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,13 @@ FORGET_AFTER_S = 0.25  # long enough to delete many entries per round trip
 
 
 class OutboxPublisher:
-    def __init__(self, amqp: Amqp, store: RunStore, metrics: MetricsHooks | None = None) -> None:
+    """The ``Publisher`` port: RabbitMQ for publishing, the Redis outbox for forgetting."""
+
+    def __init__(
+        self, amqp: Amqp, outbox: RedisOutbox, metrics: MetricsHooks | None = None
+    ) -> None:
         self.amqp = amqp
-        self.store = store
+        self.outbox = outbox
         self.metrics: MetricsHooks = metrics or NullMetrics()
         self.published = 0
         self._confirmed: list[str] = []
@@ -64,7 +68,7 @@ class OutboxPublisher:
         if not ids:
             return
         try:
-            await self.store.outbox_done(ids)
+            await self.outbox.done(ids)
         except Exception as exc:
             log.warning("could not clear %d outbox entries: %s", len(ids), exc)
 
@@ -78,7 +82,7 @@ class OutboxPublisher:
 
     async def relay(self, older_than_s: float, batch: int = 500) -> int:
         """Publish outbox entries older than ``older_than_s``; returns how many."""
-        stale = await self.store.outbox_older_than(older_than_s, batch)
+        stale = await self.outbox.older_than(older_than_s, batch)
         if stale and await self.send(stale):
             log.info("relayed %d outbox messages left by another process", len(stale))
             return len(stale)

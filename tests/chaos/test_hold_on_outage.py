@@ -2,7 +2,8 @@
 
 Handing a message back to a quorum queue counts against its delivery limit: during a Redis
 restart a request or an assignment would be dead-lettered after five quick retries. The
-consumer loop therefore retries transient failures itself; only crashes go back at once.
+consumer loop therefore retries outages itself (``Unavailable`` in the error tree, which the
+Redis adapter raises for redis-py's connection errors); only crashes go back at once.
 """
 
 from __future__ import annotations
@@ -11,17 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-import redis.exceptions
 
-from dispatcher.adapters import amqp as amqp_module
-from dispatcher.adapters.amqp import Ack, Amqp, Retry, Verdict, retry_for
-from dispatcher.names import Names
+from dispatcher.adapters.amqp import consumer
+from dispatcher.errors import StoreUnavailable
+from dispatcher.usecases.ports import Ack, Retry, Verdict, retry_for
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
-
-
-def adapter() -> Amqp:
-    return Amqp("amqp://unused/", Names("unit"))
 
 
 async def test_a_store_outage_is_retried_while_holding_the_batch() -> None:
@@ -30,10 +26,10 @@ async def test_a_store_outage_is_retried_while_holding_the_batch() -> None:
     async def handler(batch: Sequence[Any]) -> list[Verdict]:
         calls.append(list(batch))
         if len(calls) <= 2:
-            raise redis.exceptions.ConnectionError("Error 111 connecting")
+            raise StoreUnavailable("Error 111 connecting")
         return [Ack() for _ in batch]
 
-    verdicts = await adapter()._decide(handler, ["a", "b"])  # type: ignore[arg-type]
+    verdicts = await consumer.decide(handler, ["a", "b"])  # type: ignore[arg-type]
     assert verdicts == [Ack(), Ack()]
     assert calls == [["a", "b"]] * 3
 
@@ -47,7 +43,7 @@ async def test_only_the_messages_asked_to_retry_are_handled_again() -> None:
             return [Ack(), Retry("store unavailable", outage=True), Ack()]
         return [Ack() for _ in batch]
 
-    verdicts = await adapter()._decide(handler, ["a", "b", "c"])  # type: ignore[arg-type]
+    verdicts = await consumer.decide(handler, ["a", "b", "c"])  # type: ignore[arg-type]
     assert verdicts == [Ack(), Ack(), Ack()]
     assert calls == [["a", "b", "c"], ["b"]]
 
@@ -60,7 +56,7 @@ async def test_a_retry_that_is_not_an_outage_goes_back_at_once() -> None:
         calls += 1
         return [retry_for(KeyError("no such run"))]
 
-    verdicts = await adapter()._decide(handler, ["a"])  # type: ignore[arg-type]
+    verdicts = await consumer.decide(handler, ["a"])  # type: ignore[arg-type]
     assert verdicts == [Retry("KeyError('no such run')")]
     assert calls == 1
 
@@ -73,16 +69,16 @@ async def test_a_crash_goes_back_to_the_queue_at_once() -> None:
         calls += 1
         raise ValueError("a bug")
 
-    verdicts = await adapter()._decide(handler, ["a"])  # type: ignore[arg-type]
+    verdicts = await consumer.decide(handler, ["a"])  # type: ignore[arg-type]
     assert verdicts == [Retry("handler crashed")]
     assert calls == 1
 
 
 async def test_a_failure_outlasting_the_hold_goes_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(amqp_module, "HOLD_S", 0.5)
+    monkeypatch.setattr(consumer, "HOLD_S", 0.5)
 
     async def handler(batch: Sequence[Any]) -> list[Verdict]:
-        return [retry_for(redis.exceptions.ConnectionError("refused")) for _ in batch]
+        return [retry_for(StoreUnavailable("refused")) for _ in batch]
 
-    verdicts = await adapter()._decide(handler, ["a"])  # type: ignore[arg-type]
+    verdicts = await consumer.decide(handler, ["a"])  # type: ignore[arg-type]
     assert len(verdicts) == 1 and isinstance(verdicts[0], Retry) and verdicts[0].outage

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from dispatcher.core.decode import decode
 from dispatcher.errors import InvalidMessage
-from dispatcher.intake import decode
 
 pytestmark = pytest.mark.unit
 

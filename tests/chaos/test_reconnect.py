@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from dispatcher.adapters.amqp import Ack, Amqp, Verdict
+from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.names import Names
-from dispatcher.ports import Delivery
+from dispatcher.usecases.ports import Ack, Delivery, Verdict
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import (
     cleanup,
@@ -57,7 +57,7 @@ async def test_consumer_and_publisher_resume_after_every_connection_is_reset(
         received.extend(m.body for m in batch)
         return [Ack() for _ in batch]
 
-    consumer = await amqp.consume_batches(names.requests_queue, handler, batch_size=10)
+    consumer = await amqp.consume(names.requests_queue, handler, batch_size=10)
     try:
         for round_ in range(3):
             body = f"round-{round_}".encode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import aio_pika
 import pytest
 
-from dispatcher.adapters.amqp import Amqp
+from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.support.processes import (

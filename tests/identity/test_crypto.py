@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.crypto import SealedDataError, Sealer, SecretBox, WorkerKeyPair, seal_to
-from dispatcher.errors import ConfigurationError
+from dispatcher.crypto import Sealer, SecretBox, WorkerKeyPair, seal_to
+from dispatcher.errors import ConfigurationError, SealedDataError
 from dispatcher.settings import Settings
 
 pytestmark = pytest.mark.unit

@@ -17,10 +17,10 @@ from devtools.idp import IdentityProvider
 from dispatcher.adapters.identity.failures import REAUTH_REQUIRED, RefreshFailure
 from dispatcher.adapters.identity.sign_in import (
     DeviceCodePrompt,
-    SignInFailed,
     sign_in_with_device_code,
 )
 from dispatcher.adapters.identity.token_broker import TokenBroker
+from dispatcher.errors import SignInFailed
 from dispatcher.models import Connection
 from dispatcher.names import Names
 from dispatcher.settings import Settings

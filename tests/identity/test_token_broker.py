@@ -12,13 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from devtools.idp import IdentityProvider
-from dispatcher.adapters.identity.failures import IdentityProviderBusy
 from dispatcher.adapters.identity.retry import retry_transient
 from dispatcher.adapters.identity.sign_in import import_refresh_token
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import SecretBox
-from dispatcher.errors import RetryableRunError, RunFailure
+from dispatcher.errors import IdentityProviderBusy, RetryableRunError, RunFailure
 from dispatcher.models import Connection
 from dispatcher.names import Names
 from dispatcher.settings import Settings

@@ -31,7 +31,7 @@ from devtools.server import AdminClient, Reply, serve_until_interrupted
 from dispatcher.adapters.identity.cache_view import expire_access_tokens
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.adapters.identity.token_store import TokenStore
-from dispatcher.adapters.runtime import runtime
+from dispatcher.bootstrap import runtime
 from dispatcher.crypto import SecretBox
 from dispatcher.models import Connection, ConnectionKind, Target
 from dispatcher.names import Names

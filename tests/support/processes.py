@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dispatcher.adapters.runtime import purge_namespace
+from dispatcher.bootstrap import purge_namespace
 from dispatcher.models import Session
 from dispatcher.settings import Settings
 

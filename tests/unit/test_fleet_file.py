@@ -9,7 +9,12 @@ import pytest
 
 from dispatcher.crypto import SecretBox
 from dispatcher.errors import ConfigurationError
-from dispatcher.fleet import build_connections, check_references, load_fleet_file, parse_fleet
+from dispatcher.tools.fleet_file import (
+    build_connections,
+    check_references,
+    load_fleet_file,
+    parse_fleet,
+)
 
 pytestmark = pytest.mark.unit
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "fleet.yaml"

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dispatcher.intake import InvalidMessageClass, decode, is_json_type
+from dispatcher.core.decode import decode, is_json_type
+from dispatcher.errors import InvalidMessage
 from dispatcher.models import CancelRequest, RunRequest
 
 pytestmark = pytest.mark.unit
@@ -72,7 +73,7 @@ def test_valid_request_and_cancel() -> None:
 def test_bad_messages_say_why(
     body: bytes, options: dict[str, object], reason_class: str, fragment: str
 ) -> None:
-    with pytest.raises(InvalidMessageClass) as caught:
+    with pytest.raises(InvalidMessage) as caught:
         decode_body(body, **options)
     assert caught.value.reason_class == reason_class
     assert fragment in caught.value.reason

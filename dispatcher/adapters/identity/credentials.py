@@ -29,8 +29,8 @@ import httpx
 
 from dispatcher.adapters.identity.msal_app import HTTP_TIMEOUT_S, tls_context
 from dispatcher.codes import ErrorCode
-from dispatcher.crypto import SealedDataError, SecretBox
-from dispatcher.errors import RetryableRunError, RunFailure
+from dispatcher.crypto import SecretBox
+from dispatcher.errors import RetryableRunError, RunFailure, SealedDataError
 from dispatcher.models import Connection, SecretRef
 from dispatcher.settings import Settings
 

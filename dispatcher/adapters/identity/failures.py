@@ -28,7 +28,7 @@ import httpx
 from msal.exceptions import MsalServiceError
 
 from dispatcher.codes import ErrorCode
-from dispatcher.errors import RetryableRunError, RunFailure
+from dispatcher.errors import IdentityProviderBusy, RetryableRunError, RunFailure
 
 REAUTH_REQUIRED = "reauth_required"
 INTERACTION_REQUIRED = "interaction_required"
@@ -43,14 +43,6 @@ _CLIENT_ERRORS = frozenset(
 _TRANSIENT_ERRORS = frozenset(
     {"temporarily_unavailable", "server_error", "too_many_requests", "throttled"}
 )
-
-
-class IdentityProviderBusy(RetryableRunError):
-    """The identity provider could not answer now; ``retry_after_s`` is its hint, if any."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(ErrorCode.IdentityProviderUnavailable, message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from dispatcher.errors import RetryableRunError
+from dispatcher.retry import Backoff, retry
 
 T = TypeVar("T")
 
@@ -27,14 +26,11 @@ async def retry_transient(
     try would start past it. A server's ``retry_after_s`` hint, when the error has one, is a
     floor for the wait (msal would replay the same failure before that anyway).
     """
-    delay = first_delay_s
-    while True:
-        try:
-            return await operation()
-        except RetryableRunError as exc:
-            hint = getattr(exc, "retry_after_s", None)
-            wait = max(delay * random.uniform(0.5, 1.0), float(hint or 0.0))
-            if clock() + wait >= deadline:
-                raise
-            await asyncio.sleep(wait)
-            delay = min(delay * 2, max_delay_s)
+    return await retry(
+        operation,
+        retry_on=RetryableRunError,
+        backoff=Backoff(first_s=first_delay_s, max_s=max_delay_s, jitter=True),
+        deadline=deadline,
+        clock=clock,
+        floor=lambda exc: getattr(exc, "retry_after_s", None),
+    )

@@ -18,14 +18,10 @@ from typing import Any
 import msal
 
 from dispatcher.adapters.identity.token_broker import TokenBroker
-from dispatcher.errors import PermanentError
+from dispatcher.errors import SignInFailed
 from dispatcher.models import Connection, ConnectionKind
 
 DEFAULT_SIGN_IN_TIMEOUT_S = 900.0
-
-
-class SignInFailed(PermanentError):
-    """The sign-in did not produce tokens for the connection's account (nothing was stored)."""
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from dispatcher.adapters.identity.failures import IdentityProviderBusy, RefreshFailure
+from dispatcher.adapters.identity.failures import RefreshFailure
 from dispatcher.codes import ErrorCode
-from dispatcher.crypto import SealedDataError, SecretBox
-from dispatcher.errors import RunFailure
+from dispatcher.crypto import SecretBox
+from dispatcher.errors import IdentityProviderBusy, RunFailure, SealedDataError
 from dispatcher.models import Connection
 from dispatcher.names import Names
 

@@ -1,4 +1,6 @@
 -- Create a queued run, unless its run id exists (duplicate) or a shared limit refuses it.
+-- Returns {'queued', event} | {'rejected', 'throttled' | 'queue_full', event} |
+-- {'duplicate', status}.
 -- KEYS: run, queue, lane, lanes, deadlines, targets, throttle, outbox, rejected_index
 -- ARGV: 1 run_id, 2 score, 3 deadline, 4 lane_name, 5 target, 6 throttle_limit,
 --       7 queue_cap, 8 now, 9 tl_queued, 10 retention_s, 11 throttled_error,
@@ -15,20 +17,21 @@ for i = 14, #ARGV, 2 do
   redis.call('HSET', run, ARGV[i], ARGV[i + 1])
 end
 
-local refusal = nil
+-- Which limit refuses the run: the word says it to the caller, the error to the record.
+local refusal, refusal_error = nil, nil
 local used = tonumber(redis.call('GET', throttle) or '0')
 if used >= throttle_limit then
-  refusal = ARGV[11]
+  refusal, refusal_error = 'throttled', ARGV[11]
 elseif redis.call('ZCARD', queue) >= queue_cap then
-  refusal = ARGV[12]
+  refusal, refusal_error = 'queue_full', ARGV[12]
 end
 
 if refusal then
-  redis.call('HSET', run, 'status', '"rejected"', 'error', refusal, 'finished_at', now)
+  redis.call('HSET', run, 'status', '"rejected"', 'error', refusal_error, 'finished_at', now)
   append_timeline(run, ARGV[13])
   redis.call('EXPIRE', run, ARGV[10])
   redis.call('ZADD', rejected, now, run_id)
-  return {'rejected', event(stream, run, 'rejected')}
+  return {'rejected', refusal, event(stream, run, 'rejected')}
 end
 
 redis.call('INCR', throttle)

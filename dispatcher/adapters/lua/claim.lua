@@ -3,7 +3,9 @@
 -- then issues a new fencing token and records the event and the assignment in the outbox.
 -- KEYS: run, queue, lane, lanes, deadlines, targets, assigned, fence, outbox
 -- ARGV: 1 run_id, 2 machine_id, 3 now, 4 mode, 5 user (case-folded), 6 slots,
---       7 lane_name, 8 target, 9 tl_entry, 10 assignment head (JSON after the fence)
+--       7 lane_name, 8 target, 9 tl_entry, 10 assignment head (JSON members, see
+--       codec.assignment_head; the assignment is codec.assignment_json spliced here)
+-- The machine's ``assigned`` hash maps run_id -> mode|fence|user (codec.encode_assigned).
 local run, queue, lane, lanes, deadlines, targets, assigned, fence_key, stream =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local run_id, machine_id, now, mode, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]

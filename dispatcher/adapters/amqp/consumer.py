@@ -1,0 +1,146 @@
+"""The batched consumer: the one place that decides what happens to a delivery.
+
+A handler gets a batch of deliveries and answers one verdict each (``Ack``, ``DeadLetter``,
+``Retry``; see ``usecases.ports``). What a handler raises is decided from the error tree
+alone: ``Unavailable`` (the store or the broker cannot be reached) is held and retried here,
+anything else goes back to RabbitMQ at once.
+
+    deliveries ─▶ batch ─▶ handler ─▶ verdicts ─▶ (hold and retry outages) ─▶ ack / dead-letter
+                                                                              / requeue
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+
+from dispatcher.errors import Unavailable
+from dispatcher.retry import Backoff
+from dispatcher.usecases.ports import Ack, BatchHandler, DeadLetter, Retry, Verdict, retry_for
+
+log = logging.getLogger(__name__)
+
+# How long a consumer keeps retrying a batch whose handler hit an outage (Redis down or
+# restarting) before it hands the messages back (well under the consumer timeout).
+HOLD_S = 60.0
+HOLD_BACKOFF = Backoff(first_s=0.25, max_s=5.0)
+REASON_HEADER = "x-rundispatch-reason"
+
+DeadLetterer = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
+
+
+async def decide(handler: BatchHandler, batch: Sequence[AbstractIncomingMessage]) -> list[Verdict]:
+    """The handler's verdicts, retrying outages here while holding the deliveries.
+
+    Handing a message back to a quorum queue counts as a delivery: a store outage of a few
+    seconds would otherwise use up its delivery limit and dead-letter a valid request or
+    assignment. So a batch (or the part of it) that failed because a service could not be
+    reached is handled again here, with backoff, for up to ``HOLD_S``; any other failure
+    (a crash, a permanent error) goes back to RabbitMQ at once.
+    """
+    verdicts: list[Verdict] = [Retry("not handled")] * len(batch)
+    todo = list(range(len(batch)))
+    deadline = time.monotonic() + HOLD_S
+    delays = HOLD_BACKOFF.delays()
+    while True:
+        subset = [batch[index] for index in todo]
+        try:
+            decided = await handler(subset)
+        except Unavailable as exc:
+            log.warning("store or broker unavailable, holding %d messages: %s", len(todo), exc)
+            decided = [retry_for(exc)] * len(subset)
+        except Exception:
+            log.exception("batch of %d failed; messages go back to the queue", len(subset))
+            for index in todo:
+                verdicts[index] = Retry("handler crashed")
+            return verdicts
+        for index, verdict in zip(todo, decided, strict=True):
+            verdicts[index] = verdict
+        todo = [
+            index
+            for index in todo
+            if isinstance(verdict := verdicts[index], Retry) and verdict.outage
+        ]
+        delay = next(delays)
+        if not todo or time.monotonic() + delay > deadline:
+            return verdicts
+        await asyncio.sleep(delay)
+
+
+async def settle(
+    batch: Sequence[AbstractIncomingMessage],
+    verdicts: Sequence[Verdict],
+    dead_letter: DeadLetterer,
+) -> None:
+    """Apply the verdicts: ack, dead-letter (copy, then ack) or requeue."""
+    if any(isinstance(verdict, Retry) for verdict in verdicts):
+        # Back off before handing messages back, or a dead store turns into a hot loop.
+        await asyncio.sleep(0.5)
+    if all(isinstance(verdict, Ack) for verdict in verdicts):
+        # The usual case: one frame acks the whole batch. The batch is every delivery of
+        # this channel up to its last one that is not settled yet (batches are settled in
+        # delivery order), so ``multiple`` acks exactly the batch.
+        try:
+            await batch[-1].ack(multiple=True)
+        except Exception:
+            log.warning("could not ack a batch; it will be redelivered", exc_info=True)
+        return
+    for message, verdict in zip(batch, verdicts, strict=True):
+        try:
+            if isinstance(verdict, DeadLetter):
+                await dead_letter(message, verdict.reason)
+                await message.ack()
+            elif isinstance(verdict, Retry):
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
+        except Exception:
+            # The channel is gone: RabbitMQ redelivers the message, dedupe absorbs it.
+            log.warning("could not settle a delivery; it will be redelivered", exc_info=True)
+
+
+async def copy_to_dead_letters(
+    exchange: AbstractExchange, message: AbstractIncomingMessage, reason: str
+) -> None:
+    """Copy a message to the dead-letter queue with the reason in a header."""
+    headers = dict(message.headers or {})
+    headers[REASON_HEADER] = reason[:1000]
+    headers["x-rundispatch-source"] = message.routing_key or ""
+    await exchange.publish(
+        aio_pika.Message(
+            message.body,
+            headers=headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+        ),
+        routing_key="",
+        mandatory=True,
+    )
+
+
+def consume_loop(
+    inbox: asyncio.Queue[AbstractIncomingMessage],
+    handler: BatchHandler,
+    batch_size: int,
+    dead_letter: DeadLetterer,
+) -> Callable[[], Coroutine[None, None, None]]:
+    """The consumer's loop: take what is ready (at most ``batch_size``), decide, settle."""
+
+    async def loop() -> None:
+        while True:
+            first = await inbox.get()
+            batch = [first]
+            while len(batch) < batch_size and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            verdicts = await decide(handler, batch)
+            await settle(batch, verdicts, dead_letter)
+
+    return loop

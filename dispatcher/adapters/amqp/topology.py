@@ -1,0 +1,119 @@
+"""The AMQP contract's topology: every exchange and shared queue, declared idempotently, and
+deleted with a namespace (demos, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aiormq.exceptions import ChannelPreconditionFailed
+
+from dispatcher.names import TERMINAL_EVENT_KEYS, Names
+
+log = logging.getLogger(__name__)
+
+DELIVERY_LIMIT = 5
+SIGNALS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
+
+
+def quorum_arguments(names: Names) -> dict[str, Any]:
+    """A quorum queue with a delivery limit, dead-lettering to the namespace's dead exchange."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": names.dead_exchange,
+    }
+
+
+async def declare_topology(
+    connection: AbstractRobustConnection, channel: AbstractChannel, names: Names
+) -> dict[str, AbstractExchange]:
+    """Declare every exchange and shared queue of the public contract; the exchanges by role."""
+    direct, topic, fanout = (
+        aio_pika.ExchangeType.DIRECT,
+        aio_pika.ExchangeType.TOPIC,
+        aio_pika.ExchangeType.FANOUT,
+    )
+    dead = await channel.declare_exchange(names.dead_exchange, fanout, durable=True)
+    dead_queue = await channel.declare_queue(
+        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead)
+    requests = await channel.declare_exchange(names.requests_exchange, direct, durable=True)
+    requests_queue = await channel.declare_queue(
+        names.requests_queue, durable=True, arguments=quorum_arguments(names)
+    )
+    await requests_queue.bind(requests, "submit")
+    await requests_queue.bind(requests, "cancel")
+    events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
+    machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
+    heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
+    heartbeats_queue = await channel.declare_queue(
+        names.heartbeats_queue, durable=True, arguments={"x-message-ttl": 60_000}
+    )
+    await heartbeats_queue.bind(heartbeats)
+    # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
+    # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
+    await _replace_if_declared_otherwise(connection, names.signals_queue, SIGNALS_ARGUMENTS)
+    signals = await channel.declare_queue(
+        names.signals_queue, durable=True, arguments=SIGNALS_ARGUMENTS
+    )
+    for key in (*TERMINAL_EVENT_KEYS, "machine.#"):
+        await signals.bind(events, key)
+    return {
+        "dead": dead,
+        "requests": requests,
+        "events": events,
+        "machines": machines,
+        "heartbeats": heartbeats,
+    }
+
+
+async def _replace_if_declared_otherwise(
+    connection: AbstractRobustConnection, name: str, arguments: dict[str, Any]
+) -> None:
+    """Re-create a queue of hints that an earlier version declared with other arguments
+    (RabbitMQ refuses the new declaration with PRECONDITION_FAILED otherwise). Only for
+    queues whose messages may be lost: the signals queue."""
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed:
+        log.warning("queue %s was declared with other arguments; re-creating it", name)
+        fresh = await connection.channel()
+        await fresh.queue_delete(name)
+        await fresh.close()
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+
+
+async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> None:
+    """Delete the namespace's queues and exchanges (those of ``machine_ids`` included)."""
+    queues = [
+        names.requests_queue,
+        names.dead_queue,
+        names.heartbeats_queue,
+        names.signals_queue,
+        *(names.machine_queue(m) for m in machine_ids),
+    ]
+    exchanges = [
+        names.requests_exchange,
+        names.events_exchange,
+        names.dead_exchange,
+        names.machines_exchange,
+        names.heartbeats_exchange,
+    ]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for queue in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(queue)
+        for exchange in exchanges:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(exchange)

@@ -1,0 +1,293 @@
+"""The composition root: every process builds its parts here, from the settings.
+
+- :func:`runtime`: the connections (Redis, RabbitMQ) and the adapters on top of them, for a
+  replica, a worker, the CLI and the Python client;
+- :func:`build_dispatcher`: a replica's use cases, wired to the adapters through their ports;
+- :func:`serve`: ``python -m dispatcher serve``;
+- :func:`identity_sources`, :func:`metrics_for`: the optional parts of a replica;
+- :func:`purge_namespace`: delete everything of a namespace (demos, tests, benchmarks).
+
+Nothing else in ``dispatcher`` (but the tools) builds an adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from dispatcher.adapters.amqp import topology
+from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
+from dispatcher.adapters.redis.fleet import RedisFleet
+from dispatcher.adapters.redis.leases import RedisLeases
+from dispatcher.adapters.redis.machines import RedisMachines
+from dispatcher.adapters.redis.outbox import RedisOutbox
+from dispatcher.adapters.redis.queue_state import RedisQueueState
+from dispatcher.adapters.redis.reads import RedisRunReads
+from dispatcher.adapters.redis.transitions import RedisTransitions
+from dispatcher.crypto import Sealer
+from dispatcher.errors import Unavailable
+from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics, serve_metrics
+from dispatcher.names import Names
+from dispatcher.retry import Backoff, retry
+from dispatcher.settings import Settings
+from dispatcher.usecases.cancel import Canceller
+from dispatcher.usecases.handoff import Handoff
+from dispatcher.usecases.intake import Intake
+from dispatcher.usecases.lifecycle import Lifecycle
+from dispatcher.usecases.placement import Placer
+from dispatcher.usecases.ports import PasswordSource, TokenSource
+from dispatcher.usecases.reconcile import Reconciler
+from dispatcher.usecases.replica import Dispatcher
+from dispatcher.usecases.sweeper import Sweeper
+
+log = logging.getLogger(__name__)
+
+# A service (dispatcher, worker) starting while Redis or RabbitMQ restarts waits this long.
+STARTUP_WAIT_S = 120.0
+CONNECT_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
+QUEUE_STATE_INTERVAL_S = 2.0
+
+Closer = Callable[[], Awaitable[None]]
+
+
+# ---- connections and adapters ---------------------------------------------------------------
+@dataclass
+class Runtime:
+    """Live connections and the adapters on top of them."""
+
+    settings: Settings
+    names: Names
+    redis: Redis
+    amqp: Amqp
+    runs: RedisRunReads
+    transitions: RedisTransitions
+    fleet: RedisFleet
+    machines: RedisMachines
+    outbox: RedisOutbox
+
+    def lifecycle(self, metrics: MetricsHooks | None = None) -> Lifecycle:
+        """The run lifecycle over this store, publishing through the outbox."""
+        return Lifecycle(self.transitions, OutboxPublisher(self.amqp, self.outbox, metrics))
+
+
+async def _connect(redis: Redis, broker: Amqp | None, wait_s: float) -> None:
+    """Reach Redis (and RabbitMQ); keep trying for ``wait_s`` seconds before giving up."""
+
+    async def once() -> None:
+        try:
+            await ping(redis)
+            if broker is not None:
+                await broker.connect()
+        except Unavailable:
+            if broker is not None:
+                await broker.close()
+            raise
+
+    def waiting(exc: BaseException, delay: float) -> None:
+        log.warning("cannot reach Redis or RabbitMQ yet, retrying in %.1f s: %s", delay, exc)
+
+    await retry(
+        once,
+        retry_on=Unavailable,
+        backoff=CONNECT_BACKOFF,
+        deadline=time.monotonic() + wait_s,
+        on_retry=waiting,
+    )
+
+
+@contextlib.asynccontextmanager
+async def runtime(
+    settings: Settings, *, amqp: bool = True, wait_s: float = 0.0
+) -> AsyncIterator[Runtime]:
+    """Connect to Redis (and RabbitMQ unless ``amqp`` is False); close both on exit.
+
+    ``wait_s``: how long to keep trying while they cannot be reached (a service starting
+    during a Redis restart waits for it; a CLI command fails at once).
+    """
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    broker = Amqp(settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch)
+    try:
+        await _connect(redis, broker if amqp else None, wait_s)
+        yield Runtime(
+            settings=settings,
+            names=names,
+            redis=redis,
+            amqp=broker,
+            runs=RedisRunReads(redis, names),
+            transitions=RedisTransitions(redis, names, settings.retention_s),
+            fleet=RedisFleet(redis, names),
+            machines=RedisMachines(redis, names),
+            outbox=RedisOutbox(redis, names),
+        )
+    finally:
+        await broker.close()
+        await redis.aclose()
+
+
+async def purge_namespace(settings: Settings, machine_ids: list[str]) -> int:
+    """Delete every Redis key and AMQP queue and exchange of the namespace (demos, tests,
+    benchmarks). Returns how many Redis keys were deleted."""
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    try:
+        deleted = await delete_namespace(redis, names)
+    finally:
+        await redis.aclose()
+    await topology.delete_namespace(settings.amqp_url.get_secret_value(), names, machine_ids)
+    return deleted
+
+
+# ---- a dispatcher replica -------------------------------------------------------------------
+def build_dispatcher(
+    settings: Settings,
+    rt: Runtime,
+    *,
+    metrics: MetricsHooks | None = None,
+    tokens: TokenSource | None = None,
+    passwords: PasswordSource | None = None,
+    clock: Callable[[], float] = time.time,
+    replica_id: str | None = None,
+) -> Dispatcher:
+    """A replica's use cases, each given its collaborators through the ports."""
+    metrics = metrics or NullMetrics()
+    replica_id = replica_id or uuid.uuid4().hex[:12]
+    lifecycle = rt.lifecycle(metrics)
+    handoff = Handoff(
+        tokens=tokens,
+        passwords=passwords,
+        seal=Sealer(),
+        token_validity_s=settings.token_validity_s,
+    )
+    placer = Placer(
+        settings=settings,
+        fleet=rt.fleet,
+        runs=rt.runs,
+        machines=rt.machines,
+        lifecycle=lifecycle,
+        handoff=handoff,
+        metrics=metrics,
+        clock=clock,
+    )
+    canceller = Canceller(runs=rt.runs, lifecycle=lifecycle, clock=clock)
+    return Dispatcher(
+        settings=settings,
+        names=rt.names,
+        broker=rt.amqp,
+        runs=rt.runs,
+        fleet=rt.fleet,
+        machines=rt.machines,
+        lifecycle=lifecycle,
+        intake=Intake(
+            settings=settings,
+            fleet=rt.fleet,
+            lifecycle=lifecycle,
+            canceller=canceller,
+            placer=placer,
+            metrics=metrics,
+            tokens=tokens,
+            clock=clock,
+        ),
+        placer=placer,
+        sweeper=Sweeper(
+            settings=settings,
+            runs=rt.runs,
+            machines=rt.machines,
+            lifecycle=lifecycle,
+            placer=placer,
+            leases=RedisLeases(rt.redis, rt.names, replica_id),
+            clock=clock,
+        ),
+        reconciler=Reconciler(settings=settings, runs=rt.runs, lifecycle=lifecycle, clock=clock),
+        metrics=metrics,
+        replica_id=replica_id,
+        clock=clock,
+    )
+
+
+async def serve(settings: Settings, metrics_port: int | None = None) -> int:
+    """``python -m dispatcher serve``: run one replica until SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
+        metrics, exporter, reporter = metrics_for(settings, rt, metrics_port)
+        tokens, passwords, closers = identity_sources(settings, rt, metrics)
+        dispatcher = build_dispatcher(
+            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords
+        )
+        await dispatcher.start()
+        if exporter is not None:
+            exporter.set_up(True)
+        reporter_task: asyncio.Task[None] | None = None
+        if reporter is not None:
+            reporter_task = asyncio.create_task(reporter())
+        await stop.wait()
+        log.info("stopping")
+        if reporter_task:
+            reporter_task.cancel()
+        await dispatcher.stop()
+        for close in closers:
+            await close()
+    return 0
+
+
+def identity_sources(
+    settings: Settings, rt: Runtime, metrics: MetricsHooks
+) -> tuple[TokenSource | None, PasswordSource | None, list[Closer]]:
+    """The token broker (when a client is configured) and the credential resolver."""
+    if not settings.secret_keys.get_secret_value():
+        log.warning("RUNDISPATCH_SECRET_KEYS is not set: runs cannot receive secrets")
+        return None, None, []
+    from dispatcher.adapters.identity.credentials import CredentialResolver
+    from dispatcher.adapters.identity.token_broker import TokenBroker
+    from dispatcher.crypto import SecretBox
+
+    box = SecretBox.from_settings(settings)
+    passwords = CredentialResolver(settings, box)
+    closers: list[Closer] = [passwords.aclose]
+    tokens = None
+    if settings.client_id:
+        tokens = TokenBroker(settings, rt.redis, rt.names, box, on_refresh=metrics.token_refresh)
+        closers.append(tokens.aclose)
+    else:
+        log.info("RUNDISPATCH_CLIENT_ID is not set: sign-in connections cannot get tokens")
+    return tokens, passwords, closers
+
+
+def metrics_for(
+    settings: Settings, rt: Runtime, port: int | None
+) -> tuple[MetricsHooks, DispatcherMetrics | None, Callable[[], Coroutine[Any, Any, None]] | None]:
+    """Metrics and the periodic queue-state reporter; off when the port is negative."""
+    port = settings.metrics_port if port is None else port
+    if port < 0:
+        return NullMetrics(), None, None
+    registry = CollectorRegistry()
+    metrics = DispatcherMetrics(registry)
+    bound = serve_metrics(registry, settings.metrics_host, port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, bound)
+    state = RedisQueueState(rt.redis, rt.names, rt.fleet, rt.machines)
+
+    async def report() -> None:
+        while True:
+            try:
+                metrics.set_queue_state(await state.snapshot(settings.offline_after_s))
+                metrics.set_outbox_backlog(await state.outbox_length())
+            except Exception as exc:
+                log.warning("queue state not refreshed: %s", exc)
+            await asyncio.sleep(QUEUE_STATE_INTERVAL_S)
+
+    return metrics, metrics, report

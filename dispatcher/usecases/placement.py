@@ -1,0 +1,238 @@
+"""Placement: put queued runs of a target on machines that can take them.
+
+A pass reads the heads of the target's lanes and its machines' live state, plans the
+placements with the pure core (``core/placement.py``: skip-ahead, reasons per machine), fetches
+and seals each run's secret, claims the runs in one round trip and publishes the events and
+assignments as one confirmed window (through the lifecycle). A claim that loses a race
+(another replica filled the machine) just asks for another pass. Passes are requested by
+events (a run queued, a slot freed, a heartbeat that changed a machine) and coalesced per
+target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from dispatcher.core.placement import Placement, Waiting, plan_pass, runs_per_lane
+from dispatcher.core.selection import slots_of
+from dispatcher.errors import RetryableRunError, RunFailure
+from dispatcher.metrics.hooks import MetricsHooks
+from dispatcher.models import RunError, RunStatus
+from dispatcher.settings import Settings
+from dispatcher.usecases.handoff import Handoff
+from dispatcher.usecases.lifecycle import Lifecycle, Window
+from dispatcher.usecases.ports import Claim, FleetSource, MachineState, QueueEnding, RunReads
+from dispatcher.usecases.results import Claimed, Failed, NoSlot, UserBusy
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1.0
+# Why-waiting reasons: unchanged ones are checked against the store at most every
+# REASONS_RECHECK_S, and a lane's reasons change at most every REASONS_MIN_INTERVAL_S (when
+# machines fill and free up quickly, heads wait for milliseconds and their reasons flip with
+# every pass; the last ones are still recorded, by a pass asked for when the interval ends).
+REASONS_RECHECK_S = 5.0
+REASONS_MIN_INTERVAL_S = 1.0
+
+
+class Placer:
+    """Runs coalesced placement passes, one at a time per target in this process."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        fleet: FleetSource,
+        runs: RunReads,
+        machines: MachineState,
+        lifecycle: Lifecycle,
+        handoff: Handoff,
+        metrics: MetricsHooks,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.runs = runs
+        self.machines = machines
+        self.lifecycle = lifecycle
+        self.handoff = handoff
+        self.metrics = metrics
+        self.clock = clock
+        self._pending: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._retry_handles: dict[str, asyncio.TimerHandle] = {}
+        self._reasons_seen: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
+
+    def request(self, *targets: str) -> None:
+        """Ask for a pass over each target (coalesced with passes already asked for)."""
+        if targets:
+            self._pending.update(targets)
+            self._wakeup.set()
+
+    def request_later(self, target: str, delay_s: float) -> None:
+        if target in self._retry_handles:
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._retry_handles.pop(target, None)
+            self.request(target)
+
+        self._retry_handles[target] = loop.call_later(delay_s, fire)
+
+    async def run_forever(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            targets, self._pending = self._pending, set()
+            for target in sorted(targets):
+                try:
+                    await self.place(target)
+                except Exception:
+                    log.exception("placement pass for %s failed; retrying soon", target)
+                    self.request_later(target, RETRY_AFTER_S)
+
+    async def place(self, target: str) -> int:
+        """One pass over ``target``; returns how many runs were handed to machines."""
+        started = time.perf_counter()
+        fleet = await self.fleet.load()
+        lane_names = await self.runs.lane_names(target)
+        if not lane_names:
+            return 0
+        now = self.clock()
+        machines = [fleet.machines[m] for m in fleet.machine_ids_of_key(target)]
+        views = {
+            view.machine_id: view
+            for view in await self.machines.views(machines, now, self.settings.offline_after_s)
+        }
+        per_lane = runs_per_lane(views.values())
+        lanes = await self.runs.lane_members(target, lane_names, per_lane)
+        if not lanes:
+            return 0
+        plan = plan_pass(fleet.connections, lanes, views, per_lane=per_lane)
+        waiting = dict(plan.waiting)
+        async with self.lifecycle.window() as window:
+            placed, lost_races, failed = await self._hand_off(
+                window, target, plan.placements, waiting, now
+            )
+        await self.lifecycle.record_reasons(target, self._reasons_due(target, waiting, now), now)
+        self.metrics.decision_latency(time.perf_counter() - started)
+        # A run failed at hand-off left its lane: the run behind it is the new head.
+        if plan.again or lost_races or failed:
+            self.request(target)
+        return placed
+
+    def _reasons_due(self, target: str, waiting: Waiting, now: float) -> Waiting:
+        """The waiting lanes whose reasons are worth comparing with the store now."""
+        due: Waiting = {}
+        deferred = False
+        for lane, (run_id, reasons) in waiting.items():
+            seen = self._reasons_seen.get((target, lane))
+            if seen is not None:
+                age = now - seen[1]
+                if seen[0] == reasons and age < REASONS_RECHECK_S:
+                    continue
+                if seen[0] != reasons and age < REASONS_MIN_INTERVAL_S:
+                    deferred = True
+                    continue
+            due[lane] = (run_id, reasons)
+        if len(self._reasons_seen) > 10_000:
+            self._reasons_seen.clear()
+        for lane, (_, reasons) in due.items():
+            self._reasons_seen[(target, lane)] = (reasons, now)
+        if deferred:
+            self.request_later(target, REASONS_MIN_INTERVAL_S)
+        return due
+
+    async def _hand_off(
+        self,
+        window: Window,
+        target: str,
+        placements: list[Placement],
+        waiting: Waiting,
+        now: float,
+    ) -> tuple[int, int, int]:
+        """Fetch and seal the secrets, claim in one round trip (the window publishes).
+
+        Returns how many runs were placed, how many claims lost a race, and how many runs
+        failed at hand-off.
+        """
+        if not placements:
+            return 0, 0, 0
+        secrets = await asyncio.gather(
+            *(
+                self.handoff.sealed_secret(p.connection, p.head.run_id, p.view.public_key or "")
+                for p in placements
+            ),
+            return_exceptions=True,
+        )
+        claims: list[Claim] = []
+        claimed: list[Placement] = []
+        failed = 0
+        for placement, secret in zip(placements, secrets, strict=True):
+            head = placement.head
+            if isinstance(secret, RunFailure):
+                await self._fail_queued(window, head.run_id, secret, now)
+                failed += 1
+                continue
+            if isinstance(secret, RetryableRunError):
+                waiting[head.lane] = (
+                    head.run_id,
+                    {placement.view.machine_id: f"{secret.code.value} (retrying)"},
+                )
+                self.request_later(target, max(RETRY_AFTER_S, secret.retry_after_s or 0.0))
+                continue
+            if isinstance(secret, BaseException):
+                log.error("preparing the hand-off of run %s failed: %r", head.run_id, secret)
+                self.request_later(target, RETRY_AFTER_S)
+                continue
+            claims.append(
+                Claim(
+                    head=head,
+                    target=target,
+                    machine_id=placement.view.machine_id,
+                    user=placement.connection.session_user,
+                    connection_kind=placement.connection.kind,
+                    max_run_s=self.settings.max_run_s,
+                    sealed_secret=secret,
+                    slots=slots_of(placement.view),
+                )
+            )
+            claimed.append(placement)
+        placed = lost = 0
+        for placement, result in zip(claimed, await window.claim_many(claims, now), strict=True):
+            match result:
+                case Claimed(messages=messages):
+                    placed += 1
+                    kind = placement.connection.kind.value
+                    self._observe_dispatch(target, kind, placement.head.mode, messages[0].body, now)
+                case UserBusy() | NoSlot():
+                    lost += 1
+                case Failed(error=error):
+                    log.warning("claim of run %s failed: %s", placement.head.run_id, error)
+        return placed, lost, failed
+
+    async def _fail_queued(
+        self, window: Window, run_id: str, failure: RunFailure, now: float
+    ) -> None:
+        run = await self.runs.get(run_id)
+        if run is None:
+            return
+        ending = QueueEnding(
+            status=RunStatus.failed,
+            error=RunError(code=failure.code, message=failure.message, detail=failure.detail),
+            detail={"code": failure.code.value},
+        )
+        await window.unqueue(run, ending, now)
+
+    def _observe_dispatch(
+        self, target: str, kind: str, mode: str, event: bytes, now: float
+    ) -> None:
+        self.metrics.run_dispatched(target, kind, mode)
+        record = json.loads(event)
+        submitted = record.get("submitted_at") or record.get("queued_at") or now
+        self.metrics.queue_wait(max(0.0, now - float(submitted)), target, kind)

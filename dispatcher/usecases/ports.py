@@ -1,0 +1,357 @@
+"""The small boundaries the use cases depend on, as Protocols, and what crosses them.
+
+The adapters (``dispatcher/adapters``) implement them over RabbitMQ and Redis; the in-memory
+fakes of the tests implement them too. A use case never imports an adapter.
+
+- deliveries: :class:`Delivery` in, a :data:`Verdict` out (the consumer adapter acts on it);
+- :class:`Broker`: consume a queue, publish a message of the contract;
+- the run store: :class:`RunTransitions` (atomic, fenced changes answering typed results,
+  see :mod:`~dispatcher.usecases.results`) and :class:`RunReads`;
+- :class:`MachineState`, :class:`FleetSource`, :class:`Leases`: live machines, the fleet, and
+  who performs a singleton chore;
+- :class:`Publisher`: publishes what the outbox recorded;
+- :class:`TokenSource`, :class:`PasswordSource`, :data:`Sealer`: a run's secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from dispatcher.codes import ErrorCode
+from dispatcher.core.fleet import FleetSnapshot
+from dispatcher.errors import Unavailable
+from dispatcher.models import (
+    AssignedRun,
+    Connection,
+    ConnectionKind,
+    Heartbeat,
+    Machine,
+    MachineView,
+    Priority,
+    QueuedHead,
+    Run,
+    RunError,
+    RunRequest,
+    RunStatus,
+)
+from dispatcher.usecases.results import (
+    AdmitResult,
+    CancelResult,
+    ClaimResult,
+    FinishResult,
+    OutboxMessage,
+    RejectResult,
+    ReorderResult,
+    RequeueResult,
+    RunState,
+    StartResult,
+    UnqueueResult,
+)
+
+
+# ---- deliveries and verdicts ------------------------------------------------------------------
+class Delivery(Protocol):
+    """What the data path reads of an AMQP delivery (the consumer adapter owns acking)."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def content_encoding(self) -> str | None: ...
+
+    @property
+    def routing_key(self) -> str | None: ...
+
+    @property
+    def type(self) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The message's effect is durably recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """The message breaks the contract: copy it to the dead-letter queue with ``reason``."""
+
+    reason: str
+    reason_class: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A transient failure: give the message back to RabbitMQ for another try.
+
+    ``outage``: a service the handler needs could not be reached. The consumer then keeps the
+    delivery and tries again itself for a while (a quorum queue counts every redelivery).
+    """
+
+    error: str
+    outage: bool = False
+
+
+Verdict = Ack | DeadLetter | Retry
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[list[Verdict]]]
+
+
+def retry_for(exc: BaseException) -> Retry:
+    """The verdict for a message whose handling raised ``exc`` (decided by the error tree)."""
+    return Retry(repr(exc), outage=isinstance(exc, Unavailable))
+
+
+class Broker(Protocol):
+    """RabbitMQ as the use cases see it."""
+
+    async def consume(
+        self,
+        queue: str,
+        handler: BatchHandler,
+        *,
+        batch_size: int,
+        prefetch: int | None = None,
+    ) -> asyncio.Task[None]:
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
+        ...
+
+    async def publish_json(
+        self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
+    ) -> None:
+        """Publish one persistent JSON message to an exchange of the contract (confirmed)."""
+        ...
+
+    async def ensure_machine_queue(self, machine_id: str) -> None:
+        """Declare a machine's queue (idempotent)."""
+        ...
+
+
+class Publisher(Protocol):
+    """Publishes outbox messages (confirmed) and forgets them; the relay republishes what a
+    dead process left behind."""
+
+    async def send(self, messages: Sequence[OutboxMessage]) -> bool: ...
+
+    async def relay(self, older_than_s: float) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+# ---- what the run store's transitions take ------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """Queue ``request`` in ``target`` unless a shared limit refuses it (throttle, cap)."""
+
+    request: RunRequest
+    target: str
+    connection_kind: ConnectionKind
+    score: float
+    deadline: float
+    throttle_limit: int
+    queue_cap: int
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Record ``request`` as rejected at admission with ``code`` (target and kind when known)."""
+
+    request: RunRequest
+    code: ErrorCode
+    message: str
+    now: float
+    target: str | None = None
+    connection_kind: ConnectionKind | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Hand ``head`` to ``machine_id``: what the assignment carries, and the room the
+    decision saw (``slots``), which the store checks again atomically."""
+
+    head: QueuedHead
+    target: str
+    machine_id: str
+    user: str
+    connection_kind: ConnectionKind
+    max_run_s: float
+    sealed_secret: str
+    slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """A worker's fenced start of a run it was handed."""
+
+    run_id: str
+    fence: int
+    run_deadline: float
+    machine_id: str
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a dispatched or running run ends: only from ``allowed`` statuses, and only under
+    ``fence`` when given."""
+
+    run_id: str
+    machine_id: str
+    fence: int | None
+    allowed: tuple[RunStatus, ...]
+    status: RunStatus
+    error: RunError | None = None
+    outputs: dict[str, Any] | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEnding:
+    """How a queued run ends (deadline passed, cancelled, failed before its hand-off);
+    ``due_only``: only if its queue deadline has passed (checked atomically)."""
+
+    status: RunStatus
+    error: RunError
+    due_only: bool = False
+    detail: dict[str, Any] | None = None
+
+
+# ---- the run store ---------------------------------------------------------------------------
+class RunTransitions(Protocol):
+    """Atomic changes of runs; each answers a typed result (see ``results``) and writes the
+    messages it implies to the outbox in the same step."""
+
+    async def admit(self, admission: Admission) -> AdmitResult: ...
+
+    async def reject(self, refusal: Refusal) -> RejectResult: ...
+
+    async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]: ...
+
+    async def start_many(self, starts: Sequence[Start], now: float) -> list[StartResult]: ...
+
+    async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]: ...
+
+    async def unqueue(self, run: Run, ending: QueueEnding, now: float) -> UnqueueResult: ...
+
+    async def requeue(self, run: Run, *, reason: str, now: float) -> RequeueResult: ...
+
+    async def reorder(
+        self, run: Run, *, score: float, priority: Priority, event: str, now: float
+    ) -> ReorderResult: ...
+
+    async def request_cancel(self, run: Run, *, reason: str, now: float) -> CancelResult: ...
+
+    async def record_reasons(
+        self, target: str, waiting: dict[str, tuple[str, dict[str, str]]], now: float
+    ) -> int:
+        """Store why lane heads wait (lane -> (head run, reasons per machine)); a change also
+        goes into the head run's timeline. Returns how many lanes changed."""
+        ...
+
+    async def forget_deadline(self, run_id: str) -> None:
+        """Drop a run that is no longer queued from the deadline index."""
+        ...
+
+    async def forget_running(self, run_id: str) -> None:
+        """Drop a run that is no longer running from the run-time-limit index."""
+        ...
+
+
+class RunReads(Protocol):
+    """Reads of runs and queues (no locks: a decision made on them is checked again by the
+    transition that acts on it)."""
+
+    async def get(self, run_id: str) -> Run | None: ...
+
+    async def get_many(self, run_ids: Sequence[str]) -> list[Run | None]: ...
+
+    async def states(self, run_ids: Sequence[str]) -> list[RunState]: ...
+
+    async def score_of(self, run_id: str) -> float | None: ...
+
+    async def position(self, run: Run) -> int | None: ...
+
+    async def queue_page(self, target: str, start: int, stop: int) -> list[tuple[str, float]]: ...
+
+    async def targets(self) -> list[str]: ...
+
+    async def lane_names(self, target: str) -> list[str]: ...
+
+    async def lane_members(
+        self, target: str, lanes: list[str], per_lane: int
+    ) -> dict[str, list[QueuedHead]]: ...
+
+    async def due_deadlines(self, now: float, limit: int = 500) -> list[str]: ...
+
+    async def overdue_running(self, now: float, limit: int = 500) -> list[str]: ...
+
+    async def finished_since(self, status: RunStatus, since: float, until: float) -> list[str]: ...
+
+    async def lane_reasons(self, target: str, lane: str) -> dict[str, Any] | None: ...
+
+
+# ---- machines, fleet, leases ------------------------------------------------------------------
+class MachineState(Protocol):
+    """Live machine state: heartbeats, what runs on each machine, offline marks."""
+
+    async def record_heartbeat(
+        self, heartbeat: Heartbeat, received_at: float
+    ) -> tuple[Heartbeat | None, bool]:
+        """Store a heartbeat; return the previous one and whether the machine was offline."""
+        ...
+
+    async def views(
+        self, machines: Sequence[Machine], now: float, offline_after_s: float
+    ) -> list[MachineView]: ...
+
+    async def stale(self, now: float, offline_after_s: float) -> list[str]: ...
+
+    async def offline_marks(self) -> dict[str, float]: ...
+
+    async def mark_offline(self, machine_id: str, since: float) -> bool: ...
+
+    async def assigned(self, machine_id: str) -> list[AssignedRun]: ...
+
+
+class FleetSource(Protocol):
+    """The fleet configuration, as a snapshot cached until it changes."""
+
+    async def load(self, force: bool = False) -> FleetSnapshot: ...
+
+    def cached(self) -> FleetSnapshot | None: ...
+
+
+class Leases(Protocol):
+    """Short leases so that one replica at a time performs a singleton chore."""
+
+    async def hold(self, role: str, ttl_s: float) -> bool: ...
+
+
+class PassRequests(Protocol):
+    """Where use cases ask for placement passes over targets (the ``Placer``)."""
+
+    def request(self, *targets: str) -> None: ...
+
+
+# ---- a run's secret ------------------------------------------------------------------------------
+class TokenSource(Protocol):
+    """Access tokens of sign-in connections (the msal token broker)."""
+
+    async def access_token(self, connection: Connection, valid_for_s: float) -> str: ...
+
+    async def refresh_token_expiry(self, connection: Connection) -> float | None: ...
+
+
+class PasswordSource(Protocol):
+    """Passwords of credentials connections, resolved at dispatch time."""
+
+    async def password(self, connection: Connection) -> str: ...
+
+
+# Encrypts a secret to one machine's public key, bound to one run (public key, plaintext, aad).
+Sealer = Callable[[str, bytes, str], str]

@@ -1,0 +1,168 @@
+"""One dispatcher replica: the queues it consumes and the chores it runs. Several replicas can
+run at once against the same namespace.
+
+    requests queue ─▶ intake (decode, admit, record, publish) ─▶ placement passes
+    heartbeats ─▶ machine live state, reconcile ─▶ a pass when a machine can now take more
+    signals (terminal events, machine changes) ─▶ a pass for the machine's targets
+    placer, sweeper: background tasks
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from dispatcher.metrics.hooks import MetricsHooks
+from dispatcher.models import Heartbeat
+from dispatcher.names import TERMINAL_EVENT_KEYS, Names
+from dispatcher.settings import Settings
+from dispatcher.usecases.intake import Intake
+from dispatcher.usecases.lifecycle import Lifecycle
+from dispatcher.usecases.placement import Placer
+from dispatcher.usecases.ports import (
+    Ack,
+    Broker,
+    DeadLetter,
+    Delivery,
+    FleetSource,
+    MachineState,
+    RunReads,
+    Verdict,
+)
+from dispatcher.usecases.reconcile import Reconciler
+from dispatcher.usecases.sweeper import Sweeper
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """One replica, composed of its use cases (built by ``dispatcher.bootstrap``)."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        names: Names,
+        broker: Broker,
+        runs: RunReads,
+        fleet: FleetSource,
+        machines: MachineState,
+        lifecycle: Lifecycle,
+        intake: Intake,
+        placer: Placer,
+        sweeper: Sweeper,
+        reconciler: Reconciler,
+        metrics: MetricsHooks,
+        replica_id: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.names = names
+        self.broker = broker
+        self.runs = runs
+        self.fleet = fleet
+        self.machines = machines
+        self.lifecycle = lifecycle
+        self.intake = intake
+        self.placer = placer
+        self.sweeper = sweeper
+        self.reconciler = reconciler
+        self.metrics = metrics
+        self.replica_id = replica_id
+        self.clock = clock
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Consume the requests, heartbeats and signals queues; start placement and sweeps."""
+        names, size = self.names, self.settings.batch_size
+        self._tasks = [
+            await self.broker.consume(names.requests_queue, self.intake.handle, batch_size=size),
+            await self.broker.consume(
+                names.heartbeats_queue, self.handle_heartbeats, batch_size=size
+            ),
+            await self.broker.consume(names.signals_queue, self.handle_signals, batch_size=size),
+            asyncio.create_task(self.placer.run_forever(), name="placer"),
+            asyncio.create_task(self.sweeper.run_forever(), name="sweeper"),
+        ]
+        self.placer.request(*await self.runs.targets())
+        log.info("dispatcher %s serving namespace %s", self.replica_id, names.ns)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.lifecycle.aclose()
+
+    # ---- reactions ----------------------------------------------------------------------------
+    async def handle_heartbeats(self, batch: Sequence[Delivery]) -> list[Verdict]:
+        """Record machines' live state; place runs where a machine can now take more."""
+        verdicts: list[Verdict] = []
+        fleet = await self.fleet.load()
+        now = self.clock()
+        for message in batch:
+            try:
+                heartbeat = Heartbeat.model_validate_json(message.body)
+            except ValidationError as exc:
+                self.metrics.dead_letter("heartbeat")
+                verdicts.append(
+                    DeadLetter(f"not a heartbeat: {exc.error_count()} errors", "heartbeat")
+                )
+                continue
+            if heartbeat.machine_id not in fleet.machines:
+                verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
+                continue
+            previous, was_offline = await self.machines.record_heartbeat(heartbeat, now)
+            await self.reconciler.heartbeat(heartbeat)
+            if (
+                was_offline
+                or previous is None
+                or previous.sessions != heartbeat.sessions
+                or previous.worker_id != heartbeat.worker_id
+                or previous.public_key != heartbeat.public_key
+            ):
+                self.placer.request(*fleet.targets_of_machine(heartbeat.machine_id))
+            verdicts.append(Ack())
+        return verdicts
+
+    async def handle_signals(self, batch: Sequence[Delivery]) -> list[Verdict]:
+        """A run ended or a machine changed: its machine's targets may place more runs."""
+        fleet = self.fleet.cached() or await self.fleet.load()
+        targets: set[str] = set()
+        for message in batch:
+            try:
+                data = json.loads(message.body)
+            except ValueError:
+                data = None  # a hint that says nothing: only acked
+            machine_id = data.get("machine_id") if isinstance(data, dict) else None
+            if isinstance(data, dict) and message.routing_key in TERMINAL_EVENT_KEYS:
+                self._observe_completion(data)
+            if isinstance(machine_id, str):
+                targets.update(fleet.targets_of_machine(machine_id))
+            elif message.routing_key == "machine.changed":
+                targets.update(await self.runs.targets())
+        self.placer.request(*targets)
+        return [Ack() for _ in batch]
+
+    def _observe_completion(self, record: dict[str, object]) -> None:
+        """Count a run's final status once: one replica consumes each terminal event."""
+        error = record.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        started, finished = record.get("started_at"), record.get("finished_at")
+        duration = (
+            float(finished) - float(started)
+            if isinstance(started, int | float) and isinstance(finished, int | float)
+            else None
+        )
+        self.metrics.run_completed(
+            str(record.get("target") or ""),
+            str(record.get("connection_kind") or ""),
+            str(record.get("mode") or ""),
+            status=str(record.get("status") or ""),
+            code=str(code) if code else None,
+            duration_s=duration,
+        )

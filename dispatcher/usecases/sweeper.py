@@ -1,0 +1,192 @@
+"""Time-driven chores, each done by one replica at a time (a short lease in Redis), except
+queue deadlines, which every replica enforces:
+
+* queue deadlines: a run still queued at its deadline ends ``timed_out`` / NoCandidateMachine,
+  with the last per-machine reasons; deadlines live in Redis and the time-out is one atomic
+  script, so every live replica enforces them, also right after a restart (no waiting for a
+  dead replica's lease to lapse);
+* machine liveness: a machine without heartbeats is offline; its runs that never started go
+  back to the queue at their old position; its running runs fail after a grace period;
+* overdue runs: a run still running long past its time limit (its worker is gone) fails;
+* the outbox relay, and a periodic placement pass over every target with queued runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from dispatcher.codes import ErrorCode
+from dispatcher.core.ordering import lane_of
+from dispatcher.core.placement import reasons_payload
+from dispatcher.models import Run, RunError, RunStatus
+from dispatcher.settings import Settings
+from dispatcher.usecases.lifecycle import Lifecycle
+from dispatcher.usecases.ports import (
+    Ending,
+    Leases,
+    MachineState,
+    PassRequests,
+    QueueEnding,
+    RunReads,
+)
+from dispatcher.usecases.results import Requeued, Unqueued
+
+log = logging.getLogger(__name__)
+
+
+class Sweeper:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        runs: RunReads,
+        machines: MachineState,
+        lifecycle: Lifecycle,
+        placer: PassRequests,
+        leases: Leases,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.runs = runs
+        self.machines = machines
+        self.lifecycle = lifecycle
+        self.placer = placer
+        self.leases = leases
+        self.clock = clock
+        self._last_resweep = 0.0
+        # Since when this replica could reach Redis without interruption. Heartbeats that
+        # arrive while Redis is unreachable cannot be recorded, so for ``offline_after_s``
+        # after start-up or an outage no machine is judged on its (stale) last heartbeat.
+        self._reachable_since: float | None = clock()
+
+    async def run_forever(self) -> None:
+        interval = self.settings.sweep_interval_s
+        while True:
+            try:
+                if await self.leases.hold("sweeper", ttl_s=max(1.5, 3 * interval)):
+                    await self.sweep_once()
+                else:
+                    await self.expire_deadlines(self.clock())
+            except Exception:
+                log.exception("sweep failed; trying again")
+                self._reachable_since = None
+            await asyncio.sleep(interval)
+
+    async def sweep_once(self) -> None:
+        now = self.clock()
+        await self.expire_deadlines(now)
+        await self.check_liveness(now)
+        await self.fail_overdue(now)
+        await self.lifecycle.relay(self.settings.outbox_relay_after_s)
+        if now - self._last_resweep >= self.settings.resweep_interval_s:
+            self._last_resweep = now
+            self.placer.request(*await self.runs.targets())
+
+    async def expire_deadlines(self, now: float) -> int:
+        """Time out every queued run whose deadline has passed."""
+        expired = 0
+        for run_id in await self.runs.due_deadlines(now):
+            run = await self.runs.get(run_id)
+            if run is None:
+                await self.lifecycle.forget_deadline(run_id)
+                continue
+            lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
+            reasons = reasons_payload(await self.runs.lane_reasons(run.target or "", lane))
+            waited = now - (run.queued_at or now)
+            ending = QueueEnding(
+                status=RunStatus.timed_out,
+                error=RunError(
+                    code=ErrorCode.NoCandidateMachine,
+                    message=f"no machine could take the run within {waited:.0f} s",
+                    detail={"reasons": reasons},
+                ),
+                due_only=True,
+                detail={"reasons": reasons},
+            )
+            async with self.lifecycle.window() as window:
+                if isinstance(await window.unqueue(run, ending, now), Unqueued):
+                    expired += 1
+        return expired
+
+    async def check_liveness(self, now: float) -> None:
+        """Mark silent machines offline; requeue their unstarted runs; fail lost running runs."""
+        offline_after = self.settings.offline_after_s
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now - self._reachable_since < offline_after:
+            return  # heartbeats missed while the store was unreachable are no evidence
+        marks = await self.machines.offline_marks()
+        for machine_id in await self.machines.stale(now, offline_after):
+            if machine_id not in marks and await self.machines.mark_offline(machine_id, now):
+                log.warning(
+                    "machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after
+                )
+                marks[machine_id] = now
+                await self._requeue_unstarted(machine_id, now)
+        for machine_id, since in marks.items():
+            if now - since >= self.settings.running_grace_s:
+                await self._fail_running(machine_id, now)
+
+    async def _runs_on(self, machine_id: str) -> list[Run]:
+        assigned = await self.machines.assigned(machine_id)
+        return [r for r in await self.runs.get_many([a.run_id for a in assigned]) if r]
+
+    async def _requeue_unstarted(self, machine_id: str, now: float) -> None:
+        requeued: set[str] = set()
+        async with self.lifecycle.window() as window:
+            for run in await self._runs_on(machine_id):
+                if run.status is not RunStatus.dispatched:
+                    continue
+                result = await window.requeue(run, reason="machine offline", now=now)
+                if isinstance(result, Requeued):
+                    requeued.add(run.target or "")
+        self.placer.request(*requeued)
+
+    async def _fail_running(self, machine_id: str, now: float) -> None:
+        lost = RunError(
+            code=ErrorCode.MachineLost,
+            message=f"machine {machine_id} stopped sending heartbeats while the flow ran",
+        )
+        requeued: set[str] = set()
+        async with self.lifecycle.window() as window:
+            for run in await self._runs_on(machine_id):
+                if run.status is RunStatus.dispatched:
+                    result = await window.requeue(run, reason="machine offline", now=now)
+                    if isinstance(result, Requeued):
+                        requeued.add(run.target or "")
+                elif run.status is RunStatus.running:
+                    ending = Ending(
+                        run_id=run.run_id,
+                        machine_id=machine_id,
+                        fence=run.fence,
+                        allowed=(RunStatus.running,),
+                        status=RunStatus.failed,
+                        error=lost,
+                    )
+                    await window.finish(ending, now)
+        self.placer.request(*requeued)
+
+    async def fail_overdue(self, now: float) -> None:
+        """Fail runs still running well past their time limit (their worker never reported)."""
+        overdue = RunError(
+            code=ErrorCode.DesktopFlowsActionTimeout,
+            message="the run exceeded its time limit and its worker did not stop it",
+        )
+        for run in await self.runs.get_many(await self.runs.overdue_running(now)):
+            if run is None or run.status is not RunStatus.running:
+                if run is not None:
+                    await self.lifecycle.forget_running(run.run_id)
+                continue
+            ending = Ending(
+                run_id=run.run_id,
+                machine_id=run.machine_id or "",
+                fence=run.fence,
+                allowed=(RunStatus.running,),
+                status=RunStatus.failed,
+                error=overdue,
+            )
+            async with self.lifecycle.window() as window:
+                await window.finish(ending, now)

@@ -1,0 +1,1 @@
+"""Implementations of the worker's port (``workers.ports.DispatcherLink``)."""

@@ -1,0 +1,101 @@
+"""Liveness: the worker's heartbeat (sessions, running runs, last outcomes, public key), sent
+every interval and as soon as the sessions change; after each, the flows of runs the dispatcher
+no longer holds here are stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from dispatcher.crypto import WorkerKeyPair
+from dispatcher.metrics.hooks import WorkerHooks
+from dispatcher.models import Heartbeat, RunStatus
+from dispatcher.settings import Settings
+from workers.ports import DispatcherLink
+from workers.runs import WorkerRuns
+from workers.sessions import SessionsFile
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeats:
+    """Sends the machine's heartbeats; drops abandoned runs."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        machine_id: str,
+        worker_id: str,
+        link: DispatcherLink,
+        runs: WorkerRuns,
+        sessions: SessionsFile,
+        keys: WorkerKeyPair,
+        capacity: int,
+        metrics: WorkerHooks,
+    ) -> None:
+        self.settings = settings
+        self.machine_id = machine_id
+        self.worker_id = worker_id
+        self.link = link
+        self.runs = runs
+        self.sessions = sessions
+        self.keys = keys
+        self.capacity = capacity
+        self.metrics = metrics
+
+    async def beat_forever(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        next_beat = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(min(0.2, interval))
+            if self.sessions.changed() or time.monotonic() >= next_beat:
+                await self.send()
+                await self.drop_abandoned()
+                next_beat = time.monotonic() + interval
+
+    async def send(self) -> None:
+        heartbeat = Heartbeat(
+            machine_id=self.machine_id,
+            worker_id=self.worker_id,
+            sent_at=time.time(),
+            sessions=self.sessions.read(),
+            running=self.runs.running_refs(),
+            finished=tuple(self.runs.finished),
+            public_key=self.keys.public_key_b64,
+            capacity=self.capacity,
+        )
+        try:
+            await self.link.heartbeat(heartbeat)
+            self.metrics.heartbeat_sent()
+        except Exception as exc:
+            log.warning("heartbeat not sent: %s", exc)
+            self.metrics.heartbeat_failed()
+
+    async def drop_abandoned(self) -> None:
+        """Stop flows whose run the dispatcher no longer has here under our fence (it failed
+        the run while this machine was unreachable): the run is over, and it must not keep a
+        robot busy."""
+        if not self.runs.running:
+            return
+        items = list(self.runs.running.values())
+        try:
+            states = await self.link.run_states([item.assignment.run_id for item in items])
+        except Exception as exc:
+            log.debug("run states not checked: %s", exc)
+            return
+        for item, state in zip(items, states, strict=True):
+            # "dispatched" under our fence is a start the store lost: the dispatcher repairs it
+            # from this worker's heartbeat, so the flow goes on.
+            ours = state.fence == item.assignment.fence and state.status in (
+                RunStatus.running,
+                RunStatus.dispatched,
+            )
+            if item.cancel_reason is None and not ours:
+                status = state.status.value if state.status else None
+                run_id = item.assignment.run_id
+                log.warning(
+                    "run %s is %s for the dispatcher; stopping its flow here", run_id, status
+                )
+                self.runs.stop(run_id, f"the dispatcher ended the run ({status})")

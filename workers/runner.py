@@ -1,0 +1,107 @@
+"""Running flows: one task per started run, with its time limit, its sealed secret opened for
+the flow only, and cancellation. Each outcome goes to the reporter's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from dispatcher.codes import ErrorCode
+from dispatcher.crypto import WorkerKeyPair
+from dispatcher.metrics.hooks import WorkerHooks
+from dispatcher.models import Assignment, RunError, RunStatus
+from workers.executors import Executor, FlowContext, FlowResult
+from workers.ports import Outcome
+from workers.runs import Running, WorkerRuns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Executed:
+    """A run's outcome, how long its flow took, and the flow's error code."""
+
+    outcome: Outcome
+    duration_s: float
+    code: ErrorCode | None
+
+
+class Runner:
+    """Starts flows and collects their outcomes in ``done``."""
+
+    def __init__(
+        self,
+        *,
+        executor: Executor,
+        keys: WorkerKeyPair,
+        runs: WorkerRuns,
+        metrics: WorkerHooks,
+    ) -> None:
+        self.executor = executor
+        self.keys = keys
+        self.runs = runs
+        self.metrics = metrics
+        self.done: asyncio.Queue[Executed] = asyncio.Queue()
+
+    def launch(self, assignment: Assignment) -> None:
+        """Run the flow of a started run (its start is recorded and on disk already)."""
+        task = asyncio.create_task(self._execute(assignment), name=f"run:{assignment.run_id}")
+        self.runs.running[assignment.run_id] = Running(assignment, task)
+
+    async def _execute(self, assignment: Assignment) -> None:
+        run_id = assignment.run_id
+        started = time.monotonic()
+        try:
+            result = await self._run_flow(assignment)
+        except asyncio.CancelledError:
+            item = self.runs.running.get(run_id)
+            reason = item.cancel_reason if item else None
+            if reason is None:
+                raise
+            result = FlowResult(False, code=ErrorCode.Cancelled, message=reason)
+        status = RunStatus.succeeded if result.succeeded else RunStatus.failed
+        if result.code is ErrorCode.Cancelled:
+            status = RunStatus.cancelled
+        error = (
+            None
+            if result.succeeded
+            else RunError(code=result.code or ErrorCode.FlowFailed, message=result.message)
+        )
+        outcome = Outcome(run_id, assignment.fence, status, error, result.outputs or None)
+        self.done.put_nowait(Executed(outcome, time.monotonic() - started, result.code))
+
+    async def _run_flow(self, assignment: Assignment) -> FlowResult:
+        try:
+            secret = (
+                json.loads(self.keys.open(assignment.sealed_secret, assignment.run_id))
+                if assignment.sealed_secret
+                else {}
+            )
+        except Exception:
+            return FlowResult(
+                False, code=ErrorCode.FlowFailed, message="the sealed secret could not be opened"
+            )
+        context = FlowContext(
+            run_id=assignment.run_id,
+            flow_id=assignment.flow_id,
+            user=assignment.user,
+            inputs=assignment.inputs,
+            secret=secret,
+        )
+        try:
+            async with asyncio.timeout(assignment.time_limit_s):  # cheaper than wait_for
+                result = await self.executor.run(context)
+        except TimeoutError:
+            self.metrics.executor_error("timeout")
+            return FlowResult(
+                False,
+                code=ErrorCode.DesktopFlowsActionTimeout,
+                message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
+            )
+        if result.executor_error is not None:
+            log.warning("run %s: %s", assignment.run_id, result.message)
+            self.metrics.executor_error(result.executor_error)
+        return result
