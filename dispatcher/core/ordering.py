@@ -1,7 +1,8 @@
 """Queue order: priority, then enqueue time, with aging.
 
 A run's order score is its enqueue time, minus ``priority_boost_s`` when it is high priority.
-Lower scores go first; equal scores fall back to the run id, so the order is total and stable.
+Lower scores go first; equal scores fall back to the run id (a Redis sorted set orders equal
+scores by member), so the order is total and stable.
 With the boost finite, a normal run that has waited longer than the boost is ahead of every
 high-priority run enqueued after it: nothing starves.
 """
@@ -39,8 +40,3 @@ def lane_of(connection_id: str, mode: str, priority: str) -> str:
     depends on the number of lanes, never on the backlog.
     """
     return f"{connection_id}|{mode}|{priority}"
-
-
-def sort_key(score: float, run_id: str) -> tuple[float, str]:
-    """The total order of a queue (Redis sorted sets order equal scores by member)."""
-    return (score, run_id)

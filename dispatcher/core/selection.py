@@ -115,14 +115,3 @@ def select_machine(
     candidates = sorted(view.machine_id for view in eligible if view.load == lightest)
     chosen = (rng or random).choice(candidates)
     return Selection(machine_id=chosen, reasons=reasons)
-
-
-def describe(code: ErrorCode, offline_since: str | None = None) -> str:
-    """A human line for a why-waiting reason."""
-    if code is ErrorCode.MachineOffline and offline_since:
-        return f"offline since {offline_since}"
-    if code is ErrorCode.MachineInMaintenance:
-        return "in maintenance"
-    if code is ErrorCode.NoFreeSlot:
-        return "no free slot"
-    return f"{code.value}: {code.meaning}"

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from dispatcher.core.ordering import order_score, rescore, sort_key, top_score
+from dispatcher.core.ordering import order_score, rescore, top_score
 from dispatcher.models import Priority
+from tests.support.builders import sort_key
 
 pytestmark = pytest.mark.unit
 
@@ -131,8 +132,3 @@ def test_the_most_recently_moved_run_goes_first() -> None:
         scores[moved] = top_score(head, scores[moved])
     order = sorted(scores, key=lambda run_id: sort_key(scores[run_id], run_id))
     assert order == ["n1", "n2", "h1"]
-
-
-def test_sort_key_is_score_then_run_id() -> None:
-    assert sort_key(1.0, "b") < sort_key(1.0, "c")
-    assert sort_key(1.0, "z") < sort_key(2.0, "a")

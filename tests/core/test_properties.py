@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from dispatcher.codes import ErrorCode
 from dispatcher.core.admission import same_user, tenant_blocked
 from dispatcher.core.deadlines import queue_deadline
-from dispatcher.core.ordering import order_score, rescore, sort_key, top_score
+from dispatcher.core.ordering import order_score, rescore, top_score
 from dispatcher.core.selection import (
     machine_verdict,
     placement_room,
@@ -36,6 +36,7 @@ from tests.support.builders import (
     credentials,
     effective_sessions,
     sign_in,
+    sort_key,
 )
 from tests.support.constants import OTHER_TENANT, ROBOT, SIGN_IN_USER, TENANT
 

@@ -9,7 +9,6 @@ import pytest
 
 from dispatcher.codes import ErrorCode
 from dispatcher.core.selection import (
-    describe,
     machine_verdict,
     placement_room,
     select_machine,
@@ -499,28 +498,6 @@ def test_selection_accepts_any_iterable_of_views() -> None:
 
 
 # --- the why-waiting line ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("code", "since", "line"),
-    [
-        (ErrorCode.MachineOffline, "2025-01-01T10:00:00Z", "offline since 2025-01-01T10:00:00Z"),
-        (
-            ErrorCode.MachineOffline,
-            None,
-            "MachineOffline: the machine's worker stopped sending heartbeats",
-        ),
-        (ErrorCode.MachineInMaintenance, None, "in maintenance"),
-        (ErrorCode.NoFreeSlot, None, "no free slot"),
-        (
-            ErrorCode.AttendedUserSessionNotActive,
-            None,
-            "AttendedUserSessionNotActive: the user's session is locked or disconnected",
-        ),
-    ],
-)
-def test_describe(code: ErrorCode, since: str | None, line: str) -> None:
-    assert describe(code, since) == line
 
 
 def test_placement_room_counts_free_unattended_slots_and_sessions_of_online_machines() -> None:

@@ -156,6 +156,11 @@ def fleet(
     )
 
 
+def sort_key(score: float, run_id: str) -> tuple[float, str]:
+    """How a Redis sorted set orders a queue: by score, equal scores by member."""
+    return (score, run_id)
+
+
 def request_payload(**overrides: Any) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "run_id": "run-1",
