@@ -49,7 +49,19 @@ class Runner:
     def launch(self, assignment: Assignment) -> None:
         """Run the flow of a started run (its start is recorded and on disk already)."""
         task = asyncio.create_task(self._execute(assignment), name=f"run:{assignment.run_id}")
+        task.add_done_callback(lambda done: self._stopped_before_start(done, assignment))
         self.runs.running[assignment.run_id] = Running(assignment, task)
+
+    def _stopped_before_start(self, task: asyncio.Task[None], assignment: Assignment) -> None:
+        """A run stopped before its task ever ran never reaches ``_execute``'s handler: its
+        outcome is ``cancelled`` all the same (a task cancelled without a reason is the
+        worker shutting down: nothing to report)."""
+        item = self.runs.running.get(assignment.run_id)
+        if not task.cancelled() or item is None or item.cancel_reason is None:
+            return
+        error = RunError(code=ErrorCode.Cancelled, message=item.cancel_reason)
+        outcome = Outcome(assignment.run_id, assignment.fence, RunStatus.cancelled, error)
+        self.done.put_nowait(Executed(outcome, 0.0, ErrorCode.Cancelled))
 
     async def _execute(self, assignment: Assignment) -> None:
         run_id = assignment.run_id

@@ -1,0 +1,167 @@
+"""Placement, in process: a pass over a target hands runs to machines, in queue order, with
+skip-ahead, sealed secrets, one claim round trip and one publish window."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dispatcher.codes import ErrorCode
+from dispatcher.errors import RetryableRunError, RunFailure
+from dispatcher.models import Assignment, Machine, MachineView, RunStatus
+from tests.support.builders import credentials, fleet, machine, request_payload, session
+from tests.support.constants import ALICE_WIN
+from tests.support.world import World
+
+pytestmark = pytest.mark.unit
+
+GROUP = "g:bots"
+
+
+def bots(*machines: Machine) -> World:
+    machines = machines or (machine("m1", group_id="bots"), machine("m2", group_id="bots"))
+    connections = (
+        *(credentials(f"c{i}", group_id="bots", username=f"CONTOSO\\svc{i}") for i in range(1, 6)),
+        credentials("att", group_id="bots", username=ALICE_WIN),
+    )
+    return World(fleet(machines=machines, groups=("bots",), connections=connections))
+
+
+async def queue(world: World, run_id: str, connection: str = "c1", **fields: object) -> None:
+    mode = "attended" if connection == "att" else "unattended"
+    await world.submit(
+        request_payload(run_id=run_id, connection_id=connection, mode=mode, **fields)
+    )
+    world.clock.advance(1)
+
+
+async def test_a_run_goes_to_the_least_loaded_machine_with_its_secret_sealed_to_it() -> None:
+    world = bots(machine("m1", group_id="bots", slots=2), machine("m2", group_id="bots", slots=2))
+    await world.heartbeat("m1")
+    await world.heartbeat("m2")
+    await queue(world, "r1", "c1")
+    assert await world.place(GROUP) == 1
+    first = (await world.run("r1")).machine_id
+    await queue(world, "r2", "c2")
+    assert await world.place(GROUP) == 1
+    second = await world.run("r2")
+    assert {first, second.machine_id} == {"m1", "m2"}
+    assert second.status is RunStatus.dispatched and second.fence == 2
+    assign = world.publisher.of_kind("assign")[-1]
+    assignment = Assignment.model_validate_json(assign.body)
+    assert assign.routing_key == second.machine_id == assignment.machine_id
+    assert (assignment.run_id, assignment.fence, assignment.user) == ("r2", 2, "CONTOSO\\svc2")
+    opened = world.keys[assignment.machine_id].open(assignment.sealed_secret or "", "r2")
+    assert json.loads(opened) == {
+        "kind": "password",
+        "username": "CONTOSO\\svc2",
+        "password": "password-of-c2",
+    }
+    assert world.metrics.named("run_dispatched")[-1] == (GROUP, "credentials", "unattended")
+    assert world.metrics.named("queue_wait")[-1] == (1.0, GROUP, "credentials")
+
+
+async def test_a_pass_places_what_the_machines_can_take_and_publishes_one_window() -> None:
+    world = bots()
+    await world.heartbeat("m1")
+    await world.heartbeat("m2")
+    for i in range(1, 5):
+        await queue(world, f"r{i}", f"c{i}")
+    before = len(world.publisher.windows)
+    assert await world.place(GROUP) == 2
+    statuses = [(await world.run(f"r{i}")).status for i in range(1, 5)]
+    assert statuses == [RunStatus.dispatched] * 2 + [RunStatus.queued] * 2
+    assert len(world.publisher.windows) == before + 1
+    kinds = sorted((m.kind, m.routing_key) for m in world.publisher.windows[-1])
+    assert kinds == sorted([("event", "run.dispatched")] * 2 + [("assign", "m1"), ("assign", "m2")])
+
+
+async def test_a_high_priority_run_goes_first() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    await queue(world, "normal", "c1")
+    await queue(world, "urgent", "c2", priority="high")
+    await world.place(GROUP)
+    assert (await world.run("urgent")).status is RunStatus.dispatched
+    assert (await world.run("normal")).status is RunStatus.queued
+
+
+async def test_a_head_that_cannot_be_placed_does_not_block_the_runs_behind_it() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")  # nobody signed in: the attended run must wait
+    await queue(world, "waits", "att")
+    await queue(world, "goes", "c1")
+    assert await world.place(GROUP) == 1
+    assert (await world.run("goes")).status is RunStatus.dispatched
+    waiting = await world.run("waits")
+    assert waiting.status is RunStatus.queued
+    assert waiting.timeline[-1].event == "waiting"
+    reasons = await world.store.lane_reasons(GROUP, "att|attended|normal")
+    assert reasons is not None and reasons["machines"] == {"m1": "AttendedUserNotLoggedIn"}
+
+
+async def test_the_reasons_of_an_offline_machine_say_since_when() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1", session(ALICE_WIN, "active"))
+    world.clock.advance(world.settings.offline_after_s + 5)
+    await queue(world, "r1", "att")
+    await world.place(GROUP)
+    reasons = await world.store.lane_reasons(GROUP, "att|attended|normal")
+    assert reasons is not None
+    assert reasons["machines"]["m1"].startswith("MachineOffline since 2027-")
+
+
+async def test_unchanged_reasons_are_not_written_again_at_every_pass() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    await queue(world, "r1", "att")
+    await world.place(GROUP)
+    await world.place(GROUP)
+    world.clock.advance(1)
+    await world.place(GROUP)
+    assert [e.event for e in (await world.run("r1")).timeline] == ["queued", "waiting"]
+
+
+async def test_a_permanent_secret_failure_fails_the_run_and_the_next_run_gets_a_pass() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    await queue(world, "r1", "c1")
+    world.passwords.failure = RunFailure(ErrorCode.SecretNotFound, "no such secret")
+    world.placer.request = world.passes.request  # type: ignore[method-assign]
+    assert await world.place(GROUP) == 0
+    run = await world.run("r1")
+    assert run.status is RunStatus.failed
+    assert run.error is not None and run.error.code is ErrorCode.SecretNotFound
+    assert [e["run_id"] for e in world.publisher.events("run.failed")] == ["r1"]
+    assert GROUP in world.passes.requested
+
+
+async def test_a_transient_secret_failure_keeps_the_run_waiting() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    await queue(world, "r1", "c1")
+    world.passwords.failure = RetryableRunError(ErrorCode.VaultUnavailable, "busy")
+    assert await world.place(GROUP) == 0
+    assert (await world.run("r1")).status is RunStatus.queued
+    reasons = await world.store.lane_reasons(GROUP, "c1|unattended|normal")
+    assert reasons is not None and reasons["machines"] == {"m1": "VaultUnavailable (retrying)"}
+
+
+async def test_a_claim_that_loses_a_race_asks_for_another_pass() -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    await queue(world, "r1", "c1")
+    await queue(world, "r2", "c2")
+    await world.place(GROUP)  # r1 takes m1's only slot
+    real_views = world.machines.views
+
+    async def stale_views(*args: object, **kwargs: object) -> list[MachineView]:
+        # What another replica's pass saw a moment ago: m1 still free.
+        return [v.model_copy(update={"assigned": ()}) for v in await real_views(*args, **kwargs)]  # type: ignore[arg-type]
+
+    world.machines.views = stale_views  # type: ignore[method-assign]
+    world.placer.request = world.passes.request  # type: ignore[method-assign]
+    assert await world.place(GROUP) == 0
+    assert (await world.run("r2")).status is RunStatus.queued
+    assert world.passes.requested == [GROUP, GROUP, GROUP]  # two from intake, one again

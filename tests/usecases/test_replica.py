@@ -1,0 +1,106 @@
+"""A dispatcher replica, in process: what it consumes, and its reactions to heartbeats and
+signals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dispatcher.models import Heartbeat
+from dispatcher.usecases.ports import Ack, DeadLetter
+from tests.support.builders import credentials, fleet, machine, request_payload, session
+from tests.support.constants import ALICE_WIN
+from tests.support.fakes import FakeDelivery
+from tests.support.world import World
+
+pytestmark = pytest.mark.unit
+
+
+def bots() -> World:
+    machines = (machine("m1", group_id="bots"), machine("m2"))
+    connections = (credentials("c1", group_id="bots"),)
+    return World(fleet(machines=machines, groups=("bots",), connections=connections))
+
+
+def heartbeat(world: World, machine_id: str, *sessions: object) -> FakeDelivery:
+    beat = Heartbeat(
+        machine_id=machine_id,
+        worker_id="w1",
+        sent_at=world.clock.now,
+        sessions=sessions,  # type: ignore[arg-type]
+        public_key=world.keys[machine_id].public_key_b64 if machine_id in world.keys else None,
+    )
+    return FakeDelivery(beat.model_dump_json().encode(), routing_key="")
+
+
+async def test_a_replica_consumes_its_three_queues_and_asks_for_passes_at_start() -> None:
+    world = bots()
+    await world.submit(request_payload(run_id="r1", connection_id="c1", mode="unattended"))
+    replica = world.dispatcher()
+    requested: list[str] = []
+    replica.placer.request = lambda *targets: requested.extend(targets)  # type: ignore[method-assign]
+    await replica.start()
+    try:
+        names = world.names
+        assert set(world.broker.handlers) == {
+            names.requests_queue,
+            names.heartbeats_queue,
+            names.signals_queue,
+        }
+        assert requested == ["g:bots"]
+    finally:
+        await replica.stop()
+    assert world.publisher.closed
+
+
+async def test_heartbeats_record_the_machine_and_a_change_asks_for_a_pass() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    requested: list[str] = []
+    replica.placer.request = lambda *targets: requested.extend(targets)  # type: ignore[method-assign]
+    first = await replica.handle_heartbeats([heartbeat(world, "m1")])
+    assert first == [Ack()] and requested == ["m:m1", "g:bots"]
+    requested.clear()
+    await replica.handle_heartbeats([heartbeat(world, "m1")])
+    assert requested == []  # nothing changed
+    await replica.handle_heartbeats([heartbeat(world, "m1", session(ALICE_WIN, "active"))])
+    assert requested == ["m:m1", "g:bots"]
+    [view] = await world.machines.views([world.fleet.snapshot.machines["m1"]], world.clock.now, 15)
+    assert view.online and [s.user for s in view.sessions] == [ALICE_WIN]
+
+
+async def test_a_heartbeat_of_an_unknown_machine_is_acked_and_garbage_dead_lettered() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    verdicts = await replica.handle_heartbeats(
+        [heartbeat(world, "m9"), FakeDelivery(b'{"machine_id": 1}')]
+    )
+    assert verdicts[0] == Ack()
+    assert isinstance(verdicts[1], DeadLetter) and verdicts[1].reason_class == "heartbeat"
+    assert world.machines.heartbeats == {}
+
+
+async def test_signals_count_completions_and_ask_for_the_machine_s_targets() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    requested: list[str] = []
+    replica.placer.request = lambda *targets: requested.extend(targets)  # type: ignore[method-assign]
+    finished = {
+        "machine_id": "m1",
+        "target": "g:bots",
+        "connection_kind": "credentials",
+        "mode": "unattended",
+        "status": "failed",
+        "error": {"code": "FlowFailed"},
+        "started_at": 10.0,
+        "finished_at": 12.5,
+    }
+    signals = [
+        FakeDelivery(json.dumps(finished).encode(), routing_key="run.failed"),
+        FakeDelivery(b"not json", routing_key="run.failed"),
+    ]
+    assert await replica.handle_signals(signals) == [Ack(), Ack()]
+    assert sorted(requested) == ["g:bots", "m:m1"]
+    [completed] = world.metrics.named("run_completed")
+    assert completed == ("g:bots", "credentials", "unattended", "failed", "FlowFailed", 2.5)

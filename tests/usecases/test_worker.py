@@ -1,0 +1,284 @@
+"""The machine worker, in process: its link to the dispatcher side over the in-memory store,
+its intake (fenced start, ledger), runner, reporter and heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from dispatcher.codes import ErrorCode
+from dispatcher.models import Heartbeat, RunStatus
+from dispatcher.usecases.ports import Ack, DeadLetter, Retry
+from tests.support.builders import credentials, fleet, machine, request_payload
+from tests.support.fakes import FakeDelivery, RecordingMetrics
+from tests.support.world import World
+from workers.adapters.store_link import StoreLink
+from workers.executors import CommandExecutor, Executor, SimulateExecutor
+from workers.ledger import Ledger
+from workers.runner import Executed
+from workers.sessions import SessionsFile
+from workers.worker import MachineWorker
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+TARGET = "m:m1"
+
+
+class Machine:
+    """The world and the worker of its machine ``m1``."""
+
+    def __init__(self, tmp_path: Path, executor: Executor | None = None) -> None:
+        connections = tuple(
+            credentials(f"c{i}", machine_id="m1", username=f"CONTOSO\\svc{i}") for i in (1, 2, 3)
+        )
+        self.world = World(fleet(machines=(machine("m1", slots=3),), connections=connections))
+        self.ledger = Ledger(tmp_path / "ledger.jsonl")
+        self.metrics = RecordingMetrics()
+        self.link = StoreLink(
+            machine_id="m1",
+            worker_id="w1",
+            names=self.world.names,
+            broker=self.world.broker,
+            lifecycle=self.world.lifecycle,
+            runs=self.world.store,
+            machines=self.world.machines,
+            clock=self.world.clock,
+        )
+        self.worker = MachineWorker(
+            settings=self.world.settings,
+            machine_id="m1",
+            link=self.link,
+            executor=executor or SimulateExecutor(),
+            keys=self.world.keys["m1"],
+            ledger=self.ledger,
+            sessions=SessionsFile(None),
+            metrics=self.metrics,
+            worker_id="w1",
+            clock=self.world.clock,
+        )
+
+    async def dispatch(self, run_id: str, connection: str = "c1", **inputs: object) -> FakeDelivery:
+        """Submit a run, place it on m1, return the assignment as the worker receives it."""
+        world = self.world
+        await world.heartbeat("m1", worker_id="w1")
+        payload = request_payload(
+            run_id=run_id, connection_id=connection, mode="unattended", inputs=inputs
+        )
+        await world.submit(payload)
+        await world.place(TARGET)
+        [assign] = [
+            message
+            for message in world.publisher.of_kind("assign")
+            if json.loads(message.body)["request"]["run_id"] == run_id
+        ][-1:]
+        return FakeDelivery(assign.body, routing_key="m1", type="assign")
+
+    async def finish_one(self) -> Executed:
+        """Wait for the next flow to end and report it."""
+        executed = await self.worker.runner.done.get()
+        await self.worker.reporter.report([executed])
+        return executed
+
+    def started(self) -> list[str]:
+        lines = [json.loads(line) for line in self.ledger.path.read_text().splitlines()]
+        return [entry["run_id"] for entry in lines if entry["event"] == "started"]
+
+
+MachineFactory = Callable[..., Machine]
+
+
+@pytest.fixture
+async def machines(tmp_path: Path) -> AsyncIterator[MachineFactory]:
+    """Builds ``Machine``s; closes their ledgers and stops their flows afterwards."""
+    built: list[Machine] = []
+
+    def build(executor: Executor | None = None) -> Machine:
+        built.append(Machine(tmp_path / f"m{len(built)}", executor))
+        return built[-1]
+
+    yield build
+    for m in built:
+        for item in m.worker.runs.running.values():
+            item.task.cancel()
+        await asyncio.gather(
+            *(item.task for item in m.worker.runs.running.values()), return_exceptions=True
+        )
+        await m.world.lifecycle.aclose()
+        m.ledger.close()
+
+
+async def test_an_assignment_is_started_once_run_and_its_outcome_reported(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=0)
+    assert await m.worker.intake.handle([delivery]) == [Ack()]
+    assert m.started() == ["r1"]
+    assert (await m.world.run("r1")).status is RunStatus.running
+    await asyncio.sleep(0)  # the started event is published in the background
+    assert [e["run_id"] for e in m.world.publisher.events("run.started")] == ["r1"]
+    executed = await m.finish_one()
+    assert executed.outcome.status is RunStatus.succeeded
+    run = await m.world.run("r1")
+    assert run.status is RunStatus.succeeded
+    assert run.outputs == {"simulated": True, "duration_s": 0}
+    assert m.worker.runs.running == {}
+    assert [f.run_id for f in m.worker.runs.finished] == ["r1"]
+    assert m.metrics.named("run_executed")[0][0] == "succeeded"
+    assert await m.world.machines.assigned("m1") == []
+
+
+async def test_a_redelivered_assignment_is_refused_by_the_ledger(machines: MachineFactory) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=0)
+    await m.worker.intake.handle([delivery])
+    await m.finish_one()
+    assert await m.worker.intake.handle([delivery]) == [Ack()]
+    assert m.started() == ["r1"]
+    assert m.worker.runs.running == {}
+
+
+async def test_a_stale_assignment_is_refused_by_the_fenced_start(machines: MachineFactory) -> None:
+    m = machines()
+    stale = await m.dispatch("r1", duration_s=0)
+    run = await m.world.run("r1")
+    await m.world.store.requeue(run, reason="machine offline", now=m.world.clock.now)
+    await m.world.place(TARGET)  # handed again, under a new fence
+    assert await m.worker.intake.handle([stale]) == [Ack()]
+    assert m.started() == []
+    assert (await m.world.run("r1")).status is RunStatus.dispatched
+
+
+async def test_an_assignment_for_another_machine_or_not_an_assignment_is_dead_lettered(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1")
+    foreign = FakeDelivery(delivery.body.replace(b'"machine_id":"m1"', b'"machine_id":"m9"', 1))
+    verdicts = await m.worker.intake.handle([foreign, FakeDelivery(b"{}")])
+    assert all(isinstance(v, DeadLetter) for v in verdicts)
+    assert m.started() == []
+
+
+async def test_a_start_the_dispatcher_side_cannot_record_is_retried(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1")
+    m.world.store.unavailable = True
+    [verdict] = await m.worker.intake.handle([delivery])
+    assert isinstance(verdict, Retry) and verdict.outage
+    assert m.started() == []
+
+
+async def test_a_cancel_stops_the_running_flow(machines: MachineFactory) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    await asyncio.sleep(0)  # the flow runs
+    await m.world.canceller.cancel("r1", "stop")
+    [cancel] = m.world.publisher.of_kind("cancel")
+    assert await m.worker.intake.handle([FakeDelivery(cancel.body, type="cancel")]) == [Ack()]
+    executed = await m.finish_one()
+    assert executed.outcome.status is RunStatus.cancelled
+    run = await m.world.run("r1")
+    assert run.status is RunStatus.cancelled
+    assert run.error is not None and run.error.message == "stop"
+
+
+async def test_a_run_stopped_before_its_flow_began_still_ends_cancelled(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    assert m.worker.runs.stop("r1", "too early")  # before the flow's task ever ran
+    executed = await m.finish_one()
+    assert (executed.outcome.status, executed.code) == (RunStatus.cancelled, ErrorCode.Cancelled)
+    assert (await m.world.run("r1")).status is RunStatus.cancelled
+
+
+async def test_a_flow_the_dispatcher_ended_meanwhile_is_dropped(machines: MachineFactory) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    await asyncio.sleep(0)  # the flow runs
+    sweeper, clock = m.world.sweeper, m.world.clock
+    await sweeper.check_liveness(clock.advance(m.world.settings.offline_after_s + 1))
+    await sweeper.check_liveness(clock.advance(m.world.settings.running_grace_s))  # lost: failed
+    assert (await m.world.run("r1")).status is RunStatus.failed
+    await m.worker.heartbeats.drop_abandoned()
+    executed = await m.finish_one()
+    assert executed.outcome.status is RunStatus.cancelled
+    assert (await m.world.run("r1")).error.code is ErrorCode.MachineLost  # type: ignore[union-attr]
+
+
+async def test_runs_cut_short_by_a_restart_are_reported_failed_not_run_again(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    m.worker.runs.running.pop("r1").task.cancel()  # the process died: a new worker starts
+    await m.worker.reconcile()
+    run = await m.world.run("r1")
+    assert run.status is RunStatus.failed
+    assert run.error is not None and run.error.code is ErrorCode.WorkerRestarted
+    lines = [json.loads(line) for line in m.ledger.path.read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["started", "abandoned"]
+
+
+async def test_a_heartbeat_tells_the_machine_s_state(machines: MachineFactory) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    await m.worker.heartbeats.send()
+    role, _, body, kind = m.world.broker.published[-1]
+    heartbeat = Heartbeat.model_validate_json(body)
+    assert (role, kind, heartbeat.machine_id, heartbeat.worker_id) == (
+        "heartbeats",
+        "heartbeat",
+        "m1",
+        "w1",
+    )
+    assert [(r.run_id, r.fence) for r in heartbeat.running] == [("r1", 1)]
+    assert heartbeat.public_key == m.world.keys["m1"].public_key_b64
+    assert m.metrics.named("heartbeat_sent") == [()]
+    m.world.broker.down = True
+    await m.worker.heartbeats.send()
+    assert m.metrics.named("heartbeat_failed") == [()]
+    m.worker.runs.stop("r1", "end of test")
+    await m.finish_one()
+
+
+async def test_an_executor_that_cannot_run_the_flow_is_counted(
+    machines: MachineFactory, tmp_path: Path
+) -> None:
+    m = machines(CommandExecutor({}, [str(tmp_path / "no-such-program")]))
+    delivery = await m.dispatch("r1")
+    await m.worker.intake.handle([delivery])
+    executed = await m.finish_one()
+    assert executed.outcome.status is RunStatus.failed
+    assert m.metrics.named("executor_error") == [("start_failed",)]
+    assert (await m.world.run("r1")).error.code is ErrorCode.FlowFailed  # type: ignore[union-attr]
+
+
+async def test_a_flow_past_its_time_limit_is_stopped_and_counted(
+    machines: MachineFactory, tmp_path: Path
+) -> None:
+    program = tmp_path / "slow.py"
+    program.write_text("import time; time.sleep(30)\n")
+    m = machines(CommandExecutor({}, [sys.executable, str(program)]))
+    delivery = await m.dispatch("r1")
+    assignment = json.loads(delivery.body)
+    assignment["request"]["max_run_s"] = 0.2
+    await m.worker.intake.handle([FakeDelivery(json.dumps(assignment).encode(), type="assign")])
+    executed = await m.finish_one()
+    assert executed.outcome.status is RunStatus.failed
+    assert executed.code is ErrorCode.DesktopFlowsActionTimeout
+    assert m.metrics.named("executor_error") == [("timeout",)]
