@@ -129,12 +129,13 @@ async def test_a_permanent_secret_failure_fails_the_run_and_the_next_run_gets_a_
     await queue(world, "r1", "c1")
     world.passwords.failure = RunFailure(ErrorCode.SecretNotFound, "no such secret")
     world.placer.request = world.passes.request  # type: ignore[method-assign]
+    world.passes.requested.clear()
     assert await world.place(GROUP) == 0
     run = await world.run("r1")
     assert run.status is RunStatus.failed
     assert run.error is not None and run.error.code is ErrorCode.SecretNotFound
     assert [e["run_id"] for e in world.publisher.events("run.failed")] == ["r1"]
-    assert GROUP in world.passes.requested
+    assert world.passes.requested == [GROUP]
 
 
 async def test_a_transient_secret_failure_keeps_the_run_waiting() -> None:
@@ -148,20 +149,27 @@ async def test_a_transient_secret_failure_keeps_the_run_waiting() -> None:
     assert reasons is not None and reasons["machines"] == {"m1": "VaultUnavailable (retrying)"}
 
 
-async def test_a_claim_that_loses_a_race_asks_for_another_pass() -> None:
-    world = bots(machine("m1", group_id="bots"))
+@pytest.mark.parametrize(
+    ("second", "lost_to"),
+    [("c1", "the same user's run"), ("c2", "the machine's only slot")],
+)
+async def test_a_claim_that_loses_a_race_asks_for_another_pass(second: str, lost_to: str) -> None:
+    slots = 2 if second == "c1" else 1
+    world = bots(machine("m1", group_id="bots", slots=slots))
     await world.heartbeat("m1")
     await queue(world, "r1", "c1")
-    await queue(world, "r2", "c2")
-    await world.place(GROUP)  # r1 takes m1's only slot
+    await world.place(GROUP)  # r1 occupies m1 now
+    await queue(world, "r2", second)
     real_views = world.machines.views
 
     async def stale_views(*args: object, **kwargs: object) -> list[MachineView]:
-        # What another replica's pass saw a moment ago: m1 still free.
-        return [v.model_copy(update={"assigned": ()}) for v in await real_views(*args, **kwargs)]  # type: ignore[arg-type]
+        # What another replica's pass saw a moment ago: m1 still empty.
+        views = await real_views(*args, **kwargs)  # type: ignore[arg-type]
+        return [view.model_copy(update={"assigned": ()}) for view in views]
 
     world.machines.views = stale_views  # type: ignore[method-assign]
     world.placer.request = world.passes.request  # type: ignore[method-assign]
-    assert await world.place(GROUP) == 0
+    world.passes.requested.clear()
+    assert await world.place(GROUP) == 0, f"planned on m1, refused: {lost_to} is taken"
     assert (await world.run("r2")).status is RunStatus.queued
-    assert world.passes.requested == [GROUP, GROUP, GROUP]  # two from intake, one again
+    assert world.passes.requested == [GROUP]

@@ -85,6 +85,7 @@ async def test_a_report_never_moves_a_run_of_another_token_or_machine() -> None:
     reports = [
         heartbeat(running=(("r1", fence + 1),)),
         heartbeat(machine_id="m2", running=(("r1", fence),)),
+        heartbeat(machine_id="m2", finished=(("r1", fence, "succeeded", None),)),
         heartbeat(finished=(("r1", fence + 1, "succeeded", None),)),
         heartbeat(),
     ]

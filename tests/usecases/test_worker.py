@@ -143,6 +143,21 @@ async def test_a_redelivered_assignment_is_refused_by_the_ledger(machines: Machi
     assert m.worker.runs.running == {}
 
 
+async def test_the_ledger_refuses_a_run_the_store_forgot_it_started(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    # The worker restarts, and Redis lost the start (a crash inside its AOF window): the
+    # assignment comes again and the store would let it start under the same fence.
+    m.worker.runs.running.pop("r1").task.cancel()
+    m.world.store.runs["r1"]["status"] = '"dispatched"'
+    assert await m.worker.intake.handle([delivery]) == [Ack()]
+    assert m.started() == ["r1"]
+    assert m.worker.runs.running == {}
+
+
 async def test_a_stale_assignment_is_refused_by_the_fenced_start(machines: MachineFactory) -> None:
     m = machines()
     stale = await m.dispatch("r1", duration_s=0)
