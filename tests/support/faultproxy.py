@@ -178,7 +178,7 @@ class ProxyProcess:
     def start(self, timeout: float = 20.0) -> int:
         port_file = self.workdir / "faultproxy.port"
         port_file.unlink(missing_ok=True)
-        repo = Path(__file__).resolve().parent.parent
+        repo = Path(__file__).resolve().parents[2]
         with self.log.open("ab") as output:
             self.proc = subprocess.Popen(
                 [

@@ -20,6 +20,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from dispatcher.adapters.identity.failures import RefreshFailure
+from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import SecretBox
 from dispatcher.errors import IdentityProviderBusy, RunFailure, SealedDataError
@@ -60,6 +61,7 @@ class TokenSnapshot:
         return RefreshFailure.from_marker(self.state) if self.state.get("error") else None
 
 
+@store_adapter
 class TokenStore:
     """Reads and writes token caches and token state; works with bytes or str Redis clients."""
 
