@@ -15,17 +15,21 @@ A run that was started is never started again: after a crash, the run is reporte
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import NullWorkerMetrics, WorkerHooks
 from dispatcher.models import RunError, RunStatus
+from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
 from dispatcher.usecases.results import Finished
 from workers.executors import Executor
@@ -42,6 +46,10 @@ log = logging.getLogger(__name__)
 
 ASSIGNMENT_BATCH = 20
 ASSIGNMENT_PREFETCH = 50
+# A worker starting while RabbitMQ or Redis restarts waits for them this long.
+START_WAIT_S = 120.0
+START_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
+T = TypeVar("T")
 
 
 def new_worker_id() -> str:
@@ -102,12 +110,32 @@ class MachineWorker:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        await self.reconcile()
+        """Report runs cut short, heartbeat, consume the machine's queue. A connection that
+        breaks meanwhile (RabbitMQ or Redis restarting) is waited for, up to START_WAIT_S."""
+
+        def waiting(exc: BaseException, delay: float) -> None:
+            log.warning("cannot start yet, retrying in %.1f s: %s", delay, exc)
+
+        async def when_available(step: Callable[[], Awaitable[T]]) -> T:
+            deadline = time.monotonic() + START_WAIT_S
+            return await retry(
+                step,
+                retry_on=Unavailable,
+                backoff=START_BACKOFF,
+                deadline=deadline,
+                on_retry=waiting,
+            )
+
+        await when_available(self.reconcile)
         await self.heartbeats.send()
+        receive = functools.partial(
+            self.link.receive,
+            self.intake.handle,
+            batch_size=ASSIGNMENT_BATCH,
+            prefetch=ASSIGNMENT_PREFETCH,
+        )
         self._tasks = [
-            await self.link.receive(
-                self.intake.handle, batch_size=ASSIGNMENT_BATCH, prefetch=ASSIGNMENT_PREFETCH
-            ),
+            await when_available(receive),
             asyncio.create_task(self.heartbeats.beat_forever(), name="heartbeat"),
             asyncio.create_task(self.reporter.report_forever(), name="reporter"),
         ]

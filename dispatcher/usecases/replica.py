@@ -10,22 +10,27 @@ run at once against the same namespace.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from pydantic import ValidationError
 
+from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
+from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
 from dispatcher.usecases.intake import Intake
 from dispatcher.usecases.lifecycle import Lifecycle
 from dispatcher.usecases.placement import Placer
 from dispatcher.usecases.ports import (
     Ack,
+    BatchHandler,
     Broker,
     DeadLetter,
     Delivery,
@@ -38,6 +43,11 @@ from dispatcher.usecases.reconcile import Reconciler
 from dispatcher.usecases.sweeper import Sweeper
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A replica starting while RabbitMQ or Redis restarts waits for them this long.
+START_WAIT_S = 120.0
+START_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
 
 
 class Dispatcher:
@@ -78,19 +88,38 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Consume the requests, heartbeats and signals queues; start placement and sweeps."""
+        """Consume the requests, heartbeats and signals queues; start placement and sweeps.
+
+        A connection that breaks while the replica starts (RabbitMQ or Redis restarting) is
+        waited for, up to ``START_WAIT_S``, as when the process connected.
+        """
         names, size = self.names, self.settings.batch_size
-        self._tasks = [
-            await self.broker.consume(names.requests_queue, self.intake.handle, batch_size=size),
-            await self.broker.consume(
-                names.heartbeats_queue, self.handle_heartbeats, batch_size=size
-            ),
-            await self.broker.consume(names.signals_queue, self.handle_signals, batch_size=size),
+        consumers: list[tuple[str, BatchHandler]] = [
+            (names.requests_queue, self.intake.handle),
+            (names.heartbeats_queue, self.handle_heartbeats),
+            (names.signals_queue, self.handle_signals),
+        ]
+        for queue, handler in consumers:
+            consume = functools.partial(self.broker.consume, queue, handler, batch_size=size)
+            self._tasks.append(await self._when_available(consume))
+        self._tasks += [
             asyncio.create_task(self.placer.run_forever(), name="placer"),
             asyncio.create_task(self.sweeper.run_forever(), name="sweeper"),
         ]
-        self.placer.request(*await self.runs.targets())
+        self.placer.request(*await self._when_available(self.runs.targets))
         log.info("dispatcher %s serving namespace %s", self.replica_id, names.ns)
+
+    async def _when_available(self, step: Callable[[], Awaitable[T]]) -> T:
+        def waiting(exc: BaseException, delay: float) -> None:
+            log.warning("cannot start yet, retrying in %.1f s: %s", delay, exc)
+
+        return await retry(
+            step,
+            retry_on=Unavailable,
+            backoff=START_BACKOFF,
+            deadline=time.monotonic() + START_WAIT_S,
+            on_retry=waiting,
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -20,7 +20,7 @@ from dispatcher.adapters.redis import codec
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import lane_of
-from dispatcher.errors import StoreUnavailable
+from dispatcher.errors import BrokerUnavailable, StoreUnavailable
 from dispatcher.models import (
     AssignedRun,
     Connection,
@@ -593,10 +593,14 @@ class FakeBroker:
     handlers: dict[str, BatchHandler] = field(default_factory=dict)
     machine_queues: set[str] = field(default_factory=set)
     down: bool = False
+    refuse_consumers: int = 0  # how many consume calls fail (the connection breaks)
 
     async def consume(
         self, queue: str, handler: BatchHandler, *, batch_size: int, prefetch: int | None = None
     ) -> asyncio.Task[None]:
+        if self.refuse_consumers > 0:
+            self.refuse_consumers -= 1
+            raise BrokerUnavailable("the fake broker's connection broke")
         self.handlers[queue] = handler
         return asyncio.create_task(asyncio.Event().wait(), name=f"fake-consumer:{queue}")
 

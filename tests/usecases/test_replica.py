@@ -54,6 +54,17 @@ async def test_a_replica_consumes_its_three_queues_and_asks_for_passes_at_start(
     assert world.publisher.closed
 
 
+async def test_a_replica_whose_connection_breaks_while_it_starts_tries_again() -> None:
+    world = bots()
+    world.broker.refuse_consumers = 2
+    replica = world.dispatcher()
+    await replica.start()
+    try:
+        assert len(world.broker.handlers) == 3
+    finally:
+        await replica.stop()
+
+
 async def test_heartbeats_record_the_machine_and_a_change_asks_for_a_pass() -> None:
     world = bots()
     replica = world.dispatcher()

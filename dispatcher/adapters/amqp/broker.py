@@ -169,18 +169,29 @@ class Amqp:
         prefetch: int | None = None,
         arguments: dict[str, Any] | None = None,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer module acts on the handler's verdicts."""
+        """Consume ``queue`` in batches; the consumer module acts on the handler's verdicts.
+
+        ``BrokerUnavailable`` if the connection breaks meanwhile: nothing consumes then (the
+        channel is closed), and the caller may try again once the robust connection is back.
+        """
         if self.connection is None:
             raise RuntimeError("not connected")
-        channel = await self.connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=prefetch or self.prefetch)
+        channel: AbstractChannel | None = None
+        try:
+            channel = await self.connection.channel(publisher_confirms=False)
+            await channel.set_qos(prefetch_count=prefetch or self.prefetch)
+            # Declared (passively), not just looked up: a robust channel re-creates only the
+            # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave this
+            # consumer dead after a reconnection.
+            declared = await channel.declare_queue(queue, passive=True)
+            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+            await declared.consume(inbox.put, no_ack=False, arguments=arguments)
+        except UNREACHABLE as exc:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
-        # Declared (passively), not just looked up: a robust channel re-creates only the
-        # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave this
-        # consumer dead after a reconnection.
-        declared = await channel.declare_queue(queue, passive=True)
-        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        await declared.consume(inbox.put, no_ack=False, arguments=arguments)
         loop = consume_loop(inbox, handler, batch_size, self._dead_letter)
         return asyncio.create_task(loop(), name=f"consume:{queue}")
 
