@@ -72,14 +72,19 @@ class Interval:
     n: int
     method: str
 
-    def as_dict(self) -> dict[str, float | int | str]:
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        """JSON-ready: an interval that cannot be computed (one value) is ``None``."""
         return {
-            "estimate": round(self.estimate, 4),
-            "low": round(self.low, 4),
-            "high": round(self.high, 4),
+            "estimate": _finite(self.estimate),
+            "low": _finite(self.low),
+            "high": _finite(self.high),
             "n": self.n,
             "method": self.method,
         }
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 4) if math.isfinite(value) else None
 
 
 def _log_t_interval(logs: Sequence[float], method: str) -> Interval:

@@ -122,8 +122,7 @@ def request_body(run_id: str, i: int) -> bytes:
     return (
         b'{"run_id":"%s","flow_id":"bench-flow","connection_id":"c-live-%d",'
         b'"requested_by":"bench@contoso.com","mode":"unattended","priority":"normal",'
-        b'"inputs":{"duration_s":0},"submitted_at":%r}'
-        % (run_id.encode(), i % 10, time.time())
+        b'"inputs":{"duration_s":0},"submitted_at":%r}' % (run_id.encode(), i % 10, time.time())
     )
 
 
