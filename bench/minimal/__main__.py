@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.minimal import handoff, stack
+from bench.minimal import attempts, handoff, stack
 from bench.minimal.runner import MinimalConfig, Rig, StackConfig
 from bench.procfs import machine_times
 from bench.stats import rate_interval
@@ -61,7 +61,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--prefetch", type=int, default=c.prefetch)
     s.add_argument("--depth", type=int, default=c.depth)
     s.add_argument("--no-redis", action="store_true", help="leave the pipeline out")
+    s.add_argument("--client", choices=("aiormq", "aio-pika"), default=c.client, help="AMQP client")
     s.add_argument("--output", type=Path)
+
+    a = sub.add_parser("attempts", help="the tuning attempts, paired with the defaults")
+    a.add_argument("--only", choices=("minimal", "stack"), help="one family of attempts")
+    a.add_argument("--pairs", type=int, default=2, help="interleaved pairs per attempt")
+    a.add_argument("--runs", type=int, default=3000, help="runs per minimal drain")
+    a.add_argument("--messages", type=int, default=10_000, help="messages per stack drain")
+    a.add_argument("--output", type=Path)
 
     r = sub.add_parser("dispatcher", help="(started by drain) the minimal dispatcher")
     handoff.add_arguments(r, batch=m.d_batch, prefetch=m.d_prefetch)
@@ -74,6 +82,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     handoff.add_arguments(sl, batch=c.batch, prefetch=c.prefetch)
     sl.set_defaults(depth=c.depth)
     sl.add_argument("--no-redis", action="store_true")
+    sl.add_argument("--client", choices=("aiormq", "aio-pika"), default=c.client)
     return parser.parse_args(argv)
 
 
@@ -84,6 +93,37 @@ def summary(drains: list[dict[str, Any]]) -> dict[str, Any]:
         "rates": rates,
         "others_cores": [d["others_cores"] for d in drains],
     }
+
+
+async def run_attempts(args: argparse.Namespace) -> dict[str, Any]:
+    rig = Rig(log=log)
+    log(f"namespace {rig.names.ns}; logs in {rig.workdir}")
+    out: dict[str, Any] = {}
+    try:
+        await rig.open()
+        if args.only in (None, "stack"):
+            out["stack"] = await attempts.compare(
+                rig,
+                attempts.STACK,
+                attempts.S,
+                lambda cfg, label: rig.drain_stack(cfg, args.messages, label),
+                args.pairs,
+            )
+            print(attempts.table(out["stack"], "msgs/s", ["loop", "rabbit"]), flush=True)
+        if args.only in (None, "minimal"):
+            out["minimal"] = await attempts.compare(
+                rig,
+                attempts.MINIMAL,
+                attempts.M,
+                lambda cfg, label: rig.drain_minimal(cfg, args.runs, label),
+                args.pairs,
+            )
+            cpu = ["dispatcher", "worker", "rabbit"]
+            print(attempts.table(out["minimal"], "runs/s", cpu), flush=True)
+    finally:
+        out["cleanup"] = await rig.close()
+        log(f"cleaned up: {out['cleanup']}")
+    return out
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,6 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     prefetch=args.prefetch,
                     depth=args.depth,
                     redis=not args.no_redis,
+                    client=args.client,
                 )
                 drains.append(await rig.drain_stack(scfg, args.messages, f"rep{rep}"))
     finally:
@@ -136,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(handoff.serve(args))
     if args.command == "stack-loop":
         return asyncio.run(stack.serve(args))
+    if args.command == "attempts":
+        found = asyncio.run(run_attempts(args))
+        if args.output:
+            args.output.write_text(json.dumps(found, indent=2) + "\n")
+        return 0
     result = asyncio.run(run(args))
     text = json.dumps(result, indent=2)
     if args.output:

@@ -60,6 +60,7 @@ class StackConfig:
     prefetch: int = 200
     depth: int = 1
     redis: bool = True
+    client: str = "aiormq"  # or "aio-pika": the reference's publish path
 
 
 @dataclass
@@ -343,6 +344,7 @@ class Rig:
         argv = ["stack-loop", "--ns", names.ns, "--batch", str(cfg.batch)]
         argv += ["--prefetch", str(cfg.prefetch), "--depth", str(cfg.depth)]
         argv += [] if cfg.redis else ["--no-redis"]
+        argv += ["--client", cfg.client]
         self.children.start(name, argv)
         try:
             result = await self.measure(

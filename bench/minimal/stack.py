@@ -7,6 +7,7 @@ batch of ready deliveries (at most ``--batch``), one pipeline with two ``GET`` a
 ``HSET`` per message (the reads and the write of the stack-limits reference loop), every
 message published on to ``<ns>.stack.out`` (persistent) with the confirms awaited together,
 one ``basic.ack(multiple)``. Its rate is the denominator of ``ratio_dispatcher_vs_stack``.
+``--client aio-pika`` runs the same loop through aio-pika, as the stack-limits reference did.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Awaitable, Callable
 
+import aio_pika
 import aiormq
 import redis.asyncio as aioredis
+from aio_pika.abc import AbstractIncomingMessage
 
 from bench.minimal import amqp
 from bench.minimal.names import MinimalNames, amqp_url, redis_url
@@ -52,17 +56,68 @@ class Loop:
         await amqp.publish_window(self.channel, window)
 
 
+async def aio_pika_loop(
+    names: MinimalNames, redis: aioredis.Redis, args: argparse.Namespace
+) -> tuple[asyncio.Task[None], Callable[[], Awaitable[None]]]:
+    """The same loop written as the stack-limits reference wrote it: aio-pika's robust
+    connection, ``queue.consume`` into an ``asyncio.Queue``, ``Exchange.publish`` (which holds
+    the channel lock until each frame is written) gathered, ``Message.ack(multiple)``."""
+    connection = await aio_pika.connect_robust(amqp_url())
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=args.prefetch)
+    queue = await channel.get_queue(names.stack_in, ensure=False)
+    inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+    await queue.consume(inbox.put, no_ack=False)
+    exchange = channel.default_exchange
+    seq = 0
+
+    async def forever() -> None:
+        nonlocal seq
+        while True:
+            batch = [await inbox.get()]
+            while len(batch) < args.batch and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            pipe = redis.pipeline(transaction=False)
+            for message in batch:
+                seq += 1
+                pipe.get(names.key(f"s:conn:{seq % 10}"))
+                pipe.get(names.key(f"s:machine:{seq % 8}"))
+                pipe.hset(names.key(f"s:run:{message.message_id}"), "status", "dispatched")
+            if not args.no_redis:
+                await pipe.execute()
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        aio_pika.Message(
+                            m.body,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            message_id=m.message_id,
+                        ),
+                        names.stack_out,
+                    )
+                    for m in batch
+                )
+            )
+            await batch[-1].ack(multiple=True)
+
+    return asyncio.create_task(forever()), connection.close
+
+
 async def serve(args: argparse.Namespace) -> int:
     names = MinimalNames(args.ns)
     redis = aioredis.Redis.from_url(redis_url())
-    connection = await aiormq.connect(amqp_url())
-    channel = await amqp.open_channel(connection, args.prefetch)
-    loop_ = Loop(names, redis, channel, redis_ops=not args.no_redis)
-    task = asyncio.create_task(
-        amqp.serve_batches(
-            channel, names.stack_in, loop_.on_batch, batch=args.batch, depth=args.depth
+    if args.client == "aio-pika":
+        task, close = await aio_pika_loop(names, redis, args)
+    else:
+        connection = await aiormq.connect(amqp_url())
+        channel = await amqp.open_channel(connection, args.prefetch)
+        loop_ = Loop(names, redis, channel, redis_ops=not args.no_redis)
+        task = asyncio.create_task(
+            amqp.serve_batches(
+                channel, names.stack_in, loop_.on_batch, batch=args.batch, depth=args.depth
+            )
         )
-    )
+        close = connection.close
     print("ready", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,7 +126,7 @@ async def serve(args: argparse.Namespace) -> int:
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait([stopping, task], return_when=asyncio.FIRST_COMPLETED)
     task.cancel()
-    await connection.close()
+    await close()
     await redis.aclose()
     if task.done() and not task.cancelled() and task.exception() is not None:
         raise task.exception()  # type: ignore[misc]
