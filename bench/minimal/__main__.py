@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.minimal import attempts, handoff, stack
+from bench.minimal import amqp, attempts, handoff, stack
 from bench.minimal.runner import MinimalConfig, Rig, StackConfig
 from bench.procfs import machine_times
 from bench.stats import rate_interval
@@ -51,6 +51,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     d.add_argument("--w-batch", type=int, default=m.w_batch)
     d.add_argument("--w-prefetch", type=int, default=m.w_prefetch)
     d.add_argument("--w-depth", type=int, default=m.w_depth)
+    d.add_argument("--publish", choices=amqp.PUBLISH_MODES, default=m.publish)
     d.add_argument("--output", type=Path)
 
     s = sub.add_parser("stack", help="drains of the raw loop")
@@ -61,6 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--prefetch", type=int, default=c.prefetch)
     s.add_argument("--depth", type=int, default=c.depth)
     s.add_argument("--no-redis", action="store_true", help="leave the pipeline out")
+    s.add_argument("--publish", choices=amqp.PUBLISH_MODES, default=c.publish)
     s.add_argument("--client", choices=("aiormq", "aio-pika"), default=c.client, help="AMQP client")
     s.add_argument("--output", type=Path)
 
@@ -80,7 +82,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     w.add_argument("--machines", required=True, help="comma-separated machine numbers")
     sl = sub.add_parser("stack-loop", help="(started by stack) the raw loop")
     handoff.add_arguments(sl, batch=c.batch, prefetch=c.prefetch)
-    sl.set_defaults(depth=c.depth)
+    sl.set_defaults(depth=c.depth, publish=c.publish)
     sl.add_argument("--no-redis", action="store_true")
     sl.add_argument("--client", choices=("aiormq", "aio-pika"), default=c.client)
     return parser.parse_args(argv)
@@ -147,6 +149,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     w_batch=args.w_batch,
                     w_prefetch=args.w_prefetch,
                     w_depth=args.w_depth,
+                    publish=args.publish,
                 )
                 drains.append(await rig.drain_minimal(cfg, args.runs, f"rep{rep}"))
             else:
@@ -157,6 +160,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     depth=args.depth,
                     redis=not args.no_redis,
                     client=args.client,
+                    publish=args.publish,
                 )
                 drains.append(await rig.drain_stack(scfg, args.messages, f"rep{rep}"))
     finally:

@@ -12,9 +12,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiormq
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
 
 PERSISTENT = 2
+PUBLISH_MODES = ("frames", "aiormq")
 
 Delivery = DeliveredMessage
 Handler = Callable[[list[DeliveredMessage]], Awaitable[None]]
@@ -142,6 +145,50 @@ async def publish_window(
     for confirm in confirms:
         if not isinstance(confirm, aiormq.spec.Basic.Ack):
             raise RuntimeError(f"publish not confirmed: {confirm!r}")
+
+
+async def publish_frames(
+    channel: aiormq.abc.AbstractChannel,
+    messages: Sequence[tuple[str, bytes, aiormq.spec.Basic.Properties]],
+) -> None:
+    """The same window written as **one** frame buffer: one ``send`` for the whole window
+    instead of one per message (aiormq's writer writes each queued frame on its own, and on
+    this machine every send that wakes RabbitMQ costs tens of µs; the profile of a minimal
+    dispatcher showed a quarter of its samples in ``transport.write``).
+
+    It uses aiormq's channel state (``delivery_tag``, ``confirmations``, ``write_queue``) as
+    ``Channel.basic_publish`` does, under the channel's lock; the confirm futures it
+    registers are resolved by aiormq's own confirm handler (a nack raises)."""
+    ch = channel
+    if not all(hasattr(ch, a) for a in ("delivery_tag", "confirmations", "write_queue", "lock")):
+        raise RuntimeError("this aiormq version does not have the channel state used here")
+    loop = asyncio.get_running_loop()
+    frames: list[Any] = []
+    confirms: list[asyncio.Future[Any]] = []
+    async with ch.lock:  # type: ignore[attr-defined]
+        for key, body, props in messages:
+            ch.delivery_tag += 1  # type: ignore[attr-defined]
+            confirm = loop.create_future()
+            ch.confirmations[ch.delivery_tag] = confirm  # type: ignore[attr-defined]
+            confirms.append(confirm)
+            frames.append(aiormq.spec.Basic.Publish(exchange="", routing_key=key))
+            frames.append(ContentHeader(properties=props, body_size=len(body)))
+            frames.append(ContentBody(body))  # bodies here are far below frame_max
+        payload = ChannelFrame.marshall(channel_number=ch.number, frames=frames)
+        await ch.write_queue.put(payload)  # type: ignore[attr-defined]
+    await asyncio.gather(*confirms)
+
+
+async def publish(
+    channel: aiormq.abc.AbstractChannel,
+    messages: Sequence[tuple[str, bytes, aiormq.spec.Basic.Properties]],
+    mode: str,
+) -> None:
+    """``frames`` (one write per window) or ``aiormq`` (``basic_publish`` per message)."""
+    if mode == "frames":
+        await publish_frames(channel, messages)
+    else:
+        await publish_window(channel, messages)
 
 
 async def open_channel(

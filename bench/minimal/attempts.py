@@ -35,6 +35,7 @@ MINIMAL: dict[str, MinimalConfig] = {
     "2 worker processes (4 machines each)": dataclasses.replace(M, worker_procs=2),
     "1 worker process (8 machines)": dataclasses.replace(M, worker_procs=1),
     "classic queues": dataclasses.replace(M, queues="classic"),
+    "basic_publish per message (aiormq's API)": dataclasses.replace(M, publish="aiormq"),
 }
 
 STACK: dict[str, StackConfig] = {
@@ -43,6 +44,7 @@ STACK: dict[str, StackConfig] = {
     "depth 2 (overlapping batches), prefetch 400": dataclasses.replace(S, depth=2, prefetch=400),
     "classic queues": dataclasses.replace(S, queues="classic"),
     "no Redis (AMQP only)": dataclasses.replace(S, redis=False),
+    "a window as one frame write": dataclasses.replace(S, publish="frames"),
     "aio-pika instead of aiormq (the reference's client)": dataclasses.replace(
         S, client="aio-pika"
     ),

@@ -84,12 +84,14 @@ class Dispatcher:
         channel: aiormq.abc.AbstractChannel,
         machines: Sequence[str],
         sha: str,
+        publish_mode: str,
     ) -> None:
         self.names = names
         self.redis = redis
         self.channel = channel
         self.machines = list(machines)
         self.sha = sha  # of ADMIT_CLAIM
+        self.publish_mode = publish_mode
         self._next = 0
 
     async def on_requests(self, batch: list[amqp.Delivery]) -> None:
@@ -115,7 +117,7 @@ class Dispatcher:
             )
             for message, run_id, machine, fence in zip(batch, ids, chosen, fences, strict=True)
         ]
-        await amqp.publish_window(self.channel, window)
+        await amqp.publish(self.channel, window, self.publish_mode)
 
     async def on_outcomes(self, batch: list[amqp.Delivery]) -> None:
         """The outcome is already recorded (the worker's fenced finish): only acked here."""
@@ -129,12 +131,14 @@ class Worker:
         channel: aiormq.abc.AbstractChannel,
         machine: str,
         sha: str,
+        publish_mode: str,
     ) -> None:
         self.names = names
         self.redis = redis
         self.channel = channel
         self.machine = machine
         self.sha = sha  # of START_FINISH
+        self.publish_mode = publish_mode
 
     async def on_assignments(self, batch: list[amqp.Delivery]) -> None:
         argv: list[str] = [self.names.key(""), repr(time.time()), self.machine]
@@ -152,7 +156,7 @@ class Worker:
                 b"succeeded" if ok else b"stale",
             )
             window.append((outcome, body, amqp.properties(props.message_id)))
-        await amqp.publish_window(self.channel, window)
+        await amqp.publish(self.channel, window, self.publish_mode)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -173,16 +177,16 @@ async def serve(args: argparse.Namespace) -> int:
         sha = await redis.script_load(ADMIT_CLAIM)
         for _ in range(args.consumers):
             ch = await channel()
-            d = Dispatcher(names, redis, ch, machines, sha)
+            d = Dispatcher(names, redis, ch, machines, sha, args.publish)
             tasks.append(asyncio.create_task(_consume(ch, names.requests, d.on_requests, args)))
         ch = await channel()
-        d = Dispatcher(names, redis, ch, machines, sha)
+        d = Dispatcher(names, redis, ch, machines, sha, args.publish)
         tasks.append(asyncio.create_task(_consume(ch, names.outcomes, d.on_outcomes, args)))
     else:
         sha = await redis.script_load(START_FINISH)
         for machine in args.machines.split(","):
             ch = await channel()
-            w = Worker(names, redis, ch, machine, sha)
+            w = Worker(names, redis, ch, machine, sha, args.publish)
             queue = names.machine_queue(machine)
             tasks.append(asyncio.create_task(_consume(ch, queue, w.on_assignments, args)))
     print("ready", flush=True)
@@ -219,4 +223,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, batch: int, prefetch: int)
     parser.add_argument("--depth", type=int, default=2, help="batches handled at once")
     parser.add_argument(
         "--connections", type=int, default=1, help="AMQP connections the consumers share"
+    )
+    parser.add_argument(
+        "--publish",
+        choices=amqp.PUBLISH_MODES,
+        default="frames",
+        help="a window as one frame write (frames) or basic_publish per message (aiormq)",
     )

@@ -51,6 +51,7 @@ class MinimalConfig:
     w_batch: int = 50
     w_prefetch: int = 100
     w_depth: int = 2
+    publish: str = "frames"  # a confirm window as one frame write; "aiormq": basic_publish
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class StackConfig:
     depth: int = 1
     redis: bool = True
     client: str = "aiormq"  # or "aio-pika": the reference's publish path
+    publish: str = "aiormq"  # basic_publish per message; "frames": one write per window
 
 
 @dataclass
@@ -253,6 +255,7 @@ class Rig:
             == (cfg.machines, cfg.worker_procs, cfg.queues)
             and (self.workers_for.w_batch, self.workers_for.w_prefetch, self.workers_for.w_depth)
             == (cfg.w_batch, cfg.w_prefetch, cfg.w_depth)
+            and self.workers_for.publish == cfg.publish
         )
         if same:
             return
@@ -269,7 +272,7 @@ class Rig:
             name = f"worker-{index}"
             argv = ["worker", "--ns", names.ns, "--machines", ",".join(machines)]
             argv += ["--batch", str(cfg.w_batch), "--prefetch", str(cfg.w_prefetch)]
-            argv += ["--depth", str(cfg.w_depth)]
+            argv += ["--depth", str(cfg.w_depth), "--publish", cfg.publish]
             self.children.start(name, argv)
             started.append(name)
         await self.children.ready(started)
@@ -285,7 +288,7 @@ class Rig:
         argv = ["dispatcher", "--ns", self.names.ns, "--machines", str(cfg.machines)]
         argv += ["--batch", str(cfg.d_batch), "--prefetch", str(cfg.d_prefetch)]
         argv += ["--depth", str(cfg.d_depth), "--consumers", str(cfg.d_consumers)]
-        argv += ["--connections", str(cfg.d_connections)]
+        argv += ["--connections", str(cfg.d_connections), "--publish", cfg.publish]
         self.children.start(name, argv)
         finished = self.names.finished
         try:
@@ -344,7 +347,7 @@ class Rig:
         argv = ["stack-loop", "--ns", names.ns, "--batch", str(cfg.batch)]
         argv += ["--prefetch", str(cfg.prefetch), "--depth", str(cfg.depth)]
         argv += [] if cfg.redis else ["--no-redis"]
-        argv += ["--client", cfg.client]
+        argv += ["--client", cfg.client, "--publish", cfg.publish]
         self.children.start(name, argv)
         try:
             result = await self.measure(

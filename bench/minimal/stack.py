@@ -33,11 +33,13 @@ class Loop:
         redis: aioredis.Redis,
         channel: aiormq.abc.AbstractChannel,
         redis_ops: bool = True,
+        publish_mode: str = "aiormq",
     ) -> None:
         self.names = names
         self.redis = redis
         self.channel = channel
         self.redis_ops = redis_ops
+        self.publish_mode = publish_mode
         self._seq = 0
 
     async def on_batch(self, batch: list[amqp.Delivery]) -> None:
@@ -53,7 +55,7 @@ class Loop:
             window.append((out, message.body, amqp.properties(mid)))
         if self.redis_ops:
             await pipe.execute()
-        await amqp.publish_window(self.channel, window)
+        await amqp.publish(self.channel, window, self.publish_mode)
 
 
 async def aio_pika_loop(
@@ -111,7 +113,7 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         connection = await aiormq.connect(amqp_url())
         channel = await amqp.open_channel(connection, args.prefetch)
-        loop_ = Loop(names, redis, channel, redis_ops=not args.no_redis)
+        loop_ = Loop(names, redis, channel, not args.no_redis, args.publish)
         task = asyncio.create_task(
             amqp.serve_batches(
                 channel, names.stack_in, loop_.on_batch, batch=args.batch, depth=args.depth
