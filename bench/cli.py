@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.env import leftovers
-from bench.limits import Limits, ratio_vs_minimal
+from bench.limits import Limits
 from bench.report import final_line, hops, print_table
 from bench.runner import Bench, median_of
 from bench.tokens import measure_tokens
@@ -69,7 +69,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "first --reps of them interleave with the throughput drains",
     )
     parser.add_argument(
-        "--stack-messages", type=int, default=None, help="messages per raw-loop drain"
+        "--minimal-runs", type=int, default=None, help="runs per minimal drain (10,000)"
+    )
+    parser.add_argument(
+        "--stack-messages", type=int, default=None, help="messages per raw-loop drain (20,000)"
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
@@ -83,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.runs = args.runs or (1500 if args.quick else 3000)
     args.reps = args.reps or (1 if args.quick else 3)
     args.pairs = args.pairs or (2 if args.quick else 5)
+    # ~4-5x the product's rate: as many more runs keep the measured window as long.
+    args.minimal_runs = args.minimal_runs or (5_000 if args.quick else 10_000)
     args.stack_messages = args.stack_messages or (10_000 if args.quick else 20_000)
     args.latency_s = 10.0 if args.quick else 12.0
     args.latency_reps = 1 if args.quick else 3
@@ -121,7 +126,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 if "baseline" in want:
                     base.append(await bench.drain("baseline", args.runs, label="baseline"))
                 if limits is not None and "minimal" in want:
-                    await limits.minimal_drain(args.runs)  # paired with this rep's drain
+                    await limits.minimal_drain(args.minimal_runs)  # paired with this rep
             if ours:
                 sections["throughput"] = {"drains": ours, "rate": median_of(ours, "rate")}
                 reference = ours
@@ -130,17 +135,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         if limits is not None:
             log("limits: the minimal hand-off and the raw one-hop loop (bench/minimal)")
-            while "minimal" in want and len(limits.minimal) < args.pairs:
-                await limits.minimal_drain(args.runs)
-            while "stack" in want and len(limits.stack) < args.pairs:
-                await limits.stack_drain(args.stack_messages)
-            for kind in ("minimal", "stack"):
-                if (found := limits.section(kind)) is not None:
-                    sections[kind] = found
-            if "minimal" in sections and "throughput" in sections:
-                sections["minimal"]["ratio_vs_minimal"] = ratio_vs_minimal(
-                    sections["throughput"]["drains"], sections["minimal"]
-                )
+            await limits.complete(want, args, sections)
 
         needs_reference = want & {"latency", "replicas", "fleet", "queue", "profile"}
         if needs_reference and not reference:
@@ -279,6 +274,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "queued": args.queued,
             "fleet": args.fleet,
             "pairs": args.pairs,
+            "minimal_runs": args.minimal_runs,
             "stack_messages": args.stack_messages,
             "sections": args.sections,
             "settings": {

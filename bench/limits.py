@@ -8,6 +8,7 @@ cores during it, it is drained again, at most twice, and the repeats are counted
 
 from __future__ import annotations
 
+import argparse
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,23 @@ class Limits:
         )
         self.stack.append(window)
         return window.result
+
+    async def complete(
+        self, want: set[str], args: argparse.Namespace, sections: dict[str, Any]
+    ) -> None:
+        """The drains still missing (``args.pairs`` of each kind), then the sections; with
+        our throughput drains, ``ratio_vs_minimal`` from the pairs (ours i, minimal i)."""
+        while "minimal" in want and len(self.minimal) < args.pairs:
+            await self.minimal_drain(args.minimal_runs)
+        while "stack" in want and len(self.stack) < args.pairs:
+            await self.stack_drain(args.stack_messages)
+        for kind in ("minimal", "stack"):
+            if (found := self.section(kind)) is not None:
+                sections[kind] = found
+        if "minimal" in sections and "throughput" in sections:
+            sections["minimal"]["ratio_vs_minimal"] = ratio_vs_minimal(
+                sections["throughput"]["drains"], sections["minimal"]
+            )
 
     def section(self, kind: str) -> dict[str, Any] | None:
         windows = self.minimal if kind == "minimal" else self.stack
