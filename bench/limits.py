@@ -31,12 +31,14 @@ class Limits:
     async def close(self) -> dict[str, int]:
         return await self.rig.close()
 
-    async def minimal_drain(self, runs: int) -> dict[str, Any]:
+    async def minimal_drain(self, runs: int, guard: bool = True) -> dict[str, Any]:
+        """One minimal drain. ``guard=False`` for the drain paired with one of ours: that one
+        is not repeated (ours is not), so both sides of the pair see the same machine."""
         label = f"min{len(self.minimal)}"
         window = await guarded(
             lambda: self.rig.drain_minimal(MinimalConfig(), runs, label),
             lambda r: float(r["others_cores"]),
-            max_repeats=MAX_REPEATS,
+            max_repeats=MAX_REPEATS if guard else 0,
         )
         self.minimal.append(window)
         return window.result
