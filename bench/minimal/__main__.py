@@ -40,31 +40,47 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     d = sub.add_parser("drain", help="drains of the minimal hand-off")
     d.add_argument("--runs", type=int, default=3000, help="runs per drain")
     d.add_argument("--reps", type=int, default=3, help="drains")
-    d.add_argument("--machines", type=int, default=m.machines)
-    d.add_argument("--worker-procs", type=int, default=m.worker_procs)
-    d.add_argument("--queues", choices=("quorum", "classic"), default=m.queues)
-    d.add_argument("--d-batch", type=int, default=m.d_batch)
-    d.add_argument("--d-prefetch", type=int, default=m.d_prefetch)
-    d.add_argument("--d-depth", type=int, default=m.d_depth)
-    d.add_argument("--d-consumers", type=int, default=m.d_consumers)
-    d.add_argument("--d-connections", type=int, default=m.d_connections)
-    d.add_argument("--w-batch", type=int, default=m.w_batch)
-    d.add_argument("--w-prefetch", type=int, default=m.w_prefetch)
-    d.add_argument("--w-depth", type=int, default=m.w_depth)
-    d.add_argument("--publish", choices=amqp.PUBLISH_MODES, default=m.publish)
-    d.add_argument("--output", type=Path)
+    d.add_argument("--machines", type=int, default=m.machines, help="machine queues")
+    d.add_argument(
+        "--worker-procs", type=int, default=m.worker_procs, help="worker processes (machines split)"
+    )
+    d.add_argument("--queues", choices=("quorum", "classic"), default=m.queues, help="queue type")
+    d.add_argument("--d-batch", type=int, default=m.d_batch, help="dispatcher: largest batch")
+    d.add_argument("--d-prefetch", type=int, default=m.d_prefetch, help="dispatcher: prefetch")
+    d.add_argument("--d-depth", type=int, default=m.d_depth, help="dispatcher: batches at once")
+    d.add_argument(
+        "--d-consumers", type=int, default=m.d_consumers, help="dispatcher: request consumers"
+    )
+    d.add_argument(
+        "--d-connections", type=int, default=m.d_connections, help="dispatcher: connections"
+    )
+    d.add_argument("--w-batch", type=int, default=m.w_batch, help="worker: largest batch")
+    d.add_argument("--w-prefetch", type=int, default=m.w_prefetch, help="worker: prefetch")
+    d.add_argument("--w-depth", type=int, default=m.w_depth, help="worker: batches at once")
+    d.add_argument(
+        "--publish",
+        choices=amqp.PUBLISH_MODES,
+        default=m.publish,
+        help="a confirm window as one frame write, or basic_publish per message",
+    )
+    d.add_argument("--output", type=Path, help="also write the JSON here")
 
     s = sub.add_parser("stack", help="drains of the raw loop")
     s.add_argument("--messages", type=int, default=10_000, help="messages per drain")
     s.add_argument("--reps", type=int, default=3)
-    s.add_argument("--queues", choices=("quorum", "classic"), default=c.queues)
-    s.add_argument("--batch", type=int, default=c.batch)
-    s.add_argument("--prefetch", type=int, default=c.prefetch)
-    s.add_argument("--depth", type=int, default=c.depth)
+    s.add_argument("--queues", choices=("quorum", "classic"), default=c.queues, help="queue type")
+    s.add_argument("--batch", type=int, default=c.batch, help="largest batch")
+    s.add_argument("--prefetch", type=int, default=c.prefetch, help="prefetch")
+    s.add_argument("--depth", type=int, default=c.depth, help="batches at once")
     s.add_argument("--no-redis", action="store_true", help="leave the pipeline out")
-    s.add_argument("--publish", choices=amqp.PUBLISH_MODES, default=c.publish)
+    s.add_argument(
+        "--publish",
+        choices=amqp.PUBLISH_MODES,
+        default=c.publish,
+        help="basic_publish per message, or a confirm window as one frame write",
+    )
     s.add_argument("--client", choices=("aiormq", "aio-pika"), default=c.client, help="AMQP client")
-    s.add_argument("--output", type=Path)
+    s.add_argument("--output", type=Path, help="also write the JSON here")
 
     a = sub.add_parser("attempts", help="the tuning attempts, paired with the defaults")
     a.add_argument("--only", choices=("minimal", "stack"), help="one family of attempts")
