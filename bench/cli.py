@@ -247,7 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         failed = False
     finally:
         log("cleaning up")
-        minimal_cleanup = await limits.close() if limits is not None else None
+        minimal_cleanup = await limits.close(failed) if limits is not None else None
         removed = await bench.close()
         if failed:
             log(f"  process logs kept in {bench.workdir}")

@@ -28,8 +28,8 @@ class Limits:
     async def open(self) -> None:
         await self.rig.open()
 
-    async def close(self) -> dict[str, int]:
-        return await self.rig.close()
+    async def close(self, keep_logs: bool = False) -> dict[str, int]:
+        return await self.rig.close(keep_logs)
 
     async def minimal_drain(self, runs: int, guard: bool = True) -> dict[str, Any]:
         """One minimal drain. ``guard=False`` for the drain paired with one of ours: that one

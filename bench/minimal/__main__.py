@@ -117,6 +117,7 @@ async def run_attempts(args: argparse.Namespace) -> dict[str, Any]:
     rig = Rig(log=log)
     log(f"namespace {rig.names.ns}; logs in {rig.workdir}")
     out: dict[str, Any] = {}
+    failed = True
     try:
         await rig.open()
         if args.only in (None, "stack"):
@@ -138,8 +139,9 @@ async def run_attempts(args: argparse.Namespace) -> dict[str, Any]:
             )
             cpu = ["dispatcher", "worker", "rabbit"]
             print(attempts.table(out["minimal"], "runs/s", cpu), flush=True)
+        failed = False
     finally:
-        out["cleanup"] = await rig.close()
+        out["cleanup"] = await rig.close(keep_logs=failed)
         log(f"cleaned up: {out['cleanup']}")
     return out
 
@@ -149,6 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"namespace {rig.names.ns}; logs in {rig.workdir}")
     drains: list[dict[str, Any]] = []
     busy0 = machine_times()
+    failed = True
     try:
         await rig.open()
         for rep in range(args.reps):
@@ -179,8 +182,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     publish=args.publish,
                 )
                 drains.append(await rig.drain_stack(scfg, args.messages, f"rep{rep}"))
+        failed = False
     finally:
-        cleanup = await rig.close()
+        cleanup = await rig.close(keep_logs=failed)
         log(f"cleaned up: {cleanup}")
     busy1 = machine_times()
     out = {"command": args.command, "drains": drains, "cleanup": cleanup, **summary(drains)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,9 +192,12 @@ class Rig:
         if batch:
             await self.redis.unlink(*batch)
 
-    async def close(self) -> dict[str, int]:
-        """Stop every child, delete every queue and key of the namespace; what was left."""
+    async def close(self, keep_logs: bool = False) -> dict[str, int]:
+        """Stop every child, delete every queue and key of the namespace and the process logs
+        (kept with ``keep_logs``, after a failure); what was left."""
         self.children.stop_all()
+        if not keep_logs:
+            shutil.rmtree(self.workdir, ignore_errors=True)
         deleted = 0
         if self.channel is not None:
             for queue in list(self.declared):
