@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.env import leftovers
+from bench.limits import Limits
 from bench.report import final_line, hops, print_table
 from bench.runner import Bench, median_of
 from bench.tokens import measure_tokens
@@ -32,6 +33,8 @@ SECTIONS = (
     "memory",
     "hops",
     "tokens",
+    "minimal",
+    "stack",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,6 +61,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="drains per throughput figure")
     parser.add_argument("--queued", type=int, default=100_000, help="waiting runs (scale)")
     parser.add_argument("--fleet", type=int, default=1000, help="machines (scale)")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="drains of the minimal baseline and of the raw loop (default 5, quick 2); the "
+        "first --reps of them interleave with the throughput drains",
+    )
+    parser.add_argument(
+        "--minimal-runs", type=int, default=None, help="runs per minimal drain (10,000)"
+    )
+    parser.add_argument(
+        "--stack-messages", type=int, default=None, help="messages per raw-loop drain (20,000)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -69,6 +85,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.sections.append("profile")
     args.runs = args.runs or (1500 if args.quick else 3000)
     args.reps = args.reps or (1 if args.quick else 3)
+    args.pairs = args.pairs or (2 if args.quick else 5)
+    # ~4-5x the product's rate: as many more runs keep the measured window as long.
+    args.minimal_runs = args.minimal_runs or (5_000 if args.quick else 10_000)
+    args.stack_messages = args.stack_messages or (10_000 if args.quick else 20_000)
     args.latency_s = 10.0 if args.quick else 12.0
     args.latency_reps = 1 if args.quick else 3
     return args
@@ -90,9 +110,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     log(f"namespace {bench.settings.namespace}; work dir {bench.workdir}")
     want = set(args.sections)
     reference: list[dict[str, Any]] = []
+    limits = Limits(bench.settings.namespace, log) if want & {"minimal", "stack"} else None
     failed = True
     try:
         await bench.setup()
+        if limits is not None:
+            await limits.open()
 
         if want & {"baseline", "throughput"}:
             log("throughput: drains of a pre-filled requests queue")
@@ -102,11 +125,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     ours.append(await bench.drain("ours", args.runs, label="ours"))
                 if "baseline" in want:
                     base.append(await bench.drain("baseline", args.runs, label="baseline"))
+                if limits is not None and "minimal" in want:
+                    await limits.minimal_drain(args.minimal_runs, guard=False)  # paired
             if ours:
                 sections["throughput"] = {"drains": ours, "rate": median_of(ours, "rate")}
                 reference = ours
             if base:
                 sections["baseline"] = {"drains": base, "rate": median_of(base, "rate")}
+
+        if limits is not None:
+            log("limits: the minimal hand-off and the raw one-hop loop (bench/minimal)")
+            await limits.complete(want, args, sections)
 
         needs_reference = want & {"latency", "replicas", "fleet", "queue", "profile"}
         if needs_reference and not reference:
@@ -143,7 +172,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "profile" in want:
             log("profile: py-spy on the dispatcher during a drain")
             drained = await bench.drain("ours", args.runs, label="profile", profile=True)
-            from bench.report import summarize_profile
+            from bench.profile import summarize_profile
 
             sections["profile"] = {
                 "drain": drained,
@@ -218,6 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         failed = False
     finally:
         log("cleaning up")
+        minimal_cleanup = await limits.close(failed) if limits is not None else None
         removed = await bench.close()
         if failed:
             log(f"  process logs kept in {bench.workdir}")
@@ -225,6 +255,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(bench.workdir, ignore_errors=True)
         left = await leftovers(bench.settings)
         sections["cleanup"] = {**removed, "redis_keys_left": left}
+        if minimal_cleanup is not None:
+            sections["cleanup"]["minimal"] = minimal_cleanup
         log(
             f"  deleted {removed['redis_keys']} Redis keys, {removed['queues']} queues; left {left}"
         )
@@ -241,6 +273,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_s": args.latency_s,
             "queued": args.queued,
             "fleet": args.fleet,
+            "pairs": args.pairs,
+            "minimal_runs": args.minimal_runs,
+            "stack_messages": args.stack_messages,
             "sections": args.sections,
             "settings": {
                 k: v
@@ -321,6 +356,12 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     usage = (s.get("queue") or {}).get("memory") or (s.get("memory") or {}).get("usage")
     if usage:
         out["redis_bytes_per_queued_run"] = usage["bytes_per_queued_run"]
+    if "minimal" in s:
+        out["minimal_runs_per_s"] = s["minimal"]["rate"]["estimate"]
+        if "ratio_vs_minimal" in s["minimal"]:
+            out["ratio_vs_minimal"] = s["minimal"]["ratio_vs_minimal"]["estimate"]
+    if "stack" in s:
+        out["stack_msgs_per_s"] = s["stack"]["rate"]["estimate"]
     tokens = s.get("tokens")
     if tokens and tokens.get("measured"):
         out["idp_requests_per_expiry"] = tokens["idp_requests_per_expiry_max"]

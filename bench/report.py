@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
-from pathlib import Path
 from typing import Any
+
+from bench.limits import limit_rows
 
 
 def hops() -> dict[str, Any]:
@@ -295,6 +295,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                     "",
                 )
             )
+    out += limit_rows(s)
     tok = s.get("tokens")
     if tok:
         if tok.get("measured"):
@@ -339,57 +340,25 @@ def print_table(report: dict[str, Any]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+# The keys of the final line, in order, with their decimals (None: an integer).
+FINAL_KEYS: tuple[tuple[str, int | None], ...] = (
+    ("ratio_throughput", 2),
+    ("ratio_p99", 2),
+    ("ratio_queue_scale", 2),
+    ("ratio_fleet_scale", 2),
+    ("redis_bytes_per_queued_run", None),
+    ("idp_requests_per_expiry", None),
+    ("ratio_vs_minimal", 2),
+    ("minimal_runs_per_s", 1),
+    ("stack_msgs_per_s", 1),
+)
+
+
 def final_line(ratios: dict[str, Any]) -> str:
-    def value(key: str, digits: int | None = 2) -> str:
+    def value(key: str, digits: int | None) -> str:
         v = ratios.get(key)
         if v is None:
             return "n/a"
         return f"{v:.{digits}f}" if digits is not None else str(int(v))
 
-    return (
-        f"ratio_throughput={value('ratio_throughput')} ratio_p99={value('ratio_p99')} "
-        f"ratio_queue_scale={value('ratio_queue_scale')} "
-        f"ratio_fleet_scale={value('ratio_fleet_scale')} "
-        f"redis_bytes_per_queued_run={value('redis_bytes_per_queued_run', None)} "
-        f"idp_requests_per_expiry={value('idp_requests_per_expiry', None)}"
-    )
-
-
-def summarize_profile(path: Path, top: int = 25) -> dict[str, Any]:
-    """Self and inclusive sample shares per function from py-spy's raw (collapsed) output."""
-    if not path.exists():
-        return {"error": f"{path} was not written (py-spy needs ptrace permission)"}
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_short(f) for f in stack.split(";")]
-        if frames and frames[0].startswith("process"):
-            frames = frames[1:]
-        if frames and frames[0].startswith("thread"):
-            frames = frames[1:]
-        total += count
-        if frames:
-            own[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-    if not total:
-        return {"error": "no samples"}
-    return {
-        "samples": total,
-        "self": [(f, round(c / total * 100, 1)) for f, c in own.most_common(top)],
-        "inclusive": [(f, round(c / total * 100, 1)) for f, c in inclusive.most_common(top * 2)],
-    }
-
-
-def _short(frame: str) -> str:
-    """``func (path/to/module.py:123)`` -> ``func (module.py)``."""
-    name, _, where = frame.partition(" (")
-    file = where.rstrip(")").rsplit(":", 1)[0]
-    parts = file.split("/")
-    short = "/".join(parts[-2:]) if parts else file
-    return f"{name} ({short})"
+    return " ".join(f"{key}={value(key, digits)}" for key, digits in FINAL_KEYS)

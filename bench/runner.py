@@ -24,20 +24,7 @@ import redis.asyncio as aioredis
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from bench import baseline as bl
-from bench.env import (
-    REPO,
-    CpuSample,
-    Procs,
-    cleanup,
-    cores,
-    machine_load,
-    new_settings,
-    pid_listening_on,
-    proc_rss,
-    sample,
-    settings_env,
-    wait_quiet,
-)
+from bench.env import REPO, Procs, cleanup, new_settings, settings_env
 from bench.fleet import (
     LIVE_CONNECTIONS,
     LIVE_SLOTS,
@@ -50,6 +37,15 @@ from bench.fleet import (
     queued_run_bytes,
     record_heartbeats,
     static_heartbeat,
+)
+from bench.procfs import (
+    CpuSample,
+    cores,
+    machine_load,
+    pid_listening_on,
+    proc_rss,
+    sample,
+    wait_quiet,
 )
 from bench.producer import prefill
 from dispatcher.adapters.redis.machines import RedisMachines
