@@ -1,9 +1,9 @@
 """When will a queued run start, and will it make its queue deadline?
 
 ``predict_starts`` plays the target's queue forward from ``now``: each machine run frees its
-slot at ``now`` + its expected remaining slot time (given how long it has run already), and at
-every such moment a placement pass places lane heads in queue order through the same rules as
-the placer (``core.simulation.place_pass``, i.e. ``select_machine``). A placed run's expected
+slot at ``now`` + its expected remaining slot time (given how long it has run already) + the
+target's hand-over time, and at every such moment a placement pass places lane heads in queue
+order through the placer's rules (``core.simulation.place_pass``, i.e. ``select_machine``). A placed run's expected
 slot time is its flow's, when the target has enough history of that flow, else its kind's
 (``ServiceModel.estimate``). A run still queued at its deadline leaves, as the sweeper would make
 it, so the runs behind it move up. A run that no machine could take even with all slots free
@@ -179,6 +179,7 @@ class _Forecast:
             rest, variance = estimate.remaining_low(elapsed, self.quantile), 0.0
         else:
             rest, variance = estimate.remaining(elapsed)
+            rest += self.model.handover
         chain = _Chain().then(variance, estimate)
         heapq.heappush(self.ends, (self.now + rest, len(self.ends), machine_id, run.run_id, chain))
 
@@ -255,7 +256,8 @@ class _Forecast:
         if self.optimistic:
             slot_time, variance, lag = estimate.low(self.quantile), 0.0, 0.0
         else:
-            slot_time, variance, lag = estimate.mean, estimate.variance, self.model.start_lag(kind)
+            slot_time, variance = estimate.mean + self.model.handover, estimate.variance
+            lag = self.model.start_lag(kind)
         end = _Chain(chain.variance, chain.error, chain.samples).then(variance, estimate)
         heapq.heappush(self.ends, (t + slot_time, len(self.ends), machine_id, run.run_id, end))
         wait = t + lag - self.now

@@ -106,24 +106,33 @@ def earliest_dispatch(
     ``free_at``: when each machine that can take its lane is free for it (``lane_free_at``);
     ``ahead_deadlines``: the deadlines of the runs ahead of it in its lane (a suffix of them
     gives a weaker bound that still holds); ``shortest_s``: a slot time no run goes under.
-    Runs of one lane go in order, at most one per machine at a time (a user's run occupies a
-    session), so the run is at best the (m+1)-th start of those machines, where m counts the
-    runs ahead that cannot have timed out first (deadline after that start).
+
+    Runs of a lane are dispatched in order, at most one per machine at a time (a user's run
+    occupies a session) and each holds it ``shortest_s`` at least, so by a time ``S`` the
+    lane's machines can have taken at most ``N(S)`` runs: the count of ``free + k * shortest``
+    moments up to ``S``. For the run to go at ``S``, every run ahead still in time at ``S``
+    (deadline after ``S``) must have gone first: ``N(S) >= that count + 1``. Both sides only
+    change at those moments and at deadlines; the first moment where it holds is the bound.
     """
     if not free_at:
         return math.inf
     if shortest_s <= 0:
         return min(free_at)
     deadlines = sorted(ahead_deadlines)
-    starts = [(free, index) for index, free in enumerate(free_at)]
-    heapq.heapify(starts)
-    moment = starts[0][0]
-    for before_it in range(len(deadlines) + 1):
-        moment, index = heapq.heappop(starts)
-        heapq.heappush(starts, (moment + shortest_s, index))
-        if before_it >= len(deadlines) - bisect.bisect_right(deadlines, moment):
+    moments = [(free, index) for index, free in enumerate(free_at)]
+    heapq.heapify(moments)
+    taken = 0  # N(S): dispatch moments up to S
+    passed = 0  # runs ahead whose deadline is at or before S
+    while True:
+        next_deadline = deadlines[passed] if passed < len(deadlines) else math.inf
+        moment = min(moments[0][0], next_deadline)
+        while moments[0][0] <= moment:
+            free, index = heapq.heappop(moments)
+            heapq.heappush(moments, (free + shortest_s, index))
+            taken += 1
+        passed = bisect.bisect_right(deadlines, moment, lo=passed)
+        if taken >= len(deadlines) - passed + 1:
             return moment
-    return moment
 
 
 def misses_for_sure(

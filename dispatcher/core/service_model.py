@@ -3,6 +3,8 @@
 A sample is one run that held a slot of the target. Its *slot time* is ``finished_at -
 dispatched_at``: the time placement sees the slot as taken (hand-off, flow, report), which is
 what decides when the run behind it can go. Its *start lag* is ``started_at - dispatched_at``.
+The *hand-over* is the time from a slot freeing to the next hand-off on it, for a run that was
+waiting (the signal and the placement pass in between): it adds to every slot time.
 Slot times are kept per connection kind and, finer, per (kind, flow): flows differ in duration,
 and knowing which flows are ahead of a run is what lets a forecast beat "position x mean / slots".
 
@@ -10,7 +12,7 @@ Every statistic decays with a half-life in wall-clock time (3 h by default): the
 target whose flows get slower, and after a quiet night its effective number of samples is small,
 which lowers the confidence of what it predicts (and keeps fail-early off) until fresh runs come.
 
-Slot times also go into a log-spaced histogram (4 buckets per doubling, ~19 % wide), which gives
+Slot times also go into a log-spaced histogram (4 buckets per doubling), which gives
 quantiles (the optimistic estimate fail-early needs) and the expected *remaining* time of a run
 that has been running a while: with a flow that takes either 1 s or 60 s, the mean says a run 50 s
 in ends now; the histogram says in about 10 s.
@@ -31,8 +33,9 @@ from dispatcher.models import ConnectionKind
 DEFAULT_HALF_LIFE_S = 3 * 3600.0
 # What a slot time is assumed to be before a target has any history (confidence is then low).
 DEFAULT_PRIOR_S = 60.0
-# A flow's own statistics replace its kind's once they hold this many (decayed) samples.
-FLOW_MIN_SAMPLES = 3.0
+# A flow's own statistics replace its kind's once they hold this many (decayed) samples: three
+# recent runs (decay makes three samples a little less than 3).
+FLOW_MIN_SAMPLES = 2.5
 MAX_FLOWS = 64
 BUCKET_BASE_S = 0.01  # bucket 0 holds [0, 10 ms); bucket b >= 1 holds [base*2^((b-1)/4), ...)
 BUCKETS_PER_DOUBLING = 4
@@ -70,7 +73,10 @@ class DurationStats:
     """Decayed count, sum, sum of squares and histogram of one stream of durations.
 
     The sums are decayed to ``at``; reading them later applies the decay since then, which
-    changes the weight (the effective number of samples) but not means or quantiles.
+    changes the weight (the effective number of samples) but not means or quantiles. Each
+    bucket keeps its weight and the sum of its values, so a bucket stands for its exact mean:
+    a flow that always takes 2.0 s has its quantiles and remaining times at 2.0 s, not at the
+    middle of a 19 % wide bucket.
     """
 
     at: float = 0.0
@@ -78,6 +84,7 @@ class DurationStats:
     total: float = 0.0
     squares: float = 0.0
     buckets: dict[int, float] = field(default_factory=dict)
+    sums: dict[int, float] = field(default_factory=dict)
 
     def add(self, value: float, at: float, half_life_s: float) -> None:
         value = max(0.0, value)
@@ -91,6 +98,7 @@ class DurationStats:
         self.squares += weight * value * value
         index = _bucket_of(value)
         self.buckets[index] = self.buckets.get(index, 0.0) + weight
+        self.sums[index] = self.sums.get(index, 0.0) + weight * value
 
     def _decay_to(self, at: float, half_life_s: float) -> None:
         if self.weight > 0 and at > self.at:
@@ -98,9 +106,9 @@ class DurationStats:
             self.weight *= factor
             self.total *= factor
             self.squares *= factor
-            self.buckets = {
-                i: w * factor for i, w in self.buckets.items() if w * factor > _PRUNE_BELOW
-            }
+            kept = [i for i, w in self.buckets.items() if w * factor > _PRUNE_BELOW]
+            self.buckets = {i: self.buckets[i] * factor for i in kept}
+            self.sums = {i: self.sums.get(i, 0.0) * factor for i in kept}
         self.at = max(self.at, at)
 
     def samples(self, now: float, half_life_s: float) -> float:
@@ -121,55 +129,44 @@ class DurationStats:
         """The ``p`` quantile of the durations longer than ``above``, minus ``above``.
 
         With ``above=0`` this is the plain quantile; with a run's age it is how much longer
-        the run lasts in the ``p`` case. Within a bucket values are taken as evenly spread.
+        the run lasts in the ``p`` case.
         """
-        parts = self._above(above)
-        mass = sum(w for _, _, w in parts)
+        points = self._above(above)
+        mass = sum(w for _, w in points)
         if mass <= 0:
             return OVERRUN_SHARE * above
         goal = min(max(p, 0.0), 1.0) * mass
         seen = 0.0
-        for low, high, w in parts:
-            if seen + w >= goal:
-                share = (goal - seen) / w if w > 0 else 0.0
-                return low + share * (high - low) - above
-            seen += w
-        return parts[-1][1] - above
+        for value, weight in points:
+            seen += weight
+            if seen >= goal * (1 - 1e-12):
+                return value - above
+        return points[-1][0] - above
 
     def remaining(self, elapsed: float) -> tuple[float, float]:
         """Mean and variance of how much longer a run lasts that has run ``elapsed`` seconds."""
         if elapsed <= 0:
             return self.mean, self.variance
-        parts = self._above(elapsed)
-        mass = sum(w for _, _, w in parts)
+        points = self._above(elapsed)
+        mass = sum(w for _, w in points)
         if mass <= 0:
             guess = OVERRUN_SHARE * elapsed
             return guess, guess * guess
-        # Each part is uniform on [low, high]: mean (low+high)/2, second moment (l²+lh+h²)/3.
-        first = sum(w * ((lo + hi) / 2 - elapsed) for lo, hi, w in parts) / mass
-        second = (
-            sum(
-                w * ((lo - elapsed) ** 2 + (lo - elapsed) * (hi - elapsed) + (hi - elapsed) ** 2)
-                for lo, hi, w in parts
-            )
-            / 3
-            / mass
-        )
-        return max(0.0, first), max(0.0, second - first * first)
+        first = sum(w * (value - elapsed) for value, w in points) / mass
+        second = sum(w * (value - elapsed) ** 2 for value, w in points) / mass
+        return first, max(0.0, second - first * first)
 
-    def _above(self, threshold: float) -> list[tuple[float, float, float]]:
-        """The histogram's mass above ``threshold``, as (low, high, weight) parts in order."""
-        parts: list[tuple[float, float, float]] = []
+    def _above(self, threshold: float) -> list[tuple[float, float]]:
+        """The buckets whose mean is above ``threshold``: (mean, weight), shortest first."""
+        points: list[tuple[float, float]] = []
         for index in sorted(self.buckets):
-            low, high = _bucket_bounds(index)
             weight = self.buckets[index]
-            if high <= threshold or weight <= 0:
+            if weight <= 0:
                 continue
-            if low < threshold:
-                weight *= (high - threshold) / (high - low)
-                low = threshold
-            parts.append((low, high, weight))
-        return parts
+            value = self.sums.get(index, 0.0) / weight
+            if value > threshold:
+                points.append((value, weight))
+        return points
 
     @classmethod
     def merged(cls, parts: Iterable[DurationStats], half_life_s: float) -> DurationStats:
@@ -186,6 +183,9 @@ class DurationStats:
             result.squares += part.squares * factor
             for index, weight in part.buckets.items():
                 result.buckets[index] = result.buckets.get(index, 0.0) + weight * factor
+                result.sums[index] = (
+                    result.sums.get(index, 0.0) + part.sums.get(index, 0.0) * factor
+                )
         return result
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,7 +194,11 @@ class DurationStats:
             "w": _short(self.weight),
             "s": _short(self.total),
             "q": _short(self.squares),
-            "b": {str(i): _short(w) for i, w in sorted(self.buckets.items()) if w > _PRUNE_BELOW},
+            "b": {
+                str(i): [_short(w), _short(self.sums.get(i, 0.0))]
+                for i, w in sorted(self.buckets.items())
+                if w > _PRUNE_BELOW
+            },
         }
 
     @classmethod
@@ -204,16 +208,24 @@ class DurationStats:
         buckets = raw.get("b", {})
         if not isinstance(buckets, Mapping):
             raise ValueError("duration buckets must be an object")
+        pairs = {int(i): _pair(pair) for i, pair in buckets.items()}
         stats = cls(
             at=_number(raw.get("t", 0.0)),
             weight=_number(raw.get("w", 0.0)),
             total=_number(raw.get("s", 0.0)),
             squares=_number(raw.get("q", 0.0)),
-            buckets={int(i): _number(w) for i, w in buckets.items()},
+            buckets={i: w for i, (w, _) in pairs.items()},
+            sums={i: total for i, (_, total) in pairs.items()},
         )
         if stats.weight < 0 or any(w < 0 for w in stats.buckets.values()):
             raise ValueError("duration statistics hold a negative weight")
         return stats
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ValueError(f"a bucket is [weight, sum], got {value!r}")
+    return _number(value[0]), _number(value[1])
 
 
 def _number(value: Any) -> float:
@@ -254,13 +266,15 @@ class Estimate:
 
 @dataclass
 class ServiceModel:
-    """One target's service: slot times per kind and per (kind, flow), start lags per kind."""
+    """One target's service: slot times per kind and per (kind, flow), start lags per kind,
+    hand-overs."""
 
     half_life_s: float = DEFAULT_HALF_LIFE_S
     prior_s: float = DEFAULT_PRIOR_S
     kinds: dict[str, DurationStats] = field(default_factory=dict)
     flows: dict[str, dict[str, DurationStats]] = field(default_factory=dict)
     lags: dict[str, DurationStats] = field(default_factory=dict)
+    handovers: DurationStats = field(default_factory=DurationStats)
 
     def observe(
         self,
@@ -287,6 +301,15 @@ class ServiceModel:
             self.lags.setdefault(kind.value, DurationStats()).add(
                 lag, finished_at, self.half_life_s
             )
+
+    def observe_handover(self, seconds: float, at: float) -> None:
+        """Learn from a waiting run handed over ``seconds`` after its slot freed (at ``at``)."""
+        self.handovers.add(seconds, at, self.half_life_s)
+
+    @property
+    def handover(self) -> float:
+        """Mean time from a slot freeing to the next run on it (0 without history)."""
+        return self.handovers.mean
 
     def samples(self, kind: ConnectionKind, now: float) -> float:
         """Effective number of runs of ``kind`` the target has completed lately."""
@@ -335,6 +358,7 @@ class ServiceModel:
                 for kind, flows in self.flows.items()
             },
             "l": {kind: stats.to_dict() for kind, stats in self.lags.items()},
+            "o": self.handovers.to_dict(),
         }
 
     @classmethod
@@ -360,6 +384,7 @@ class ServiceModel:
                 for k, v in flows.items()
             },
             lags={k: DurationStats.from_dict(v) for k, v in _known_kinds(raw.get("l", {})).items()},
+            handovers=DurationStats.from_dict(raw.get("o", {})),
         )
 
 
