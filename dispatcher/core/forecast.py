@@ -3,12 +3,12 @@
 ``predict_starts`` plays the target's queue forward from ``now``: each machine run frees its
 slot at ``now`` + its expected remaining slot time (given how long it has run already) + the
 target's hand-over time, and at every such moment a placement pass places lane heads in queue
-order through the placer's rules (``core.simulation.place_pass``, i.e. ``select_machine``). A placed run's expected
-slot time is its flow's, when the target has enough history of that flow, else its kind's
-(``ServiceModel.estimate``). A run still queued at its deadline leaves, as the sweeper would make
-it, so the runs behind it move up. A run that no machine could take even with all slots free
-(no active session for an attended user, every machine offline...) gets no time, but the reason
-per machine.
+order through the placer's rules (``core.simulation.place_pass``, i.e. ``select_machine``).
+A placed run's expected slot time is its flow's, when the target has enough history of that
+flow, else its kind's (``ServiceModel.estimate``). A run still queued at its deadline leaves,
+as the sweeper would make it, so the runs behind it move up. A run that no machine could take
+even with all slots free (no active session for an attended user, every machine offline...)
+gets no time, but the reason per machine.
 
 Confidence. A predicted start is ``now`` + a chain of slot times (what runs on the slot before
 it). The chain's standard deviation ``sd`` adds the spread of each slot time (variance) and the
