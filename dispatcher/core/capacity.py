@@ -144,6 +144,122 @@ def _slot_times(records: Sequence[TraceRecord]) -> dict[str, float]:
 
 
 _END, _CHANGE, _LEAVE, _DEADLINE, _ARRIVE = range(5)  # at one moment, in this order
+_LEFT = frozenset({RunStatus.cancelled, RunStatus.failed})
+
+
+class _Replay:
+    """One replay: the machines, each target's lanes, and the moments still to play."""
+
+    def __init__(
+        self,
+        records: Sequence[TraceRecord],
+        views: Sequence[MachineView],
+        connections: Mapping[str, Connection],
+        *,
+        priority_boost_s: float,
+        handover_s: float,
+        changes: Sequence[MachineChange],
+        clones: Mapping[str, str],
+        seed: int,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.connections = connections
+        self.priority_boost_s = priority_boost_s
+        self.handover_s = handover_s
+        self.changes = changes
+        self.machines = {view.machine_id: idle(view) for view in views}
+        self.copies: dict[str, list[str]] = {}  # a machine and its clones follow its changes
+        for machine_id in self.machines:
+            self.copies.setdefault(clones.get(machine_id, machine_id), []).append(machine_id)
+        targets = sorted({r.target for r in records})
+        self.members = {
+            t: [v.machine_id for v in _members(self.machines.values(), t)] for t in targets
+        }
+        self.serves: dict[str, list[str]] = {}
+        for target, ids in self.members.items():
+            for machine_id in ids:
+                self.serves.setdefault(machine_id, []).append(target)
+        self.lanes = {target: Lanes() for target in targets}
+        self.slot_time = _slot_times(records)
+        self.by_id = {r.run_id: r for r in records}
+        self.outcome: dict[str, Replayed] = {}
+        self.running: dict[str, str] = {}  # run -> machine
+        self.events: list[tuple[float, int, int, str]] = []
+        for r in records:
+            self.push(r.queued_at, _ARRIVE, r.run_id)
+            self.push(r.queue_deadline, _DEADLINE, r.run_id)
+            if r.dispatched_at is None and r.finished_at is not None and r.status in _LEFT:
+                self.push(r.finished_at, _LEAVE, r.run_id)
+        for index, change in enumerate(changes):
+            self.push(change.at, _CHANGE, str(index))
+
+    def push(self, at: float, kind: int, key: str) -> None:
+        heapq.heappush(self.events, (at, kind, len(self.events), key))
+
+    def run(self) -> dict[str, Replayed]:
+        while self.events:
+            now = self.events[0][0]
+            # Per target: machines freed or changed, and whether a run became a lane head
+            # (a head no pass has seen yet needs every machine; see place_pass's ``only``).
+            freed: dict[str, set[str]] = {}
+            fresh: set[str] = set()
+            while self.events and self.events[0][0] == now:
+                _, kind, _, key = heapq.heappop(self.events)
+                if kind == _END:
+                    machine_id = self.running.pop(key)
+                    self.machines[machine_id] = release(self.machines[machine_id], key)
+                    self._touch(freed, machine_id)
+                elif kind == _CHANGE:
+                    change = self.changes[int(key)]
+                    for machine_id in self.copies.get(change.machine_id, ()):
+                        self.machines[machine_id] = _changed(self.machines[machine_id], change)
+                        self._touch(freed, machine_id)
+                elif kind in (_LEAVE, _DEADLINE):
+                    target = self.by_id[key].target
+                    if self.lanes[target].remove(key) is not None:
+                        left = "left" if kind == _LEAVE else "timed_out"
+                        self.outcome[key] = Replayed(key, left)
+                elif self._arrive(self.by_id[key], now):
+                    fresh.add(self.by_id[key].target)
+            for target in sorted(freed.keys() | fresh):
+                self._pass(target, now, None if target in fresh else freed[target])
+        for run_id in self.by_id:
+            self.outcome.setdefault(run_id, Replayed(run_id, "queued"))
+        return self.outcome
+
+    def _touch(self, freed: dict[str, set[str]], machine_id: str) -> None:
+        for target in self.serves.get(machine_id, ()):
+            freed.setdefault(target, set()).add(machine_id)
+
+    def _arrive(self, record: TraceRecord, now: float) -> bool:
+        """Queue a run; True when it is the head of its lane (a pass must look at it)."""
+        if record.connection_id not in self.connections:
+            self.outcome[record.run_id] = Replayed(record.run_id, "skipped")
+            return False
+        if record.queue_deadline <= now:
+            self.outcome[record.run_id] = Replayed(record.run_id, "timed_out")
+            return False
+        score = record.score
+        if score is None:
+            score = order_score(record.priority, record.queued_at, self.priority_boost_s)
+        waiting = Waiting(record.run_id, record.connection_id, record.mode, record.priority, score)
+        lanes = self.lanes[record.target]
+        lanes.add(waiting)
+        return lanes.head(waiting.lane) is waiting
+
+    def _pass(self, target: str, now: float, only: set[str] | None) -> None:
+        if not len(self.lanes[target]):
+            return
+        local = {m: self.machines[m] for m in self.members[target]}
+        placed, _ = place_pass(self.lanes[target], local, self.connections, self.rng, only=only)
+        self.machines.update(local)
+        for placement in placed:
+            run_id = placement.run.run_id
+            self.running[run_id] = placement.machine_id
+            self.outcome[run_id] = Replayed(
+                run_id, "dispatched", now - self.by_id[run_id].queued_at
+            )
+            self.push(now + self.slot_time[run_id] + self.handover_s, _END, run_id)
 
 
 def replay(
@@ -160,85 +276,10 @@ def replay(
     """Replay ``records`` (any targets) on the machines ``views``; what happens to each run.
 
     ``clones`` maps a cloned machine to the machine it copies (``resize_fleet``)."""
-    rng = random.Random(seed)
-    machines = {view.machine_id: idle(view) for view in views}
-    copies: dict[str, list[str]] = {}
-    for machine_id in machines:
-        original = (clones or {}).get(machine_id, machine_id)
-        copies.setdefault(original, []).append(machine_id)
-    targets = sorted({r.target for r in records})
-    members = {t: [v.machine_id for v in _members(machines.values(), t)] for t in targets}
-    serves: dict[str, list[str]] = {}
-    for target, ids in members.items():
-        for machine_id in ids:
-            serves.setdefault(machine_id, []).append(target)
-    slot_time = _slot_times(records)
-    by_id = {r.run_id: r for r in records}
-    events: list[tuple[float, int, int, str]] = []
-
-    def push(at: float, kind: int, key: str) -> None:
-        heapq.heappush(events, (at, kind, len(events), key))
-
-    for r in records:
-        push(r.queued_at, _ARRIVE, r.run_id)
-        push(r.queue_deadline, _DEADLINE, r.run_id)
-        if r.dispatched_at is None and r.finished_at is not None and r.status in _LEFT:
-            push(r.finished_at, _LEAVE, r.run_id)
-    for index, change in enumerate(changes):
-        push(change.at, _CHANGE, str(index))
-    lanes = {target: Lanes() for target in targets}
-    outcome: dict[str, Replayed] = {}
-    running: dict[str, str] = {}  # run -> machine
-    while events:
-        now = events[0][0]
-        dirty: set[str] = set()
-        while events and events[0][0] == now:
-            _, kind, _, key = heapq.heappop(events)
-            if kind == _END:
-                machine_id = running.pop(key)
-                machines[machine_id] = release(machines[machine_id], key)
-                dirty.update(serves.get(machine_id, ()))
-            elif kind == _CHANGE:
-                change = changes[int(key)]
-                for machine_id in copies.get(change.machine_id, ()):
-                    machines[machine_id] = _changed(machines[machine_id], change)
-                    dirty.update(serves.get(machine_id, ()))
-            elif kind in (_LEAVE, _DEADLINE):
-                record = by_id[key]
-                if lanes[record.target].remove(key) is not None:
-                    outcome[key] = Replayed(key, "left" if kind == _LEAVE else "timed_out")
-            else:
-                record = by_id[key]
-                if record.connection_id not in connections:
-                    outcome[key] = Replayed(key, "skipped")
-                    continue
-                if record.queue_deadline <= now:
-                    outcome[key] = Replayed(key, "timed_out")
-                    continue
-                score = record.score
-                if score is None:
-                    score = order_score(record.priority, record.queued_at, priority_boost_s)
-                lanes[record.target].add(
-                    Waiting(key, record.connection_id, record.mode, record.priority, score)
-                )
-                dirty.add(record.target)
-        for target in sorted(dirty):
-            if not len(lanes[target]):
-                continue
-            local = {m: machines[m] for m in members[target]}
-            placed, _ = place_pass(lanes[target], local, connections, rng)
-            machines.update(local)
-            for placement in placed:
-                run_id = placement.run.run_id
-                running[run_id] = placement.machine_id
-                outcome[run_id] = Replayed(run_id, "dispatched", now - by_id[run_id].queued_at)
-                push(now + slot_time[run_id] + handover_s, _END, run_id)
-    for r in records:
-        outcome.setdefault(r.run_id, Replayed(r.run_id, "queued"))
-    return outcome
-
-
-_LEFT = frozenset({RunStatus.cancelled, RunStatus.failed})
+    return _Replay(
+        records, views, connections, priority_boost_s=priority_boost_s, handover_s=handover_s,
+        changes=changes, clones=clones or {}, seed=seed,
+    ).run()  # fmt: skip
 
 
 def _changed(view: MachineView, change: MachineChange) -> MachineView:

@@ -203,10 +203,17 @@ class _Forecast:
             lanes.add(waiting)
             if run.queue_deadline is not None:
                 heapq.heappush(deadlines, (run.queue_deadline + self.slack_s, run.run_id))
-        t, trigger, released = self.now, _Chain(), True
+        t, trigger, released = self.now, _Chain(), set(self.views)
+        first = True
         while len(lanes):
             if released:
-                placed, _ = place_pass(lanes, self.views, self.connections, self.rng)
+                # After the first pass every head left is one no machine could take: only the
+                # machines freed since can take one now (see place_pass).
+                placed, _ = place_pass(
+                    lanes, self.views, self.connections, self.rng,
+                    only=None if first else released,
+                )  # fmt: skip
+                first = False
                 for placement in placed:
                     run = by_id[placement.run.run_id]
                     predictions[run.run_id] = self._start(run, placement.machine_id, t, trigger)
@@ -219,12 +226,12 @@ class _Forecast:
             t = min(next_end, next_deadline)
             if math.isinf(t):
                 break  # cannot happen: every lane left is eligible somewhere, every slot frees
-            trigger, released = _Chain(), False
+            trigger, released = _Chain(), set()
             while self.ends and self.ends[0][0] <= t:
                 _, _, machine_id, run_id, chain = heapq.heappop(self.ends)
                 self.views[machine_id] = release(self.views[machine_id], run_id)
                 trigger = chain if chain.sd >= trigger.sd else trigger
-                released = True
+                released.add(machine_id)
             while deadlines and deadlines[0][0] <= t:
                 _, run_id = heapq.heappop(deadlines)
                 if lanes.remove(run_id) is not None:

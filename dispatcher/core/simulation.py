@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from dispatcher.codes import ErrorCode
@@ -119,9 +119,22 @@ def place_pass(
     views: dict[str, MachineView],
     connections: Mapping[str, Connection],
     rng: random.Random,
+    *,
+    only: Collection[str] | None = None,
 ) -> tuple[list[Placement], list[Blocked]]:
     """Place lane heads in queue order on ``views`` (updated in place) and take them out of
-    ``lanes``; return the placements and the heads left waiting, with their reasons."""
+    ``lanes``; return the placements and the heads left waiting, with their reasons.
+
+    ``only``: the machines that freed up or changed since the last pass, when every lane head
+    is one that pass left waiting. Those heads could not go anywhere then, and the other
+    machines only filled up since, so only these can take them: selecting among them makes
+    the same choices (and the same random draws) at a fraction of the cost. Reasons are then
+    given for these machines only.
+    """
+    if only is not None:
+        candidates = [views[machine_id] for machine_id in sorted(only) if machine_id in views]
+        if not candidates:
+            return [], []
     heap = [(run.order, run.lane) for run in lanes.heads()]
     heapq.heapify(heap)
     placed: list[Placement] = []
@@ -135,7 +148,8 @@ def place_pass(
         if connection is None:  # deleted meanwhile: the run waits for its deadline
             blocked.append(Blocked(run, dict.fromkeys(views, ErrorCode.ConnectionNotFound)))
             continue
-        selection = select_machine(views.values(), connection, run.mode, rng)
+        pool = views.values() if only is None else [views[v.machine_id] for v in candidates]
+        selection = select_machine(pool, connection, run.mode, rng)
         if selection.machine_id is None:
             blocked.append(Blocked(run, selection.reasons))
             continue
