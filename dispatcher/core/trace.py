@@ -3,8 +3,10 @@
 A ``TraceRecord`` is written once per run, when it leaves the system (finished, timed out,
 cancelled, failed while queued): target, connection (and its kind), mode, priority, order score
 (priority boosts and moves to the top included), flow, when it was queued, its queue deadline,
-its final status, and, when it was handed to a machine, on which one, when, and when it
-finished. Its stored form (``to_dict``, short keys, times in ms) is about 200 bytes of JSON.
+its final status, and, when it was handed to a machine, on which one, when, when its worker
+started it and when it finished. The same records feed the service model
+(``ServiceModel.learn``). The stored form (``to_dict``: short keys, times to the millisecond)
+is about 250 bytes of JSON.
 
 From these the replay rebuilds the arrivals (``queued_at``), the queue order (``score``), the
 slot times (``finished_at - dispatched_at``) and, with the fleet's connections and machines,
@@ -19,6 +21,7 @@ covers in full is replayed from the records it still has, and says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +45,7 @@ class TraceRecord:
     status: RunStatus
     score: float | None = None
     dispatched_at: float | None = None
+    started_at: float | None = None
     finished_at: float | None = None
     machine_id: str | None = None
 
@@ -63,7 +67,12 @@ class TraceRecord:
             "q": round(self.queued_at, 3), "dl": round(self.queue_deadline, 3),
             "st": self.status.value,
         }  # fmt: skip
-        for key, value in (("o", self.score), ("d", self.dispatched_at), ("e", self.finished_at)):
+        for key, value in (
+            ("o", self.score),
+            ("d", self.dispatched_at),
+            ("s", self.started_at),
+            ("e", self.finished_at),
+        ):
             if value is not None:
                 raw[key] = round(value, 3)
         if self.machine_id is not None:
@@ -77,18 +86,28 @@ class TraceRecord:
             return cls(
                 run_id=str(raw["r"]), target=str(raw["t"]), connection_id=str(raw["c"]),
                 kind=ConnectionKind(raw["k"]), mode=Mode(raw["m"]), priority=Priority(raw["p"]),
-                flow_id=str(raw["f"]), queued_at=float(raw["q"]),
-                queue_deadline=float(raw["dl"]), status=RunStatus(raw["st"]),
+                flow_id=str(raw["f"]), queued_at=_time(raw["q"]),
+                queue_deadline=_time(raw["dl"]), status=RunStatus(raw["st"]),
                 score=_maybe(raw.get("o")), dispatched_at=_maybe(raw.get("d")),
-                finished_at=_maybe(raw.get("e")),
+                started_at=_maybe(raw.get("s")), finished_at=_maybe(raw.get("e")),
                 machine_id=str(raw["mc"]) if raw.get("mc") is not None else None,
             )  # fmt: skip
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a trace record: {exc!r}") from exc
 
 
+def _time(value: Any) -> float:
+    """A time as stored: a number, or its text (a Redis stream field)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | bytes):
+        raise ValueError(f"expected a time, got {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"expected a finite time, got {value!r}")
+    return result
+
+
 def _maybe(value: Any) -> float | None:
-    return None if value is None else float(value)
+    return None if value is None else _time(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +130,15 @@ class MachineChange:
     def from_dict(cls, raw: Mapping[str, Any]) -> MachineChange:
         try:
             return cls(
-                at=float(raw["a"]), machine_id=str(raw["mc"]), online=bool(raw["on"]),
-                maintenance=bool(raw.get("mt", False)),
+                at=_time(raw["a"]), machine_id=str(raw["mc"]), online=_flag(raw["on"]),
+                maintenance=_flag(raw.get("mt", False)),
                 sessions=tuple((str(u), SessionState(s)) for u, s in raw.get("s", ())),
             )  # fmt: skip
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a machine change: {exc!r}") from exc
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value

@@ -10,13 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher.core.service_model import (
-    FLOW_MIN_SAMPLES,
-    MAX_FLOWS,
-    DurationStats,
-    ServiceModel,
-)
-from dispatcher.models import ConnectionKind
+from dispatcher.core.durations import DurationStats
+from dispatcher.core.service_model import FLOW_MIN_SAMPLES, MAX_FLOWS, RECENT_FINISHES, ServiceModel
+from dispatcher.core.trace import TraceRecord
+from dispatcher.models import ConnectionKind, Mode, Priority, RunStatus
 
 pytestmark = pytest.mark.unit
 
@@ -182,3 +179,46 @@ def test_the_stored_form_is_compact_json_and_reads_back_the_same_estimates() -> 
 def test_a_broken_stored_form_is_refused_with_a_reason(raw: object) -> None:
     with pytest.raises(ValueError, match=r"\w"):
         ServiceModel.from_dict(raw)
+
+
+def ran(
+    run_id: str, machine: str, queued: float, dispatched: float, finished: float
+) -> TraceRecord:
+    return TraceRecord(
+        run_id=run_id, target="g:g", connection_id="c1", kind=CREDENTIALS, mode=Mode.unattended,
+        priority=Priority.normal, flow_id="f", queued_at=queued, queue_deadline=queued + HOUR,
+        status=RunStatus.succeeded, dispatched_at=dispatched, started_at=dispatched + 0.1,
+        finished_at=finished, machine_id=machine,
+    )  # fmt: skip
+
+
+def test_learning_from_trace_records_gives_slot_times_lags_and_hand_overs() -> None:
+    # One slot on m1: each run waits for the one before and is handed over 0.2 s after it
+    # finished; the first one did not wait. A run that timed out in the queue teaches nothing.
+    records = [ran("r0", "m1", 0.0, 0.0, 3.0)]
+    for index in range(1, 10):
+        previous = records[-1].finished_at or 0.0
+        records.append(ran(f"r{index}", "m1", 0.0, previous + 0.2, previous + 3.2))
+    timed_out = TraceRecord(
+        run_id="late", target="g:g", connection_id="c1", kind=CREDENTIALS, mode=Mode.unattended,
+        priority=Priority.normal, flow_id="f", queued_at=0.0, queue_deadline=1.0,
+        status=RunStatus.timed_out,
+    )  # fmt: skip
+    model = ServiceModel()
+    finishes: dict[str, list[float]] = {}
+    assert model.learn([*records[:5], timed_out], finishes) == 5
+    assert model.learn(records[5:], finishes) == 5  # the finishes carry over between calls
+    estimate = model.estimate(CREDENTIALS, "f", now=40.0)
+    assert (estimate.level, estimate.mean) == ("flow", pytest.approx(3.0))
+    assert model.start_lag(CREDENTIALS) == pytest.approx(0.1)
+    assert model.handover == pytest.approx(0.2)
+    assert model.handovers.weight == pytest.approx(9, rel=0.01)
+    assert len(finishes["m1"]) == 10 <= RECENT_FINISHES
+
+
+def test_a_run_queued_after_the_slot_freed_gives_no_hand_over() -> None:
+    model = ServiceModel()
+    finishes: dict[str, list[float]] = {}
+    model.learn([ran("a", "m1", 0.0, 0.0, 5.0), ran("b", "m1", 9.0, 9.0, 12.0)], finishes)
+    assert model.handovers.weight == 0
+    assert model.handover == 0.0
