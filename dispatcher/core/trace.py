@@ -6,7 +6,7 @@ cancelled, failed while queued): target, connection (and its kind), mode, priori
 its final status, and, when it was handed to a machine, on which one, when, when its worker
 started it and when it finished. The same records feed the service model
 (``ServiceModel.learn``). The stored form (``to_dict``: short keys, times to the millisecond)
-is about 250 bytes of JSON.
+is under 300 bytes of JSON.
 
 From these the replay rebuilds the arrivals (``queued_at``), the queue order (``score``), the
 slot times (``finished_at - dispatched_at``) and, with the fleet's connections and machines,

@@ -260,7 +260,7 @@ def test_for_one_account_adding_machines_never_adds_time_outs(
     trace: list[TraceRecord], machines: int, slots: int, add: int, seed: int
 ) -> None:
     """Runs of one account go one per machine at a time, first come first served: more
-    machines never time out more of them (checked on 30,000 random traces as well)."""
+    machines never time out more of them (bench/replay_monotonicity: 30,000 traces too)."""
     one = [replace(r, connection_id="c0") for r in trace]
     views = group(machines, slots)
     bigger, clones = resize_fleet(views, "g:g", add)
@@ -274,8 +274,8 @@ def test_with_several_accounts_one_replay_can_be_unlucky_so_the_median_of_severa
 ):
     """The placer breaks ties between equally loaded machines at random. Here r4 (account c1)
     finds a machine only if r1 (also c1) did not land on the one with a free slot at 10 s: in
-    one replay a machine more costs a time-out, in another it saves one. No trace of 40,000
-    small random ones cost a time-out for every seed; ``what_if`` reports the median replay."""
+    one replay a machine more costs a time-out, in another it saves one (bench/replay_monotonicity
+    finds none that costs one for every seed); ``what_if`` reports the median replay."""
     views = [
         view(machine("m0", group_id="g", slots=1)),
         view(machine("m1", group_id="g", slots=3)),
