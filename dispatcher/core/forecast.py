@@ -200,6 +200,10 @@ class _Forecast:
                     run.run_id, Outlook.no_machine, None, Confidence.high, reasons=dict(reasons)
                 )
                 continue
+            if run.queue_deadline is not None and run.queue_deadline + self.slack_s <= self.now:
+                # Overdue: the sweeper is about to end it.
+                predictions[run.run_id] = self._timed_out(run, self.now, eligible)
+                continue
             lanes.add(waiting)
             if run.queue_deadline is not None:
                 heapq.heappush(deadlines, (run.queue_deadline + self.slack_s, run.run_id))

@@ -157,7 +157,8 @@ def misses_for_sure(
         run, connection, ahead_deadlines=ahead_deadlines, views=views, model=model, now=now,
         occupants=occupants, policy=policy,
     )  # fmt: skip
-    return bound > run.queue_deadline + policy.margin_s
+    # No machine can take it (inf): never certain, a session may open, a machine come back.
+    return not math.isinf(bound) and bound > run.queue_deadline + policy.margin_s
 
 
 def _lane_bound(

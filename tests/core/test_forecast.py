@@ -163,6 +163,19 @@ def test_a_run_that_times_out_leaves_and_the_runs_behind_it_move_up() -> None:
     assert after.start_at == pytest.approx(NOW + 200)
 
 
+def test_a_run_past_its_deadline_is_not_placed_even_on_a_free_slot() -> None:
+    model = model_of({"f": 10.0})
+    overdue, fine = predict_starts(
+        [queued("overdue", queue_deadline=NOW - 1), queued("fine", queue_deadline=NOW + 5)],
+        [busy("m1")],
+        users(1),
+        model,
+        NOW,
+    )
+    assert (overdue.outlook, overdue.start_at) == (Outlook.times_out, None)
+    assert fine.start_at == pytest.approx(NOW)
+
+
 def test_without_history_a_prediction_is_made_from_the_prior_with_low_confidence() -> None:
     model = ServiceModel(prior_s=30.0)
     runs = [queued("a"), queued("b"), queued("c")]

@@ -221,6 +221,11 @@ def test_the_bound_alone_decides_for_a_run_deep_in_its_queue() -> None:
     assert not misses_for_sure(
         late, connection, ahead_deadlines=deep, views=views, model=history(10), now=NOW
     )
+    # Nobody is logged in for an attended run: no machine can take it, which is not a sure miss.
+    attended = QueuedRun("att", "c0", ATTENDED, "f", NOW + 100.0, fail_early=True)
+    assert not misses_for_sure(
+        attended, connection, ahead_deadlines=deep, views=views, model=model, now=NOW
+    )
 
 
 @st.composite
