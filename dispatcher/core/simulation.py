@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from dispatcher.codes import ErrorCode
-from dispatcher.core.ordering import lane_of, sort_key
+from dispatcher.core.ordering import lane_of
 from dispatcher.core.selection import select_machine
 from dispatcher.models import AssignedRun, Connection, MachineView, Mode, Priority
 
@@ -42,7 +42,7 @@ class Waiting:
 
     @property
     def order(self) -> tuple[float, str]:
-        return sort_key(self.score, self.run_id)
+        return (self.score, self.run_id)  # a Redis sorted set's order: score, then member
 
 
 class Lanes:

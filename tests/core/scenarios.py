@@ -12,8 +12,7 @@ from dispatcher.core.forecast import QueuedRun
 from dispatcher.core.service_model import ServiceModel
 from dispatcher.core.trace import TraceRecord
 from dispatcher.models import Connection, ConnectionKind, Mode, Priority, RunStatus
-
-from .builders import credentials
+from tests.support.builders import credentials
 
 # Flows of the acceptance scenario: every run takes 1-3 s, each flow in its own band.
 FLOWS = {"quick": (0.8, 1.2), "medium": (1.7, 2.3), "slow": (2.6, 3.0)}

@@ -29,8 +29,7 @@ from dispatcher.models import (
     RunStatus,
     SessionState,
 )
-
-from .builders import ACTIVE, ROBOT, credentials, machine, view
+from tests.support.builders import ACTIVE, ROBOT, credentials, machine, view
 
 pytestmark = pytest.mark.unit
 

@@ -21,8 +21,8 @@ from dispatcher.core.forecast import (
 from dispatcher.core.ordering import lane_of
 from dispatcher.core.service_model import ServiceModel
 from dispatcher.models import AssignedRun, ConnectionKind, MachineView, Mode
+from tests.support.builders import ACTIVE, ATTENDED, ROBOT, UNATTENDED, credentials, machine, view
 
-from .builders import ACTIVE, ATTENDED, ROBOT, UNATTENDED, credentials, machine, view
 from .scenarios import (
     FLOWS,
     HOUR,

@@ -22,8 +22,8 @@ from dispatcher.core.misses import (
 from dispatcher.core.service_model import ServiceModel
 from dispatcher.core.trace import TraceRecord
 from dispatcher.models import AssignedRun, ConnectionKind, MachineView, Mode, Priority, RunStatus
+from tests.support.builders import ATTENDED, UNATTENDED, machine, view
 
-from .builders import ATTENDED, UNATTENDED, machine, view
 from .scenarios import HOUR, users
 
 pytestmark = pytest.mark.unit

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from dispatcher.core.simulation import Lanes, Waiting, never_eligible, place_pass, release
 from dispatcher.models import MachineView, Mode, Priority
+from tests.support.builders import ACTIVE, ROBOT, credentials, machine, sign_in, view
 
-from .builders import ACTIVE, ROBOT, credentials, machine, sign_in, view
 from .test_properties import machine_views
 
 pytestmark = pytest.mark.unit

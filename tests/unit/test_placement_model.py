@@ -1,23 +1,20 @@
 """The forecast and the capacity replay place runs as the placer does: one pass of
-``core.simulation.place_pass`` decides exactly what ``Placer._decide`` decides."""
+``core.simulation.place_pass`` decides exactly what the placer's ``core.placement.plan_pass``
+decides."""
 
 from __future__ import annotations
 
 import random
-from typing import Any
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dispatcher import scheduler
-from dispatcher.adapters.records import QueuedHead
-from dispatcher.core.selection import select_machine
+from dispatcher.core.placement import plan_pass
 from dispatcher.core.simulation import Lanes, Waiting, place_pass
-from dispatcher.models import MachineView, Mode, Priority
-from tests.core.builders import credentials, fleet, sign_in
+from dispatcher.models import MachineView, Mode, Priority, QueuedHead
 from tests.core.test_properties import machine_views
+from tests.support.builders import credentials, fleet, sign_in
 
 pytestmark = pytest.mark.unit
 
@@ -64,16 +61,15 @@ def test_a_pass_of_the_model_decides_what_the_placer_decides(
     for run in sorted(runs, key=lambda r: r.order):
         lanes.setdefault(run.lane, []).append(QueuedHead(run.run_id, run.score, run.lane))
 
-    placer_rng = random.Random(seed)
-
-    def seeded(*args: Any, **kwargs: Any) -> Any:
-        return select_machine(*args, rng=placer_rng, **kwargs)
-
-    placer = object.__new__(scheduler.Placer)  # _decide reads no state of the placer
-    with mock.patch.object(scheduler, "select_machine", seeded):
-        plans, waiting, _ = placer._decide(
-            snapshot, "g:any", lanes, {v.machine_id: v for v in views}, 0.0, per_lane=1000
-        )
+    plan = plan_pass(
+        snapshot.connections,
+        lanes,
+        {v.machine_id: v for v in views},
+        per_lane=1000,
+        max_placements=10_000,
+        rng=random.Random(seed),
+    )
+    plans, waiting = plan.placements, plan.waiting
 
     model_lanes = Lanes()
     for run in runs:
