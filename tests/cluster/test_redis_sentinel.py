@@ -1,0 +1,270 @@
+"""What the product can rely on (and must survive) with Redis Sentinel, proven with redis-py.
+
+* redis-py's ``Sentinel`` client follows a failover by itself: commands retried on a
+  connection error reach the new primary.
+* Replication is asynchronous: writes the primary acknowledged and the replica had not received
+  are gone after a failover, for good (the old primary drops them when it rejoins).
+* Even a planned ``SENTINEL FAILOVER`` loses acknowledged writes: a pooled connection keeps
+  writing to the old primary, which stays a primary until the Sentinels reconfigure it (up to
+  ~10 s later). Two mitigations are measured: dropping the pool on Sentinel's
+  ``+switch-master`` message, and ``min-replicas-to-write 1`` on the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+
+from tests.cluster.conftest import record, redis_sentinel
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(90)]
+
+
+@contextlib.asynccontextmanager
+async def sentinel_client(group: Any) -> AsyncIterator[aioredis.Redis]:
+    """The client the product would build from its Sentinel settings: the primary found
+    through the Sentinels, commands retried on connection errors (a retry reconnects, and a
+    new connection asks the Sentinels again). A primary demoted under a connection answers
+    READONLY, which redis-py's Sentinel connection turns into a connection error."""
+    sentinel = Sentinel(group.sentinel_addresses, socket_timeout=1.0)
+    client = sentinel.master_for(
+        group.service,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=60),
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
+        decode_responses=True,
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await sentinel.aclose()
+
+
+def direct(port: int) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+
+
+def present(port: int, numbers: list[int]) -> set[int]:
+    """Which ``seq:<n>`` keys the server on ``port`` holds."""
+    with direct(port) as server:
+        pipe = server.pipeline(transaction=False)
+        for n in numbers:
+            pipe.exists(f"seq:{n}")
+        return {n for n, found in zip(numbers, pipe.execute(), strict=True) if found}
+
+
+class Writer:
+    """Writes ``seq:<n>`` one after another, 5 ms apart, and keeps what Redis acknowledged.
+
+    Every 50th write is followed by ``WAIT 1`` in the same pipeline (same connection): when it
+    answers 1, every write so far is on the replica (``replicated_upto``)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.acked: list[tuple[int, float]] = []
+        self.replicated_upto = -1
+        self.refusals = 0  # NOREPLICAS answers
+        self.stop = asyncio.Event()
+
+    async def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            try:
+                if n % 50 == 49:
+                    pipe = self.client.pipeline(transaction=False)
+                    pipe.set(f"seq:{n}", n)
+                    pipe.wait(1, 200)
+                    _, replicas = await pipe.execute()
+                    if replicas >= 1:
+                        self.replicated_upto = n
+                else:
+                    await self.client.set(f"seq:{n}", n)
+                self.acked.append((n, time.monotonic()))
+                n += 1
+            except redis_errors.ResponseError as exc:
+                if not str(exc).startswith("NOREPLICAS"):
+                    raise
+                # The primary refuses writes without a live replica: ask the Sentinels again.
+                self.refusals += 1
+                await self.client.connection_pool.disconnect()
+            await asyncio.sleep(0.005)
+
+    @property
+    def numbers(self) -> list[int]:
+        return [n for n, _ in self.acked]
+
+    def longest_gap(self) -> float:
+        times = [t for _, t in self.acked]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+    async def wait_for(self, count: int, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        target = len(self.acked) + count
+        while len(self.acked) < target:
+            assert time.monotonic() < deadline, f"the writer did not write {count} more"
+            await asyncio.sleep(0.02)
+
+
+async def test_the_client_follows_a_crash_of_the_primary(sentinel_group: Any) -> None:
+    group = sentinel_group
+    async with sentinel_client(group) as client:
+        writer = Writer(client)
+        task = asyncio.create_task(writer.run())
+        await writer.wait_for(300)
+        old = group.primary()
+        group.kill(old)
+        killed_at = time.monotonic()
+        new, took = await asyncio.to_thread(group.wait_for_new_primary, old)
+        await writer.wait_for(300)
+        writer.stop.set()
+        await task  # raises if an error reached the writer: retries absorbed the failover
+
+    assert new != old and group.role(new) == "master"
+    kept = present(new.port, writer.numbers)
+    confirmed = [n for n in writer.numbers if n <= writer.replicated_upto]
+    assert confirmed and set(confirmed) <= kept  # what WAIT confirmed survived
+    after = [n for n, at in writer.acked if at > killed_at + took]
+    assert after and set(after) <= kept  # the client writes to the new primary
+    record("redis crash failover: primary killed -> Sentinels agree on the replica", took)
+    record("redis crash failover: longest pause of the writer", writer.longest_gap())
+    record(
+        "redis crash failover: acknowledged writes lost (replica in sync)",
+        len(writer.numbers) - len(kept),
+        "",
+    )
+
+
+async def test_writes_acknowledged_while_the_replica_lags_are_lost_at_failover(
+    sentinel_group: Any,
+) -> None:
+    group = sentinel_group
+    count = 200
+    async with sentinel_client(group) as client:
+        for n in range(count):
+            await client.set(f"before:{n}", n)
+        assert await client.wait(1, 2000) == 1  # the replica has all of them
+
+        group.lag_replica()
+        for n in range(count):
+            assert await client.set(f"after:{n}", n)  # acknowledged by the primary...
+        assert await client.wait(1, 300) == 0  # ...and by no replica
+
+        old = group.primary()
+        group.kill(old)
+        new, took = await asyncio.to_thread(group.wait_for_new_primary, old)
+
+        # The same client, following the Sentinels, now talks to the promoted replica.
+        before = sum([await client.exists(f"before:{n}") for n in range(count)])
+        after = sum([await client.exists(f"after:{n}") for n in range(count)])
+        assert (before, after) == (count, 0)
+        await client.set("written-after-failover", 1)
+    assert direct(new.port).get("written-after-failover") == "1"
+
+    # The old primary still has the writes in its AOF; when it comes back the Sentinels make
+    # it a replica of the new primary, and the full resync drops them: lost for good.
+    group.restart(old)
+    rejoined = await asyncio.to_thread(group.wait_in_sync, 60.0)
+    assert group.role(old) == "slave"
+    with direct(old.port) as server:
+        assert server.exists(*(f"after:{n}" for n in range(count))) == 0
+        assert server.exists(*(f"before:{n}" for n in range(count))) == count
+    record(
+        "redis lagging replica: acknowledged writes lost at failover",
+        f"{count - after}/{count}",
+        "",
+    )
+    record("redis lagging replica: failover after the kill", took)
+    record("redis lagging replica: old primary back as a replica in sync", rejoined)
+
+
+async def wait_until_replica(group: Any, server: Any, timeout_s: float = 40.0) -> float:
+    began = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError, redis_sentinel.RespError):
+            if group.role(server) == "slave":
+                return time.monotonic() - began
+        assert time.monotonic() - began < timeout_s, "the old primary was never demoted"
+        await asyncio.sleep(0.1)
+
+
+async def switch_master_watcher(group: Any, client: aioredis.Redis, fired: list[float]) -> None:
+    """Drop every pooled connection when a Sentinel announces a new primary, so that no
+    connection goes on writing to the old one."""
+    sentinel = aioredis.Redis(host="127.0.0.1", port=group.sentinel_ports[0])
+    pubsub = sentinel.pubsub()
+    try:
+        await pubsub.subscribe("+switch-master")
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                await client.connection_pool.disconnect()
+                fired.append(time.monotonic())
+    finally:
+        await pubsub.aclose()
+        await sentinel.aclose()
+
+
+@pytest.mark.parametrize("mitigation", ["none", "switch-master", "min-replicas-to-write"])
+async def test_a_planned_failover_loses_writes_sent_to_the_old_primary(mitigation: str) -> None:
+    config = ("min-replicas-to-write 1", "min-replicas-max-lag 1")
+    group = redis_sentinel.RedisSentinelGroup(
+        server_config=config if mitigation == "min-replicas-to-write" else ()
+    )
+    group.start()
+    fired: list[float] = []
+    try:
+        async with sentinel_client(group) as client:
+            writer = Writer(client)
+            task = asyncio.create_task(writer.run())
+            watcher = None
+            if mitigation == "switch-master":
+                watcher = asyncio.create_task(switch_master_watcher(group, client, fired))
+            await writer.wait_for(200)
+            old = group.primary()
+            new, took = await asyncio.to_thread(group.failover)
+            demoted = await wait_until_replica(group, old)
+            await writer.wait_for(100)
+            writer.stop.set()
+            await task
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+        lost = sorted(set(writer.numbers) - present(new.port, writer.numbers))
+        last = writer.numbers[-100:]
+        assert set(last) <= present(new.port, last)  # in the end the client follows
+        if mitigation == "none":
+            # The hazard: the old primary acknowledged writes after the replica's promotion.
+            assert lost
+        elif mitigation == "switch-master":
+            assert fired
+            later = [n for n, at in writer.acked if at > fired[0]]
+            assert later and not set(later) & set(lost)
+        else:
+            assert lost == [] and writer.refusals > 0
+    finally:
+        group.stop()
+    record(f"redis planned failover, mitigation {mitigation}: writes lost", len(lost), "")
+    record(
+        f"redis planned failover, mitigation {mitigation}: longest writer pause",
+        writer.longest_gap(),
+    )
+    record(
+        f"redis planned failover, mitigation {mitigation}: promoted / old primary demoted",
+        f"{took:.2f} / {demoted:.2f}",
+        "s",
+    )
