@@ -32,6 +32,7 @@ needed. Standard library only, like ``services.py``: it runs before any virtual 
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import contextlib
 import json
@@ -59,6 +60,10 @@ DEFAULT_DIR = Path(tempfile.gettempdir()) / "rundispatch-rabbitmq-cluster"
 HOST = "localhost"
 # The management plugin serves /api on every node; guest may log in from 127.0.0.1.
 USER, PASSWORD = "guest", "guest"
+
+
+# Loopback only: never through an http_proxy the environment may set.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ClusterError(RuntimeError):
@@ -138,6 +143,8 @@ class RabbitCluster:
         self.epmd_port = 0
         self._epmd: subprocess.Popen[bytes] | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Process groups an earlier ``up`` left running (``attach``): stopped by ``down``.
+        self._adopted: dict[str, int] = {}
         self.boot_s = 0.0  # how long ``start`` took: the figure CI cares about
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -152,6 +159,7 @@ class RabbitCluster:
     def start(self) -> None:
         """Boot every node and wait until they all run as one cluster."""
         began = time.monotonic()
+        atexit.register(self.stop)  # also when the caller forgets, or fails before its finally
         try:
             self._prepare()
             self._start_epmd()
@@ -169,10 +177,16 @@ class RabbitCluster:
 
         Nodes are killed, not stopped gracefully: their data is deleted right after, and a
         graceful stop of three nodes costs several seconds each for nothing."""
+        atexit.unregister(self.stop)
         for name in list(self._procs):
             self._kill(name)
-        for pid in self._state_pids():  # nodes started by an earlier ``up``
+        adopted = [pid for pid in self._adopted.values() if _started_here(pid, self.dir)]
+        for pid in adopted:  # never a pid reused by someone else since
             _kill_group(pid)
+        deadline = time.monotonic() + 10
+        while any(_started_here(pid, self.dir) for pid in adopted) and time.monotonic() < deadline:
+            time.sleep(0.1)  # not our children: wait until they are gone
+        self._adopted.clear()
         if self._epmd is not None:
             _kill_group(self._epmd.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -220,6 +234,7 @@ class RabbitCluster:
             # The node's helpers (erl_child_setup, port programs) go with its process group.
             _kill_group(proc.pid)
             self._procs.pop(node.name, None)
+        self._save_state()
         return time.monotonic() - began
 
     def start_node(self, name: str) -> float:
@@ -262,14 +277,16 @@ class RabbitCluster:
             time.sleep(0.25)
 
     def rabbitmqctl(self, *args: str, node: str | None = None, timeout_s: float = 60.0) -> str:
-        """Run ``rabbitmqctl`` (or another CLI tool named by ``args[0]`` ending in a known
-        tool) against one node of this cluster, with its cookie and epmd. Returns stdout."""
+        """Run ``rabbitmqctl ARGS`` against one node (default: the first running one), with
+        the cluster's cookie and epmd. Returns its output; raises ClusterError on failure.
+        Each call starts an Erlang VM: ~0.6 s here, so the API above prefers HTTP."""
         return self._cli("rabbitmqctl", *args, node=node, timeout_s=timeout_s)
 
     def rabbitmq_queues(self, *args: str, node: str | None = None) -> str:
+        """``rabbitmq-queues ARGS`` (e.g. ``quorum_status NAME``), like ``rabbitmqctl``."""
         return self._cli("rabbitmq-queues", *args, node=node)
 
-    def api(self, path: str, *, via: str | None = None, method: str = "GET") -> Any:
+    def api(self, path: str, *, via: str | None = None) -> Any:
         """GET a management API path from ``via`` (or the first running node)."""
         candidates = [self.node(via)] if via else [n for n in self.nodes if self.is_running(n.name)]
         if not candidates:
@@ -278,12 +295,10 @@ class RabbitCluster:
         last: Exception | None = None
         for node in candidates:
             request = urllib.request.Request(
-                node.management_url + path,
-                method=method,
-                headers={"Authorization": f"Basic {token}"},
+                node.management_url + path, headers={"Authorization": f"Basic {token}"}
             )
             try:
-                with urllib.request.urlopen(request, timeout=5) as response:
+                with _DIRECT.open(request, timeout=5) as response:
                     body = response.read()
                     return json.loads(body) if body else None
             except urllib.error.HTTPError as exc:
@@ -374,6 +389,7 @@ class RabbitCluster:
         # Our own port mapper, in the foreground so that we hold its pid and can stop it.
         self._epmd = subprocess.Popen(
             [EPMD, "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+            env=self._env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -459,21 +475,16 @@ class RabbitCluster:
     # -- state for the CLI (up in one process, down in another) ----------------------------
 
     def _save_state(self) -> None:
+        pids = {name: proc.pid for name, proc in self._procs.items()}
+        if self._epmd is not None:
+            pids["epmd"] = self._epmd.pid
         state = {
             "epmd_port": self.epmd_port,
-            "epmd_pid": self._epmd.pid if self._epmd else None,
             "nodes": [asdict(n) for n in self.nodes],
-            "pids": {name: proc.pid for name, proc in self._procs.items()},
+            "pids": pids,
             "boot_s": round(self.boot_s, 1),
         }
         (self.dir / STATE_FILE).write_text(json.dumps(state, indent=2))
-
-    def _state_pids(self) -> list[int]:
-        path = self.dir / STATE_FILE
-        if not path.exists():
-            return []
-        state = json.loads(path.read_text())
-        return [*state.get("pids", {}).values(), *filter(None, [state.get("epmd_pid")])]
 
     @classmethod
     def attach(cls, workdir: Path) -> RabbitCluster:
@@ -486,20 +497,28 @@ class RabbitCluster:
         cluster.nodes = [Node(**n) for n in state["nodes"]]
         cluster.epmd_port = int(state["epmd_port"])
         cluster.boot_s = float(state.get("boot_s", 0.0))
-        cluster._attached_pids = {k: int(v) for k, v in state["pids"].items()}
+        cluster._adopted = {name: int(pid) for name, pid in state["pids"].items()}
         return cluster
 
-    _attached_pids: dict[str, int] = {}
+    def adopted_alive(self, name: str) -> bool:
+        pid = self._adopted.get(name)
+        return pid is not None and _started_here(pid, self.dir)
 
-    def attached_alive(self, name: str) -> bool:
-        pid = self._attached_pids.get(name)
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return False
-        return True
+    def detach(self) -> None:
+        """Leave the nodes running when this object goes (``up`` hands them to ``down``)."""
+        atexit.unregister(self.stop)
+        self._procs.clear()
+        self._epmd = None
+
+
+def _started_here(pid: int, workdir: Path) -> bool:
+    """Whether ``pid`` is still a process this harness started for ``workdir`` (its
+    environment carries the cluster's HOME), not a reused pid."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"HOME={workdir / 'home'}".encode() in environ.split(b"\0")
 
 
 def _kill_group(pid: int) -> None:
@@ -539,9 +558,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"{node.name}  amqp {node.amqp_url}  management {node.management_url}")
     print(f"RUNDISPATCH_AMQP_URL={','.join(cluster.urls)}")
     print(f"up in {cluster.boot_s:.1f} s; stop with: {sys.argv[0]} down --dir {workdir}")
-    # The nodes outlive this process on purpose: forget them so nothing stops them here.
-    cluster._procs.clear()
-    cluster._epmd = None
+    cluster.detach()  # the nodes outlive this command on purpose
     return 0
 
 
@@ -552,7 +569,7 @@ def _status(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     for node in cluster.nodes:
-        alive = cluster.attached_alive(node.name)
+        alive = cluster.adopted_alive(node.name)
         state = "running" if alive and port_answers(node.amqp_port) else "down"
         print(f"{node.name}  {state:8} amqp {node.amqp_url}  management {node.management_url}")
     print(f"RUNDISPATCH_AMQP_URL={','.join(cluster.urls)}")

@@ -43,6 +43,7 @@ Standard library only (a 40-line RESP client), like ``services.py``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -165,14 +166,11 @@ class RedisSentinelGroup:
         server_config: tuple[str, ...] = (),
         workdir: Path | None = None,
     ) -> None:
-        for binary in ("redis-server", "redis-sentinel"):
-            if shutil.which(binary) is None and not (
-                binary == "redis-sentinel" and shutil.which("redis-server")
-            ):
-                raise SentinelGroupError(
-                    f"{binary} is missing: install Redis 7 (Debian/Ubuntu: "
-                    "apt-get install -y redis-server)"
-                )
+        if shutil.which("redis-server") is None:
+            raise SentinelGroupError(
+                "redis-server is missing: install Redis 7 (Debian/Ubuntu: "
+                "apt-get install -y redis-server)"
+            )
         self.service = service
         self.quorum = quorum
         self.down_after_ms = down_after_ms
@@ -185,6 +183,8 @@ class RedisSentinelGroup:
         self._sentinel_count = sentinels
         self._password = secrets.token_hex(16)  # the replication user's
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        # Processes an earlier ``up`` left running (``attach``): stopped by ``down``.
+        self._adopted: dict[str, int] = {}
         self._frozen: set[str] = set()
         self.boot_s = 0.0
 
@@ -201,6 +201,7 @@ class RedisSentinelGroup:
         """Start both data servers and the Sentinels; return once the replica is in sync and
         every Sentinel knows the replica and the other Sentinels (a failover can happen)."""
         began = time.monotonic()
+        atexit.register(self.stop)  # also when the caller forgets, or fails before its finally
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             self.servers = [
@@ -222,11 +223,17 @@ class RedisSentinelGroup:
 
     def stop(self) -> None:
         """Kill every process of the group and delete its directory (if we made it)."""
+        atexit.unregister(self.stop)
         for name in list(self._procs):
             self._kill(name)
-        for pid in self._state_pids():
+        adopted = [pid for pid in self._adopted.values() if _started_here(pid, self.dir)]
+        for pid in adopted:  # never a pid reused by someone else since
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(_started_here(pid, self.dir) for pid in adopted) and time.monotonic() < deadline:
+            time.sleep(0.1)  # not our children: wait until they are gone
+        self._adopted.clear()
         if self._own_dir or (self.dir / STATE_FILE).exists():
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -323,6 +330,7 @@ class RedisSentinelGroup:
     def kill(self, server: Server) -> None:
         """SIGKILL a data server (a crash; the AOF keeps what reached the page cache)."""
         self._kill(server.name)
+        self._save_state()
 
     def restart(self, server: Server, timeout_s: float = 20.0) -> None:
         """Start a killed data server again on its port and directory. The Sentinels turn a
@@ -330,6 +338,7 @@ class RedisSentinelGroup:
         if self.is_running(server):
             raise SentinelGroupError(f"{server.name} is running")
         self._spawn_server(server)
+        self._save_state()
         _wait(lambda: answers(server.port), timeout_s, f"{server.name} did not restart")
 
     def failover(self, timeout_s: float = 30.0) -> tuple[Server, float]:
@@ -423,10 +432,9 @@ class RedisSentinelGroup:
         ]
         config = directory / "sentinel.conf"  # Sentinel rewrites it: it must be its own file
         config.write_text("\n".join(lines) + "\n")
-        binary = shutil.which("redis-sentinel")
-        argv = [binary, str(config)] if binary else ["redis-server", str(config), "--sentinel"]
+        # redis-server in Sentinel mode: Debian's redis-sentinel package is not needed.
         self._procs[f"sentinel-{index}"] = subprocess.Popen(
-            argv,
+            [shutil.which("redis-server") or "redis-server", str(config), "--sentinel"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -483,12 +491,6 @@ class RedisSentinelGroup:
         }
         (self.dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
-    def _state_pids(self) -> list[int]:
-        path = self.dir / STATE_FILE
-        if not path.exists():
-            return []
-        return [int(pid) for pid in json.loads(path.read_text()).get("pids", {}).values()]
-
     @classmethod
     def attach(cls, workdir: Path) -> RedisSentinelGroup:
         """The group an earlier ``up`` left running in ``workdir`` (for status and down)."""
@@ -499,7 +501,23 @@ class RedisSentinelGroup:
         group = cls(service=state["service"], workdir=workdir)
         group.servers = [Server(**s) for s in state["servers"]]
         group.sentinel_ports = [int(p) for p in state["sentinel_ports"]]
+        group._adopted = {name: int(pid) for name, pid in state["pids"].items()}
         return group
+
+    def detach(self) -> None:
+        """Leave the processes running when this object goes (``up`` hands them to ``down``)."""
+        atexit.unregister(self.stop)
+        self._procs.clear()
+
+
+def _started_here(pid: int, workdir: Path) -> bool:
+    """Whether ``pid`` is still a server or Sentinel of ``workdir`` (each runs in its own
+    directory under it), not a pid reused by another process since."""
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return False
+    return cwd.is_relative_to(workdir.resolve())
 
 
 def _pairs(flat: list[Any]) -> dict[str, str]:
@@ -546,7 +564,7 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     _print(group)
     print(f"up in {group.boot_s:.1f} s; stop with: {sys.argv[0]} down --dir {workdir}")
-    group._procs.clear()  # the processes outlive this command on purpose
+    group.detach()  # the processes outlive this command on purpose
     return 0
 
 

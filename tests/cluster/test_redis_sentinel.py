@@ -1,7 +1,8 @@
 """What the product can rely on (and must survive) with Redis Sentinel, proven with redis-py.
 
-* redis-py's ``Sentinel`` client follows a failover by itself: commands retried on a
-  connection error reach the new primary.
+* redis-py's ``Sentinel`` client follows a failover: commands retried on a connection error
+  reach the new primary, once its connections ask the Sentinels again on every reconnection
+  (``redis_failover.FollowingSentinelConnection``; the stock class does not).
 * Replication is asynchronous: writes the primary acknowledged and the replica had not received
   are gone after a failover, for good (the old primary drops them when it rejoins).
 * Even a planned ``SENTINEL FAILOVER`` loses acknowledged writes: a pooled connection keeps
@@ -23,29 +24,18 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
 
+from tests.cluster import redis_failover
 from tests.cluster.conftest import record, redis_sentinel
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(90)]
 
 
 @contextlib.asynccontextmanager
-async def sentinel_client(group: Any) -> AsyncIterator[aioredis.Redis]:
-    """The client the product would build from its Sentinel settings: the primary found
-    through the Sentinels, commands retried on connection errors (a retry reconnects, and a
-    new connection asks the Sentinels again). A primary demoted under a connection answers
-    READONLY, which redis-py's Sentinel connection turns into a connection error."""
-    sentinel = Sentinel(group.sentinel_addresses, socket_timeout=1.0)
-    client = sentinel.master_for(
-        group.service,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=60),
-        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
-        decode_responses=True,
+async def sentinel_client(group: Any, **kwargs: Any) -> AsyncIterator[aioredis.Redis]:
+    """The client the product would build from its Sentinel settings (redis_failover)."""
+    sentinel, client = redis_failover.sentinel_client(
+        group.sentinel_addresses, group.service, decode_responses=True, **kwargs
     )
     try:
         yield client
@@ -78,11 +68,21 @@ class Writer:
         self.acked: list[tuple[int, float]] = []
         self.replicated_upto = -1
         self.refusals = 0  # NOREPLICAS answers
-        self.stop = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop writing; raises whatever error reached the writer (retries did not absorb)."""
+        assert self._task is not None
+        self._stop.set()
+        await self._task
+
+    async def _run(self) -> None:
         n = 0
-        while not self.stop.is_set():
+        while not self._stop.is_set():
             try:
                 if n % 50 == 49:
                     pipe = self.client.pipeline(transaction=False)
@@ -111,10 +111,15 @@ class Writer:
         times = [t for _, t in self.acked]
         return max(b - a for a, b in itertools.pairwise(times))
 
-    async def wait_for(self, count: int, timeout_s: float = 30.0) -> None:
+    async def wait_for(self, count: int, timeout_s: float = 60.0) -> None:
+        """Wait until ``count`` more writes are acknowledged."""
+        assert self._task is not None
         deadline = time.monotonic() + timeout_s
         target = len(self.acked) + count
         while len(self.acked) < target:
+            if self._task.done():
+                self._task.result()  # the error that stopped the writer
+                raise AssertionError("the writer stopped")
             assert time.monotonic() < deadline, f"the writer did not write {count} more"
             await asyncio.sleep(0.02)
 
@@ -123,15 +128,14 @@ async def test_the_client_follows_a_crash_of_the_primary(sentinel_group: Any) ->
     group = sentinel_group
     async with sentinel_client(group) as client:
         writer = Writer(client)
-        task = asyncio.create_task(writer.run())
+        writer.start()
         await writer.wait_for(300)
         old = group.primary()
         group.kill(old)
         killed_at = time.monotonic()
         new, took = await asyncio.to_thread(group.wait_for_new_primary, old)
         await writer.wait_for(300)
-        writer.stop.set()
-        await task  # raises if an error reached the writer: retries absorbed the failover
+        await writer.stop()  # raises if an error reached the writer: retries absorbed it
 
     assert new != old and group.role(new) == "master"
     kept = present(new.port, writer.numbers)
@@ -228,7 +232,7 @@ async def test_a_planned_failover_loses_writes_sent_to_the_old_primary(mitigatio
     try:
         async with sentinel_client(group) as client:
             writer = Writer(client)
-            task = asyncio.create_task(writer.run())
+            writer.start()
             watcher = None
             if mitigation == "switch-master":
                 watcher = asyncio.create_task(switch_master_watcher(group, client, fired))
@@ -237,8 +241,7 @@ async def test_a_planned_failover_loses_writes_sent_to_the_old_primary(mitigatio
             new, took = await asyncio.to_thread(group.failover)
             demoted = await wait_until_replica(group, old)
             await writer.wait_for(100)
-            writer.stop.set()
-            await task
+            await writer.stop()
             if watcher is not None:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -268,3 +271,36 @@ async def test_a_planned_failover_loses_writes_sent_to_the_old_primary(mitigatio
         f"{took:.2f} / {demoted:.2f}",
         "s",
     )
+
+
+@pytest.mark.parametrize("connection", ["stock", "following"])
+async def test_a_retried_command_asks_the_sentinels_for_the_new_primary(
+    sentinel_group: Any, connection: str
+) -> None:
+    """The old primary is demoted under an open connection (as Sentinel does, minus the
+    CLIENT KILL that usually hides the problem): the next write answers READONLY. redis-py's
+    stock Sentinel connection retries against the same, demoted server until its retries are
+    spent; the following connection asks the Sentinels and lands on the new primary."""
+    group = sentinel_group
+    async with sentinel_client(group, following=(connection == "following"), retries=3) as client:
+        await client.set("before", 1)  # a pooled connection to the current primary
+        old = group.primary()
+        new, _ = await asyncio.to_thread(group.failover)
+        with direct(old.port) as server:
+            if server.info("replication")["role"] == "master":
+                server.replicaof("127.0.0.1", new.port)  # demote it ourselves, right now
+        if connection == "stock":
+            with pytest.raises(redis_errors.ConnectionError, match="previous master"):
+                await client.set("after", 1)
+        else:
+            assert await client.set("after", 1)
+            assert direct(new.port).get("after") == "1"
+
+
+async def test_the_sentinel_pool_waits_for_a_free_connection(sentinel_group: Any) -> None:
+    """Like the product's single-Redis pool: more concurrent commands than connections wait
+    for one instead of failing with "Too many connections"."""
+    async with sentinel_client(sentinel_group, max_connections=2) as client:
+        assert isinstance(client.connection_pool, redis_failover.SentinelBlockingConnectionPool)
+        results = await asyncio.gather(*(client.blpop([f"nothing:{n}"], 0.2) for n in range(6)))
+        assert results == [None] * 6
