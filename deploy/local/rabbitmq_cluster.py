@@ -158,6 +158,9 @@ class RabbitCluster:
 
     def start(self) -> None:
         """Boot every node and wait until they all run as one cluster."""
+        if self.dir.exists() and any(self.dir.iterdir()):
+            # ``stop`` deletes the directory: it must hold nothing but the cluster.
+            raise ClusterError(f"{self.dir} is not empty: give a new or empty directory")
         began = time.monotonic()
         atexit.register(self.stop)  # also when the caller forgets, or fails before its finally
         try:

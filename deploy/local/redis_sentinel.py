@@ -200,6 +200,9 @@ class RedisSentinelGroup:
     def start(self, timeout_s: float = 30.0) -> None:
         """Start both data servers and the Sentinels; return once the replica is in sync and
         every Sentinel knows the replica and the other Sentinels (a failover can happen)."""
+        if self.dir.exists() and any(self.dir.iterdir()):
+            # ``stop`` deletes the directory: it must hold nothing but the group.
+            raise SentinelGroupError(f"{self.dir} is not empty: give a new or empty directory")
         began = time.monotonic()
         atexit.register(self.stop)  # also when the caller forgets, or fails before its finally
         try:
@@ -312,9 +315,10 @@ class RedisSentinelGroup:
         return offset
 
     def resume_replica(self) -> None:
-        """Let the replica catch up again (undo ``lag_replica``)."""
+        """Let the replica catch up again (undo ``lag_replica``). On every running server: the
+        one cut off may have been demoted since, and Sentinel's CONFIG REWRITE keeps the ACL."""
         for server in self.servers:
-            if self.is_running(server) and self.role(server) == "master":
+            if self.is_running(server):
                 command(server.port, "ACL", "SETUSER", REPLICATION_USER, "on")
 
     def freeze(self, server: Server) -> None:

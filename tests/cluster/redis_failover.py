@@ -32,7 +32,7 @@ class FollowingSentinelConnection(SentinelManagedConnection):
     async def _connect(self) -> None:
         if self.connection_pool.is_master:
             self.host, self.port = await self.connection_pool.get_master_address()
-        await super()._connect()
+        await super()._connect()  # type: ignore[no-untyped-call]
 
 
 class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
@@ -53,7 +53,7 @@ def sentinel_client(
     connection errors and time-outs (a retry reconnects; with ``following`` the reconnection
     asks the Sentinels again). A primary demoted under a connection answers READONLY, which
     redis-py's Sentinel connection turns into a connection error: retried as well."""
-    sentinel = Sentinel(sentinels, socket_timeout=1.0)
+    sentinel = Sentinel(sentinels, socket_timeout=1.0)  # type: ignore[no-untyped-call]
     kwargs: dict[str, Any] = {
         "socket_timeout": 1.0,
         "socket_connect_timeout": 1.0,
