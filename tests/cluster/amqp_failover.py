@@ -8,7 +8,7 @@ its exception through the same callback), which makes it the one hook that sees 
 Everything else (channels reopened, queues re-declared, consumers restored) is aio-pika's own
 robust recovery, unchanged.
 
-This module is what the product's AMQP adapter can take over as is (see the proposal in
+This module is written so that the product's AMQP adapter can take it over as is (see
 ``tests/cluster/README.md``); the tests here prove it against a real 3-node cluster.
 """
 

@@ -195,6 +195,37 @@ async def test_writes_acknowledged_while_the_replica_lags_are_lost_at_failover(
     record("redis lagging replica: old primary back as a replica in sync", rejoined)
 
 
+async def test_a_stopped_replica_still_receives_writes_into_its_socket_buffers(
+    sentinel_group: Any,
+) -> None:
+    """Why ``lag_replica`` cuts the link instead of SIGSTOPping the replica: a stopped
+    replica's kernel keeps receiving the replication stream, and once it runs again it applies
+    what arrived, so small writes made while it was stopped are not lost at failover."""
+    group = sentinel_group
+    count = 100
+    async with sentinel_client(group) as client:
+        await client.set("warm", 1)
+        replica = group.replica()
+        group.freeze(replica)
+        try:
+            for n in range(count):
+                await client.set(f"frozen:{n}", n)
+            assert await client.wait(1, 300) == 0  # the stopped replica acknowledged nothing
+            old = group.primary()
+            group.kill(old)
+        finally:
+            group.thaw(replica)
+        new, _ = await asyncio.to_thread(group.wait_for_new_primary, old)
+        assert new == replica
+        kept = sum([await client.exists(f"frozen:{n}") for n in range(count)])
+    assert kept == count
+    record(
+        "redis SIGSTOPped replica: writes made while stopped kept at failover",
+        f"{kept}/{count}",
+        "",
+    )
+
+
 async def wait_until_replica(group: Any, server: Any, timeout_s: float = 40.0) -> float:
     began = time.monotonic()
     while True:
