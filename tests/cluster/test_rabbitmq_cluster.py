@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -169,10 +170,17 @@ async def test_quorum_queue_loses_nothing_when_its_leader_node_goes(
     record(f"rabbitmq quorum leader {how}: longest consumer gap", max(gaps))
 
 
-async def test_classic_queue_is_gone_with_its_node_quorum_queue_is_not(cluster: Any) -> None:
-    """Declare a classic and a quorum queue on one node, fill both, kill that node."""
+async def test_classic_queue_is_gone_with_its_node_quorum_queue_is_not(
+    cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Declare a classic and a quorum queue on one node, fill both, kill that node. A client
+    that consumed another classic queue of that node, through that node, cannot recover its
+    connection until the node is back: aio-pika re-declares the queue on reconnection and the
+    broker answers NOT_FOUND."""
+    caplog.set_level(logging.WARNING, logger="aio_pika")
     suffix = f"{time.monotonic_ns()}"
     classic, quorum = f"clustertest.classic.{suffix}", f"clustertest.quorum.{suffix}"
+    watched = f"clustertest.watched.{suffix}"
     home = cluster.names[1]
     count = 20
     async with connection_to(cluster.node(home).amqp_url) as connection:
@@ -185,6 +193,15 @@ async def test_classic_queue_is_gone_with_its_node_quorum_queue_is_not(cluster: 
                     aio_pika.Message(str(n).encode(), delivery_mode=2), name, mandatory=True
                 )
     assert cluster.leader_of(classic) == cluster.leader_of(quorum) == home
+    follower = await connect_cluster(cluster.urls, start=cluster.names.index(home))
+    watched_bodies: list[bytes] = []
+
+    async def on_watched(message: AbstractIncomingMessage) -> None:
+        watched_bodies.append(message.body)
+        await message.ack()
+
+    watched_queue = await (await follower.channel()).declare_queue(watched, durable=True)
+    await watched_queue.consume(on_watched)
 
     cluster.stop_node(home, kill=True)
     survivor = cluster.node(cluster.names[2]).amqp_url
@@ -225,14 +242,36 @@ async def test_classic_queue_is_gone_with_its_node_quorum_queue_is_not(cluster: 
         "",
     )
 
+    # Meanwhile the follower moved to live nodes, but every reconnection failed on the
+    # watched classic queue; so would a consumer of the product's classic queues.
+    refused = f"NOT_FOUND - home node '{home}' of durable queue '{watched}'"
+    await eventually(
+        lambda: any(refused in logged(r) for r in caplog.records),
+        20,
+        "a reconnection refused for the classic queue",
+    )
+    assert not follower.connected.is_set() or follower.url.port != cluster.node(home).amqp_port
+
     cluster.start_node(home)
     async with connection_to(survivor) as connection:
-        channel = await connection.channel()
+        channel = await connection.channel(publisher_confirms=True)
         back = await channel.declare_queue(classic, durable=True, passive=True)
         # The classic queue's persistent messages come back with its node; nothing else.
         assert back.declaration_result.message_count == count
-        for name in (classic, quorum):
+        # With the node back, the follower's connection and its consumer are restored.
+        await channel.default_exchange.publish(aio_pika.Message(b"back"), watched)
+        await eventually(lambda: watched_bodies == [b"back"], 30, "the consumer restored")
+        for name in (classic, quorum, watched):
             await channel.queue_delete(name)
+    await follower.close()
+
+
+def logged(record: logging.LogRecord) -> str:
+    """A log record's text (aio-pika logs some objects whose repr raises)."""
+    try:
+        return record.getMessage()
+    except Exception:
+        return str(record.msg)
 
 
 async def nacked(channel: aio_pika.abc.AbstractChannel, queue: str) -> bool:
