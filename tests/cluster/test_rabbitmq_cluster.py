@@ -302,3 +302,26 @@ async def test_quorum_queue_honours_message_ttl_on_3_10(cluster: Any, queue_name
         await kept.ack()
         for queue in (expiring, keeping):
             await queue.delete(if_unused=False, if_empty=False)
+
+
+@pytest.mark.parametrize("locator", ["client-local", "balanced"])
+async def test_where_quorum_queue_leaders_go(cluster: Any, locator: str) -> None:
+    """Queues declared through one connection (as one dispatcher declares every machine's
+    queue) all get their leader on that connection's node by default (``client-local``);
+    ``x-queue-leader-locator: balanced`` spreads them over the cluster."""
+    names = [f"clustertest.leaders.{locator}.{time.monotonic_ns()}.{n}" for n in range(6)]
+    arguments = {**QUORUM, "x-queue-leader-locator": locator}
+    async with connection_to(cluster.urls[0]) as connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        leaders = [cluster.leader_of(name) for name in names]
+        for name in names:
+            await channel.queue_delete(name)
+    if locator == "client-local":
+        assert set(leaders) == {cluster.names[0]}
+    else:
+        assert len(set(leaders)) == 3
+    record(
+        f"rabbitmq: leaders of 6 queues declared on one node, {locator}", len(set(leaders)), "nodes"
+    )
