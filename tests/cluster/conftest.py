@@ -1,4 +1,4 @@
-"""Fixtures for the cluster tests: a private 3-node RabbitMQ cluster (one per test session) and
+"""Fixtures for the cluster tests: a private 3-node RabbitMQ cluster (one per test module) and
 a private Redis primary + replica + 3 Sentinels (one per test, since every test switches it
 over). Both come from ``deploy/local/``; nothing here touches the shared broker or Redis.
 
@@ -50,8 +50,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"{what}: {value}")
 
 
-@pytest.fixture(scope="session")
-def cluster_session() -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def cluster_of_module() -> Iterator[Any]:
+    """One cluster for a test module (not the session: idle, three nodes would still take
+    memory and CPU from every test that runs after them)."""
     cluster = rabbitmq_cluster.RabbitCluster(3)
     cluster.start()
     record("rabbitmq: 3-node cluster up (boot + join + management)", cluster.boot_s)
@@ -62,14 +64,14 @@ def cluster_session() -> Iterator[Any]:
 
 
 @pytest.fixture
-def cluster(cluster_session: Any) -> Any:
+def cluster(cluster_of_module: Any) -> Any:
     """The session's cluster with all three nodes running (a test that stopped one left it
     down; it is started again here, before the next test needs it)."""
-    for name in cluster_session.names:
-        if not cluster_session.is_running(name):
-            took = cluster_session.start_node(name)
+    for name in cluster_of_module.names:
+        if not cluster_of_module.is_running(name):
+            took = cluster_of_module.start_node(name)
             record("rabbitmq: a stopped node restarted and rejoined", took)
-    return cluster_session
+    return cluster_of_module
 
 
 @pytest.fixture

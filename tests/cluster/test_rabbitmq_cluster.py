@@ -153,6 +153,8 @@ async def test_quorum_queue_loses_nothing_when_its_leader_node_goes(
     numbers = [n for n, _, _ in received]
     duplicates = len(numbers) - len(set(numbers))
     new_leader = cluster.leader_of(queue_name)
+    async with connection_to(cluster.node(new_leader).amqp_url) as admin:
+        await (await admin.channel()).queue_delete(queue_name)
     after = [(at, port) for _, at, port in received if at > stopped_at]
 
     assert set(numbers) == wanted  # nothing lost, nothing unknown
@@ -308,7 +310,7 @@ async def test_quorum_queue_honours_message_ttl_on_3_10(cluster: Any, queue_name
 async def test_where_quorum_queue_leaders_go(cluster: Any, locator: str) -> None:
     """Queues declared through one connection (as one dispatcher declares every machine's
     queue) all get their leader on that connection's node by default (``client-local``);
-    ``x-queue-leader-locator: balanced`` spreads them over the cluster."""
+    ``x-queue-leader-locator: balanced`` spreads them over the nodes that lead the fewest."""
     names = [f"clustertest.leaders.{locator}.{time.monotonic_ns()}.{n}" for n in range(6)]
     arguments = {**QUORUM, "x-queue-leader-locator": locator}
     async with connection_to(cluster.urls[0]) as connection:
@@ -321,7 +323,8 @@ async def test_where_quorum_queue_leaders_go(cluster: Any, locator: str) -> None
     if locator == "client-local":
         assert set(leaders) == {cluster.names[0]}
     else:
-        assert len(set(leaders)) == 3
+        # Balanced picks the nodes leading the fewest queues (those of earlier tests count).
+        assert len(set(leaders)) >= 2
     record(
         f"rabbitmq: leaders of 6 queues declared on one node, {locator}", len(set(leaders)), "nodes"
     )
