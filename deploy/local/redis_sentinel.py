@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A local Redis primary, one replica and three Sentinels, on free ports under a temporary dir.
 
-    python3 deploy/local/redis_sentinel.py up     [--dir DIR]
+    python3 deploy/local/redis_sentinel.py up     [--service NAME] [--dir DIR]
     python3 deploy/local/redis_sentinel.py status [--dir DIR]
     python3 deploy/local/redis_sentinel.py down   [--dir DIR]
 
@@ -16,8 +16,8 @@ From Python::
         group.failover()                # SENTINEL FAILOVER (a planned switch)
 
 Both data servers run ``deploy/redis/redis.conf`` (the product's configuration: AOF, fsync
-every second, ``noeviction``) with only the port and directory changed. Nothing here touches
-another Redis on the host.
+every second, ``noeviction``) with only ports, directories and replication settings added.
+Nothing here touches another Redis on the host.
 
 **Making acknowledged writes really lost.** Replication is asynchronous, so a failover loses
 whatever the replica had not received. To make that window as wide as a test needs, and
@@ -31,119 +31,45 @@ primary comes back it is made a replica of the new one and drops them too.
 Why not simply SIGSTOP the replica (or ``DEBUG SLEEP`` it): its kernel keeps receiving the
 replication stream into the socket buffers (several MB on loopback) while the process is
 stopped, so after SIGCONT the replica applies everything that fit, and small write loads are
-*not* lost. It also stops answering the Sentinels, which then count it down and will not
-promote it until it has answered again. The cut has neither problem. Its one limit: Sentinel
-skips a replica whose link has been down longer than ``10 x down-after-milliseconds`` (plus the
-time the primary has been down), so kill the primary within that window of the cut (10 s with
-the default ``down_after_ms=1000``).
+*not* lost. The cut has no such limit. Its one constraint: Sentinel skips a replica whose link
+has been down longer than ``10 x down-after-milliseconds`` (plus the time the primary has been
+down), so kill the primary within that window of the cut (10 s with ``down_after_ms=1000``).
 
-Standard library only (a 40-line RESP client), like ``services.py``.
+Standard library only (``resp.py`` talks to Redis), like ``services.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import atexit
 import contextlib
-import json
-import os
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-REDIS_CONF = Path(__file__).resolve().parents[1] / "redis" / "redis.conf"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from localprocs import ProcessGroup, command_line, free_port, wait_until
+from redis_sentinel_config import (
+    REPLICATION_USER,
+    SentinelGroupError,
+    SentinelSettings,
+    Server,
+    sentinel_config,
+    server_config,
+)
+from resp import HOST, RespError, answers, command, info, pairs
+
 DEFAULT_DIR = Path(tempfile.gettempdir()) / "rundispatch-redis-sentinel"
-STATE_FILE = "group.json"
-REPLICATION_USER = "replicator"
-HOST = "127.0.0.1"
 
 
-class SentinelGroupError(RuntimeError):
-    """The group could not be started, reached or switched over; the message says why."""
-
-
-class RespError(Exception):
-    """An error reply from Redis (``-ERR ...``)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def command(port: int, *args: str | int, timeout: float = 5.0) -> Any:
-    """Send one command to the Redis (or Sentinel) on ``port`` and return its decoded reply."""
-    payload = f"*{len(args)}\r\n".encode()
-    for arg in args:
-        data = str(arg).encode()
-        payload += b"$%d\r\n%s\r\n" % (len(data), data)
-    with socket.create_connection((HOST, port), timeout) as sock:
-        sock.sendall(payload)
-        reader = sock.makefile("rb")
-        return _read_reply(reader)
-
-
-def _read_reply(reader: Any) -> Any:
-    line: bytes = reader.readline()
-    if not line:
-        raise ConnectionError("connection closed before a reply")
-    kind, rest = line[:1], line[1:-2]
-    if kind == b"+":
-        return rest.decode()
-    if kind == b"-":
-        raise RespError(rest.decode())
-    if kind == b":":
-        return int(rest)
-    if kind == b"$":
-        size = int(rest)
-        if size < 0:
-            return None
-        data: bytes = reader.read(size + 2)
-        return data[:-2].decode(errors="replace")
-    if kind == b"*":
-        count = int(rest)
-        return None if count < 0 else [_read_reply(reader) for _ in range(count)]
-    raise ConnectionError(f"unexpected reply {line!r}")
-
-
-def info(port: int, section: str = "replication") -> dict[str, str]:
-    text = command(port, "INFO", section)
-    pairs = (line.split(":", 1) for line in str(text).splitlines() if ":" in line)
-    return {key: value for key, value in pairs}
-
-
-def answers(port: int) -> bool:
-    try:
-        return bool(command(port, "PING", timeout=0.5) == "PONG")
-    except (OSError, RespError):
-        return False
-
-
-@dataclass(frozen=True)
-class Server:
-    """One redis-server of the group (its role changes with failovers; its name does not)."""
-
-    name: str  # redis-1 (the first primary), redis-2 (the first replica)
-    port: int
-    dir: str
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (HOST, self.port)
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+def _wait(condition: Any, timeout_s: float, message: str) -> None:
+    wait_until(
+        condition, timeout_s, lambda: SentinelGroupError(message), ignore=(OSError, RespError)
+    )
 
 
 class RedisSentinelGroup:
@@ -152,7 +78,7 @@ class RedisSentinelGroup:
     ``down_after_ms``: how long a primary must not answer before a Sentinel counts it down
     (``down-after-milliseconds``); failover follows within about a second or two after that.
     ``server_config``: directives added to both data servers' configuration (e.g.
-    ``min-replicas-to-write 1``).
+    ``min-replicas-to-write 1``). ``workdir`` must be empty; ``stop`` deletes it.
     """
 
     def __init__(
@@ -166,29 +92,21 @@ class RedisSentinelGroup:
         server_config: tuple[str, ...] = (),
         workdir: Path | None = None,
     ) -> None:
-        if shutil.which("redis-server") is None:
+        self.redis_server = shutil.which("redis-server") or ""
+        if not self.redis_server:
             raise SentinelGroupError(
                 "redis-server is missing: install Redis 7 (Debian/Ubuntu: "
                 "apt-get install -y redis-server)"
             )
-        self.service = service
-        self.quorum = quorum
-        self.down_after_ms = down_after_ms
-        self.failover_timeout_ms = failover_timeout_ms
+        self.settings = SentinelSettings(service, quorum, down_after_ms, failover_timeout_ms)
         self.server_config = server_config
-        self._own_dir = workdir is None
-        self.dir = workdir or Path(tempfile.mkdtemp(prefix="rundispatch-sentinel-"))
+        self.processes = ProcessGroup(workdir, "rundispatch-sentinel-")
+        self.dir = self.processes.dir
         self.servers: list[Server] = []
         self.sentinel_ports: list[int] = []
         self._sentinel_count = sentinels
         self._password = secrets.token_hex(16)  # the replication user's
-        self._procs: dict[str, subprocess.Popen[bytes]] = {}
-        # Processes an earlier ``up`` left running (``attach``): stopped by ``down``.
-        self._adopted: dict[str, int] = {}
-        self._frozen: set[str] = set()
         self.boot_s = 0.0
-
-    # -- lifecycle -------------------------------------------------------------------------
 
     def __enter__(self) -> RedisSentinelGroup:
         self.start()
@@ -200,13 +118,12 @@ class RedisSentinelGroup:
     def start(self, timeout_s: float = 30.0) -> None:
         """Start both data servers and the Sentinels; return once the replica is in sync and
         every Sentinel knows the replica and the other Sentinels (a failover can happen)."""
-        if self.dir.exists() and any(self.dir.iterdir()):
-            # ``stop`` deletes the directory: it must hold nothing but the group.
-            raise SentinelGroupError(f"{self.dir} is not empty: give a new or empty directory")
-        began = time.monotonic()
-        atexit.register(self.stop)  # also when the caller forgets, or fails before its finally
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.processes.claim_dir()
+        except RuntimeError as exc:
+            raise SentinelGroupError(str(exc)) from None
+        began = time.monotonic()
+        try:
             self.servers = [
                 Server(f"redis-{i}", free_port(), str(self.dir / f"redis-{i}")) for i in (1, 2)
             ]
@@ -214,9 +131,9 @@ class RedisSentinelGroup:
             self._spawn_server(primary)
             self._spawn_server(replica, replica_of=primary)
             self.sentinel_ports = [free_port() for _ in range(self._sentinel_count)]
-            ids = [secrets.token_hex(20) for _ in self.sentinel_ports]
-            for index, port in enumerate(self.sentinel_ports):
-                self._spawn_sentinel(index + 1, port, ids, primary, replica)
+            ids = {port: secrets.token_hex(20) for port in self.sentinel_ports}
+            for port in self.sentinel_ports:
+                self._spawn_sentinel(port, ids, primary, replica)
             self._wait_ready(primary, replica, timeout_s)
         except BaseException:
             self.stop()
@@ -225,22 +142,14 @@ class RedisSentinelGroup:
         self._save_state()
 
     def stop(self) -> None:
-        """Kill every process of the group and delete its directory (if we made it)."""
-        atexit.unregister(self.stop)
-        for name in list(self._procs):
-            self._kill(name)
-        adopted = [pid for pid in self._adopted.values() if _started_here(pid, self.dir)]
-        for pid in adopted:  # never a pid reused by someone else since
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while any(_started_here(pid, self.dir) for pid in adopted) and time.monotonic() < deadline:
-            time.sleep(0.1)  # not our children: wait until they are gone
-        self._adopted.clear()
-        if self._own_dir or (self.dir / STATE_FILE).exists():
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Kill every process of the group and delete its directory."""
+        self.processes.stop_all()
 
     # -- addresses and roles ---------------------------------------------------------------
+
+    @property
+    def service(self) -> str:
+        return self.settings.service
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:
@@ -261,8 +170,7 @@ class RedisSentinelGroup:
                 votes[int(primary_port)] = votes.get(int(primary_port), 0) + 1
         if not votes:
             raise SentinelGroupError("no Sentinel answered")
-        port = max(votes, key=lambda p: votes[p])
-        return self.server(port)
+        return self.server(max(votes, key=lambda p: votes[p]))
 
     def replica(self) -> Server:
         """The data server that is not the primary."""
@@ -274,8 +182,7 @@ class RedisSentinelGroup:
         return info(server.port)["role"]
 
     def is_running(self, server: Server) -> bool:
-        proc = self._procs.get(server.name)
-        return proc is not None and proc.poll() is None
+        return self.processes.running(server.name)
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -286,9 +193,10 @@ class RedisSentinelGroup:
 
         def in_sync() -> bool:
             primary, replica = self.primary(), self.replica()
-            if info(replica.port).get("master_link_status") != "up":
+            state = info(replica.port)
+            if state.get("master_link_status") != "up":
                 return False
-            if int(info(replica.port).get("master_port", -1)) != primary.port:
+            if int(state.get("master_port", -1)) != primary.port:
                 return False
             wanted = int(info(primary.port)["master_repl_offset"])
             return int(info(replica.port)["slave_repl_offset"]) >= wanted
@@ -300,18 +208,17 @@ class RedisSentinelGroup:
         """Cut the replica off: from now on it receives nothing, and the primary goes on
         acknowledging writes. Returns the primary's replication offset at the cut (the
         replica holds everything before it: call ``wait_in_sync`` first if in doubt)."""
-        primary = self.primary()
-        if info(self.replica().port).get("master_link_status") != "up":
+        primary, replica = self.primary(), self.replica()
+        if info(replica.port).get("master_link_status") != "up":
             raise SentinelGroupError("the replica is not linked to the primary: wait_in_sync()")
         command(primary.port, "ACL", "SETUSER", REPLICATION_USER, "off")
         command(primary.port, "CLIENT", "KILL", "USER", REPLICATION_USER)
         offset = int(info(primary.port)["master_repl_offset"])
-        replica = self.replica()
-        deadline = time.monotonic() + 5
-        while info(replica.port).get("master_link_status") == "up":
-            if time.monotonic() > deadline:
-                raise SentinelGroupError("the replica is still linked after the cut")
-            time.sleep(0.02)
+        _wait(
+            lambda: info(replica.port).get("master_link_status") != "up",
+            5,
+            "the replica is still linked after the cut",
+        )
         return offset
 
     def resume_replica(self) -> None:
@@ -322,23 +229,20 @@ class RedisSentinelGroup:
                 command(server.port, "ACL", "SETUSER", REPLICATION_USER, "on")
 
     def freeze(self, server: Server) -> None:
-        """SIGSTOP a server (it keeps its sockets; see the module docstring for why this does
-        not reliably lose writes)."""
-        self._procs[server.name].send_signal(signal.SIGSTOP)
-        self._frozen.add(server.name)
+        """SIGSTOP a server: it keeps its sockets, and its kernel keeps receiving for it."""
+        self.processes.procs[server.name].send_signal(signal.SIGSTOP)
 
     def thaw(self, server: Server) -> None:
-        self._procs[server.name].send_signal(signal.SIGCONT)
-        self._frozen.discard(server.name)
+        self.processes.procs[server.name].send_signal(signal.SIGCONT)
 
     def kill(self, server: Server) -> None:
         """SIGKILL a data server (a crash; the AOF keeps what reached the page cache)."""
-        self._kill(server.name)
+        self.processes.kill(server.name)
         self._save_state()
 
     def restart(self, server: Server, timeout_s: float = 20.0) -> None:
         """Start a killed data server again on its port and directory. The Sentinels turn a
-        former primary into a replica of the current one."""
+        former primary into a replica of the current one (within ~10 s: their INFO period)."""
         if self.is_running(server):
             raise SentinelGroupError(f"{server.name} is running")
         self._spawn_server(server)
@@ -358,21 +262,13 @@ class RedisSentinelGroup:
         began = time.monotonic()
 
         def switched() -> bool:
-            names = set()
-            for port in self.sentinel_ports:
-                try:
-                    _, primary_port = command(
-                        port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
-                    )
-                except (OSError, RespError):
-                    return False
-                names.add(int(primary_port))
-            if len(names) != 1 or old.port in names:
+            named = {
+                int(command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)[1])
+                for port in self.sentinel_ports
+            }
+            if len(named) != 1 or old.port in named:
                 return False
-            try:
-                return info(names.pop())["role"] == "master"
-            except (OSError, RespError):
-                return False
+            return info(named.pop())["role"] == "master"
 
         _wait(switched, timeout_s, f"no new primary within {timeout_s:.0f} s")
         return self.primary(), time.monotonic() - began
@@ -382,72 +278,33 @@ class RedisSentinelGroup:
     def _spawn_server(self, server: Server, replica_of: Server | None = None) -> None:
         config = Path(server.dir) / "redis.conf"
         if not config.exists():
-            # A copy of the product's configuration: Sentinel sends CONFIG REWRITE to the
-            # servers it reconfigures, which must never rewrite the file in the repository.
             Path(server.dir).mkdir(parents=True, exist_ok=True)
-            overrides = [
-                f"port {server.port}",
-                f"bind {HOST}",
-                f"dir {server.dir}",
-                f"logfile {Path(server.dir) / 'redis.log'}",
-                "daemonize no",
-                # A full sync starts at once instead of waiting 5 s for more replicas to come.
-                "repl-diskless-sync-delay 0",
-                # The replica authenticates as its own user, so that lag_replica() can refuse it.
-                f"user {REPLICATION_USER} on >{self._password} +psync +replconf +ping",
-                f"masteruser {REPLICATION_USER}",
-                f"masterauth {self._password}",
-            ]
-            overrides += self.server_config
-            if replica_of is not None:
-                overrides.append(f"replicaof {HOST} {replica_of.port}")
-            config.write_text(REDIS_CONF.read_text() + "\n" + "\n".join(overrides) + "\n")
-        self._procs[server.name] = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+            text = server_config(server, self._password, self.server_config, replica_of)
+            config.write_text(text)
+        self.processes.spawn(server.name, [self.redis_server, str(config)], cwd=Path(server.dir))
 
     def _spawn_sentinel(
-        self, index: int, port: int, ids: list[str], primary: Server, replica: Server
+        self, port: int, ids: dict[int, str], primary: Server, replica: Server
     ) -> None:
+        index = self.sentinel_ports.index(port) + 1
         directory = self.dir / f"sentinel-{index}"
         directory.mkdir(parents=True, exist_ok=True)
-        name = self.service
-        lines = [
-            f"port {port}",
-            f"bind {HOST}",
-            f"dir {directory}",
-            f"logfile {directory / 'sentinel.log'}",
-            f"sentinel myid {ids[index - 1]}",
-            f"sentinel monitor {name} {HOST} {primary.port} {self.quorum}",
-            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
-            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
-            f"sentinel parallel-syncs {name} 1",
-            # Told up front what it would otherwise learn from the primary's INFO (every 10 s)
-            # and from the other Sentinels' hello messages (every 2 s): ready in a second.
-            f"sentinel known-replica {name} {HOST} {replica.port}",
-        ]
-        lines += [
-            f"sentinel known-sentinel {name} {HOST} {other_port} {other_id}"
-            for other_port, other_id in zip(self.sentinel_ports, ids, strict=True)
-            if other_port != port
-        ]
         config = directory / "sentinel.conf"  # Sentinel rewrites it: it must be its own file
-        config.write_text("\n".join(lines) + "\n")
-        # redis-server in Sentinel mode: Debian's redis-sentinel package is not needed.
-        self._procs[f"sentinel-{index}"] = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", str(config), "--sentinel"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+        config.write_text(
+            sentinel_config(
+                self.settings,
+                directory=directory,
+                port=port,
+                ids=ids,
+                primary=primary,
+                replica=replica,
+            )
         )
+        # redis-server in Sentinel mode: Debian's redis-sentinel package is not needed.
+        argv = [self.redis_server, str(config), "--sentinel"]
+        self.processes.spawn(f"sentinel-{index}", argv, cwd=directory)
 
     def _wait_ready(self, primary: Server, replica: Server, timeout_s: float) -> None:
-        for name, proc in self._procs.items():
-            if proc.poll() is not None:
-                raise SentinelGroupError(f"{name} exited at start (see its log in {self.dir})")
         _wait(lambda: answers(primary.port), timeout_s, "the primary did not start")
         _wait(
             lambda: answers(replica.port) and info(replica.port).get("master_link_status") == "up",
@@ -457,18 +314,16 @@ class RedisSentinelGroup:
         others = len(self.sentinel_ports) - 1
 
         def sentinels_ready() -> bool:
-            # Every Sentinel has a fresh INFO from the replica (it promotes no replica it has
-            # not heard from) and is connected to every other Sentinel (to hold the vote).
+            # Every Sentinel has an INFO from the replica (it promotes no replica it has not
+            # heard from) and is connected to every other Sentinel (to hold the vote).
             for port in self.sentinel_ports:
-                replicas = [_pairs(r) for r in command(port, "SENTINEL", "REPLICAS", self.service)]
+                replicas = [pairs(r) for r in command(port, "SENTINEL", "REPLICAS", self.service)]
                 usable = [
                     r
                     for r in replicas
-                    if r["flags"] == "slave"
-                    and r.get("master-link-status") == "ok"
-                    and int(r.get("info-refresh", 10**9)) < 5000
+                    if r["flags"] == "slave" and r.get("master-link-status") == "ok"
                 ]
-                peers = [_pairs(p) for p in command(port, "SENTINEL", "SENTINELS", self.service)]
+                peers = [pairs(p) for p in command(port, "SENTINEL", "SENTINELS", self.service)]
                 connected = [p for p in peers if "disconnected" not in p["flags"]]
                 if not usable or len(connected) < others:
                     return False
@@ -476,153 +331,59 @@ class RedisSentinelGroup:
 
         _wait(sentinels_ready, timeout_s, "the Sentinels did not discover each other")
 
-    def _kill(self, name: str) -> None:
-        proc = self._procs.pop(name, None)
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        self._frozen.discard(name)
-
     def _save_state(self) -> None:
-        state = {
-            "service": self.service,
-            "servers": [s.__dict__ for s in self.servers],
-            "sentinel_ports": self.sentinel_ports,
-            "pids": {name: proc.pid for name, proc in self._procs.items()},
-        }
-        (self.dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+        self.processes.save_state(
+            settings=asdict(self.settings),
+            servers=[asdict(s) for s in self.servers],
+            sentinel_ports=self.sentinel_ports,
+        )
+
+    def describe(self) -> list[str]:
+        """One line per data server (state, role, URL) and one for the Sentinels."""
+        primary = None
+        with contextlib.suppress(SentinelGroupError):
+            primary = self.primary()
+        lines = [
+            f"{server.name}  {'running' if answers(server.port) else 'down':8} "
+            f"{'primary' if server == primary else 'replica':8} {server.url}"
+            for server in self.servers
+        ]
+        sentinels = ",".join(f"{h}:{p}" for h, p in self.sentinel_addresses)
+        return [*lines, f"sentinels {sentinels}  service {self.service}"]
 
     @classmethod
     def attach(cls, workdir: Path) -> RedisSentinelGroup:
         """The group an earlier ``up`` left running in ``workdir`` (for status and down)."""
-        path = workdir / STATE_FILE
-        if not path.exists():
-            raise SentinelGroupError(f"no Sentinel group in {workdir} (no {STATE_FILE})")
-        state = json.loads(path.read_text())
-        group = cls(service=state["service"], workdir=workdir)
+        group = cls(workdir=workdir)
+        try:
+            state = group.processes.load_state()
+        except FileNotFoundError as exc:
+            raise SentinelGroupError(str(exc)) from None
+        group.settings = SentinelSettings(**state["settings"])
         group.servers = [Server(**s) for s in state["servers"]]
         group.sentinel_ports = [int(p) for p in state["sentinel_ports"]]
-        group._adopted = {name: int(pid) for name, pid in state["pids"].items()}
         return group
-
-    def detach(self) -> None:
-        """Leave the processes running when this object goes (``up`` hands them to ``down``)."""
-        atexit.unregister(self.stop)
-        self._procs.clear()
-
-
-def _started_here(pid: int, workdir: Path) -> bool:
-    """Whether ``pid`` is still a server or Sentinel of ``workdir`` (each runs in its own
-    directory under it), not a pid reused by another process since."""
-    try:
-        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
-    except OSError:
-        return False
-    return cwd.is_relative_to(workdir.resolve())
-
-
-def _pairs(flat: list[Any]) -> dict[str, str]:
-    return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
-def _wait(condition: Any, timeout_s: float, message: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if condition():
-                return
-        except (OSError, RespError):
-            pass
-        if time.monotonic() > deadline:
-            raise SentinelGroupError(message)
-        time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def redis_sentinel_group(**kwargs: Any) -> Iterator[RedisSentinelGroup]:
-    """``with redis_sentinel_group() as group:`` — started on entry, stopped on exit."""
-    group = RedisSentinelGroup(**kwargs)
-    group.start()
-    try:
-        yield group
-    finally:
-        group.stop()
 
 
 # -- command line -------------------------------------------------------------------------
 
 
-def _up(args: argparse.Namespace) -> int:
-    workdir = Path(args.dir)
-    if (workdir / STATE_FILE).exists():
-        print(f"a Sentinel group already runs in {workdir}: run 'down' first", file=sys.stderr)
-        return 1
-    group = RedisSentinelGroup(workdir=workdir, service=args.service)
-    try:
-        group.start()
-    except SentinelGroupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    _print(group)
-    print(f"up in {group.boot_s:.1f} s; stop with: {sys.argv[0]} down --dir {workdir}")
-    group.detach()  # the processes outlive this command on purpose
-    return 0
-
-
-def _print(group: RedisSentinelGroup) -> None:
-    primary = None
-    with contextlib.suppress(SentinelGroupError):
-        primary = group.primary()
-    for server in group.servers:
-        role = "primary" if server == primary else "replica"
-        state = "running" if answers(server.port) else "down"
-        print(f"{server.name}  {state:8} {role:8} {server.url}")
-    sentinels = ",".join(f"{h}:{p}" for h, p in group.sentinel_addresses)
-    print(f"sentinels {sentinels}  service {group.service}")
-
-
-def _status(args: argparse.Namespace) -> int:
-    try:
-        group = RedisSentinelGroup.attach(Path(args.dir))
-    except SentinelGroupError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    _print(group)
-    return 0
-
-
-def _down(args: argparse.Namespace) -> int:
-    workdir = Path(args.dir)
-    if not (workdir / STATE_FILE).exists():
-        print(f"no Sentinel group in {workdir}", file=sys.stderr)
-        return 0
-    RedisSentinelGroup.attach(workdir).stop()
-    print(f"stopped the Sentinel group and deleted {workdir}")
-    return 0
-
-
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    return command_line(
+        argv,
         prog="redis_sentinel.py",
         description=(
             "Start, inspect or stop a local Redis primary, replica and three Sentinels on free "
             "ports; a Redis already running on this host (e.g. on 6379) is never touched."
         ),
+        default_dir=DEFAULT_DIR,
+        make=lambda args: RedisSentinelGroup(workdir=Path(args.dir), service=args.service),
+        attach=RedisSentinelGroup.attach,
+        errors=(SentinelGroupError,),
+        up_options=lambda parser: parser.add_argument(
+            "--service", default="rundispatch", help="the Sentinel service name"
+        ),
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    up = sub.add_parser("up", help="start the group and print its addresses")
-    up.add_argument("--service", default="rundispatch", help="the Sentinel service name")
-    sub.add_parser("status", help="show each server, its role and the Sentinels")
-    sub.add_parser("down", help="kill the group and delete its directory")
-    for command_parser in sub.choices.values():
-        command_parser.add_argument(
-            "--dir", default=str(DEFAULT_DIR), help=f"the group's directory (default {DEFAULT_DIR})"
-        )
-    args = parser.parse_args(argv)
-    return {"up": _up, "status": _status, "down": _down}[args.command](args)
 
 
 if __name__ == "__main__":
