@@ -24,7 +24,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
 from tests.cluster.amqp_failover import (
-    ClusterConnection,
     ConfirmingPublisher,
     connect_cluster,
     split_urls,
@@ -159,10 +158,11 @@ async def test_quorum_queue_loses_nothing_when_its_leader_node_goes(
 
     assert set(numbers) == wanted  # nothing lost, nothing unknown
     assert new_leader != leader
-    assert isinstance(consumer_connection, ClusterConnection)
     assert consumer_connection.moves >= 1 and publisher_connection.moves >= 1
     assert after and all(port != leader_port for _, port in after[-10:])  # consumed elsewhere
-    assert max(attempts) >= 1 and len(latencies) == total
+    # Publishing went on across the node's death: some publishes failed and were confirmed
+    # on a retry through another node.
+    assert len(latencies) == total and any(tries > 1 for tries in attempts)
 
     record(f"rabbitmq quorum leader {how}: max publish-to-confirm", max(latencies))
     record(f"rabbitmq quorum leader {how}: publishes retried", sum(a > 1 for a in attempts), "")
