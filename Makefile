@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SERVICES := $(PYTHON) deploy/local/services.py
 
-.PHONY: demo test lint bench tools clean
+.PHONY: demo test test-cluster lint bench tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(SERVICES) -- $(PY) -m pytest $(PYTEST_ARGS)
 
+## test-cluster: only the cluster tests (their own 3-node RabbitMQ cluster and Redis Sentinel
+## group on free ports; the shared services are not used), with the timings they measure
+test-cluster: $(STAMP) tools
+	$(PY) -m pytest tests/cluster -m cluster $(PYTEST_ARGS)
+
 ## lint: ruff (lint + format) and mypy --strict
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -31,9 +36,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(SERVICES) -- $(PY) -m bench $(BENCH_ARGS)
 
-## tools: the Prometheus server and promtool the observability tests run
+## tools: the Prometheus server and promtool, rabbitmq-server and redis-server the tests run
 tools:
-	@command -v promtool >/dev/null 2>&1 || sh deploy/local/install-tools.sh
+	@sh deploy/local/install-tools.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
