@@ -1,16 +1,21 @@
 # The four verbs: demo, test, lint, bench. Each sets itself up on a fresh machine.
+# Deployment helpers: constraints (re-pin), image (build deploy/Dockerfile), image-test.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SERVICES := $(PYTHON) deploy/local/services.py
 
-.PHONY: demo test lint bench tools clean
+CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+IMAGE ?= rundispatch:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-$(STAMP): pyproject.toml
+.PHONY: demo test lint bench tools constraints image image-test clean
+
+# Installs with the pinned versions of constraints.txt (make constraints re-pins them).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 ## demo: apply an example fleet, run a dispatcher and workers, submit a mixed workload
@@ -31,9 +36,21 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(SERVICES) -- $(PY) -m bench $(BENCH_ARGS)
 
-## tools: the Prometheus server and promtool the observability tests run
+## tools: what the tests run besides Python: prometheus/promtool, kubectl (kustomize), podman
 tools:
-	@command -v promtool >/dev/null 2>&1 || sh deploy/local/install-tools.sh
+	@sh deploy/local/install-tools.sh
+
+## constraints: re-pin constraints.txt from pyproject.toml (after changing dependencies)
+constraints:
+	$(PYTHON) deploy/local/constraints.py
+
+## image: build the container image from deploy/Dockerfile (CONTAINER=docker|podman)
+image:
+	$(CONTAINER) build -f deploy/Dockerfile -t $(IMAGE) .
+
+## image-test: build the image with podman and run its commands and a run through it
+image-test: $(STAMP) tools
+	$(SERVICES) -- $(PY) -m pytest tests/deploy -m container $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
