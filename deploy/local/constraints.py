@@ -45,9 +45,7 @@ def resolve(project: Path) -> dict[str, str]:
         venv.EnvBuilder(with_pip=True).create(env_dir)
         python = env_dir / "bin" / "python"
         report = Path(tmp) / "report.json"
-        subprocess.run(
-            [python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True
-        )
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
         subprocess.run(
             [python, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed",
              "--report", str(report), f"{project}[dev]"],
