@@ -48,8 +48,9 @@ constraints:
 image:
 	$(CONTAINER) build -f deploy/Dockerfile -t $(IMAGE) .
 
-## image-test: build the image with podman and run its commands and a run through it
+## image-test: build the image with podman, run its commands and a run through it (~2-4 min)
 image-test: $(STAMP) tools
+	@sh deploy/local/install-tools.sh container
 	$(SERVICES) -- $(PY) -m pytest tests/deploy -m container $(PYTEST_ARGS)
 
 clean:

@@ -1,15 +1,47 @@
 #!/bin/sh
-# Installs the Prometheus server and promtool (Debian/Ubuntu) that the tests use.
+# Installs what the tests run besides Python packages (Debian/Ubuntu, as root):
+#   sh deploy/local/install-tools.sh              prometheus + promtool (make test), and checks
+#                                                 kubectl/kustomize (tests/deploy renders the
+#                                                 Kubernetes manifests with it)
+#   sh deploy/local/install-tools.sh container    also podman, runc and debootstrap
+#                                                 (make image-test builds and runs the image)
+# hadolint, kubernetes-validate and jsonschema come with the Python dev extras (pip).
 set -eu
-if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
-  exit 0
+
+need_apt() {
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "missing: $* (install the Debian packages: apt-get install -y $*)" >&2
+    exit 1
+  fi
+}
+
+apt_install() {
+  need_apt "$@"
+  echo "installing $* with apt-get..." >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  apt_install prometheus
+  # The Debian package starts a system Prometheus on :9090; the tests run their own.
+  (service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1
 fi
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "prometheus/promtool are missing: install the 'prometheus' package (apt-get install -y prometheus)" >&2
+
+# kustomize (standalone or built into kubectl >= 1.21). Debian has no current one; the
+# machines this project runs on ship kubectl.
+if ! command -v kustomize >/dev/null 2>&1 && ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "missing: kustomize (install kubectl >= 1.27 or kustomize >= 5; see kubernetes.io)" >&2
   exit 1
 fi
-echo "installing prometheus (promtool) with apt-get..." >&2
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-# The Debian package starts a system Prometheus on :9090; the tests run their own.
-(service prometheus stop || pkill -x prometheus || true) >/dev/null 2>&1
+
+if [ "${1:-}" = "container" ]; then
+  missing=""
+  for tool in podman runc debootstrap; do
+    command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+  done
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086 # one word per package
+    apt_install $missing uidmap containernetworking-plugins
+  fi
+fi
