@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,16 @@ def render(kustomize: list[str], directory: str) -> str:
 
 
 def validate(validator: str, manifest: Path) -> tuple[int, str]:
-    result = run(validator, "--strict", "--no-warn", manifest)
+    # Offline: every proxy points at a closed port, so a schema fetched from the network
+    # would fail the validation; kubernetes-validate ships its schemas.
+    offline = {
+        **os.environ,
+        **{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")},
+        **{name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "all_proxy")},
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    result = run(validator, "--strict", "--no-warn", manifest, env=offline)
     return result.returncode, result.stdout + result.stderr
 
 
