@@ -117,6 +117,8 @@ def image(podman: Podman) -> str:
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     print(f"image built in {time.monotonic() - started:.0f} s")
+    # The previous build's image and stages are left untagged: drop them (private storage).
+    podman("image", "prune", "--force", timeout=300)
     return IMAGE
 
 
