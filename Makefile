@@ -1,16 +1,21 @@
 # The four verbs: demo, test, lint, bench. Each sets itself up on a fresh machine.
+# Deployment helpers: constraints (re-pin), image (build deploy/Dockerfile), image-test.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SERVICES := $(PYTHON) deploy/local/services.py
 
-.PHONY: demo test test-cluster lint bench tools clean
+CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+IMAGE ?= rundispatch:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-$(STAMP): pyproject.toml
+.PHONY: demo test test-cluster lint bench tools constraints image image-test clean
+
+# Installs with the pinned versions of constraints.txt (make constraints re-pins them).
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 ## demo: apply an example fleet, run a dispatcher and workers, submit a mixed workload
@@ -36,9 +41,22 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(SERVICES) -- $(PY) -m bench $(BENCH_ARGS)
 
-## tools: the Prometheus server and promtool, rabbitmq-server and redis-server the tests run
+## tools: what the tests run besides Python: prometheus/promtool, kubectl (kustomize), podman
 tools:
 	@sh deploy/local/install-tools.sh
+
+## constraints: re-pin constraints.txt from pyproject.toml (after changing dependencies)
+constraints:
+	$(PYTHON) deploy/local/constraints.py
+
+## image: build the container image from deploy/Dockerfile (CONTAINER=docker|podman)
+image:
+	$(CONTAINER) build -f deploy/Dockerfile -t $(IMAGE) .
+
+## image-test: build the image with podman, run its commands and a run through it (~2-4 min)
+image-test: $(STAMP) tools
+	@sh deploy/local/install-tools.sh container
+	$(SERVICES) -- $(PY) -m pytest tests/deploy -m container $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
