@@ -13,7 +13,7 @@ import jsonschema
 import pytest
 import yaml
 
-from dispatcher.fleet import check_references, load_fleet_file
+from dispatcher.tools.fleet_file import check_references, load_fleet_file
 
 from .tools import DEPLOY, REPO, require_tool, run
 

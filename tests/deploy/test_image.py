@@ -208,7 +208,7 @@ def namespace_env() -> Iterator[dict[str, str]]:
         "RUNDISPATCH_LOG_FORMAT": "text",
     }
     yield env
-    from dispatcher.adapters.runtime import purge_namespace  # product code, imported late
+    from dispatcher.bootstrap import purge_namespace  # product code, imported late
     from dispatcher.settings import Settings
 
     settings = Settings(
