@@ -6,22 +6,27 @@
   id, and the associated data binds a blob to a context (the connection id): a blob copied to
   another connection does not open.
 - :func:`seal_to` / :class:`Sealer` / :class:`WorkerKeyPair` seal a secret to one machine's
-  worker (ephemeral X25519 + HKDF-SHA256 + AES-GCM) and bind it to a run id, so that neither the
-  broker, nor another machine, nor another run can use it.
+  worker (ephemeral X25519 + HKDF-SHA256 + AES-GCM) and bind it to associated data, so that
+  neither the broker, nor another machine, nor another run can use it.
+- :func:`handoff_binding` is that associated data for an assignment: run id, machine id,
+  fencing token, flow id and a digest of the inputs. A worker computes it from the assignment
+  it received, so an assignment whose flow or inputs were swapped does not open.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 import os
 import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,6 +46,7 @@ _KEY_BYTES = 32
 _KID = re.compile(r"^[A-Za-z0-9_\-]{1,32}$")
 _HKDF_INFO = b"rundispatch sealed hand-off v1"
 _AGREED_KEYS = 64
+_BINDING_VERSION = "rundispatch hand-off binding v2"
 
 
 def _b64e(data: bytes) -> str:
@@ -155,12 +161,30 @@ def _raw_public(key: X25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+def inputs_digest(inputs: Mapping[str, Any]) -> str:
+    """SHA-256 of the inputs' canonical JSON (sorted keys, no spaces): the same dict gives the
+    same digest on both sides whatever order its keys travelled in."""
+    canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def handoff_binding(
+    run_id: str, machine_id: str, fence: int, flow_id: str, inputs: Mapping[str, Any]
+) -> str:
+    """The associated data of a run's sealed secret: the run, the machine, the fencing token
+    of this hand-off, the flow and the digest of the inputs (a JSON array: unambiguous)."""
+    return json.dumps(
+        [_BINDING_VERSION, run_id, machine_id, fence, flow_id, inputs_digest(inputs)],
+        separators=(",", ":"),
+    )
+
+
 def seal_to(public_key_b64: str, plaintext: bytes, aad: str) -> str:
     """Encrypt ``plaintext`` so only the holder of the private key can open it, for ``aad``.
 
-    Each call uses a fresh ephemeral X25519 key; ``aad`` (the run id) is authenticated, so a
-    sealed blob replayed into another run does not open. :class:`Sealer` does the same with
-    one ephemeral key per recipient for a few minutes.
+    Each call uses a fresh ephemeral X25519 key; ``aad`` (:func:`handoff_binding`) is
+    authenticated, so a sealed blob replayed into another run or another assignment does not
+    open. :class:`Sealer` does the same with one ephemeral key per recipient for a few minutes.
     """
     ephemeral_b64, aead = _ephemeral_to(public_key_b64)
     return _seal_with(ephemeral_b64, aead, plaintext, aad)
@@ -191,7 +215,7 @@ class Sealer:
     The X25519 agreement is the costly part of sealing (~90 µs here, against ~5 µs for the
     AES-GCM that follows), and a dispatcher seals a secret to the same few workers for every
     run. So the agreed key is kept per recipient and replaced after ``reuse_s``: blobs keep the
-    same format and bindings (the run id is authenticated, every nonce is random, and a worker
+    same format and bindings (the binding is authenticated, every nonce is random, and a worker
     opens them as before), and an AES key encrypts at most the hand-offs of one process to one
     worker for a few minutes. What that gives up is per-run forward secrecy inside the window:
     whoever reads this process's memory could open the hand-offs of the last minutes, which

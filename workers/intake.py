@@ -6,6 +6,12 @@
 A delivery is acked as soon as the start is recorded: nothing stays unacked while a flow runs.
 A run that was started is never started again (the ledger refuses it, and so does the
 dispatcher side's fence).
+
+The sealed secret is opened before the start, with the binding computed from the assignment as
+received (run, machine, fence, flow, inputs digest). An assignment whose secret does not open
+(a swapped flow or inputs, another machine's or run's secret) is refused: its flow never runs,
+the run is started and reported ``failed`` (``FlowFailed``, the reason in its error) so that it
+does not hang, and the delivery is dead-lettered with the reason.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
+from dispatcher.errors import SealedDataError
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment
 from dispatcher.settings import Settings
@@ -28,6 +36,9 @@ from workers.runner import Runner
 from workers.runs import WorkerRuns
 
 log = logging.getLogger(__name__)
+
+# An assignment's opened secret, or why it was refused.
+Opened = dict[str, Any] | str
 
 
 class AssignmentIntake:
@@ -57,7 +68,7 @@ class AssignmentIntake:
     async def handle(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """Start the batch's assignments with one fenced-start round trip and one fsync."""
         verdicts: list[Verdict] = []
-        pending: list[tuple[int, Assignment]] = []
+        pending: list[tuple[int, Assignment, Opened]] = []
         for message in batch:
             if message.type == "cancel":
                 verdicts.append(self._cancel(message.body))
@@ -65,7 +76,7 @@ class AssignmentIntake:
             verdict, assignment = self._accept(message.body)
             verdicts.append(verdict)
             if assignment is not None:
-                pending.append((len(verdicts) - 1, assignment))
+                pending.append((len(verdicts) - 1, assignment, self._open(assignment)))
         if pending:
             await self._start(pending, verdicts)
         return verdicts
@@ -83,22 +94,39 @@ class AssignmentIntake:
             return Ack(), None
         return Ack(), assignment
 
-    async def _start(self, pending: list[tuple[int, Assignment]], verdicts: list[Verdict]) -> None:
+    def _open(self, assignment: Assignment) -> Opened:
+        try:
+            return self.runner.open_secret(assignment)
+        except (SealedDataError, ValueError):
+            reason = (
+                f"refused run {assignment.run_id}: its sealed secret does not open for this "
+                "assignment (run, machine, fence, flow and inputs must be those it was sealed for)"
+            )
+            log.warning("%s", reason)
+            return reason
+
+    async def _start(
+        self, pending: list[tuple[int, Assignment, Opened]], verdicts: list[Verdict]
+    ) -> None:
         now = self.clock()
         grace = self.settings.running_grace_s + 30
-        starts = [StartRequest(a.run_id, a.fence, now + a.time_limit_s + grace) for _, a in pending]
+        starts = [
+            StartRequest(a.run_id, a.fence, now + a.time_limit_s + grace) for _, a, _ in pending
+        ]
         try:
             results = await self.link.start(starts)
         except Exception as exc:  # the dispatcher side is unreachable: RabbitMQ keeps them
             log.warning("could not start %d runs yet: %s", len(pending), exc)
-            for index, _ in pending:
+            for index, _, _ in pending:
                 verdicts[index] = retry_for(exc)
             return
-        started: list[Assignment] = []
-        for (index, assignment), result in zip(pending, results, strict=True):
+        started: list[tuple[Assignment, Opened]] = []
+        for (index, assignment, opened), result in zip(pending, results, strict=True):
+            if isinstance(opened, str):
+                verdicts[index] = DeadLetter(opened, "handoff")
             match result:
                 case Started():
-                    started.append(assignment)
+                    started.append((assignment, opened))
                 case Failed(error=error):
                     verdicts[index] = Retry(error)
                 case Refused(status=status, fence=fence):
@@ -110,10 +138,13 @@ class AssignmentIntake:
                         fence,
                     )
         self.ledger.record_started(
-            [(a.run_id, a.fence, {"machine_id": self.machine_id}) for a in started]
+            [(a.run_id, a.fence, {"machine_id": self.machine_id}) for a, _ in started]
         )
-        for assignment in started:
-            self.runner.launch(assignment)
+        for assignment, opened in started:
+            if isinstance(opened, str):
+                self.runner.refuse(assignment, opened)
+            else:
+                self.runner.launch(assignment, opened)
         self.metrics.set_running_runs(len(self.runs.running))
 
     def _cancel(self, body: bytes) -> Verdict:

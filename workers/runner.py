@@ -8,9 +8,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from dispatcher.codes import ErrorCode
-from dispatcher.crypto import WorkerKeyPair
+from dispatcher.crypto import WorkerKeyPair, handoff_binding
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment, RunError, RunStatus
 from workers.executors import Executor, FlowContext, FlowResult
@@ -46,9 +47,35 @@ class Runner:
         self.metrics = metrics
         self.done: asyncio.Queue[Executed] = asyncio.Queue()
 
-    def launch(self, assignment: Assignment) -> None:
-        """Run the flow of a started run (its start is recorded and on disk already)."""
-        task = asyncio.create_task(self._execute(assignment), name=f"run:{assignment.run_id}")
+    def open_secret(self, assignment: Assignment) -> dict[str, Any]:
+        """The assignment's secret, opened with the binding computed from the assignment as
+        received (run, this machine, fence, flow, inputs): raises SealedDataError when any of
+        them is not what the dispatcher sealed it for."""
+        if not assignment.sealed_secret:
+            return {}
+        binding = handoff_binding(
+            assignment.run_id,
+            assignment.machine_id,
+            assignment.fence,
+            assignment.flow_id,
+            assignment.inputs,
+        )
+        secret = json.loads(self.keys.open(assignment.sealed_secret, binding))
+        return secret if isinstance(secret, dict) else {}
+
+    def refuse(self, assignment: Assignment, reason: str) -> None:
+        """Report a started run failed without running its flow (its hand-off was refused)."""
+        self.metrics.executor_error("handoff_refused")
+        error = RunError(code=ErrorCode.FlowFailed, message=reason)
+        outcome = Outcome(assignment.run_id, assignment.fence, RunStatus.failed, error)
+        self.done.put_nowait(Executed(outcome, 0.0, ErrorCode.FlowFailed))
+
+    def launch(self, assignment: Assignment, secret: dict[str, Any]) -> None:
+        """Run the flow of a started run (its start is recorded and on disk already) with its
+        opened ``secret``."""
+        task = asyncio.create_task(
+            self._execute(assignment, secret), name=f"run:{assignment.run_id}"
+        )
         task.add_done_callback(lambda done: self._stopped_before_start(done, assignment))
         self.runs.running[assignment.run_id] = Running(assignment, task)
 
@@ -63,11 +90,11 @@ class Runner:
         outcome = Outcome(assignment.run_id, assignment.fence, RunStatus.cancelled, error)
         self.done.put_nowait(Executed(outcome, 0.0, ErrorCode.Cancelled))
 
-    async def _execute(self, assignment: Assignment) -> None:
+    async def _execute(self, assignment: Assignment, secret: dict[str, Any]) -> None:
         run_id = assignment.run_id
         started = time.monotonic()
         try:
-            result = await self._run_flow(assignment)
+            result = await self._run_flow(assignment, secret)
         except asyncio.CancelledError:
             item = self.runs.running.get(run_id)
             reason = item.cancel_reason if item else None
@@ -85,17 +112,7 @@ class Runner:
         outcome = Outcome(run_id, assignment.fence, status, error, result.outputs or None)
         self.done.put_nowait(Executed(outcome, time.monotonic() - started, result.code))
 
-    async def _run_flow(self, assignment: Assignment) -> FlowResult:
-        try:
-            secret = (
-                json.loads(self.keys.open(assignment.sealed_secret, assignment.run_id))
-                if assignment.sealed_secret
-                else {}
-            )
-        except Exception:
-            return FlowResult(
-                False, code=ErrorCode.FlowFailed, message="the sealed secret could not be opened"
-            )
+    async def _run_flow(self, assignment: Assignment, secret: dict[str, Any]) -> FlowResult:
         context = FlowContext(
             run_id=assignment.run_id,
             flow_id=assignment.flow_id,

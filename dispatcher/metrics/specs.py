@@ -54,7 +54,7 @@ REFRESH_RESULTS: Final = _closed(
 )
 DEAD_LETTER_REASONS: Final = _closed(
     "invalid_json", "not_an_object", "schema", "oversize", "content_type", "encoding",
-    "delivery_limit", "heartbeat", "unknown_run",
+    "delivery_limit", "heartbeat", "unknown_run", "handoff",
 )  # fmt: skip
 EVENTS: Final = _closed(
     "queued", "dispatched", "started", "succeeded", "failed", "timed_out", "cancelled", "rejected"
@@ -62,7 +62,9 @@ EVENTS: Final = _closed(
 MACHINE_STATES: Final = _closed("online", "offline", "maintenance")
 SLOT_STATES: Final = _closed("busy", "free")
 WORKER_OUTCOMES: Final = _closed("succeeded", "failed", "cancelled")
-EXECUTOR_ERRORS: Final = _closed("start_failed", "crashed", "timeout", "bad_output", "unreachable")
+EXECUTOR_ERRORS: Final = _closed(
+    "start_failed", "crashed", "timeout", "bad_output", "unreachable", "handoff_refused"
+)
 
 QUEUE_WAIT_BUCKETS: Final = (
     0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 2700, 3600, 7200, 14400, 21600,

@@ -1,8 +1,10 @@
 """What a worker needs besides the request: the connection's secret, sealed to its machine.
 
 The password (credentials) or access token (sign-in) is fetched at dispatch time, never
-earlier, and encrypted to the receiving machine's public key with the run id as associated
-data: neither the broker nor another machine can read it, nor replay it into another run.
+earlier, and encrypted to the receiving machine's public key with the hand-off's binding as
+associated data (run, machine, fence, flow, inputs digest: ``crypto.handoff_binding``): neither
+the broker nor another machine can read it, nor replay it into another run, nor put it in an
+assignment whose flow or inputs were changed.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ class Handoff:
         self.seal = seal
         self.token_validity_s = token_validity_s
 
-    async def sealed_secret(self, connection: Connection, run_id: str, public_key: str) -> str:
-        """The connection's secret for this run, sealed to ``public_key``.
+    async def sealed_secret(self, connection: Connection, binding: str, public_key: str) -> str:
+        """The connection's secret for the hand-off ``binding``, sealed to ``public_key``.
 
         Raises RunFailure (the run fails) or RetryableRunError (try again within the deadline).
         """
@@ -49,4 +51,4 @@ class Handoff:
                 raise RunFailure(ErrorCode.SecretNotFound, "no credential provider is configured")
             password = await self.passwords.password(connection)
             payload = {"kind": "password", "username": connection.username, "password": password}
-        return self.seal(public_key, json.dumps(payload).encode(), run_id)
+        return self.seal(public_key, json.dumps(payload).encode(), binding)

@@ -23,6 +23,7 @@ from dispatcher.usecases.ports import (
     Admission,
     Claim,
     Ending,
+    HandoffFacts,
     Publisher,
     QueueEnding,
     Refusal,
@@ -68,6 +69,11 @@ class Window:
 
     async def reject(self, refusal: Refusal) -> RejectResult:
         return self._keep(await self._store.reject(refusal))
+
+    async def reserve_handoffs(self, run_ids: Sequence[str]) -> list[HandoffFacts | None]:
+        if not run_ids:
+            return []
+        return await self._store.reserve_handoffs(run_ids)
 
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]:
         if not claims:

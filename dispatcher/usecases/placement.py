@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from dispatcher.core.placement import Placement, Waiting, plan_pass, runs_per_lane
 from dispatcher.core.selection import slots_of
+from dispatcher.crypto import handoff_binding
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import RunError, RunStatus
@@ -163,17 +164,23 @@ class Placer:
         """
         if not placements:
             return 0, 0, 0
+        reserved = await window.reserve_handoffs([p.head.run_id for p in placements])
+        kept = [(p, f) for p, f in zip(placements, reserved, strict=True) if f is not None]
         secrets = await asyncio.gather(
             *(
-                self.handoff.sealed_secret(p.connection, p.head.run_id, p.view.public_key or "")
-                for p in placements
+                self.handoff.sealed_secret(
+                    p.connection,
+                    handoff_binding(p.head.run_id, p.view.machine_id, f.fence, f.flow_id, f.inputs),
+                    p.view.public_key or "",
+                )
+                for p, f in kept
             ),
             return_exceptions=True,
         )
         claims: list[Claim] = []
         claimed: list[Placement] = []
         failed = 0
-        for placement, secret in zip(placements, secrets, strict=True):
+        for (placement, facts), secret in zip(kept, secrets, strict=True):
             head = placement.head
             if isinstance(secret, RunFailure):
                 await self._fail_queued(window, head.run_id, secret, now)
@@ -200,6 +207,7 @@ class Placer:
                     max_run_s=self.settings.max_run_s,
                     sealed_secret=secret,
                     slots=slots_of(placement.view),
+                    fence=facts.fence,
                 )
             )
             claimed.append(placement)

@@ -170,9 +170,20 @@ class Refusal:
 
 
 @dataclass(frozen=True, slots=True)
+class HandoffFacts:
+    """What a run's sealed secret is bound to besides its machine: the fencing token reserved
+    for its claim, its flow and its inputs (``crypto.handoff_binding``)."""
+
+    fence: int
+    flow_id: str
+    inputs: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Claim:
-    """Hand ``head`` to ``machine_id``: what the assignment carries, and the room the
-    decision saw (``slots``), which the store checks again atomically."""
+    """Hand ``head`` to ``machine_id`` under the reserved ``fence``: what the assignment
+    carries, and the room the decision saw (``slots``), which the store checks again
+    atomically."""
 
     head: QueuedHead
     target: str
@@ -182,6 +193,7 @@ class Claim:
     max_run_s: float
     sealed_secret: str
     slots: int
+    fence: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +241,11 @@ class RunTransitions(Protocol):
     async def admit(self, admission: Admission) -> AdmitResult: ...
 
     async def reject(self, refusal: Refusal) -> RejectResult: ...
+
+    async def reserve_handoffs(self, run_ids: Sequence[str]) -> list[HandoffFacts | None]:
+        """A new fencing token for each run about to be claimed, with its flow and inputs
+        (None for a run the store does not hold), in one round trip."""
+        ...
 
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]: ...
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.crypto import Sealer, SecretBox, WorkerKeyPair, seal_to
+from dispatcher.crypto import Sealer, SecretBox, WorkerKeyPair, handoff_binding, seal_to
 from dispatcher.errors import ConfigurationError, SealedDataError
 from dispatcher.settings import Settings
 
@@ -117,3 +117,24 @@ def test_worker_key_file_is_private_and_stable(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(ConfigurationError, match="chmod 600"):
         WorkerKeyPair.load_or_create(path)
+
+
+def test_a_hand_off_binding_covers_run_machine_fence_flow_and_inputs() -> None:
+    machine = WorkerKeyPair.generate()
+    inputs = {"amount": 10, "lines": [1, 2], "to": "ACME"}
+    binding = handoff_binding("r1", "m1", 7, "invoice", inputs)
+    # The same inputs in another key order bind the same (they travel as JSON).
+    assert handoff_binding("r1", "m1", 7, "invoice", dict(reversed(inputs.items()))) == binding
+    blob = seal_to(machine.public_key_b64, b"secret", binding)
+    assert machine.open(blob, binding) == b"secret"
+    for other in (
+        handoff_binding("r2", "m1", 7, "invoice", inputs),
+        handoff_binding("r1", "m2", 7, "invoice", inputs),
+        handoff_binding("r1", "m1", 8, "invoice", inputs),
+        handoff_binding("r1", "m1", 7, "payroll", inputs),
+        handoff_binding("r1", "m1", 7, "invoice", {**inputs, "amount": 11}),
+        handoff_binding("r1", "m1", 7, "invoice", {}),
+        "r1",
+    ):
+        with pytest.raises(SealedDataError):
+            machine.open(blob, other)

@@ -39,6 +39,7 @@ from dispatcher.usecases.ports import (
     Admission,
     Claim,
     Ending,
+    HandoffFacts,
     MachineState,
     QueueEnding,
     Refusal,
@@ -137,9 +138,11 @@ def admission(
 
 
 def claim(run_id: str, *, connection: str = "c1", mode: str = "unattended", machine: str = "m1",
-          user: str = "CONTOSO\\Svc1", slots: int = 1, score: float = NOW) -> Claim:  # fmt: skip
+          user: str = "CONTOSO\\Svc1", slots: int = 1, score: float = NOW,
+          fence: int = 1) -> Claim:  # fmt: skip
     head = QueuedHead(run_id, score, lane_of(connection, mode, "normal"))
-    return Claim(head, "g:bots", machine, user, ConnectionKind.credentials, 600.0, "sx1.k.s", slots)
+    kind = ConnectionKind.credentials
+    return Claim(head, "g:bots", machine, user, kind, 600.0, "sx1.k.s", slots, fence)
 
 
 def start(run_id: str, fence: int, machine: str = "m1") -> Start:
@@ -230,6 +233,8 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     t, reads, machines = store.transitions, store.reads, store.machines
     for run_id, connection in (("r1", "c1"), ("r2", "c2"), ("r5", "c1")):
         await t.admit(admission(run_id, connection=connection))
+    reserved = seen(await t.reserve_handoffs(["r1", "nope"]))
+    assert reserved == [HandoffFacts(1, "flow-1", {"n": "r1"}), None]
     claimed = seen((await t.claim_many([claim("r1")], NOW + 1))[0])
     assert isinstance(claimed, Claimed) and claimed.fence == 1
     event, assign = claimed.messages
@@ -320,7 +325,10 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     r2 = await reads.get("r2")
     assert r2 is not None
     head = QueuedHead("r2", NOW - HOUR, lane_of("c2", "unattended", "high"))
-    handed = Claim(head, "g:bots", "m1", "CONTOSO\\svc2", ConnectionKind.credentials, 60.0, "", 1)
+    kind = ConnectionKind.credentials
+    fence = (await t.reserve_handoffs(["r2"]))[0]
+    assert fence is not None and fence.fence == 1
+    handed = Claim(head, "g:bots", "m1", "CONTOSO\\svc2", kind, 60.0, "", 1, fence.fence)
     claimed = (await t.claim_many([handed], NOW + 13))[0]
     assert isinstance(claimed, Claimed)
     dispatched = await reads.get("r2")
@@ -338,6 +346,9 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     assert seen(await t.request_cancel(queued, reason="stop", now=NOW + 16)) == Conflict(
         status=RunStatus.queued
     )
+    again = (await t.reserve_handoffs(["r2"]))[0]
+    assert again is not None and again.fence == 2
+    handed = dataclasses.replace(handed, fence=again.fence)
     claimed = (await t.claim_many([handed], NOW + 17))[0]
     assert isinstance(claimed, Claimed) and claimed.fence == 2
     await t.start_many([start("r2", 2)], NOW + 18)

@@ -39,6 +39,7 @@ from dispatcher.usecases.ports import (
     Claim,
     Delivery,
     Ending,
+    HandoffFacts,
     QueueEnding,
     Refusal,
     Start,
@@ -221,6 +222,14 @@ class FakeRunStore:
         self.finished.setdefault("rejected", {})[request.run_id] = now
         return Rejected(code=refusal.code, messages=(self._event(request.run_id, "rejected"),))
 
+    async def reserve_handoffs(self, run_ids: Sequence[str]) -> list[HandoffFacts | None]:
+        self._check()
+        first, self.fence = self.fence + 1, self.fence + len(run_ids)
+        return [
+            codec.handoff_facts(first + index, self.runs.get(run_id, {}).get("req"))
+            for index, run_id in enumerate(run_ids)
+        ]
+
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]:
         self._check()
         return [self._claim(claim, now) for claim in claims]
@@ -238,8 +247,7 @@ class FakeRunStore:
             unattended += other_mode == "unattended"
         if head.mode == "unattended" and unattended >= claim.slots:
             return NoSlot()
-        self.fence += 1
-        fence = self.fence
+        fence = claim.fence
         run.update(
             status='"dispatched"',
             machine_id=f'"{machine_id}"',

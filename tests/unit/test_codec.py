@@ -35,6 +35,7 @@ def test_an_assignment_round_trips_through_its_one_encoding() -> None:
         max_run_s=600.0,
         sealed_secret="sx1.abc.def",
         slots=2,
+        fence=7,
     )
     text = codec.assignment_json(7, codec.assignment_head(claim), req_json)
     assignment = Assignment.model_validate_json(text)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from dispatcher.codes import ErrorCode
+from dispatcher.crypto import handoff_binding
 from dispatcher.errors import RetryableRunError, RunFailure
 from dispatcher.models import Assignment, Machine, MachineView, RunStatus
 from tests.support.builders import credentials, fleet, machine, request_payload, session
@@ -52,7 +53,8 @@ async def test_a_run_goes_to_the_least_loaded_machine_with_its_secret_sealed_to_
     assignment = Assignment.model_validate_json(assign.body)
     assert assign.routing_key == second.machine_id == assignment.machine_id
     assert (assignment.run_id, assignment.fence, assignment.user) == ("r2", 2, "CONTOSO\\svc2")
-    opened = world.keys[assignment.machine_id].open(assignment.sealed_secret or "", "r2")
+    binding = handoff_binding("r2", assignment.machine_id, 2, assignment.flow_id, assignment.inputs)
+    opened = world.keys[assignment.machine_id].open(assignment.sealed_secret or "", binding)
     assert json.loads(opened) == {
         "kind": "password",
         "username": "CONTOSO\\svc2",

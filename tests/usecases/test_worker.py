@@ -180,6 +180,30 @@ async def test_an_assignment_for_another_machine_or_not_an_assignment_is_dead_le
     assert m.started() == []
 
 
+async def test_an_assignment_whose_flow_or_inputs_were_swapped_is_refused_unrun(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    first = await m.dispatch("r1", duration_s=0)
+    second = await m.dispatch("r2", "c2", duration_s=0)
+    swapped_flow = FakeDelivery(first.body.replace(b'"flow_id":"flow-1"', b'"flow_id":"pay"', 1))
+    swapped_inputs = FakeDelivery(second.body.replace(b'"duration_s":0', b'"duration_s":1', 1))
+    assert swapped_flow.body != first.body and swapped_inputs.body != second.body
+    verdicts = await m.worker.intake.handle([swapped_flow, swapped_inputs])
+    assert [(type(v), getattr(v, "reason_class", None)) for v in verdicts] == [
+        (DeadLetter, "handoff")
+    ] * 2
+    for _ in range(2):
+        executed = await m.finish_one()
+        assert executed.outcome.status is RunStatus.failed
+        assert executed.code is ErrorCode.FlowFailed
+    for run_id in ("r1", "r2"):
+        run = await m.world.run(run_id)
+        assert run.status is RunStatus.failed and run.outputs is None
+        assert run.error is not None and "sealed secret does not open" in run.error.message
+    assert m.metrics.named("executor_error") == [("handoff_refused",)] * 2
+
+
 async def test_a_start_the_dispatcher_side_cannot_record_is_retried(
     machines: MachineFactory,
 ) -> None:

@@ -1,13 +1,16 @@
 -- Hand a queued run to a machine: the atomic, fenced claim. Checks that the run is still
 -- queued and that the machine still has room for it (another replica may have filled it),
--- then issues a new fencing token and records the event and the assignment in the outbox.
--- KEYS: run, queue, lane, lanes, deadlines, targets, assigned, fence, outbox
+-- then records the run under the fencing token reserved for this hand-off (the sealed secret
+-- is bound to it, see transitions.reserve_handoffs) and the event and the assignment in the
+-- outbox.
+-- KEYS: run, queue, lane, lanes, deadlines, targets, assigned, outbox
 -- ARGV: 1 run_id, 2 machine_id, 3 now, 4 mode, 5 user (case-folded), 6 slots,
 --       7 lane_name, 8 target, 9 tl_entry, 10 assignment head (JSON members, see
---       codec.assignment_head; the assignment is codec.assignment_json spliced here)
+--       codec.assignment_head; the assignment is codec.assignment_json spliced here),
+--       11 fence
 -- The machine's ``assigned`` hash maps run_id -> mode|fence|user (codec.encode_assigned).
-local run, queue, lane, lanes, deadlines, targets, assigned, fence_key, stream =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local run, queue, lane, lanes, deadlines, targets, assigned, stream =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local run_id, machine_id, now, mode, user = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local slots = tonumber(ARGV[6])
 
@@ -22,7 +25,7 @@ for _, value in ipairs(others) do
 end
 if mode == 'unattended' and unattended >= slots then return {'no_slot'} end
 
-local fence = redis.call('INCR', fence_key)
+local fence = tonumber(ARGV[11])
 redis.call('HSET', run, 'status', '"dispatched"', 'machine_id', '"' .. machine_id .. '"',
   'fence', fence, 'dispatched_at', now)
 unqueue(run_id, queue, lane, lanes, ARGV[7], deadlines, targets, ARGV[8])

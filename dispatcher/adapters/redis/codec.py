@@ -16,7 +16,15 @@ from dispatcher.codes import ErrorCode
 from dispatcher.core.ordering import lane_of
 from dispatcher.models import AssignedRun, Mode, Priority, Run, RunError, RunRequest, RunStatus
 from dispatcher.names import Names
-from dispatcher.usecases.ports import Admission, Claim, Ending, QueueEnding, Refusal, Start
+from dispatcher.usecases.ports import (
+    Admission,
+    Claim,
+    Ending,
+    HandoffFacts,
+    QueueEnding,
+    Refusal,
+    Start,
+)
 
 Call = tuple[list[str], list[Any]]  # (KEYS, ARGV) of one script call
 
@@ -117,6 +125,15 @@ def assignment_head(claim: Claim) -> str:
     )
 
 
+def handoff_facts(fence: int, request_json: Any) -> HandoffFacts | None:
+    """What the sealed secret binds, from the stored request (the one the assignment carries)."""
+    if request_json is None:
+        return None
+    request = json.loads(text(request_json))
+    inputs = request.get("inputs") or {}
+    return HandoffFacts(fence, str(request["flow_id"]), inputs if isinstance(inputs, dict) else {})
+
+
 def assignment_json(fence: int, head: str, request_json: str) -> str:
     """The assignment a worker receives (``models.Assignment``): the splice claim.lua does."""
     return '{"fence":' + str(fence) + "," + head + ',"request":' + request_json + "}"
@@ -215,7 +232,6 @@ class Calls:
             names.queue_deadlines,
             names.targets,
             names.machine_assigned(claim.machine_id),
-            names.fence,
             names.outbox,
         ]
         args = [
@@ -229,6 +245,7 @@ class Calls:
             target,
             timeline_entry("dispatched", now, {"machine_id": claim.machine_id}),
             assignment_head(claim),
+            claim.fence,
         ]
         return keys, args
 

@@ -19,7 +19,15 @@ from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.adapters.redis.scripts import NOTE_SCRIPT, ScriptRunner
 from dispatcher.models import Priority, Run
 from dispatcher.names import Names
-from dispatcher.usecases.ports import Admission, Claim, Ending, QueueEnding, Refusal, Start
+from dispatcher.usecases.ports import (
+    Admission,
+    Claim,
+    Ending,
+    HandoffFacts,
+    QueueEnding,
+    Refusal,
+    Start,
+)
 from dispatcher.usecases.results import (
     AdmitResult,
     CancelResult,
@@ -54,6 +62,17 @@ class RedisTransitions:
         return replies.reject_result(raw, refusal.code)
 
     # ---- hand-off and outcome -----------------------------------------------------------------
+    async def reserve_handoffs(self, run_ids: Sequence[str]) -> list[HandoffFacts | None]:
+        """Fencing tokens for the coming claims (one INCRBY) and the runs' requests, in one
+        round trip. A token reserved for a claim that is not made is simply never used."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.incrby(self.names.fence, len(run_ids))
+        for run_id in run_ids:
+            pipe.hget(self.names.run(run_id), "req")
+        last, *requests = await pipe.execute()
+        first = int(last) - len(run_ids) + 1
+        return [codec.handoff_facts(first + index, raw) for index, raw in enumerate(requests)]
+
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]:
         """Several claims in one round trip (each atomic on its own; see claim.lua)."""
         raw = await self.scripts.run_many("claim", [self.calls.claim(c, now) for c in claims])
