@@ -265,11 +265,12 @@ class WorkerKeyPair:
         """Load the key pair at ``path``, or create it there readable by its owner only (0600).
 
         Creation is atomic (hard link of a finished temporary file), so two workers starting at
-        once agree on one key. A key file readable by others is refused, as ssh does.
+        once agree on one key. A key file others can access, or that belongs to another user, is
+        refused, as ssh does: a flow run as another user cannot read it.
         """
         path = Path(path)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             pair = cls.generate()
             temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -281,8 +282,11 @@ class WorkerKeyPair:
                 pass  # another worker created it first: load theirs below
             finally:
                 temporary.unlink(missing_ok=True)
-        if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        status = path.stat()
+        if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(f"worker key file {path} is accessible by others: chmod 600")
+        if hasattr(os, "getuid") and status.st_uid != os.getuid():
+            raise ConfigurationError(f"worker key file {path} belongs to another user")
         private = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(private, X25519PrivateKey):
             raise ConfigurationError(f"worker key file {path} does not hold an X25519 key")

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from dispatcher.bootstrap import STARTUP_WAIT_S, runtime
 from dispatcher.crypto import WorkerKeyPair
-from dispatcher.errors import Unavailable
+from dispatcher.errors import ConfigurationError, Unavailable
 from dispatcher.logs import configure
 from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
 from dispatcher.settings import Settings
@@ -46,12 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--command",
         default=None,
-        help="command executor: the program for every flow (inputs as JSON on stdin)",
+        help="command executor: the program for every flow (the run as JSON on stdin)",
     )
     p.add_argument(
         "--command-map",
         default=None,
         help="command executor: JSON file {flow_id: command} (overrides --command)",
+    )
+    p.add_argument(
+        "--run-as",
+        default=None,
+        metavar="USER",
+        help="command executor (POSIX): run flows as this user, who cannot read the worker's "
+        "key; the worker must be allowed to switch users",
     )
     p.add_argument(
         "--sessions-file",
@@ -75,13 +82,13 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
     state_dir = (
         args.state_dir or Path.home() / ".rundispatch" / settings.namespace / args.machine_id
     )
-    state_dir.mkdir(parents=True, exist_ok=True)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     executor: Executor
     if args.executor == "command":
         if not (args.command or args.command_map):
             print("error: --executor command needs --command or --command-map", file=sys.stderr)
             return 2
-        executor = CommandExecutor.from_options(args.command, args.command_map)
+        executor = CommandExecutor.from_options(args.command, args.command_map, args.run_as)
     else:
         executor = SimulateExecutor()
     stop = asyncio.Event()
@@ -136,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(serve(args, settings))
     except KeyboardInterrupt:
         return 130
+    except ConfigurationError as exc:  # a bad --run-as, a key file others can read ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (Unavailable, ConnectionError, OSError) as exc:
         print(f"error: cannot reach RabbitMQ or Redis: {exc}", file=sys.stderr)
         return 3

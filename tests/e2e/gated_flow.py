@@ -10,7 +10,7 @@ import time
 
 
 def main() -> int:
-    inputs = json.load(sys.stdin)
+    inputs = json.load(sys.stdin)["inputs"]  # the run, as the command executor sends it
     path = inputs.get("release_file")
     while path and not os.path.exists(path):
         time.sleep(0.05)

@@ -310,6 +310,7 @@ async def demo_flow(
         record = await client.wait(run_id, timeout=30)
         assert record.status is RunStatus.succeeded, (connection_id, record.error)
         assert record.outputs is not None
+        assert record.outputs["secret_in_environment"] is False
         return record.outputs
 
     async def sign_in_run() -> str:

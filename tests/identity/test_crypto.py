@@ -114,9 +114,15 @@ def test_worker_key_file_is_private_and_stable(tmp_path: Path) -> None:
     assert again.public_key_b64 == first.public_key_b64
     sealed = seal_to(first.public_key_b64, b"token", "run-9")
     assert again.open(sealed, "run-9") == b"token"
+    assert path.parent.stat().st_mode & 0o777 == 0o700
     os.chmod(path, 0o644)
     with pytest.raises(ConfigurationError, match="chmod 600"):
         WorkerKeyPair.load_or_create(path)
+    os.chmod(path, 0o600)
+    if os.getuid() == 0:  # a key file of another user is refused too
+        os.chown(path, 65534, 65534)
+        with pytest.raises(ConfigurationError, match="another user"):
+            WorkerKeyPair.load_or_create(path)
 
 
 def test_a_hand_off_binding_covers_run_machine_fence_flow_and_inputs() -> None:

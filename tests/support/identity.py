@@ -230,14 +230,18 @@ def running_services(workdir: Path) -> Iterator[Services]:
 # ---- the flow program -----------------------------------------------------------------------
 FLOW_PROGRAM = """\
 import hashlib, json, os, sys
-secret = json.loads(os.environ.get("RUNDISPATCH_RUN_SECRET") or "{}")
+run = json.load(sys.stdin)
+secret = run["secret"]
 value = secret.get("token") if secret.get("kind") == "access_token" else secret.get("password")
 json.dump({
     "kind": secret.get("kind"),
     "who": secret.get("account") or secret.get("username"),
     "sha256": hashlib.sha256(value.encode()).hexdigest() if value else None,
     "length": len(value or ""),
-    "inputs": json.load(sys.stdin),
+    "inputs": run["inputs"],
+    "secret_in_environment": any(
+        value and value in v for v in os.environ.values()
+    ),
 }, sys.stdout)
 """
 
