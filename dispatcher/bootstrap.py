@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from dispatcher.adapters.amqp import topology
 from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.adapters.amqp.identities import BrokerIdentities, vhost_of
 from dispatcher.adapters.outbox import OutboxPublisher
 from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
 from dispatcher.adapters.redis.fleet import RedisFleet
@@ -36,7 +37,7 @@ from dispatcher.adapters.redis.queue_state import RedisQueueState
 from dispatcher.adapters.redis.reads import RedisRunReads
 from dispatcher.adapters.redis.transitions import RedisTransitions
 from dispatcher.crypto import Sealer
-from dispatcher.errors import Unavailable
+from dispatcher.errors import DispatchError, Unavailable
 from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics, serve_metrics
 from dispatcher.names import Names
 from dispatcher.retry import Backoff, retry
@@ -146,6 +147,11 @@ async def purge_namespace(settings: Settings, machine_ids: list[str]) -> int:
     finally:
         await redis.aclose()
     await topology.delete_namespace(settings.amqp_url.get_secret_value(), names, machine_ids)
+    with contextlib.suppress(DispatchError):  # no management API: no identities to remove
+        admin_url = settings.broker_admin_url.get_secret_value()
+        vhost = vhost_of(settings.amqp_url.get_secret_value())
+        async with BrokerIdentities(admin_url, vhost) as identities:
+            await identities.delete_namespace(names)
     return deleted
 
 

@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     Win10AlreadyHasActiveSession = "Win10AlreadyHasActiveSession"
     UserRunInProgress = "UserRunInProgress"
     NoWorkerKey = "NoWorkerKey"
+    KeyMismatch = "KeyMismatch"
 
     # Terminal outcomes.
     NoCandidateMachine = "NoCandidateMachine"
@@ -94,6 +95,10 @@ MEANINGS: dict[ErrorCode, str] = {
     ),
     ErrorCode.UserRunInProgress: "a run of this user already occupies its session on the machine",
     ErrorCode.NoWorkerKey: "the machine's worker has not registered its public key yet",
+    ErrorCode.KeyMismatch: (
+        "a worker presented another key than the one pinned for the machine: register the "
+        "machine again (machines register) to accept a new key"
+    ),
     ErrorCode.NoCandidateMachine: (
         "the run's queue deadline passed before any machine could take it"
     ),

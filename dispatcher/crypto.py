@@ -179,6 +179,13 @@ def handoff_binding(
     )
 
 
+def rabbit_password_hash(password: str) -> str:
+    """RabbitMQ's ``rabbit_password_hashing_sha256`` of ``password`` (a random 4-byte salt), for
+    a definitions file: nobody reading the file learns the password."""
+    salt = secrets.token_bytes(4)
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
 def seal_to(public_key_b64: str, plaintext: bytes, aad: str) -> str:
     """Encrypt ``plaintext`` so only the holder of the private key can open it, for ``aad``.
 

@@ -59,6 +59,19 @@ class Names:
     def heartbeats_queue(self) -> str:
         return f"{self.ns}.heartbeats"
 
+    # ---- broker identities ------------------------------------------------------------------
+    def machine_user(self, machine_id: str) -> str:
+        """The RabbitMQ user of a registered machine (``machines register``)."""
+        return f"{self.ns}.machine.{machine_id}"
+
+    def submitter_user(self, submitter: str) -> str:
+        """The RabbitMQ user of a registered submitter (``submitters register``)."""
+        return f"{self.ns}.submitter.{submitter}"
+
+    def submitter_queue_prefix(self, submitter: str) -> str:
+        """A submitter may declare and read only queues named with this prefix."""
+        return f"{self.ns}.submitter.{submitter}."
+
     @property
     def signals_queue(self) -> str:
         """Queue bound to the terminal run events: a finished run frees a slot somewhere."""
@@ -102,6 +115,22 @@ class Names:
     def heartbeat_index(self) -> str:
         """Sorted set machine_id -> time of its last heartbeat."""
         return f"{self.ns}:heartbeats"
+
+    @property
+    def pinned_keys(self) -> str:
+        """Hash machine_id -> the worker public key pinned at its first heartbeat since it was
+        registered (``machines register`` drops it)."""
+        return f"{self.ns}:pinned"
+
+    @property
+    def key_mismatches(self) -> str:
+        """Hash machine_id -> when a heartbeat last presented another key than the pinned one."""
+        return f"{self.ns}:keymismatch"
+
+    @property
+    def submitters(self) -> str:
+        """Hash submitter -> JSON list of the owners it may act for."""
+        return f"{self.ns}:submitters"
 
     @property
     def offline_machines(self) -> str:

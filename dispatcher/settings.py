@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # RabbitMQ's management API, with the admin identity's credentials in the URL: machines and
+    # submitters get their own broker identities through it (``machines register``).
+    broker_admin_url: SecretStr = SecretStr("http://guest:guest@127.0.0.1:15672")
     namespace: str = Field(default="rundispatch", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
 
     # Limits (SPEC §3).

@@ -46,6 +46,8 @@ def slots_of(view: MachineView) -> int:
 
 def machine_verdict(view: MachineView, connection: Connection, mode: Mode) -> ErrorCode | None:
     """Why ``view`` cannot take a run of ``connection`` in ``mode`` now, or None if it can."""
+    if view.key_mismatch:
+        return ErrorCode.KeyMismatch
     if not view.online:
         return ErrorCode.MachineOffline
     if view.machine.maintenance:

@@ -27,6 +27,8 @@ from dispatcher.metrics.specs import (
     REFRESH_RESULTS,
     REFRESH_TIME,
     REFRESHES,
+    REFUSAL_REASONS,
+    REFUSED,
     REJECTED,
     RUN_DURATION,
     SUBMITTED,
@@ -56,6 +58,7 @@ class DispatcherMetrics:
         self._refreshes = counter(REFRESHES, registry)
         self._refresh_time = histogram(REFRESH_TIME, registry)
         self._dead_letters = counter(DEAD_LETTERS, registry)
+        self._refused = counter(REFUSED, registry)
         self._events = counter(EVENTS_PUBLISHED, registry)
         self._outbox = gauge(OUTBOX, registry)
         self._up = gauge(UP, registry)
@@ -68,6 +71,8 @@ class DispatcherMetrics:
             self._dead_letters.labels(reason)
         for result in REFRESH_RESULTS - {OTHER}:
             self._refreshes.labels(result)
+        for reason in REFUSAL_REASONS - {OTHER}:
+            self._refused.labels(reason)
 
     def run_submitted(self, target: str, kind: str, mode: str) -> None:
         """Count a run admitted into ``target``'s queue."""
@@ -126,6 +131,10 @@ class DispatcherMetrics:
         value = closed_value(result, REFRESH_RESULTS)
         self._refreshes.labels(value).inc()
         self._refresh_time.labels(value).observe(seconds)
+
+    def message_refused(self, reason: str) -> None:
+        """Count a message refused because of its sender (see ``REFUSAL_REASONS``)."""
+        self._refused.labels(closed_value(reason, REFUSAL_REASONS)).inc()
 
     def dead_letter(self, reason_class: str) -> None:
         """Count a dead-lettered message by its reason class (never its free-text reason)."""

@@ -37,6 +37,8 @@ class MetricsHooks(Protocol):
 
     def dead_letter(self, reason_class: str) -> None: ...
 
+    def message_refused(self, reason: str) -> None: ...
+
     def event_published(self, event: str, count: int = 1) -> None: ...
 
 
@@ -76,6 +78,9 @@ class NullMetrics:
         return None
 
     def dead_letter(self, reason_class: str) -> None:
+        return None
+
+    def message_refused(self, reason: str) -> None:
         return None
 
     def event_published(self, event: str, count: int = 1) -> None:

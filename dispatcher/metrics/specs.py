@@ -56,6 +56,7 @@ DEAD_LETTER_REASONS: Final = _closed(
     "invalid_json", "not_an_object", "schema", "oversize", "content_type", "encoding",
     "delivery_limit", "heartbeat", "unknown_run", "handoff",
 )  # fmt: skip
+REFUSAL_REASONS: Final = _closed("key_mismatch", "sender")
 EVENTS: Final = _closed(
     "queued", "dispatched", "started", "succeeded", "failed", "timed_out", "cancelled", "rejected"
 )
@@ -134,6 +135,12 @@ DEAD_LETTERS = MetricSpec(
     "rundispatch_dead_letters_total", "counter", "Messages dead-lettered, by reason class.",
     {"reason": DEAD_LETTER_REASONS},
 )  # fmt: skip
+REFUSED = MetricSpec(
+    "rundispatch_refused_messages_total", "counter",
+    "Messages refused because of who sent them (a machine's key that is not the pinned one, a "
+    "sender that may not speak for the machine or owner it names), by reason.",
+    {"reason": REFUSAL_REASONS},
+)  # fmt: skip
 EVENTS_PUBLISHED = MetricSpec(
     "rundispatch_events_published_total", "counter", "Run status events published.",
     {"event": EVENTS},
@@ -179,7 +186,8 @@ STATE_TIME = MetricSpec(
 QUEUE_STATE_SPECS: Final = (QUEUED, OLDEST, OLDEST_SIGN_IN, WAITING, MACHINES, SLOTS, STATE_TIME)
 DISPATCHER_SPECS: Final = (
     SUBMITTED, REJECTED, DISPATCHED, COMPLETED, TIMED_OUT, QUEUE_WAIT, RUN_DURATION, DECISION,
-    REFRESHES, REFRESH_TIME, DEAD_LETTERS, EVENTS_PUBLISHED, OUTBOX, UP, BUILD, *QUEUE_STATE_SPECS,
+    REFRESHES, REFRESH_TIME, DEAD_LETTERS, REFUSED, EVENTS_PUBLISHED, OUTBOX, UP, BUILD,
+    *QUEUE_STATE_SPECS,
 )  # fmt: skip
 
 W_RUNS = MetricSpec(

@@ -80,6 +80,9 @@ class MachineView(BaseModel):
     assigned: tuple[AssignedRun, ...] = ()
     has_public_key: bool = True
     public_key: str | None = None
+    # A worker presented another key than the pinned one: no run goes here until the machine
+    # is registered again.
+    key_mismatch: bool = False
 
     @property
     def machine_id(self) -> str:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from dispatcher import __version__
 from dispatcher.errors import DispatchError, Unavailable
 from dispatcher.settings import Settings
+from dispatcher.tools import principals
 from dispatcher.tools.commands import (
     cmd_apply,
     cmd_cancel,
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("machine_id")
     p.add_argument("state", choices=["on", "off"])
+    principals.register(machines, sub, add)
 
     p = add("redrive", cmd_redrive, "re-submit runs that ended with a status in a time window")
     p.add_argument(

@@ -273,6 +273,7 @@ async def cmd_machines_list(args: argparse.Namespace, settings: Settings) -> int
             "sessions": [s.model_dump(mode="json") for s in v.sessions],
             "runs": len(v.assigned),
             "max_unattended_runs": v.machine.max_unattended_runs,
+            "key_mismatch": v.key_mismatch,
         }
         for v in views
     ]
@@ -281,6 +282,7 @@ async def cmd_machines_list(args: argparse.Namespace, settings: Settings) -> int
         return 0
     for row in rows:
         state = "maintenance" if row["maintenance"] else ("online" if row["online"] else "offline")
+        state = "KeyMismatch" if row["key_mismatch"] else state
         sessions = ", ".join(f"{s['user']}({s['state']})" for s in row["sessions"]) or "-"
         print(
             f"{row['machine_id']:<20} {row['group_id'] or '-':<16} {state:<12} "

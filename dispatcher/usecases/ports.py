@@ -322,6 +322,11 @@ class MachineState(Protocol):
         """Store a heartbeat; return the previous one and whether the machine was offline."""
         ...
 
+    async def pin_key(self, machine_id: str, public_key: str, now: float) -> bool:
+        """Pin ``public_key`` for the machine if none is pinned since its registration; True
+        when it is the pinned key, False (and the machine marked ``KeyMismatch``) when not."""
+        ...
+
     async def views(
         self, machines: Sequence[Machine], now: float, offline_after_s: float
     ) -> list[MachineView]: ...

@@ -145,6 +145,19 @@ class Dispatcher:
             if heartbeat.machine_id not in fleet.machines:
                 verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
                 continue
+            if heartbeat.public_key and not await self.machines.pin_key(
+                heartbeat.machine_id, heartbeat.public_key, now
+            ):
+                log.warning(
+                    "refused a heartbeat of machine %s (worker %s): its key is not the one "
+                    "pinned at registration; register the machine again to accept a new key",
+                    heartbeat.machine_id,
+                    heartbeat.worker_id,
+                )
+                self.metrics.message_refused("key_mismatch")
+                self.placer.request(*fleet.targets_of_machine(heartbeat.machine_id))
+                verdicts.append(Ack())
+                continue
             previous, was_offline = await self.machines.record_heartbeat(heartbeat, now)
             await self.reconciler.heartbeat(heartbeat)
             if (

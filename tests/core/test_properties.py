@@ -131,6 +131,8 @@ def test_selection_does_not_depend_on_the_order_machines_are_listed(
 
 def reference_verdict(view: MachineView, connection: Any, mode: Mode) -> ErrorCode | None:
     """The verdict spelled out over the effective sessions, without the view's indexes."""
+    if view.key_mismatch:
+        return ErrorCode.KeyMismatch
     if not view.online:
         return ErrorCode.MachineOffline
     if view.machine.maintenance:

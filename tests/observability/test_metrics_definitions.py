@@ -94,6 +94,7 @@ def exercised() -> CollectorRegistry:
     dispatcher.token_refresh("success", 0.05)
     dispatcher.token_refresh("permanent_failure", 0.2)
     dispatcher.dead_letter("schema")
+    dispatcher.message_refused("key_mismatch")
     dispatcher.event_published("run.queued")
     dispatcher.event_published("succeeded", 3)
     dispatcher.set_outbox_backlog(4)

@@ -477,6 +477,14 @@ class FakeMachines:
         self.store = store
         self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}
         self.offline: dict[str, float] = {}
+        self.pinned: dict[str, str] = {}
+        self.mismatches: dict[str, float] = {}
+
+    async def pin_key(self, machine_id: str, public_key: str, now: float) -> bool:
+        if self.pinned.setdefault(machine_id, public_key) == public_key:
+            return True
+        self.mismatches[machine_id] = now
+        return False
 
     async def record_heartbeat(
         self, heartbeat: Heartbeat, received_at: float
@@ -504,6 +512,7 @@ class FakeMachines:
                     assigned=tuple(await self.assigned(machine.machine_id)),
                     has_public_key=bool(heartbeat and heartbeat.public_key),
                     public_key=heartbeat.public_key if heartbeat else None,
+                    key_mismatch=machine.machine_id in self.mismatches,
                 )
             )
         return views

@@ -24,7 +24,8 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 
 from dispatcher.adapters.amqp.consumer import consume_loop, copy_to_dead_letters
-from dispatcher.adapters.amqp.topology import declare_topology, quorum_arguments
+from dispatcher.adapters.amqp.topology import declare_topology
+from dispatcher.core.principals import quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler

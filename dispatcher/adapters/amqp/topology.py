@@ -11,21 +11,12 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from dispatcher.core.principals import quorum_arguments
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
 
 log = logging.getLogger(__name__)
 
-DELIVERY_LIMIT = 5
 SIGNALS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
-
-
-def quorum_arguments(names: Names) -> dict[str, Any]:
-    """A quorum queue with a delivery limit, dead-lettering to the namespace's dead exchange."""
-    return {
-        "x-queue-type": "quorum",
-        "x-delivery-limit": DELIVERY_LIMIT,
-        "x-dead-letter-exchange": names.dead_exchange,
-    }
 
 
 async def declare_topology(

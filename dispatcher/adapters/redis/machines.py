@@ -33,6 +33,25 @@ class RedisMachines:
         previous, _, was_offline = await pipe.execute()
         return (Heartbeat.model_validate_json(previous) if previous else None), bool(was_offline)
 
+    async def pin_key(self, machine_id: str, public_key: str, now: float) -> bool:
+        """Pin the key at the first heartbeat since registration; refuse another one."""
+        names = self.names
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hsetnx(names.pinned_keys, machine_id, public_key)
+        pipe.hget(names.pinned_keys, machine_id)
+        _, pinned = await pipe.execute()
+        if text(pinned) == public_key:
+            return True
+        await self.redis.hset(names.key_mismatches, machine_id, repr(now))
+        return False
+
+    async def forget_key(self, machine_id: str) -> None:
+        """Drop the pinned key and the mismatch mark (the machine is registered again)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.names.pinned_keys, machine_id)
+        pipe.hdel(self.names.key_mismatches, machine_id)
+        await pipe.execute()
+
     async def views(
         self, machines: Sequence[Machine], now: float, offline_after_s: float
     ) -> list[MachineView]:
@@ -45,7 +64,8 @@ class RedisMachines:
             pipe.zscore(names.heartbeat_index, machine.machine_id)
             pipe.get(names.machine_live(machine.machine_id))
             pipe.hgetall(names.machine_assigned(machine.machine_id))
-        raw = await pipe.execute()
+        pipe.hmget(names.key_mismatches, [m.machine_id for m in machines])
+        *raw, mismatches = await pipe.execute()
         views = []
         for index, machine in enumerate(machines):
             last_seen, live, assigned = raw[3 * index : 3 * index + 3]
@@ -62,6 +82,7 @@ class RedisMachines:
                     assigned=tuple(decode_assigned(text(k), text(v)) for k, v in assigned.items()),
                     has_public_key=bool(heartbeat and heartbeat.public_key),
                     public_key=heartbeat.public_key if heartbeat else None,
+                    key_mismatch=mismatches[index] is not None,
                 )
             )
         return views

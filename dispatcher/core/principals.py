@@ -1,0 +1,202 @@
+"""Who may do what on the broker: each principal's RabbitMQ identity and its narrowest
+permissions, and the definitions file that provisions them (SPEC "Trust: who may do what").
+
+Pure: names in, permissions out. The management API adapter
+(``adapters/amqp/identities.py``) applies them; ``broker definitions`` writes them for operators
+who provision RabbitMQ themselves. The dispatcher itself is the broker's admin identity
+(``RUNDISPATCH_AMQP_URL``), operators use the admin identity or their own.
+
+- a **machine** reads only its own queue and publishes only to the heartbeats exchange; it
+  configures nothing (its queue is declared and bound when it is registered), so it cannot bind
+  another machine's assignments to a queue of its own;
+- a **submitter** publishes only to the requests exchange, declares, binds and reads only queues
+  named ``<ns>.submitter.<name>.*``, and reads only the events of its own runs: the topic
+  permission on the events exchange lets it bind only routing keys naming itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dispatcher.errors import ConfigurationError
+from dispatcher.names import Names
+
+SUBMITTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+NOTHING = "^$"
+DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """RabbitMQ's three regular expressions over resource names, for one virtual host."""
+
+    configure: str
+    write: str
+    read: str
+
+
+@dataclass(frozen=True)
+class TopicPermission:
+    """Regular expressions over the routing keys of one topic exchange (``read``: the binding
+    keys a principal may bind with; ``write``: the keys it may publish with)."""
+
+    exchange: str
+    write: str
+    read: str
+
+
+@dataclass(frozen=True)
+class Principal:
+    """A broker identity and what it may do."""
+
+    kind: str  # "machine" | "submitter"
+    name: str
+    username: str
+    permissions: Permissions
+    topic_permissions: tuple[TopicPermission, ...] = ()
+
+
+def _exactly(*resources: str) -> str:
+    return "^(" + "|".join(re.escape(r) for r in resources) + ")$"
+
+
+def machine_principal(names: Names, machine_id: str) -> Principal:
+    """A machine: read its queue, publish its heartbeats, configure nothing."""
+    return Principal(
+        kind="machine",
+        name=machine_id,
+        username=names.machine_user(machine_id),
+        permissions=Permissions(
+            configure=NOTHING,
+            write=_exactly(names.heartbeats_exchange),
+            read=_exactly(names.machine_queue(machine_id)),
+        ),
+    )
+
+
+def submitter_principal(names: Names, submitter: str) -> Principal:
+    """A submitter: publish requests, use its own queues, bind only its own runs' events."""
+    if not SUBMITTER_NAME.match(submitter):
+        raise ConfigurationError(
+            f"submitter name {submitter!r} must match {SUBMITTER_NAME.pattern} "
+            "(it is part of queue names and routing keys)"
+        )
+    own_queues = re.escape(names.submitter_queue_prefix(submitter)) + ".+"
+    return Principal(
+        kind="submitter",
+        name=submitter,
+        username=names.submitter_user(submitter),
+        permissions=Permissions(
+            configure=f"^{own_queues}$",
+            write=f"^({re.escape(names.requests_exchange)}|{own_queues})$",
+            read=f"^({re.escape(names.events_exchange)}|{own_queues})$",
+        ),
+        topic_permissions=(
+            TopicPermission(
+                exchange=names.events_exchange,
+                write=NOTHING,
+                read=event_binding_pattern(submitter),
+            ),
+        ),
+    )
+
+
+def event_binding_pattern(submitter: str) -> str:
+    """The binding keys a submitter may use on the events exchange: ``run.<status>.<name>``
+    (one status or ``*``), so that it receives only the events of its own runs."""
+    return r"^run\.([a-z_]+|\*)\." + re.escape(submitter) + "$"
+
+
+def definitions(
+    names: Names,
+    vhost: str,
+    principals: Iterable[Principal],
+    password_hashes: Mapping[str, str],
+) -> dict[str, Any]:
+    """A RabbitMQ definitions document (``rabbitmqctl import_definitions`` or the management
+    API's ``POST /api/definitions``) with the principals' users, permissions and topic
+    permissions, and each machine's queue bound to the machines exchange. ``password_hashes``
+    maps a username to its ``rabbit_password_hashing_sha256`` hash."""
+    users, permissions, topic_permissions, queues, bindings = [], [], [], [], []
+    for principal in principals:
+        users.append(
+            {
+                "name": principal.username,
+                "password_hash": password_hashes[principal.username],
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": [],
+            }
+        )
+        allowed = principal.permissions
+        permissions.append(
+            {
+                "user": principal.username,
+                "vhost": vhost,
+                "configure": allowed.configure,
+                "write": allowed.write,
+                "read": allowed.read,
+            }
+        )
+        for topic in principal.topic_permissions:
+            topic_permissions.append(
+                {
+                    "user": principal.username,
+                    "vhost": vhost,
+                    "exchange": topic.exchange,
+                    "write": topic.write,
+                    "read": topic.read,
+                }
+            )
+        if principal.kind == "machine":
+            queue = names.machine_queue(principal.name)
+            queues.append(
+                {
+                    "name": queue,
+                    "vhost": vhost,
+                    "durable": True,
+                    "auto_delete": False,
+                    "arguments": quorum_arguments(names),
+                }
+            )
+            bindings.append(
+                {
+                    "source": names.machines_exchange,
+                    "vhost": vhost,
+                    "destination": queue,
+                    "destination_type": "queue",
+                    "routing_key": principal.name,
+                    "arguments": {},
+                }
+            )
+    return {
+        "vhosts": [{"name": vhost}],
+        "users": users,
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
+        "exchanges": [
+            {
+                "name": names.machines_exchange,
+                "vhost": vhost,
+                "type": "direct",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
+        "queues": queues,
+        "bindings": bindings,
+    }
+
+
+def quorum_arguments(names: Names) -> dict[str, Any]:
+    """A quorum queue with a delivery limit, dead-lettering to the namespace's dead exchange
+    (the requests queue and every machine queue)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-dead-letter-exchange": names.dead_exchange,
+    }

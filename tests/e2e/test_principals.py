@@ -1,0 +1,179 @@
+"""Registered principals on the real RabbitMQ (management plugin on) and Redis: each machine and
+submitter has its own identity, and the broker refuses what its job does not need; a machine's
+worker key is pinned at its first heartbeat and another key is refused until the machine is
+registered again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import pytest
+from aiormq.exceptions import ChannelAccessRefused, ProbableAuthenticationError
+
+from dispatcher.client import Client
+from dispatcher.codes import ErrorCode
+from dispatcher.models import RunStatus
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+from tests.support.builders import fleet_document
+from tests.support.constants import OWNER
+from tests.support.e2e import cli, cli_json, online, waiting_because
+from tests.support.processes import Processes, eventually
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def two_machines() -> dict[str, Any]:
+    return fleet_document(
+        groups=[{"group_id": "bots", "name": "Bots"}],
+        machines=[
+            {"machine_id": m, "name": m.upper(), "group_id": "bots", "max_unattended_runs": 2}
+            for m in ("a1", "b1")
+        ],
+        connections=[
+            {
+                "connection_id": "c1",
+                "owner": OWNER,
+                "kind": "credentials",
+                "target": {"machine_id": "a1"},
+                "username": "CONTOSO\\svc",
+                "password": "pw-of-c1",
+            }
+        ],
+    )
+
+
+async def refused(
+    url: str, action: Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]
+) -> bool:
+    """Whether the broker refuses ``action`` on a channel of ``url``'s identity."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        try:
+            await action(channel)
+        except ChannelAccessRefused:
+            return True
+        return False
+    finally:
+        await connection.close()
+
+
+async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    return None
+
+
+def consume(queue: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
+    async def action(channel: aio_pika.abc.AbstractChannel) -> None:
+        declared = await channel.get_queue(queue, ensure=False)
+        await declared.consume(ignore)
+
+    return action
+
+
+def publish(exchange: str, key: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
+    async def action(channel: aio_pika.abc.AbstractChannel) -> None:
+        target = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(aio_pika.Message(b"{}"), routing_key=key)
+
+    return action
+
+
+def bind_events(queue: str, key: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
+    async def action(channel: aio_pika.abc.AbstractChannel) -> None:
+        declared = await channel.declare_queue(queue, exclusive=True)
+        await declared.bind(
+            await channel.get_exchange(queue.split(".", maxsplit=1)[0] + ".events", ensure=False),
+            key,
+        )
+
+    return action
+
+
+async def test_each_principal_may_do_only_its_job(
+    client: Client, settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    names = Names(settings.namespace)
+    apply_fleet(two_machines())
+    a1 = cli_json(procs, "machines", "register", "a1")
+    b1 = cli_json(procs, "machines", "register", "b1")
+    assert a1["machine_id"] == "a1" and a1["amqp_url"].startswith("amqp://")
+    x = cli_json(procs, "submitters", "register", "envx", "--acts-for", OWNER)
+    y = cli_json(procs, "submitters", "register", "envy", "--acts-for", "bob@contoso.com")
+    assert x["acts_for"] == [OWNER]
+
+    # What each may do (the controls: the refusals below are about permissions, not URLs).
+    assert not await refused(b1["amqp_url"], consume(names.machine_queue("b1")))
+    assert not await refused(b1["amqp_url"], publish(names.heartbeats_exchange, ""))
+    assert not await refused(x["amqp_url"], publish(names.requests_exchange, "submit"))
+    own = f"{x['queue_prefix']}events"
+    assert not await refused(x["amqp_url"], bind_events(own, "run.*.envx"))
+
+    # Machine B may not read A's queue, submit runs nor hand out assignments.
+    assert await refused(b1["amqp_url"], consume(names.machine_queue("a1")))
+    assert await refused(b1["amqp_url"], publish(names.requests_exchange, "submit"))
+    assert await refused(b1["amqp_url"], publish(names.machines_exchange, "a1"))
+    assert await refused(b1["amqp_url"], publish(names.events_exchange, "run.succeeded"))
+    # A submitter may not read any machine queue nor hand out assignments.
+    for machine in ("a1", "b1"):
+        assert await refused(x["amqp_url"], consume(names.machine_queue(machine)))
+    assert await refused(x["amqp_url"], publish(names.machines_exchange, "a1"))
+    # Nor bind events of every run, or of another submitter's runs, nor use its queues.
+    assert await refused(x["amqp_url"], bind_events(own, "run.#"))
+    assert await refused(x["amqp_url"], bind_events(own, "run.*.envy"))
+    assert await refused(y["amqp_url"], bind_events(own, "run.*.envx"))
+
+    # Registering again rotates the identity: the old password no longer opens a connection.
+    again = cli_json(procs, "machines", "register", "b1")
+    assert again["amqp_url"] != b1["amqp_url"]
+    with pytest.raises(ProbableAuthenticationError):
+        await aio_pika.connect(b1["amqp_url"])
+    cli(procs, "machines", "unregister", "b1")
+    with pytest.raises(ProbableAuthenticationError):
+        await aio_pika.connect(again["amqp_url"])
+
+
+async def test_a_second_key_for_a_registered_machine_is_refused_until_it_is_registered_again(
+    client: Client, settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    apply_fleet(two_machines())
+    cli_json(procs, "machines", "register", "a1")
+    procs.dispatcher()
+    procs.worker("a1")
+    await online(client, "a1", procs=procs)
+
+    async def run() -> str:
+        return await client.submit(
+            connection_id="c1", flow_id="invoice", requested_by=OWNER, mode="unattended"
+        )
+
+    first = await client.wait(await run(), timeout=30)
+    assert first.status is RunStatus.succeeded and first.machine_id == "a1"
+
+    # Another process presents another key for a1 (its own state directory, so its own key).
+    procs.worker("a1", name="impostor", extra=["--state-dir", str(procs.workdir / "other")])
+    listed = await eventually(lambda: _machine(procs, "a1", "key_mismatch"), 20)
+    assert listed["key_mismatch"] is True
+    waiting = await run()
+    await waiting_because(client, waiting, {"a1": ErrorCode.KeyMismatch.value})
+    assert (await client.get(waiting)).status is RunStatus.queued  # no secret sealed to anyone
+    assert "its key is not the one pinned" in procs.log_text("dispatcher")
+
+    # The machine is registered again, with only the new worker left: its key is pinned.
+    procs.kill("worker-a1")
+    cli_json(procs, "machines", "register", "a1")
+    done = await client.wait(waiting, timeout=30)
+    assert done.status is RunStatus.succeeded
+    assert not (await asyncio.to_thread(_machine, procs, "a1"))["key_mismatch"]
+    ledger = (procs.workdir / "other" / "ledger.jsonl").read_text()
+    assert json.dumps(waiting) in ledger  # the new worker ran it
+
+
+def _machine(procs: Processes, machine_id: str, truthy: str | None = None) -> Any:
+    rows = {row["machine_id"]: row for row in cli_json(procs, "machines", "list")}
+    row = rows[machine_id]
+    return row if truthy is None or row[truthy] else None
