@@ -24,6 +24,7 @@ import time
 from urllib.parse import urlparse
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_ADMIN = "http://guest:guest@127.0.0.1:15672"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
@@ -102,13 +103,19 @@ def start_rabbitmq(workdir: str) -> tuple[str, subprocess.Popen[bytes], dict[str
             "installed.\nInstall it (Debian/Ubuntu: apt-get install -y rabbitmq-server) or point "
             "RUNDISPATCH_AMQP_URL at a running RabbitMQ (3.10 or later, quorum queues)."
         )
-    port, dist = free_port(), free_port()
+    port, dist, management = free_port(), free_port(), free_port()
     base = os.path.join(workdir, "rabbitmq")
     os.makedirs(base, exist_ok=True)
     node = f"rundispatch{port}@localhost"
     conf = os.path.join(base, "rabbitmq.conf")
     with open(conf, "w", encoding="utf-8") as handle:
-        handle.write(f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n")
+        handle.write(
+            f"listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"
+            f"management.tcp.port = {management}\nmanagement.tcp.ip = 127.0.0.1\n"
+        )
+    # The management plugin: identities (machines register) are created through its API.
+    with open(os.path.join(base, "plugins"), "w", encoding="utf-8") as handle:
+        handle.write("[rabbitmq_management].\n")
     env = dict(os.environ)
     env.update(
         RABBITMQ_NODENAME=node,
@@ -144,8 +151,27 @@ def start_rabbitmq(workdir: str) -> tuple[str, subprocess.Popen[bytes], dict[str
     url = f"amqp://guest:guest@127.0.0.1:{port}/"
     print(f"starting a private RabbitMQ on port {port} (this takes ~20 s)...", file=sys.stderr)
     wait_for(url, port, 120, "the private RabbitMQ")
+    admin = f"http://guest:guest@127.0.0.1:{management}"
+    wait_for(admin, management, 60, "the private RabbitMQ's management API")
     time.sleep(3)  # the listener opens before the node has finished booting
+    env["RUNDISPATCH_BROKER_ADMIN_URL"] = admin
     return url, proc, env
+
+
+def enable_management(admin: str) -> None:
+    """Enable the management plugin of the local RabbitMQ when its API does not answer
+    (it is off on a fresh install); identities are created through it."""
+    if answers(admin, 15672):
+        return
+    plugins = shutil.which("rabbitmq-plugins")
+    if plugins is None:
+        raise SystemExit(
+            "RabbitMQ's management API does not answer at RUNDISPATCH_BROKER_ADMIN_URL: enable "
+            "it (rabbitmq-plugins enable rabbitmq_management) or point the URL at it."
+        )
+    print("enabling RabbitMQ's management plugin", file=sys.stderr)
+    subprocess.run([plugins, "enable", "rabbitmq_management"], check=False, capture_output=True)
+    wait_for(admin, 15672, 60, "RabbitMQ's management API")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -172,10 +198,15 @@ def main(argv: list[str]) -> int:
         if not answers(redis, 6379):
             redis, proc = start_redis(workdir)
             started.append(proc)
+        admin = os.environ.get("RUNDISPATCH_BROKER_ADMIN_URL", DEFAULT_ADMIN)
         if not answers(amqp, 5672):
-            amqp, proc, _ = start_rabbitmq(workdir)
+            amqp, proc, private = start_rabbitmq(workdir)
             started.append(proc)
+            admin = private["RUNDISPATCH_BROKER_ADMIN_URL"]
+        else:
+            enable_management(admin)
         env["RUNDISPATCH_AMQP_URL"] = amqp
+        env["RUNDISPATCH_BROKER_ADMIN_URL"] = admin
         env["RUNDISPATCH_REDIS_URL"] = redis
         return subprocess.call(command, env=env)
     except KeyboardInterrupt:
