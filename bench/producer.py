@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import aio_pika
 from aio_pika.abc import AbstractExchange
 
+from dispatcher.core.principals import admin_user_of
 from dispatcher.settings import Settings
 
 FLOW = "bench-flow"
@@ -42,17 +43,23 @@ def request_body(run_id: str, connection_id: str, owner: str) -> bytes:
     ).encode()
 
 
-def nth_request(prefix: str, i: int, connections: Sequence[str], owner: str) -> aio_pika.Message:
+def nth_request(
+    prefix: str, i: int, connections: Sequence[str], owner: str, user_id: str
+) -> aio_pika.Message:
     """Request ``i``: run id ``<prefix><i>``, the connections taken round robin."""
-    return message(request_body(f"{prefix}{i}", connections[i % len(connections)], owner))
+    body = request_body(f"{prefix}{i}", connections[i % len(connections)], owner)
+    return message(body, user_id)
 
 
-def message(body: bytes) -> aio_pika.Message:
+def message(body: bytes, user_id: str) -> aio_pika.Message:
+    """A request as the client sends it, with the sender's broker user (the dispatcher accepts
+    requests from its own identity and from registered submitters only)."""
     return aio_pika.Message(
         body,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         type="run.request",
+        user_id=user_id,
     )
 
 
@@ -62,6 +69,7 @@ async def prefill(
     connections: Sequence[str],
     owner: str,
     prefix: str,
+    user_id: str,
     window: int = 500,
 ) -> None:
     """Publish ``count`` requests as fast as confirms allow (windows of ``window``), naming
@@ -69,7 +77,7 @@ async def prefill(
     for start in range(0, count, window):
         await asyncio.gather(
             *(
-                exchange.publish(nth_request(prefix, i, connections, owner), "submit")
+                exchange.publish(nth_request(prefix, i, connections, owner, user_id), "submit")
                 for i in range(start, min(count, start + window))
             )
         )
@@ -77,7 +85,9 @@ async def prefill(
 
 async def paced(args: argparse.Namespace) -> dict[str, float]:
     settings = Settings.load()
-    connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+    url = settings.amqp_url.get_secret_value()
+    user_id = admin_user_of(url)
+    connection = await aio_pika.connect_robust(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(args.exchange, ensure=False)
@@ -91,7 +101,9 @@ async def paced(args: argparse.Namespace) -> dict[str, float]:
             due = min(total, int((time.monotonic() - started) * args.rate) + 1)
             if due > sent:
                 batch = [
-                    exchange.publish(nth_request(args.prefix, i, connections, args.owner), "submit")
+                    exchange.publish(
+                        nth_request(args.prefix, i, connections, args.owner, user_id), "submit"
+                    )
                     for i in range(sent, due)
                 ]
                 lag_max = max(lag_max, (due - sent) / args.rate)

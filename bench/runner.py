@@ -49,6 +49,7 @@ from bench.procfs import (
 )
 from bench.producer import prefill
 from dispatcher.adapters.redis.machines import RedisMachines
+from dispatcher.core.principals import admin_user_of
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 
@@ -273,6 +274,7 @@ class Bench:
                                 content_type="application/json",
                                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                 type="heartbeat",
+                                user_id=admin_user_of(self.settings.amqp_url.get_secret_value()),
                             ),
                             "",
                         )
@@ -338,7 +340,8 @@ class Bench:
         self._counter += 1
         prefix = f"{label}-{self._counter}-"
         fill_began = time.perf_counter()
-        await prefill(exchange, count, LIVE_CONNECTIONS, OWNER, prefix)
+        user_id = admin_user_of(self.settings.amqp_url.get_secret_value())
+        await prefill(exchange, count, LIVE_CONNECTIONS, OWNER, prefix, user_id)
         fill_s = time.perf_counter() - fill_began
         key = self.finished_key(kind)
         base = int(await self.redis.zcard(key))

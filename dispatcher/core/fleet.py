@@ -17,6 +17,8 @@ class FleetSnapshot:
     connections: dict[str, Connection]
     version: int = 0
     members: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Registered submitters -> the owners (case-folded) each may act for.
+    submitters: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -26,6 +28,8 @@ class FleetSnapshot:
         machines: dict[str, Machine],
         connections: dict[str, Connection],
         version: int = 0,
+        *,
+        submitters: dict[str, frozenset[str]] | None = None,
     ) -> FleetSnapshot:
         members: dict[str, list[str]] = {group_id: [] for group_id in groups}
         for machine in machines.values():
@@ -38,6 +42,7 @@ class FleetSnapshot:
             connections=connections,
             version=version,
             members={group_id: tuple(sorted(ids)) for group_id, ids in members.items()},
+            submitters=dict(submitters or {}),
         )
 
     def target_exists(self, target: Target) -> bool:

@@ -20,11 +20,12 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from dispatcher.errors import ConfigurationError
 from dispatcher.names import Names
 
-SUBMITTER_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+SUBMITTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 NOTHING = "^$"
 DELIVERY_LIMIT = 5
 
@@ -57,6 +58,49 @@ class Principal:
     username: str
     permissions: Permissions
     topic_permissions: tuple[TopicPermission, ...] = ()
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who published a message, from its broker-validated ``user_id``: ``admin`` (the
+    dispatcher's own identity, which operators' tools use too), a ``machine`` or a
+    ``submitter`` (with its name), or ``unknown`` (no user id, or no principal of this
+    namespace)."""
+
+    kind: str
+    name: str = ""
+
+    def speaks_for_machine(self, machine_id: str) -> bool:
+        return self.kind == "admin" or (self.kind == "machine" and self.name == machine_id)
+
+    def acts_for(self, owner: str, submitters: Mapping[str, frozenset[str]]) -> bool:
+        """Whether it may submit or cancel runs requested by ``owner``."""
+        if self.kind == "admin":
+            return True
+        return self.kind == "submitter" and owner.casefold() in submitters.get(self.name, ())
+
+    def describe(self, user_id: str | None) -> str:
+        return f"{self.kind} {self.name}" if self.name else (user_id or "a sender without user id")
+
+
+def admin_user_of(amqp_url: str) -> str:
+    """The user name of the dispatcher's broker identity (RabbitMQ's default: guest)."""
+    return unquote(urlsplit(amqp_url).username or "guest")
+
+
+def sender_of(names: Names, admin_user: str, user_id: str | None) -> Sender:
+    """Classify a delivery's ``user_id`` (RabbitMQ checked it is the publisher's user)."""
+    if not user_id:
+        return Sender("unknown")
+    if user_id == admin_user:
+        return Sender("admin")
+    for kind, prefix in (
+        ("machine", names.machine_user("")),
+        ("submitter", names.submitter_user("")),
+    ):
+        if user_id.startswith(prefix) and len(user_id) > len(prefix):
+            return Sender(kind, user_id[len(prefix) :])
+    return Sender("unknown")
 
 
 def _exactly(*resources: str) -> str:

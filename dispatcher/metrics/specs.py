@@ -54,7 +54,7 @@ REFRESH_RESULTS: Final = _closed(
 )
 DEAD_LETTER_REASONS: Final = _closed(
     "invalid_json", "not_an_object", "schema", "oversize", "content_type", "encoding",
-    "delivery_limit", "heartbeat", "unknown_run", "handoff",
+    "delivery_limit", "heartbeat", "unknown_run", "handoff", "sender",
 )  # fmt: skip
 REFUSAL_REASONS: Final = _closed("key_mismatch", "sender")
 EVENTS: Final = _closed(

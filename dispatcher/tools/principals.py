@@ -120,6 +120,7 @@ async def cmd_submitters_register(args: argparse.Namespace, settings: Settings) 
         async with _identities(settings) as identities:
             await identities.put(principal, password)
         await rt.redis.hset(names.submitters, args.name, json.dumps(owners))
+        await rt.redis.incr(names.fleet_version)  # every dispatcher reloads its submitters
     url = principal_url(settings, principal.username, password)
     _print(
         args,
@@ -144,6 +145,7 @@ async def cmd_submitters_unregister(args: argparse.Namespace, settings: Settings
         async with _identities(settings) as identities:
             existed = await identities.delete(names.submitter_user(args.name))
         await rt.redis.hdel(names.submitters, args.name)
+        await rt.redis.incr(names.fleet_version)
     if not existed:
         raise NotFound(f"submitter {args.name} has no broker identity")
     print(f"submitter {args.name} unregistered")

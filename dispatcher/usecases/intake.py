@@ -4,8 +4,11 @@
     outbox) ─▶ publish the window ─▶ verdicts (the consumer acks) ─▶ placement passes
 
 A message that is not a request is dead-lettered with its reason; a cancel is handed to the
-canceller; if the store cannot be reached the messages are held and retried (``Retry`` with
-``outage``), nothing is lost.
+canceller; who sent it (the broker-validated ``user_id``, ``core/principals.sender_of``) must be
+the dispatcher's own identity or a registered submitter acting for the run's ``requested_by``:
+a run request from anyone else ends ``rejected`` with ``ConnectionAccessDenied``, a cancel is
+dead-lettered (``sender``), both counted in ``rundispatch_refused_messages_total``. If the store
+cannot be reached the messages are held and retried (``Retry`` with ``outage``), nothing is lost.
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from dispatcher.core.admission import Rejection, admit
+from dispatcher.codes import ErrorCode
+from dispatcher.core.admission import Acceptance, Rejection, admit
 from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.decode import decode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import order_score
+from dispatcher.core.principals import Sender, admin_user_of, sender_of
 from dispatcher.errors import InvalidMessage, NotFound
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import CancelRequest, ConnectionKind, RunRequest
+from dispatcher.names import Names
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
 from dispatcher.usecases.lifecycle import Lifecycle, Window
@@ -66,11 +72,13 @@ class Intake:
         self.metrics = metrics
         self.tokens = tokens
         self.clock = clock
+        self.names = Names(settings.namespace)
+        self.admin_user = admin_user_of(settings.amqp_url.get_secret_value())
 
     async def handle(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """Decode, admit and record a batch of requests; the verdicts say ack or dead-letter."""
         verdicts: list[Verdict] = []
-        work: list[tuple[int, RunRequest | CancelRequest]] = []
+        work: list[tuple[int, RunRequest | CancelRequest, Sender]] = []
         for index, message in enumerate(batch):
             try:
                 decoded = decode(
@@ -86,14 +94,14 @@ class Intake:
                 verdicts.append(DeadLetter(invalid.reason, invalid.reason_class))
                 continue
             verdicts.append(Ack())
-            work.append((index, decoded))
+            work.append((index, decoded, self._sender(message)))
         if not work:
             return verdicts
         try:
             fleet = await self.fleet.load()
         except Exception as exc:  # the store is unavailable: every message goes back
             log.warning("store unavailable, %d requests go back to the queue: %s", len(work), exc)
-            for index, _ in work:
+            for index, _, _ in work:
                 verdicts[index] = retry_for(exc)
             return verdicts
         now = self.clock()
@@ -101,16 +109,19 @@ class Intake:
             # A microsecond apart, so runs of one batch keep their arrival order.
             results = await asyncio.gather(
                 *(
-                    self._record(window, item, fleet, now + position * 1e-6)
-                    for position, (_, item) in enumerate(work)
+                    self._record(window, item, sender, fleet, now + position * 1e-6)
+                    for position, (_, item, sender) in enumerate(work)
                 ),
                 return_exceptions=True,
             )
         targets: set[str] = set()
-        for (index, _), result in zip(work, results, strict=True):
+        for (index, _, _), result in zip(work, results, strict=True):
             if isinstance(result, NotFound):  # a cancel naming no run: bad input, not an outage
                 self.metrics.dead_letter("unknown_run")
                 verdicts[index] = DeadLetter(str(result), "unknown_run")
+            elif isinstance(result, InvalidMessage):  # a cancel from who may not send it
+                self.metrics.dead_letter(result.reason_class)
+                verdicts[index] = DeadLetter(result.reason, result.reason_class)
             elif isinstance(result, BaseException):
                 log.warning("request could not be recorded, retrying: %r", result)
                 verdicts[index] = retry_for(result)
@@ -119,15 +130,41 @@ class Intake:
         self.placer.request(*targets)
         return verdicts
 
+    def _sender(self, message: Delivery) -> Sender:
+        return sender_of(self.names, self.admin_user, message.user_id)
+
     async def _record(
-        self, window: Window, item: RunRequest | CancelRequest, fleet: FleetSnapshot, now: float
+        self,
+        window: Window,
+        item: RunRequest | CancelRequest,
+        sender: Sender,
+        fleet: FleetSnapshot,
+        now: float,
     ) -> str | None:
         """Record one decoded request; returns the target to place, if the run queued."""
         if isinstance(item, CancelRequest):
+            if sender.kind != "admin":
+                run = await self.canceller.runs.get(item.run_id)
+                if run is None:
+                    raise NotFound(f"no run {item.run_id}")
+                if not sender.acts_for(run.requested_by, fleet.submitters):
+                    self.metrics.message_refused("sender")
+                    log.warning("refused a cancel of run %s from %s", item.run_id, sender.kind)
+                    raise InvalidMessage(
+                        f"{sender.describe(None)} may not cancel runs of {run.requested_by}",
+                        "sender",
+                    )
             await self.canceller.cancel(item.run_id, item.reason or "cancelled over AMQP")
             return None
         request = item
-        decision = admit(request, fleet)
+        decision: Rejection | Acceptance = admit(request, fleet)
+        if not sender.acts_for(request.requested_by, fleet.submitters):
+            self.metrics.message_refused("sender")
+            log.warning("refused run %s from %s", request.run_id, sender.describe(None))
+            decision = Rejection(
+                ErrorCode.ConnectionAccessDenied,
+                f"{sender.describe(None)} may not submit runs for {request.requested_by}",
+            )
         if isinstance(decision, Rejection):
             connection = fleet.connections.get(request.connection_id)
             refusal = Refusal(

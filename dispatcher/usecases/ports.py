@@ -71,6 +71,11 @@ class Delivery(Protocol):
     @property
     def type(self) -> str | None: ...
 
+    @property
+    def user_id(self) -> str | None:
+        """The publisher's broker user, validated by RabbitMQ (None when it set none)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Ack:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from dispatcher.core.principals import admin_user_of, sender_of
 from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat
@@ -86,6 +87,7 @@ class Dispatcher:
         self.replica_id = replica_id
         self.clock = clock
         self._tasks: list[asyncio.Task[None]] = []
+        self.admin_user = admin_user_of(settings.amqp_url.get_secret_value())
 
     async def start(self) -> None:
         """Consume the requests, heartbeats and signals queues; start placement and sweeps.
@@ -144,6 +146,17 @@ class Dispatcher:
                 continue
             if heartbeat.machine_id not in fleet.machines:
                 verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
+                continue
+            sender = sender_of(self.names, self.admin_user, message.user_id)
+            if not sender.speaks_for_machine(heartbeat.machine_id):
+                reason = (
+                    f"a heartbeat for machine {heartbeat.machine_id} from "
+                    f"{sender.describe(message.user_id)}, which may not speak for it"
+                )
+                log.warning("refused %s", reason)
+                self.metrics.message_refused("sender")
+                self.metrics.dead_letter("sender")
+                verdicts.append(DeadLetter(reason, "sender"))
                 continue
             if heartbeat.public_key and not await self.machines.pin_key(
                 heartbeat.machine_id, heartbeat.public_key, now

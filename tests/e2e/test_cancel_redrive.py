@@ -21,6 +21,7 @@ import aio_pika
 import pytest
 
 from dispatcher.client import Client
+from dispatcher.core.principals import admin_user_of
 from dispatcher.models import Run, RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
@@ -114,6 +115,7 @@ async def publish_cancel(settings: Settings, run_id: str) -> None:
                 json.dumps({"run_id": run_id}).encode(),
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=admin_user_of(settings.amqp_url.get_secret_value()),
             ),
             "cancel",
         )

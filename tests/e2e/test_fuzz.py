@@ -25,6 +25,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from dispatcher.client import Client
+from dispatcher.core.principals import admin_user_of
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
@@ -377,6 +378,7 @@ async def publish(settings: Settings, samples: list[Sample]) -> None:
                             content_type=sample.content_type,
                             content_encoding=sample.content_encoding,
                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            user_id=admin_user_of(settings.amqp_url.get_secret_value()),
                         ),
                         sample.routing_key,
                     )

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import pytest
-from aiormq.exceptions import ChannelAccessRefused, ProbableAuthenticationError
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelPreconditionFailed,
+    ProbableAuthenticationError,
+)
 
 from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
-from dispatcher.models import RunStatus
+from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.support.builders import fleet_document
@@ -177,3 +182,99 @@ def _machine(procs: Processes, machine_id: str, truthy: str | None = None) -> An
     rows = {row["machine_id"]: row for row in cli_json(procs, "machines", "list")}
     row = rows[machine_id]
     return row if truthy is None or row[truthy] else None
+
+
+async def publish_as(url: str, exchange: str, key: str, body: bytes, user_id: str | None) -> None:
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        target = await channel.get_exchange(exchange, ensure=False)
+        message = aio_pika.Message(body, content_type="application/json", user_id=user_id)
+        await target.publish(message, routing_key=key)
+    finally:
+        await connection.close()
+
+
+def username_of(url: str) -> str:
+    return url.split("//", 1)[1].split(":", 1)[0]
+
+
+async def test_messages_are_accepted_only_from_who_may_send_them(
+    client: Client, settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    names = Names(settings.namespace)
+    apply_fleet(two_machines())
+    a1 = cli_json(procs, "machines", "register", "a1")
+    x = cli_json(procs, "submitters", "register", "envx", "--acts-for", OWNER)
+    y = cli_json(procs, "submitters", "register", "envy", "--acts-for", "bob@contoso.com")
+    procs.dispatcher()
+    procs.worker("a1")  # the dispatcher's identity: a worker with its own is not there yet
+    await online(client, "a1", procs=procs)
+
+    # A heartbeats as B, with its own (validated) user id, or with none: refused, B unchanged.
+    forged = Heartbeat(machine_id="b1", worker_id="forger", sent_at=time.time())
+    for user_id in (username_of(a1["amqp_url"]), None):
+        await publish_as(
+            a1["amqp_url"], names.heartbeats_exchange, "", forged.model_dump_json().encode(),
+            user_id,
+        )  # fmt: skip
+    # RabbitMQ itself refuses a user id that is not the publisher's.
+    assert await refused_by_broker(a1["amqp_url"], names, "guest")
+    letters: list[Any] = []
+
+    async def both_dead_lettered() -> bool:
+        letters.extend(await dead_letters(settings, "may not speak for it"))
+        return len(letters) >= 2
+
+    await eventually(both_dead_lettered, 20)
+    assert len(letters) == 2
+    assert not _machine(procs, "b1")["online"]
+
+    # A submitter may run connections of the owners it acts for, and only those.
+    def request(run_id: str) -> bytes:
+        return json.dumps(
+            {"run_id": run_id, "flow_id": "invoice", "connection_id": "c1",
+             "requested_by": OWNER, "mode": "unattended"}
+        ).encode()  # fmt: skip
+
+    for run_id, submitter in (("by-x", x), ("by-y", y)):
+        user = username_of(submitter["amqp_url"])
+        await publish_as(
+            submitter["amqp_url"], names.requests_exchange, "submit", request(run_id), user
+        )
+    ran = await client.wait("by-x", timeout=30)
+    assert ran.status is RunStatus.succeeded
+    denied = await client.wait("by-y", timeout=30)
+    assert denied.status is RunStatus.rejected and denied.error is not None
+    assert denied.error.code is ErrorCode.ConnectionAccessDenied
+    assert "may not submit runs for" in denied.error.message
+
+
+async def refused_by_broker(url: str, names: Names, user_id: str) -> bool:
+    """Whether RabbitMQ refuses a message whose user id is not the publisher's."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        target = await channel.get_exchange(names.heartbeats_exchange, ensure=False)
+        try:
+            await target.publish(aio_pika.Message(b"{}", user_id=user_id), routing_key="")
+        except ChannelPreconditionFailed:
+            return True
+        return False
+    finally:
+        await connection.close()
+
+
+async def dead_letters(settings: Settings, reason: str) -> list[Any]:
+    """Take the dead-lettered messages whose reason contains ``reason``."""
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    found = []
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(Names(settings.namespace).dead_queue, ensure=False)
+        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+            if reason in str((message.headers or {}).get("x-rundispatch-reason", "")):
+                found.append(message)
+    finally:
+        await connection.close()
+    return found

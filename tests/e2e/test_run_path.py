@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 
 from dispatcher.client import Client
+from dispatcher.core.principals import admin_user_of
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
@@ -119,6 +120,7 @@ async def test_bad_messages_are_dead_lettered_while_valid_runs_flow(
         "mode": "sometimes",
     }
     bad = [b"\x00\xffgarbage\x13", b"[1, 2, 3]", json.dumps(wrong_types).encode()]
+    admin = admin_user_of(settings.amqp_url.get_secret_value())
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -126,7 +128,7 @@ async def test_bad_messages_are_dead_lettered_while_valid_runs_flow(
         valid_ids = []
         for body in bad:
             await exchange.publish(
-                aio_pika.Message(body, content_type="application/json"), "submit"
+                aio_pika.Message(body, content_type="application/json", user_id=admin), "submit"
             )
             valid_ids.append(
                 await client.submit(
@@ -181,12 +183,15 @@ async def test_cancel_of_an_unknown_run_is_dead_lettered(
 ) -> None:
     await start_fleet(procs, apply_fleet, machines=1)
     names = Names(settings.namespace)
+    admin = admin_user_of(settings.amqp_url.get_secret_value())
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(names.requests_exchange)
         await exchange.publish(
-            aio_pika.Message(b'{"run_id": "no-such-run"}', content_type="application/json"),
+            aio_pika.Message(
+                b'{"run_id": "no-such-run"}', content_type="application/json", user_id=admin
+            ),
             "cancel",
         )
         valid = await client.submit(

@@ -52,6 +52,7 @@ from devtools.idp import IdentityProvider
 from dispatcher.adapters.identity.sign_in import import_refresh_token
 from dispatcher.adapters.identity.token_broker import TokenBroker
 from dispatcher.client import Client
+from dispatcher.core.principals import admin_user_of
 from dispatcher.crypto import SecretBox
 from dispatcher.metrics import DispatcherMetrics, QueueStateSnapshot
 from dispatcher.models import Connection, ConnectionKind, RunStatus, Target
@@ -181,7 +182,12 @@ async def publish_garbage(settings: Settings, bodies: list[bytes]) -> None:
         exchange = await channel.get_exchange(names.requests_exchange)
         for body in bodies:
             await exchange.publish(
-                aio_pika.Message(body, content_type="application/json"), "submit"
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    user_id=admin_user_of(settings.amqp_url.get_secret_value()),
+                ),
+                "submit",
             )
 
 

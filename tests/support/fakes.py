@@ -600,6 +600,7 @@ class FakeDelivery:
     type: str | None = None
     content_type: str | None = "application/json"
     content_encoding: str | None = None
+    user_id: str | None = "guest"  # the admin identity of the tests' settings
 
 
 @dataclass

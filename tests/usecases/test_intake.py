@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -9,9 +10,10 @@ import pytest
 from dispatcher.codes import ErrorCode
 from dispatcher.errors import StoreUnavailable
 from dispatcher.models import RunStatus
-from dispatcher.usecases.ports import Ack, DeadLetter, Retry
+from dispatcher.usecases.ports import Ack, DeadLetter, Retry, Verdict
 from tests.support.builders import credentials, fleet, machine, request_payload, sign_in
 from tests.support.constants import OWNER
+from tests.support.fakes import FakeDelivery
 from tests.support.world import World
 
 pytestmark = pytest.mark.unit
@@ -160,3 +162,39 @@ async def test_cancels_arrive_with_the_requests() -> None:
     run = await world.run("r1")
     assert run.status is RunStatus.cancelled
     assert run.error is not None and run.error.message == "not needed"
+
+
+async def test_a_submitter_may_submit_and_cancel_only_for_the_owners_it_acts_for() -> None:
+    world = bots()
+    names = world.names
+    world.fleet.snapshot = dataclasses.replace(
+        world.fleet.snapshot,
+        submitters={"env1": frozenset({OWNER.casefold()}), "env2": frozenset({"bob@x.com"})},
+    )
+
+    async def send(body: dict[str, object], user_id: str | None, key: str = "submit") -> Verdict:
+        delivery = FakeDelivery(json.dumps(body).encode(), key, user_id=user_id)
+        [verdict] = await world.intake.handle([delivery])
+        return verdict
+
+    assert await send(unattended("r1"), names.submitter_user("env1")) == Ack()
+    assert (await world.run("r1")).status is RunStatus.queued
+    for run_id, user_id in (
+        ("r2", names.submitter_user("env2")),  # acts for bob only
+        ("r3", names.submitter_user("nobody")),  # not registered
+        ("r4", names.machine_user("m1")),
+        ("r5", None),
+    ):
+        assert await send(unattended(run_id), user_id) == Ack()
+        run = await world.run(run_id)
+        assert run.status is RunStatus.rejected, run_id
+        assert run.error is not None and run.error.code is ErrorCode.ConnectionAccessDenied
+        assert "may not submit runs for" in run.error.message
+    assert world.metrics.named("message_refused") == [("sender",)] * 4
+
+    cancel = {"run_id": "r1", "reason": "stop"}
+    verdict = await send(cancel, names.submitter_user("env2"), "cancel")
+    assert isinstance(verdict, DeadLetter) and verdict.reason_class == "sender"
+    assert (await world.run("r1")).status is RunStatus.queued
+    assert await send(cancel, names.submitter_user("env1"), "cancel") == Ack()
+    assert (await world.run("r1")).status is RunStatus.cancelled

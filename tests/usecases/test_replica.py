@@ -3,10 +3,12 @@ signals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from dispatcher.crypto import WorkerKeyPair
 from dispatcher.models import Heartbeat
 from dispatcher.usecases.ports import Ack, DeadLetter
 from tests.support.builders import credentials, fleet, machine, request_payload, session
@@ -115,3 +117,41 @@ async def test_signals_count_completions_and_ask_for_the_machine_s_targets() -> 
     assert sorted(requested) == ["g:bots", "m:m1"]
     [completed] = world.metrics.named("run_completed")
     assert completed == ("g:bots", "credentials", "unattended", "failed", "FlowFailed", 2.5)
+
+
+def sent_by(delivery: FakeDelivery, user_id: str | None) -> FakeDelivery:
+    return dataclasses.replace(delivery, user_id=user_id)
+
+
+async def test_a_heartbeat_is_accepted_only_from_its_machine_or_the_dispatcher() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    names = world.names
+    own = sent_by(heartbeat(world, "m1"), names.machine_user("m1"))
+    for forged in (
+        sent_by(heartbeat(world, "m2"), names.machine_user("m1")),  # another machine's
+        sent_by(heartbeat(world, "m2"), names.submitter_user("env1")),
+        sent_by(heartbeat(world, "m2"), None),  # no user id
+        sent_by(heartbeat(world, "m2"), "someone-else"),
+    ):
+        [verdict] = await replica.handle_heartbeats([forged])
+        assert isinstance(verdict, DeadLetter) and verdict.reason_class == "sender"
+        assert "may not speak for it" in verdict.reason
+    assert world.machines.heartbeats == {}  # m2 stays offline
+    assert world.metrics.named("message_refused") == [("sender",)] * 4
+    assert await replica.handle_heartbeats([own, heartbeat(world, "m2")]) == [Ack(), Ack()]
+    assert set(world.machines.heartbeats) == {"m1", "m2"}  # its own, and the admin's
+
+
+async def test_a_machine_s_key_is_pinned_and_another_one_refused_until_registration() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    assert await replica.handle_heartbeats([heartbeat(world, "m1")]) == [Ack()]
+    pinned = world.keys["m1"].public_key_b64
+    world.keys["m1"] = WorkerKeyPair.generate()  # another process, another key
+    assert await replica.handle_heartbeats([heartbeat(world, "m1")]) == [Ack()]
+    [live, _] = world.machines.heartbeats["m1"]
+    assert live.public_key == pinned  # the other key was not recorded
+    [view] = await world.machines.views([world.fleet.snapshot.machines["m1"]], world.clock.now, 15)
+    assert view.key_mismatch and view.public_key == pinned
+    assert world.metrics.named("message_refused") == [("key_mismatch",)]

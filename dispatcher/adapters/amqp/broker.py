@@ -25,7 +25,7 @@ from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, P
 
 from dispatcher.adapters.amqp.consumer import consume_loop, copy_to_dead_letters
 from dispatcher.adapters.amqp.topology import declare_topology
-from dispatcher.core.principals import quorum_arguments
+from dispatcher.core.principals import admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
@@ -53,6 +53,9 @@ class Amqp:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
+        # RabbitMQ checks that a message's user_id is the connection's user: receivers know
+        # who sent it (core/principals.sender_of).
+        self.user_id = admin_user_of(url)
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
@@ -142,6 +145,7 @@ class Amqp:
             delivery_mode=PERSISTENT,
             message_type=kind,
             message_id=message_id,
+            user_id=self.user_id,
         )
         await channel.basic_publish(
             body,

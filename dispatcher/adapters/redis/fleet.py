@@ -6,6 +6,7 @@ decision costs one small read, not a reload of a thousand machines.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
@@ -85,7 +86,15 @@ class RedisFleet:
         pipe.hgetall(names.machines)
         pipe.hgetall(names.connections)
         pipe.get(names.fleet_version)
-        env_raw, groups_raw, machines_raw, connections_raw, version_raw = await pipe.execute()
+        pipe.hgetall(names.submitters)
+        (
+            env_raw,
+            groups_raw,
+            machines_raw,
+            connections_raw,
+            version_raw,
+            submitters_raw,
+        ) = await pipe.execute()
         snapshot = FleetSnapshot.build(
             environment=Environment.model_validate_json(env_raw) if env_raw else None,
             groups={_text(k): Group.model_validate_json(v) for k, v in groups_raw.items()},
@@ -94,6 +103,10 @@ class RedisFleet:
                 _text(k): Connection.model_validate_json(v) for k, v in connections_raw.items()
             },
             version=int(version_raw or 0),
+            submitters={
+                _text(k): frozenset(o.casefold() for o in json.loads(v))
+                for k, v in submitters_raw.items()
+            },
         )
         self._snapshot = snapshot
         return snapshot
