@@ -50,7 +50,7 @@ from bench.procfs import (
 from bench.producer import prefill
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.core.principals import admin_user_of
-from dispatcher.names import Names
+from dispatcher.names import Names, event_binding, event_of
 from dispatcher.settings import Settings
 
 POLL_S = 0.1
@@ -467,14 +467,15 @@ class Bench:
             now = time.time()
             data = json.loads(message.body)
             entry = seen.setdefault(str(data["run_id"]), {"submitted": data["submitted_at"]})
-            entry[str(message.routing_key)] = now - float(data["submitted_at"])
+            entry[event_of(str(message.routing_key))] = now - float(data["submitted_at"])
 
         channel = await self.bl_connection.channel()
         await channel.set_qos(prefetch_count=5000)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         exchange = self.names.events_exchange if kind == "ours" else self.bnames.events
         for key in ("run.dispatched", "run.started"):
-            await queue.bind(exchange, key)
+            # ours: run.<status>.<submitter>; the baseline's: run.<status> (# matches none)
+            await queue.bind(exchange, event_binding(key))
         await queue.consume(observe, no_ack=True)
         self._counter += 1
         prefix = f"lat-{kind}-{self._counter}-"

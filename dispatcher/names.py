@@ -10,6 +10,21 @@ from dataclasses import dataclass
 # Routing keys of the events that end a run: the signals queue binds them (a finished run
 # frees room on its machine), and the replica consuming one counts the run's final status.
 TERMINAL_EVENT_KEYS = ("run.succeeded", "run.failed", "run.cancelled", "run.timed_out")
+# An event's routing key is ``run.<status>.<submitter>``: the registered submitter that sent the
+# request, or NO_SUBMITTER for runs the dispatcher's own identity submitted (the CLI, the
+# client). A submitter's topic permission lets it bind only keys that name it.
+NO_SUBMITTER = "-"
+
+
+def event_of(routing_key: str) -> str:
+    """``run.<status>`` of an event's routing key (whoever submitted the run)."""
+    return ".".join(routing_key.split(".")[:2])
+
+
+def event_binding(event: str, submitter: str | None = None) -> str:
+    """The binding key of ``run.<status>`` (``run.*`` for every status) for one submitter's
+    runs, or for every run when ``submitter`` is None."""
+    return f"{event}.{submitter}" if submitter is not None else f"{event}.#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +46,7 @@ class Names:
 
     @property
     def events_exchange(self) -> str:
-        """Topic exchange every status change is published to as ``run.<status>``."""
+        """Topic exchange every status change is published to as ``run.<status>.<submitter>``."""
         return f"{self.ns}.events"
 
     @property

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.adapters.redis.outbox import RedisOutbox
 from dispatcher.metrics.hooks import MetricsHooks, NullMetrics
+from dispatcher.names import event_of
 from dispatcher.usecases.results import OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class OutboxPublisher:
             log.warning("publish failed (%s); %d messages left to the relay", exc, len(messages))
             return False
         self.published += len(messages)
-        events = collections.Counter(m.routing_key for m in messages if m.kind == "event")
+        events = collections.Counter(event_of(m.routing_key) for m in messages if m.kind == "event")
         for routing_key, count in events.items():
             self.metrics.event_published(routing_key, count)
         self._forget([m.id for m in messages if m.id])

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dispatcher.errors import ConfigurationError
-from dispatcher.names import Names
+from dispatcher.names import NO_SUBMITTER, Names
 
 SUBMITTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 NOTHING = "^$"
@@ -78,6 +78,11 @@ class Sender:
         if self.kind == "admin":
             return True
         return self.kind == "submitter" and owner.casefold() in submitters.get(self.name, ())
+
+    @property
+    def routing_word(self) -> str:
+        """The last word of the routing keys of the events of runs it submits."""
+        return self.name if self.kind == "submitter" else NO_SUBMITTER
 
     def describe(self, user_id: str | None) -> str:
         return f"{self.kind} {self.name}" if self.name else (user_id or "a sender without user id")

@@ -174,6 +174,7 @@ class Intake:
                 now=now,
                 target=connection.target.key if connection else None,
                 connection_kind=connection.kind if connection else None,
+                submitter=sender.routing_word,
             )
             if isinstance(await window.reject(refusal), Rejected):
                 self.metrics.run_rejected(
@@ -203,6 +204,7 @@ class Intake:
             throttle_limit=self.settings.throttle_per_minute,
             queue_cap=self.settings.queue_cap,
             now=now,
+            submitter=sender.routing_word,
         )
         match await window.admit(admission):
             case Queued():

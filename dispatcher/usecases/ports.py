@@ -37,6 +37,7 @@ from dispatcher.models import (
     RunRequest,
     RunStatus,
 )
+from dispatcher.names import NO_SUBMITTER
 from dispatcher.usecases.results import (
     AdmitResult,
     CancelResult,
@@ -160,6 +161,7 @@ class Admission:
     throttle_limit: int
     queue_cap: int
     now: float
+    submitter: str = NO_SUBMITTER  # who sent it: the last word of its events' routing keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,7 @@ class Refusal:
     now: float
     target: str | None = None
     connection_kind: ConnectionKind | None = None
+    submitter: str = NO_SUBMITTER
 
 
 @dataclass(frozen=True, slots=True)

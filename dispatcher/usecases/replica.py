@@ -23,7 +23,7 @@ from dispatcher.core.principals import admin_user_of, sender_of
 from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat
-from dispatcher.names import TERMINAL_EVENT_KEYS, Names
+from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_of
 from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
 from dispatcher.usecases.intake import Intake
@@ -194,7 +194,8 @@ class Dispatcher:
             except ValueError:
                 data = None  # a hint that says nothing: only acked
             machine_id = data.get("machine_id") if isinstance(data, dict) else None
-            if isinstance(data, dict) and message.routing_key in TERMINAL_EVENT_KEYS:
+            event = event_of(message.routing_key or "")
+            if isinstance(data, dict) and event in TERMINAL_EVENT_KEYS:
                 self._observe_completion(data)
             if isinstance(machine_id, str):
                 targets.update(fleet.targets_of_machine(machine_id))

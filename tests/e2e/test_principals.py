@@ -22,7 +22,7 @@ from aiormq.exceptions import (
 from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
 from dispatcher.models import Heartbeat, RunStatus
-from dispatcher.names import Names
+from dispatcher.names import Names, event_binding
 from dispatcher.settings import Settings
 from tests.support.builders import fleet_document
 from tests.support.constants import OWNER
@@ -237,6 +237,11 @@ async def test_messages_are_accepted_only_from_who_may_send_them(
              "requested_by": OWNER, "mode": "unattended"}
         ).encode()  # fmt: skip
 
+    # X follows its runs' events on a queue of its own: it may bind only keys naming it.
+    follower = await aio_pika.connect(x["amqp_url"])
+    channel = await follower.channel()
+    events = await channel.declare_queue(f"{x['queue_prefix']}events", exclusive=True)
+    await events.bind(names.events_exchange, event_binding("run.*", "envx"))
     for run_id, submitter in (("by-x", x), ("by-y", y)):
         user = username_of(submitter["amqp_url"])
         await publish_as(
@@ -248,6 +253,21 @@ async def test_messages_are_accepted_only_from_who_may_send_them(
     assert denied.status is RunStatus.rejected and denied.error is not None
     assert denied.error.code is ErrorCode.ConnectionAccessDenied
     assert "may not submit runs for" in denied.error.message
+    seen: list[tuple[str, str]] = []
+
+    async def followed_to_the_end() -> bool:
+        while (message := await events.get(no_ack=True, fail=False)) is not None:
+            seen.append((json.loads(message.body)["run_id"], str(message.routing_key)))
+        return ("by-x", "run.succeeded.envx") in seen
+
+    try:
+        await eventually(followed_to_the_end, 20)
+    finally:
+        await follower.close()
+    assert {run_id for run_id, _ in seen} == {"by-x"}  # nothing of Y's runs, nor of others'
+    assert [key for _, key in seen] == [
+        f"run.{status}.envx" for status in ("queued", "dispatched", "started", "succeeded")
+    ]
 
 
 async def refused_by_broker(url: str, names: Names, user_id: str) -> bool:

@@ -203,10 +203,14 @@ async def admission_scenario(store: Store, seen: Trace) -> None:
     refusal = Refusal(request(run_id="r4"), ErrorCode.ConnectionNotFound, "no such connection", NOW)
     refused = seen(await t.reject(refusal))
     assert isinstance(refused, Rejected) and refused.code is ErrorCode.ConnectionNotFound
-    assert [m.routing_key for m in refused.messages] == ["run.rejected"]
+    assert [m.routing_key for m in refused.messages] == ["run.rejected.-"]
     duplicate = Refusal(request(run_id="r1"), ErrorCode.ConnectionNotFound, "x", NOW)
     assert seen(await t.reject(duplicate)) == Duplicate(status=RunStatus.queued)
     assert isinstance(seen(await t.admit(admission("r5", at=NOW + 1, priority="high"))), Queued)
+    by_submitter = dataclasses.replace(admission("r7", connection="c2"), submitter="env1")
+    queued = seen(await t.admit(by_submitter))
+    assert isinstance(queued, Queued)
+    assert [m.routing_key for m in queued.messages] == ["run.queued.env1"]
     for read in (
         await reads.get("r1"),
         await reads.get("r3"),
@@ -238,7 +242,7 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     claimed = seen((await t.claim_many([claim("r1")], NOW + 1))[0])
     assert isinstance(claimed, Claimed) and claimed.fence == 1
     event, assign = claimed.messages
-    assert (event.kind, event.routing_key) == ("event", "run.dispatched")
+    assert (event.kind, event.routing_key) == ("event", "run.dispatched.-")
     assignment = Assignment.model_validate_json(assign.body)
     assert (assign.kind, assign.routing_key) == ("assign", "m1")
     assert (assignment.run_id, assignment.fence, assignment.machine_id) == ("r1", 1, "m1")
@@ -258,7 +262,7 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     assert refused == [Refused(status=RunStatus.dispatched, fence=1)] * 2
     started = seen(await t.start_many([start("r1", 1)], NOW + 3))
     assert isinstance(started[0], Started)
-    assert [m.routing_key for m in started[0].messages] == ["run.started"]
+    assert [m.routing_key for m in started[0].messages] == ["run.started.-"]
     assert seen(await t.start_many([start("r1", 1)], NOW + 4)) == [
         Refused(status=RunStatus.running, fence=1)
     ]

@@ -33,6 +33,7 @@ from dispatcher.models import (
     RunError,
     RunStatus,
 )
+from dispatcher.names import NO_SUBMITTER, event_of
 from dispatcher.usecases.ports import (
     Admission,
     BatchHandler,
@@ -116,7 +117,9 @@ class FakeRunStore:
         return message
 
     def _event(self, run_id: str, status: str) -> OutboxMessage:
-        return self._outbox("event", f"run.{status}", codec.record_json(self.runs[run_id]))
+        run = self.runs[run_id]
+        key = f"run.{status}.{run.get('_sub', NO_SUBMITTER)}"
+        return self._outbox("event", key, codec.record_json(run))
 
     def _timeline(self, run_id: str, entry: str) -> None:
         tl = self.runs[run_id].get("tl")
@@ -158,7 +161,7 @@ class FakeRunStore:
         if existing is not None:
             return Duplicate(status=codec.status_of(existing))
         fields = [
-            *codec.request_fields(request, now),
+            *codec.request_fields(request, now, admission.submitter),
             "target",
             codec.fragment(target),
             "connection_kind",
@@ -208,7 +211,7 @@ class FakeRunStore:
         existing = self.runs.get(request.run_id, {}).get("status")
         if existing is not None:
             return Duplicate(status=codec.status_of(existing))
-        fields = codec.request_fields(request, now)
+        fields = codec.request_fields(request, now, refusal.submitter)
         if refusal.target is not None:
             fields += ["target", codec.fragment(refusal.target)]
         if refusal.connection_kind is not None:
@@ -285,7 +288,7 @@ class FakeRunStore:
         self._timeline(
             start.run_id, codec.timeline_entry("started", now, {"machine_id": start.machine_id})
         )
-        return Started(messages=(self._outbox("event", "run.started", codec.record_json(run)),))
+        return Started(messages=(self._event(start.run_id, "started"),))
 
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]:
         self._check()
@@ -569,7 +572,7 @@ class FakePublisher:
         return [
             json.loads(m.body)
             for m in self.sent
-            if m.kind == "event" and routing_key in (None, m.routing_key)
+            if m.kind == "event" and routing_key in (None, m.routing_key, event_of(m.routing_key))
         ]
 
     def of_kind(self, kind: str) -> list[OutboxMessage]:

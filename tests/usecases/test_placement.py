@@ -76,7 +76,9 @@ async def test_a_pass_places_what_the_machines_can_take_and_publishes_one_window
     assert statuses == [RunStatus.dispatched] * 2 + [RunStatus.queued] * 2
     assert len(world.publisher.windows) == before + 1
     kinds = sorted((m.kind, m.routing_key) for m in world.publisher.windows[-1])
-    assert kinds == sorted([("event", "run.dispatched")] * 2 + [("assign", "m1"), ("assign", "m2")])
+    assert kinds == sorted(
+        [("event", "run.dispatched.-")] * 2 + [("assign", "m1"), ("assign", "m2")]
+    )
 
 
 async def test_a_high_priority_run_goes_first() -> None:

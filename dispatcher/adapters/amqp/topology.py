@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from dispatcher.core.principals import quorum_arguments
-from dispatcher.names import TERMINAL_EVENT_KEYS, Names
+from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_binding
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ async def declare_topology(
     signals = await channel.declare_queue(
         names.signals_queue, durable=True, arguments=SIGNALS_ARGUMENTS
     )
-    for key in (*TERMINAL_EVENT_KEYS, "machine.#"):
+    for key in (*(event_binding(e) for e in TERMINAL_EVENT_KEYS), "machine.#"):
         await signals.bind(events, key)
     return {
         "dead": dead,

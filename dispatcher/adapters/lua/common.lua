@@ -38,8 +38,11 @@ local function outbox(stream, kind, routing_key, body)
   return {id, kind, routing_key, body}
 end
 
+-- The routing key names the run's submitter (names.NO_SUBMITTER when none): broker topic
+-- permissions then keep a submitter to its own runs' events.
 local function event(stream, key, status)
-  return outbox(stream, 'event', 'run.' .. status, record_json(key, false))
+  local submitter = redis.call('HGET', key, '_sub') or '-'
+  return outbox(stream, 'event', 'run.' .. status .. '.' .. submitter, record_json(key, false))
 end
 
 -- Keep the lanes index pointing at the score of each lane's head run.

@@ -11,4 +11,4 @@ redis.call('HSET', run, 'status', '"running"', 'started_at', ARGV[4],
   '_worker', '"' .. ARGV[7] .. '"')
 redis.call('ZADD', running, ARGV[6], ARGV[1])
 append_timeline(run, ARGV[5])
-return {'ok', outbox(stream, 'event', 'run.started', record_json(run, false))}
+return {'ok', event(stream, run, 'started')}

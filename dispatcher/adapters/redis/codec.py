@@ -15,7 +15,7 @@ from typing import Any
 from dispatcher.codes import ErrorCode
 from dispatcher.core.ordering import lane_of
 from dispatcher.models import AssignedRun, Mode, Priority, Run, RunError, RunRequest, RunStatus
-from dispatcher.names import Names
+from dispatcher.names import NO_SUBMITTER, Names
 from dispatcher.usecases.ports import (
     Admission,
     Claim,
@@ -53,12 +53,13 @@ def error_fragment(error: RunError) -> str:
     return fragment(value)
 
 
-def request_fields(request: RunRequest, now: float) -> list[str]:
-    """The immutable part of a run record, as field/value pairs."""
+def request_fields(request: RunRequest, now: float, submitter: str = NO_SUBMITTER) -> list[str]:
+    """The immutable part of a run record, as field/value pairs (``_sub``: who submitted it,
+    the last word of its events' routing keys; internal, not in the record)."""
     submitted = request.submitted_at.timestamp() if request.submitted_at else now
     req = request.model_dump(mode="json", exclude={"priority", "submitted_at"})
     req["submitted_at"] = submitted
-    return ["req", fragment(req), "priority", fragment(request.priority.value)]
+    return ["req", fragment(req), "priority", fragment(request.priority.value), "_sub", submitter]
 
 
 def status_of(raw: Any) -> RunStatus | None:
@@ -195,7 +196,7 @@ class Calls:
             error_fragment(throttled),
             error_fragment(full),
             timeline_entry("rejected", now),
-            *request_fields(request, now),
+            *request_fields(request, now, admission.submitter),
             "target",
             fragment(target),
             "connection_kind",
@@ -217,7 +218,7 @@ class Calls:
             error_fragment(RunError(code=refusal.code, message=refusal.message)),
             timeline_entry("rejected", now, {"code": refusal.code.value}),
             self.retention_s,
-            *request_fields(request, now),
+            *request_fields(request, now, refusal.submitter),
             *extra,
         ]
         return keys, args
