@@ -19,6 +19,7 @@ from dispatcher.models.fleet import (
     Machine,
     OsKind,
     SecretRef,
+    Submitter,
     Target,
 )
 from dispatcher.models.live import (
@@ -72,6 +73,7 @@ __all__ = [
     "Session",
     "SessionState",
     "Strict",
+    "Submitter",
     "Target",
     "TenantId",
     "Text",

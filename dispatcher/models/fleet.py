@@ -107,8 +107,18 @@ class Connection(Strict):
         return (self.account if self.kind is ConnectionKind.sign_in else self.username) or ""
 
 
+class Submitter(BaseModel):
+    """A submitter (a cloud-flow environment) and the owners it may submit runs for; its
+    broker identity comes from ``submitters register``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+    acts_for: tuple[str, ...] = Field(min_length=1)
+
+
 class FleetFile(BaseModel):
-    """A fleet file (SPEC §4): environment, groups, machines, connections."""
+    """A fleet file (SPEC §4): environment, groups, machines, connections, submitters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -116,3 +126,4 @@ class FleetFile(BaseModel):
     groups: tuple[Group, ...] = ()
     machines: tuple[Machine, ...] = ()
     connections: tuple[dict[str, Any], ...] = ()
+    submitters: tuple[Submitter, ...] = ()

@@ -94,6 +94,7 @@ async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
             fleet_file.machines,
             connections,
             prune=args.prune,
+            submitters=fleet_file.submitters,
         )
         if not args.no_signal:
             for machine in fleet_file.machines:

@@ -205,8 +205,12 @@ async def test_messages_are_accepted_only_from_who_may_send_them(
     names = Names(settings.namespace)
     apply_fleet(two_machines())
     a1 = cli_json(procs, "machines", "register", "a1")
-    x = cli_json(procs, "submitters", "register", "envx", "--acts-for", OWNER)
+    x = cli_json(procs, "submitters", "register", "envx", "--acts-for", "nobody@contoso.com")
     y = cli_json(procs, "submitters", "register", "envy", "--acts-for", "bob@contoso.com")
+    # The fleet file says whom each submitter acts for (here: it gives envx to OWNER).
+    with_submitters = two_machines()
+    with_submitters["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
+    apply_fleet(with_submitters)
     procs.dispatcher()
     procs.worker("a1")  # the dispatcher's identity: a worker with its own is not there yet
     await online(client, "a1", procs=procs)

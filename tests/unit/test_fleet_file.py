@@ -31,6 +31,9 @@ def test_example_fleet_is_valid_and_seals_passwords() -> None:
     assert sealed and "change-me" not in sealed
     assert box.open(sealed, "c1") == b"change-me"
     assert "change-me" not in json.dumps([c.model_dump(mode="json") for c in connections])
+    assert [(s.name, s.acts_for) for s in fleet.submitters] == [
+        ("finance-flows", ("alice@contoso.com", "carol@contoso.com"))
+    ]
 
 
 @pytest.mark.parametrize(
@@ -51,6 +54,20 @@ def test_example_fleet_is_valid_and_seals_passwords() -> None:
                 "groups": [{"group_id": "g", "name": "G"}, {"group_id": "g", "name": "H"}],
             },
             "duplicate group ids: g",
+        ),
+        (
+            {
+                "environment": {"tenant_id": "11111111-2222-3333-4444-555555555555"},
+                "submitters": [{"name": "a.b", "acts_for": ["alice@contoso.com"]}],
+            },
+            "submitters.0.name",
+        ),
+        (
+            {
+                "environment": {"tenant_id": "11111111-2222-3333-4444-555555555555"},
+                "submitters": [{"name": "env1", "acts_for": []}],
+            },
+            "submitters.0.acts_for",
         ),
     ],
 )

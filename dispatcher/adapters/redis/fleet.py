@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.errors import NotFound
-from dispatcher.models import Connection, Environment, Group, Machine
+from dispatcher.models import Connection, Environment, Group, Machine, Submitter
 from dispatcher.names import Names
 
 
@@ -38,6 +38,8 @@ class RedisFleet:
         machines: Sequence[Machine],
         connections: Sequence[Connection],
         prune: bool = False,
+        *,
+        submitters: Sequence[Submitter] = (),
     ) -> dict[str, int]:
         """Create or update everything given (in one transaction); with ``prune``, delete
         groups, machines and connections that are not given."""
@@ -51,6 +53,7 @@ class RedisFleet:
                 (names.groups, {g.group_id for g in groups}, current.groups),
                 (names.machines, {m.machine_id for m in machines}, current.machines),
                 (names.connections, {c.connection_id for c in connections}, current.connections),
+                (names.submitters, {s.name for s in submitters}, current.submitters),
             ):
                 stale = [item for item in have if item not in keep]
                 if stale:
@@ -62,9 +65,12 @@ class RedisFleet:
             pipe.hset(names.machines, machine.machine_id, machine.model_dump_json())
         for connection in connections:
             pipe.hset(names.connections, connection.connection_id, connection.model_dump_json())
+        for submitter in submitters:
+            pipe.hset(names.submitters, submitter.name, json.dumps(list(submitter.acts_for)))
         pipe.incr(names.fleet_version)
         await pipe.execute()
         return {
+            "submitters": len(submitters),
             "groups": len(groups),
             "machines": len(machines),
             "connections": len(connections),
