@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from aiormq.exceptions import (
     ChannelAccessRefused,
@@ -302,3 +303,37 @@ async def dead_letters(settings: Settings, reason: str) -> list[Any]:
     finally:
         await connection.close()
     return found
+
+
+async def test_generated_definitions_provision_the_same_identities(
+    client: Client, settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    names = Names(settings.namespace)
+    document = two_machines()
+    document["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
+    apply_fleet(document)
+    credentials = procs.workdir / "credentials.json"
+    printed = cli(procs, "broker", "definitions", "--credentials-out", str(credentials)).stdout
+    definitions = json.loads(printed)
+    assert credentials.stat().st_mode & 0o777 == 0o600
+    urls = json.loads(credentials.read_text())
+    assert set(urls) == {names.machine_user("a1"), names.machine_user("b1"),
+                         names.submitter_user("envx")}  # fmt: skip
+    assert not any(url.split("@")[0].split(":")[-1] in printed for url in urls.values())
+
+    # An operator imports them (here through the management API, as rabbitmqadmin does).
+    admin = httpx.URL(settings.broker_admin_url.get_secret_value())
+    async with httpx.AsyncClient(
+        base_url=str(admin.copy_with(username=None, password=None)),
+        auth=(admin.username, admin.password),
+    ) as api:
+        response = await api.post("/api/definitions", json=definitions)
+        assert response.status_code in (200, 201, 204), response.text
+
+    a1 = urls[names.machine_user("a1")]
+    assert not await refused(a1, consume(names.machine_queue("a1")))
+    assert await refused(a1, consume(names.machine_queue("b1")))
+    assert await refused(a1, publish(names.requests_exchange, "submit"))
+    envx = urls[names.submitter_user("envx")]
+    assert await refused(envx, consume(names.machine_queue("a1")))
+    assert not await refused(envx, publish(names.requests_exchange, "submit"))
