@@ -51,6 +51,7 @@ from dispatcher.usecases.ports import PasswordSource, TokenSource
 from dispatcher.usecases.reconcile import Reconciler
 from dispatcher.usecases.replica import Dispatcher
 from dispatcher.usecases.sweeper import Sweeper
+from dispatcher.usecases.worker_link import WorkerRequests
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,37 @@ async def _connect(redis: Redis, broker: Amqp | None, wait_s: float) -> None:
         deadline=time.monotonic() + wait_s,
         on_retry=waiting,
     )
+
+
+@contextlib.asynccontextmanager
+async def worker_broker(settings: Settings, *, wait_s: float = 0.0) -> AsyncIterator[Amqp]:
+    """A machine worker's only connection: RabbitMQ, with the topology looked up, not declared
+    (its identity may configure nothing). No Redis: the dispatcher records for it."""
+    names = Names(settings.namespace)
+    broker = Amqp(
+        settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch, declare=False
+    )
+
+    async def once() -> None:
+        try:
+            await broker.connect()
+        except Unavailable:
+            await broker.close()
+            raise
+
+    try:
+        await retry(
+            once,
+            retry_on=Unavailable,
+            backoff=CONNECT_BACKOFF,
+            deadline=time.monotonic() + wait_s,
+            on_retry=lambda exc, delay: log.warning(
+                "cannot reach RabbitMQ yet, retrying in %.1f s: %s", delay, exc
+            ),
+        )
+        yield broker
+    finally:
+        await broker.close()
 
 
 @contextlib.asynccontextmanager
@@ -218,6 +250,15 @@ def build_dispatcher(
         reconciler=Reconciler(settings=settings, runs=rt.runs, lifecycle=lifecycle, clock=clock),
         metrics=metrics,
         replica_id=replica_id,
+        worker_requests=WorkerRequests(
+            settings=settings,
+            broker=rt.amqp,
+            lifecycle=lifecycle,
+            runs=rt.runs,
+            machines=rt.machines,
+            metrics=metrics,
+            clock=clock,
+        ),
         clock=clock,
     )
 

@@ -66,6 +66,24 @@ class Names:
     def machine_queue(self, machine_id: str) -> str:
         return f"{self.ns}.machine.{machine_id}"
 
+    def machine_replies_queue(self, machine_id: str) -> str:
+        """A machine's answers from the dispatcher (fenced starts, reports, queries)."""
+        return f"{self.ns}.machine.{machine_id}.replies"
+
+    def replies_key(self, machine_id: str) -> str:
+        """Routing key of a machine's replies on the machines exchange."""
+        return f"{machine_id}.replies"
+
+    @property
+    def reports_exchange(self) -> str:
+        """Direct exchange workers send fenced starts, outcomes and queries to (key ``report``)."""
+        return f"{self.ns}.reports"
+
+    @property
+    def reports_queue(self) -> str:
+        """Quorum queue the dispatchers consume workers' reports from."""
+        return f"{self.ns}.reports"
+
     @property
     def heartbeats_exchange(self) -> str:
         return f"{self.ns}.heartbeats"

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher.bootstrap import STARTUP_WAIT_S, runtime
+from dispatcher.bootstrap import STARTUP_WAIT_S, worker_broker
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.errors import ConfigurationError, Unavailable
 from dispatcher.logs import configure
 from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
+from dispatcher.names import Names
 from dispatcher.settings import Settings
-from workers.adapters.store_link import StoreLink
+from workers.adapters.amqp_link import AmqpLink
 from workers.executors import CommandExecutor, Executor, SimulateExecutor
 from workers.ledger import Ledger
 from workers.sessions import SessionsFile
@@ -101,16 +102,14 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         from workers.telemetry import start_metrics
 
         metrics = start_metrics(settings, args.metrics_port, args.executor)
-    async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
+    # RabbitMQ only: the worker holds no Redis URL; the dispatcher records for it.
+    async with worker_broker(settings, wait_s=STARTUP_WAIT_S) as broker:
         worker_id = new_worker_id()
-        link = StoreLink(
+        link = AmqpLink(
             machine_id=args.machine_id,
             worker_id=worker_id,
-            names=rt.names,
-            broker=rt.amqp,
-            lifecycle=rt.lifecycle(),
-            runs=rt.runs,
-            machines=rt.machines,
+            names=Names(settings.namespace),
+            broker=broker,
         )
         worker = MachineWorker(
             settings=settings,
@@ -147,5 +146,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (Unavailable, ConnectionError, OSError) as exc:
-        print(f"error: cannot reach RabbitMQ or Redis: {exc}", file=sys.stderr)
+        print(f"error: cannot reach RabbitMQ: {exc}", file=sys.stderr)
         return 3

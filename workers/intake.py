@@ -75,6 +75,8 @@ class AssignmentIntake:
                 continue
             verdict, assignment = self._accept(message.body)
             verdicts.append(verdict)
+            if assignment is not None and any(a.run_id == assignment.run_id for _, a, _ in pending):
+                continue  # the same assignment twice in a batch (a redelivery): start it once
             if assignment is not None:
                 pending.append((len(verdicts) - 1, assignment, self._open(assignment)))
         if pending:

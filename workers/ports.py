@@ -7,7 +7,8 @@
     run_states what the dispatcher holds about runs this worker is running (drop abandoned)
     running_here  runs the dispatcher holds as running here (start-up: they were cut short)
 
-Today it is implemented over the shared store and RabbitMQ
+It is implemented over RabbitMQ only (:class:`workers.adapters.amqp_link.AmqpLink`: the
+worker holds no Redis URL), and over the run store for in-process tests
 (:class:`workers.adapters.store_link.StoreLink`); the worker's jobs only know this Protocol.
 """
 

@@ -126,8 +126,9 @@ class MachineWorker:
                 on_retry=waiting,
             )
 
-        await when_available(self.reconcile)
+        # The first heartbeat also makes the dispatcher declare this machine's queues.
         await self.heartbeats.send()
+        await when_available(self.reconcile)
         receive = functools.partial(
             self.link.receive,
             self.intake.handle,

@@ -6,9 +6,10 @@ Pure: names in, permissions out. The management API adapter
 who provision RabbitMQ themselves. The dispatcher itself is the broker's admin identity
 (``RUNDISPATCH_AMQP_URL``), operators use the admin identity or their own.
 
-- a **machine** reads only its own queue and publishes only to the heartbeats exchange; it
-  configures nothing (its queue is declared and bound when it is registered), so it cannot bind
-  another machine's assignments to a queue of its own;
+- a **machine** reads only its own queues (assignments, and the dispatcher's replies) and
+  publishes only its heartbeats, its reports (fenced starts, outcomes, queries) and what it
+  dead-letters; it configures nothing (its queues are declared and bound when it is registered),
+  so it cannot bind another machine's assignments to a queue of its own;
 - a **submitter** publishes only to the requests exchange, declares, binds and reads only queues
   named ``<ns>.submitter.<name>.*``, and reads only the events of its own runs: the topic
   permission on the events exchange lets it bind only routing keys naming itself.
@@ -28,6 +29,8 @@ from dispatcher.names import NO_SUBMITTER, Names
 SUBMITTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 NOTHING = "^$"
 DELIVERY_LIMIT = 5
+# A machine's replies queue: answers nobody waits for any more expire.
+REPLIES_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,15 @@ def _exactly(*resources: str) -> str:
 
 
 def machine_principal(names: Names, machine_id: str) -> Principal:
-    """A machine: read its queue, publish its heartbeats, configure nothing."""
+    """A machine: read its queues, publish heartbeats and reports, configure nothing."""
     return Principal(
         kind="machine",
         name=machine_id,
         username=names.machine_user(machine_id),
         permissions=Permissions(
             configure=NOTHING,
-            write=_exactly(names.heartbeats_exchange),
-            read=_exactly(names.machine_queue(machine_id)),
+            write=_exactly(names.heartbeats_exchange, names.reports_exchange, names.dead_exchange),
+            read=_exactly(names.machine_queue(machine_id), names.machine_replies_queue(machine_id)),
         ),
     )
 
@@ -200,26 +203,34 @@ def definitions(
                 }
             )
         if principal.kind == "machine":
-            queue = names.machine_queue(principal.name)
-            queues.append(
-                {
-                    "name": queue,
-                    "vhost": vhost,
-                    "durable": True,
-                    "auto_delete": False,
-                    "arguments": quorum_arguments(names),
-                }
-            )
-            bindings.append(
-                {
-                    "source": names.machines_exchange,
-                    "vhost": vhost,
-                    "destination": queue,
-                    "destination_type": "queue",
-                    "routing_key": principal.name,
-                    "arguments": {},
-                }
-            )
+            machine_id = principal.name
+            for queue, key, arguments in (
+                (names.machine_queue(machine_id), machine_id, quorum_arguments(names)),
+                (
+                    names.machine_replies_queue(machine_id),
+                    names.replies_key(machine_id),
+                    REPLIES_ARGUMENTS,
+                ),
+            ):
+                queues.append(
+                    {
+                        "name": queue,
+                        "vhost": vhost,
+                        "durable": True,
+                        "auto_delete": False,
+                        "arguments": arguments,
+                    }
+                )
+                bindings.append(
+                    {
+                        "source": names.machines_exchange,
+                        "vhost": vhost,
+                        "destination": queue,
+                        "destination_type": "queue",
+                        "routing_key": key,
+                        "arguments": {},
+                    }
+                )
     return {
         "vhosts": [{"name": vhost}],
         "users": users,

@@ -42,6 +42,7 @@ from dispatcher.usecases.ports import (
 )
 from dispatcher.usecases.reconcile import Reconciler
 from dispatcher.usecases.sweeper import Sweeper
+from dispatcher.usecases.worker_link import WorkerRequests
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Dispatcher:
         reconciler: Reconciler,
         metrics: MetricsHooks,
         replica_id: str,
+        worker_requests: WorkerRequests | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -85,6 +87,8 @@ class Dispatcher:
         self.reconciler = reconciler
         self.metrics = metrics
         self.replica_id = replica_id
+        self.worker_requests = worker_requests
+        self._queues_declared: set[str] = set()
         self.clock = clock
         self._tasks: list[asyncio.Task[None]] = []
         self.admin_user = admin_user_of(settings.amqp_url.get_secret_value())
@@ -101,6 +105,8 @@ class Dispatcher:
             (names.heartbeats_queue, self.handle_heartbeats),
             (names.signals_queue, self.handle_signals),
         ]
+        if self.worker_requests is not None:
+            consumers.append((names.reports_queue, self.worker_requests.handle))
         for queue, handler in consumers:
             consume = functools.partial(self.broker.consume, queue, handler, batch_size=size)
             self._tasks.append(await self._when_available(consume))
@@ -158,6 +164,11 @@ class Dispatcher:
                 self.metrics.dead_letter("sender")
                 verdicts.append(DeadLetter(reason, "sender"))
                 continue
+            if heartbeat.machine_id not in self._queues_declared:
+                # A worker may configure nothing: its queues are declared here (and when it is
+                # registered or the fleet is applied).
+                await self.broker.ensure_machine_queue(heartbeat.machine_id)
+                self._queues_declared.add(heartbeat.machine_id)
             if heartbeat.public_key and not await self.machines.pin_key(
                 heartbeat.machine_id, heartbeat.public_key, now
             ):

@@ -34,9 +34,12 @@ def test_a_machine_reads_only_its_queue_and_writes_only_heartbeats() -> None:
     allowed = machine_principal(NAMES, "m1.fin").permissions
     assert allowed.configure == "^$"
     assert matches(allowed.read, "prod.machine.m1.fin")
-    for other in ("prod.machine.m1", "prod.machine.m1.fin2", "prod.machine.m1xfin", "prod.events"):
+    assert matches(allowed.read, "prod.machine.m1.fin.replies")
+    for other in ("prod.machine.m1", "prod.machine.m1.fin2", "prod.machine.m1xfin", "prod.events",
+                  "prod.machine.m1.replies", "prod.reports"):  # fmt: skip
         assert not matches(allowed.read, other), other
-    assert matches(allowed.write, "prod.heartbeats")
+    for own in ("prod.heartbeats", "prod.reports", "prod.dead"):
+        assert matches(allowed.write, own), own
     for other in ("prod.requests", "prod.machines", "prod.events", "prod.heartbeatsX"):
         assert not matches(allowed.write, other), other
 
@@ -76,11 +79,13 @@ def test_the_definitions_document_provisions_users_permissions_and_machine_queue
         submitter.permissions.read,
     ]
     assert [t["user"] for t in document["topic_permissions"]] == ["prod.submitter.env1"]
-    [queue] = document["queues"]
-    assert queue["name"] == "prod.machine.m1"
+    queue, replies = document["queues"]
+    assert (queue["name"], replies["name"]) == ("prod.machine.m1", "prod.machine.m1.replies")
     assert queue["arguments"]["x-queue-type"] == "quorum"
-    [binding] = document["bindings"]
-    assert (binding["source"], binding["routing_key"]) == ("prod.machines", "m1")
+    assert [(b["source"], b["routing_key"]) for b in document["bindings"]] == [
+        ("prod.machines", "m1"),
+        ("prod.machines", "m1.replies"),
+    ]
     assert "pw" not in str(document)
 
 

@@ -190,12 +190,15 @@ async def test_cancel_a_running_run_stops_the_flow(
     # Each flow was started once and stopped: the ledger says so, and the slots are free.
     for run_id in (by_cli, by_amqp):
         assert executed(procs, run_id) == 1
-    finishes = [
-        json.loads(line)
-        for line in (procs.state_dir("m1") / "ledger.jsonl").read_text().splitlines()
-    ]
-    stopped = {e["run_id"]: e.get("status") for e in finishes if e["event"] == "finished"}
-    assert stopped == {by_cli: "cancelled", by_amqp: "cancelled"}
+
+    def stopped() -> dict[str, str]:
+        # The worker writes its ledger line once the dispatcher answered its report.
+        ledger = (procs.state_dir("m1") / "ledger.jsonl").read_text().splitlines()
+        finishes = [json.loads(line) for line in ledger]
+        return {e["run_id"]: e.get("status") for e in finishes if e["event"] == "finished"}
+
+    expected = {by_cli: "cancelled", by_amqp: "cancelled"}
+    await eventually(lambda: stopped() == expected, timeout=10)
     after = await submit(client)
     assert (await client.wait(after, timeout=30)).status is RunStatus.succeeded
 

@@ -213,7 +213,7 @@ async def test_messages_are_accepted_only_from_who_may_send_them(
     with_submitters["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
     apply_fleet(with_submitters)
     procs.dispatcher()
-    procs.worker("a1")  # the dispatcher's identity: a worker with its own is not there yet
+    procs.worker("a1", amqp_url=a1["amqp_url"])  # its own identity, and no Redis URL
     await online(client, "a1", procs=procs)
 
     # A heartbeats as B, with its own (validated) user id, or with none: refused, B unchanged.
@@ -223,16 +223,23 @@ async def test_messages_are_accepted_only_from_who_may_send_them(
             a1["amqp_url"], names.heartbeats_exchange, "", forged.model_dump_json().encode(),
             user_id,
         )  # fmt: skip
+    # A's identity reports an outcome for B's run: refused too, whatever it names.
+    finish = {"op": "finish", "machine_id": "b1", "worker_id": "forger", "correlation_id": "1",
+              "outcomes": [{"run_id": "any", "fence": 1, "status": "succeeded"}]}  # fmt: skip
+    await publish_as(
+        a1["amqp_url"], names.reports_exchange, "report", json.dumps(finish).encode(),
+        username_of(a1["amqp_url"]),
+    )  # fmt: skip
     # RabbitMQ itself refuses a user id that is not the publisher's.
     assert await refused_by_broker(a1["amqp_url"], names, "guest")
     letters: list[Any] = []
 
-    async def both_dead_lettered() -> bool:
+    async def all_dead_lettered() -> bool:
         letters.extend(await dead_letters(settings, "may not speak for it"))
-        return len(letters) >= 2
+        return len(letters) >= 3
 
-    await eventually(both_dead_lettered, 20)
-    assert len(letters) == 2
+    await eventually(all_dead_lettered, 20)
+    assert len(letters) == 3
     assert not _machine(procs, "b1")["online"]
 
     # A submitter may run connections of the owners it acts for, and only those.

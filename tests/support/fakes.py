@@ -277,11 +277,10 @@ class FakeRunStore:
     def _start(self, start: Start, now: float) -> StartResult:
         run = self.runs.get(start.run_id, {})
         status, fence = run.get("status"), run.get("fence")
-        if (
-            status != '"dispatched"'
-            or run.get("machine_id") != f'"{start.machine_id}"'
-            or fence != str(start.fence)
-        ):
+        here = run.get("machine_id") == f'"{start.machine_id}"' and fence == str(start.fence)
+        if here and status == '"running"' and run.get("_worker") == f'"{start.worker_id}"':
+            return Started()  # this worker asks again: its answer was lost
+        if status != '"dispatched"' or not here:
             return Refused(status=codec.status_of(status), fence=codec.fence_of(fence))
         run.update(status='"running"', started_at=repr(now), _worker=f'"{start.worker_id}"')
         self.running[start.run_id] = start.run_deadline

@@ -20,6 +20,7 @@ from dispatcher.models import Session
 from dispatcher.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+NOWHERE = "redis://127.0.0.1:9/15"  # the discard port: nothing answers there
 
 FAST = {
     "heartbeat_interval_s": 0.3,
@@ -108,7 +109,9 @@ class Processes:
         executor: str = "simulate",
         extra: list[str] | None = None,
         name: str | None = None,
+        amqp_url: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        """A machine worker; ``amqp_url``: its own broker identity (``machines register``)."""
         argv = [
             "-m",
             "workers",
@@ -125,7 +128,11 @@ class Processes:
             path.write_text(sessions_json(sessions))
             argv += ["--sessions-file", str(path)]
         argv += extra or []
-        return self._start(name or f"worker-{machine_id}", argv)
+        # Workers speak only AMQP: a Redis URL that points nowhere proves they never use it.
+        env = {"RUNDISPATCH_REDIS_URL": NOWHERE}
+        if amqp_url is not None:
+            env["RUNDISPATCH_AMQP_URL"] = amqp_url
+        return self._start(name or f"worker-{machine_id}", argv, env)
 
     def state_dir(self, machine_id: str) -> Path:
         return self.workdir / f"state-{machine_id}"

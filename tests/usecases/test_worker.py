@@ -8,15 +8,18 @@ import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dispatcher.codes import ErrorCode
 from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.usecases.ports import Ack, DeadLetter, Retry
+from dispatcher.usecases.worker_link import WorkerRequests
 from tests.support.builders import credentials, fleet, machine, request_payload
 from tests.support.fakes import FakeDelivery, RecordingMetrics
 from tests.support.world import World
+from workers.adapters.amqp_link import AmqpLink
 from workers.adapters.store_link import StoreLink
 from workers.executors import CommandExecutor, Executor, SimulateExecutor
 from workers.ledger import Ledger
@@ -321,3 +324,60 @@ async def test_a_flow_past_its_time_limit_is_stopped_and_counted(
     assert executed.outcome.status is RunStatus.failed
     assert executed.code is ErrorCode.DesktopFlowsActionTimeout
     assert m.metrics.named("executor_error") == [("timeout",)]
+
+
+async def test_over_amqp_the_worker_s_requests_are_answered_and_only_for_its_machine(
+    machines: MachineFactory,
+) -> None:
+    """The worker's AMQP link against the dispatcher's side of it (``WorkerRequests``), the
+    broker in between faked: starts, outcomes and queries go out as requests and come back as
+    answers; a request naming another machine than its sender is dead-lettered."""
+    m = machines()
+    world = m.world
+    requests = WorkerRequests(
+        settings=world.settings,
+        broker=world.broker,
+        lifecycle=world.lifecycle,
+        runs=world.store,
+        machines=world.machines,
+        metrics=world.metrics,
+        clock=world.clock,
+    )
+    sender = world.names.machine_user("m1")
+
+    class Loopback:
+        """Hands every request to the dispatcher's side at once and routes its answer back."""
+
+        def __init__(self) -> None:
+            self.replies: Any = None
+
+        async def consume(self, queue: str, handler: Any, **_: Any) -> asyncio.Task[None]:
+            self.replies = handler
+            return asyncio.create_task(asyncio.sleep(3600))
+
+        async def publish_json(self, role: str, key: str, body: bytes, **_: Any) -> None:
+            assert (role, key) == ("reports", "report")
+            before = len(world.broker.published)
+            [verdict] = await requests.handle([FakeDelivery(body, key, user_id=sender)])
+            assert verdict == Ack()
+            for _, _, answer, _ in world.broker.published[before:]:
+                await self.replies([FakeDelivery(answer, "m1.replies")])
+
+    link = AmqpLink(machine_id="m1", worker_id="w1", names=world.names, broker=Loopback())  # type: ignore[arg-type]
+    m.worker.intake.link = link
+    m.worker.reporter.link = link
+    delivery = await m.dispatch("r1", duration_s=0)
+    assert await m.worker.intake.handle([delivery]) == [Ack()]
+    assert (await world.run("r1")).status is RunStatus.running
+    assert [r.run_id for r in await link.running_here()] == ["r1"]
+    executed = await m.finish_one()
+    assert executed.outcome.status is RunStatus.succeeded
+    assert (await world.run("r1")).status is RunStatus.succeeded
+    [state] = await link.run_states(["r1"])
+    assert state.status is RunStatus.succeeded
+    await link.aclose()
+
+    forged = {"op": "finish", "machine_id": "m2", "worker_id": "w9", "correlation_id": "x",
+              "outcomes": []}  # fmt: skip
+    [verdict] = await requests.handle([FakeDelivery(json.dumps(forged).encode(), user_id=sender)])
+    assert isinstance(verdict, DeadLetter) and verdict.reason_class == "sender"

@@ -22,10 +22,11 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from dispatcher.adapters.amqp.consumer import consume_loop, copy_to_dead_letters
-from dispatcher.adapters.amqp.topology import declare_topology
-from dispatcher.core.principals import admin_user_of, quorum_arguments
+from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
+from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
@@ -40,12 +41,19 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Opening a consumer's channel on a connection that was just cut raises RuntimeError
+# ("... closed") from aiormq: the same outage.
+CONSUME_UNREACHABLE: tuple[type[BaseException], ...] = (*UNREACHABLE, RuntimeError)
+
 
 class Amqp:
     """One robust connection, a confirming publisher channel, and consumers."""
 
-    def __init__(self, url: str, names: Names, prefetch: int = 200) -> None:
+    def __init__(self, url: str, names: Names, prefetch: int = 200, declare: bool = True) -> None:
+        """``declare``: declare the contract's topology at connection (the dispatcher, the
+        tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
+        self.declare = declare
         self.names = names
         self.prefetch = prefetch
         self.connection: AbstractRobustConnection | None = None
@@ -66,7 +74,16 @@ class Amqp:
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            self._exchanges = await declare_topology(self.connection, self._publisher, self.names)
+            if self.declare:
+                self._exchanges = await declare_topology(
+                    self.connection, self._publisher, self.names
+                )
+            else:
+                self._exchanges = await look_up_topology(self._publisher, self.names)
+        except ChannelNotFoundEntity as exc:  # no dispatcher has declared the namespace yet
+            raise BrokerUnavailable(
+                f"the namespace's exchanges are not declared yet: {exc}"
+            ) from exc
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
 
@@ -94,6 +111,12 @@ class Amqp:
         )
         if machine_id not in self._machine_queues:
             await queue.bind(self.exchange("machines"), machine_id)
+            replies = await self.publisher.declare_queue(
+                self.names.machine_replies_queue(machine_id),
+                durable=True,
+                arguments=REPLIES_ARGUMENTS,
+            )
+            await replies.bind(self.exchange("machines"), self.names.replies_key(machine_id))
             self._machine_queues.add(machine_id)
 
     async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
@@ -191,7 +214,9 @@ class Amqp:
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
             await declared.consume(inbox.put, no_ack=False, arguments=arguments)
-        except UNREACHABLE as exc:
+        except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
+            raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
+        except CONSUME_UNREACHABLE as exc:
             if channel is not None:
                 with contextlib.suppress(Exception):
                     await channel.close()

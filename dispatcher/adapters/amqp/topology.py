@@ -42,6 +42,11 @@ async def declare_topology(
     events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
     machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
     heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
+    reports = await channel.declare_exchange(names.reports_exchange, direct, durable=True)
+    reports_queue = await channel.declare_queue(
+        names.reports_queue, durable=True, arguments=quorum_arguments(names)
+    )
+    await reports_queue.bind(reports, "report")
     heartbeats_queue = await channel.declare_queue(
         names.heartbeats_queue, durable=True, arguments={"x-message-ttl": 60_000}
     )
@@ -60,7 +65,21 @@ async def declare_topology(
         "events": events,
         "machines": machines,
         "heartbeats": heartbeats,
+        "reports": reports,
     }
+
+
+EXCHANGE_ROLES = ("dead", "requests", "events", "machines", "heartbeats", "reports")
+
+
+async def look_up_topology(channel: AbstractChannel, names: Names) -> dict[str, AbstractExchange]:
+    """The contract's exchanges, declared passively: for a machine's worker, whose identity may
+    configure nothing (they exist: the dispatcher declares them)."""
+    exchanges = {}
+    for role in EXCHANGE_ROLES:
+        name = getattr(names, f"{role}_exchange")
+        exchanges[role] = await channel.declare_exchange(name, passive=True)
+    return exchanges
 
 
 async def _replace_if_declared_otherwise(
@@ -89,7 +108,9 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.dead_queue,
         names.heartbeats_queue,
         names.signals_queue,
+        names.reports_queue,
         *(names.machine_queue(m) for m in machine_ids),
+        *(names.machine_replies_queue(m) for m in machine_ids),
     ]
     exchanges = [
         names.requests_exchange,
@@ -97,6 +118,7 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.dead_exchange,
         names.machines_exchange,
         names.heartbeats_exchange,
+        names.reports_exchange,
     ]
     connection = await aio_pika.connect(url)
     async with connection:
