@@ -147,9 +147,8 @@ async def test_a_second_key_for_a_registered_machine_is_refused_until_it_is_regi
     client: Client, settings: Settings, procs: Processes, apply_fleet: Any
 ) -> None:
     apply_fleet(two_machines())
-    cli_json(procs, "machines", "register", "a1")
     procs.dispatcher()
-    procs.worker("a1")
+    procs.worker("a1")  # registered as an operator would (machines register), then started
     await online(client, "a1", procs=procs)
 
     async def run() -> str:
@@ -160,8 +159,9 @@ async def test_a_second_key_for_a_registered_machine_is_refused_until_it_is_regi
     first = await client.wait(await run(), timeout=30)
     assert first.status is RunStatus.succeeded and first.machine_id == "a1"
 
-    # Another process presents another key for a1 (its own state directory, so its own key).
-    procs.worker("a1", name="impostor", extra=["--state-dir", str(procs.workdir / "other")])
+    # Another process, with a1's credentials, presents another key (its own state directory).
+    other = ["--state-dir", str(procs.workdir / "other")]
+    procs.worker("a1", name="impostor", extra=other)
     listed = await eventually(lambda: _machine(procs, "a1", "key_mismatch"), 20)
     assert listed["key_mismatch"] is True
     waiting = await run()
@@ -169,9 +169,12 @@ async def test_a_second_key_for_a_registered_machine_is_refused_until_it_is_regi
     assert (await client.get(waiting)).status is RunStatus.queued  # no secret sealed to anyone
     assert "its key is not the one pinned" in procs.log_text("dispatcher")
 
-    # The machine is registered again, with only the new worker left: its key is pinned.
+    # The machine is registered again (new credentials) and its new worker started with them:
+    # its key is pinned.
     procs.kill("worker-a1")
-    cli_json(procs, "machines", "register", "a1")
+    procs.kill("impostor")
+    again = cli_json(procs, "machines", "register", "a1")
+    procs.worker("a1", name="renewed", extra=other, amqp_url=again["amqp_url"])
     done = await client.wait(waiting, timeout=30)
     assert done.status is RunStatus.succeeded
     assert not (await asyncio.to_thread(_machine, procs, "a1"))["key_mismatch"]

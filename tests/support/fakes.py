@@ -512,8 +512,8 @@ class FakeMachines:
                     offline_since=offline_since,
                     sessions=heartbeat.sessions if heartbeat else (),
                     assigned=tuple(await self.assigned(machine.machine_id)),
-                    has_public_key=bool(heartbeat and heartbeat.public_key),
-                    public_key=heartbeat.public_key if heartbeat else None,
+                    has_public_key=machine.machine_id in self.pinned,
+                    public_key=self.pinned.get(machine.machine_id),
                     key_mismatch=machine.machine_id in self.mismatches,
                 )
             )

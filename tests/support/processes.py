@@ -76,6 +76,23 @@ class Processes:
         self.env = settings_env(settings)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
+        self.identities: dict[str, str] = {}
+
+    def identity(self, machine_id: str) -> str:
+        """The AMQP URL of the machine's own broker identity, registered (once per test) with
+        ``machines register`` as an operator would."""
+        if machine_id not in self.identities:
+            result = subprocess.run(
+                [sys.executable, "-m", "dispatcher", "machines", "register", machine_id, "--json"],
+                cwd=REPO,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            self.identities[machine_id] = json.loads(result.stdout)["amqp_url"]
+        return self.identities[machine_id]
 
     def _start(
         self, name: str, argv: list[str], extra_env: dict[str, str] | None = None
@@ -111,7 +128,8 @@ class Processes:
         name: str | None = None,
         amqp_url: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A machine worker; ``amqp_url``: its own broker identity (``machines register``)."""
+        """A machine worker under its machine's own broker identity (registered on first use;
+        ``amqp_url``: another one), with no Redis URL it could use."""
         argv = [
             "-m",
             "workers",
@@ -129,9 +147,10 @@ class Processes:
             argv += ["--sessions-file", str(path)]
         argv += extra or []
         # Workers speak only AMQP: a Redis URL that points nowhere proves they never use it.
-        env = {"RUNDISPATCH_REDIS_URL": NOWHERE}
-        if amqp_url is not None:
-            env["RUNDISPATCH_AMQP_URL"] = amqp_url
+        env = {
+            "RUNDISPATCH_REDIS_URL": NOWHERE,
+            "RUNDISPATCH_AMQP_URL": amqp_url or self.identity(machine_id),
+        }
         return self._start(name or f"worker-{machine_id}", argv, env)
 
     def state_dir(self, machine_id: str) -> Path:

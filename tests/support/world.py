@@ -169,6 +169,8 @@ class World:
             public_key=self.keys[machine_id].public_key_b64,
             **fields,
         )
+        if heartbeat.public_key:
+            await self.machines.pin_key(machine_id, heartbeat.public_key, self.clock())
         await self.machines.record_heartbeat(heartbeat, self.clock())
 
     async def place(self, target: str) -> int:

@@ -64,8 +64,10 @@ class RedisMachines:
             pipe.zscore(names.heartbeat_index, machine.machine_id)
             pipe.get(names.machine_live(machine.machine_id))
             pipe.hgetall(names.machine_assigned(machine.machine_id))
-        pipe.hmget(names.key_mismatches, [m.machine_id for m in machines])
-        *raw, mismatches = await pipe.execute()
+        ids = [m.machine_id for m in machines]
+        pipe.hmget(names.key_mismatches, ids)
+        pipe.hmget(names.pinned_keys, ids)
+        *raw, mismatches, pinned = await pipe.execute()
         views = []
         for index, machine in enumerate(machines):
             last_seen, live, assigned = raw[3 * index : 3 * index + 3]
@@ -80,8 +82,9 @@ class RedisMachines:
                     else float(last_seen) + offline_after_s,
                     sessions=heartbeat.sessions if heartbeat else (),
                     assigned=tuple(decode_assigned(text(k), text(v)) for k, v in assigned.items()),
-                    has_public_key=bool(heartbeat and heartbeat.public_key),
-                    public_key=heartbeat.public_key if heartbeat else None,
+                    # Secrets are sealed only to the key pinned since the machine's registration.
+                    has_public_key=pinned[index] is not None,
+                    public_key=text(pinned[index]) if pinned[index] is not None else None,
                     key_mismatch=mismatches[index] is not None,
                 )
             )
