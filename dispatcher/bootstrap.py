@@ -34,6 +34,7 @@ from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.adapters.redis.outbox import RedisOutbox
 from dispatcher.adapters.redis.queue_state import RedisQueueState
 from dispatcher.adapters.redis.reads import RedisRunReads
+from dispatcher.adapters.redis.traces import RedisTraces
 from dispatcher.adapters.redis.transitions import RedisTransitions
 from dispatcher.crypto import Sealer
 from dispatcher.errors import Unavailable
@@ -42,6 +43,7 @@ from dispatcher.names import Names
 from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.handoff import Handoff
 from dispatcher.usecases.intake import Intake
 from dispatcher.usecases.lifecycle import Lifecycle
@@ -75,10 +77,23 @@ class Runtime:
     fleet: RedisFleet
     machines: RedisMachines
     outbox: RedisOutbox
+    traces: RedisTraces
 
     def lifecycle(self, metrics: MetricsHooks | None = None) -> Lifecycle:
         """The run lifecycle over this store, publishing through the outbox."""
         return Lifecycle(self.transitions, OutboxPublisher(self.amqp, self.outbox, metrics))
+
+    def foresight(
+        self,
+        lifecycle: Lifecycle | None = None,
+        leases: RedisLeases | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Foresight:
+        """Predictions over this store (with a lifecycle and leases: the forecast chore)."""
+        return Foresight(
+            settings=self.settings, runs=self.runs, machines=self.machines, fleet=self.fleet,
+            traces=self.traces, lifecycle=lifecycle, leases=leases, clock=clock,
+        )  # fmt: skip
 
 
 async def _connect(redis: Redis, broker: Amqp | None, wait_s: float) -> None:
@@ -130,6 +145,12 @@ async def runtime(
             fleet=RedisFleet(redis, names),
             machines=RedisMachines(redis, names),
             outbox=RedisOutbox(redis, names),
+            traces=RedisTraces(
+                redis,
+                names,
+                retention_s=settings.trace_retention_s,
+                max_records=settings.trace_max_records,
+            ),
         )
     finally:
         await broker.close()
@@ -181,6 +202,7 @@ def build_dispatcher(
         clock=clock,
     )
     canceller = Canceller(runs=rt.runs, lifecycle=lifecycle, clock=clock)
+    leases = RedisLeases(rt.redis, rt.names, replica_id)
     return Dispatcher(
         settings=settings,
         names=rt.names,
@@ -206,9 +228,10 @@ def build_dispatcher(
             machines=rt.machines,
             lifecycle=lifecycle,
             placer=placer,
-            leases=RedisLeases(rt.redis, rt.names, replica_id),
+            leases=leases,
             clock=clock,
         ),
+        foresight=rt.foresight(lifecycle, leases, clock),
         reconciler=Reconciler(settings=settings, runs=rt.runs, lifecycle=lifecycle, clock=clock),
         metrics=metrics,
         replica_id=replica_id,
@@ -279,7 +302,14 @@ def metrics_for(
     metrics = DispatcherMetrics(registry)
     bound = serve_metrics(registry, settings.metrics_host, port)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_host, bound)
-    state = RedisQueueState(rt.redis, rt.names, rt.fleet, rt.machines)
+    state = RedisQueueState(
+        rt.redis,
+        rt.names,
+        rt.fleet,
+        rt.machines,
+        traces=rt.traces,
+        outlook_max_age_s=max(30.0, 10 * settings.forecast_interval_s),
+    )
 
     async def report() -> None:
         while True:

@@ -40,6 +40,7 @@ class ErrorCode(StrEnum):
 
     # Terminal outcomes.
     NoCandidateMachine = "NoCandidateMachine"
+    PredictedQueueTimeout = "PredictedQueueTimeout"
     DesktopFlowsActionTimeout = "DesktopFlowsActionTimeout"
     PasswordlessTokenExpiry = "PasswordlessTokenExpiry"
     IdentityProviderMisconfigured = "IdentityProviderMisconfigured"
@@ -96,6 +97,9 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.NoWorkerKey: "the machine's worker has not registered its public key yet",
     ErrorCode.NoCandidateMachine: (
         "the run's queue deadline passed before any machine could take it"
+    ),
+    ErrorCode.PredictedQueueTimeout: (
+        "the run asked to fail early and the queue ahead certainly cannot clear before its deadline"
     ),
     ErrorCode.DesktopFlowsActionTimeout: "the run exceeded its run time limit",
     ErrorCode.PasswordlessTokenExpiry: (

@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     outbox_relay_after_s: float = Field(default=5.0, gt=0)
     retention_s: float = Field(default=7 * 24 * 3600, gt=0)
 
+    # Foresight (docs/forecast.md): what is kept of finished runs for the service model and the
+    # capacity replay, how often the forecast chore runs, how deep it plays each queue.
+    trace_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    trace_max_records: int = Field(default=20_000, ge=100)  # per target, oldest dropped first
+    forecast_interval_s: float = Field(default=1.0, gt=0)
+    forecast_max_runs: int = Field(default=500, ge=1)  # queue head played forward per target
+    forecast_half_life_s: float = Field(default=3 * 3600, gt=0)
+    # fail_early: a run is ended only if even optimistically it misses deadline + this slack.
+    fail_early_slack_s: float = Field(default=0.0, ge=0)
+    fail_early_min_samples: float = Field(default=20.0, ge=1)
+
     # Throughput knobs.
     prefetch: int = Field(default=200, ge=1)
     batch_size: int = Field(default=100, ge=1)

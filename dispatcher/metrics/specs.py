@@ -157,6 +157,16 @@ OLDEST_SIGN_IN = MetricSpec(
     "Age of the oldest queued run of a sign-in connection (limit: 1 h).",
     {"target": Bound.fleet},
 )  # fmt: skip
+NEXT_DEADLINE = MetricSpec(
+    "rundispatch_queue_next_deadline_seconds", "gauge",
+    "Seconds until the earliest queue deadline of the target's queued runs (any connection kind).",
+    {"target": Bound.fleet},
+)  # fmt: skip
+PREDICTED_TIMEOUTS = MetricSpec(
+    "rundispatch_queue_predicted_timeouts", "gauge",
+    "Queued runs of the target the forecast predicts to miss their queue deadline.",
+    {"target": Bound.fleet},
+)  # fmt: skip
 WAITING = MetricSpec(
     "rundispatch_queue_waiting_runs", "gauge", "Queued runs by the reason they wait.",
     {"target": Bound.fleet, "reason": WAIT_REASONS},
@@ -174,7 +184,10 @@ STATE_TIME = MetricSpec(
     "When the queue-state gauges were read from Redis (Unix time).",
 )  # fmt: skip
 
-QUEUE_STATE_SPECS: Final = (QUEUED, OLDEST, OLDEST_SIGN_IN, WAITING, MACHINES, SLOTS, STATE_TIME)
+QUEUE_STATE_SPECS: Final = (
+    QUEUED, OLDEST, OLDEST_SIGN_IN, NEXT_DEADLINE, PREDICTED_TIMEOUTS, WAITING, MACHINES, SLOTS,
+    STATE_TIME,
+)  # fmt: skip
 DISPATCHER_SPECS: Final = (
     SUBMITTED, REJECTED, DISPATCHED, COMPLETED, TIMED_OUT, QUEUE_WAIT, RUN_DURATION, DECISION,
     REFRESHES, REFRESH_TIME, DEAD_LETTERS, EVENTS_PUBLISHED, OUTBOX, UP, BUILD, *QUEUE_STATE_SPECS,

@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-timeout", type=float, default=None, help="seconds; may only shorten the limit"
     )
     p.add_argument("--max-run", type=float, default=None, help="run time limit in seconds")
+    p.add_argument(
+        "--fail-early",
+        action="store_true",
+        help="end the run at once (PredictedQueueTimeout) if it certainly misses its deadline",
+    )
     p.add_argument("--wait", action="store_true", help="wait until the run is terminal, print it")
     p.add_argument(
         "--timeout", type=float, default=None, help="with --wait: give up after S seconds"
@@ -147,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    from dispatcher.tools import cli_foresight
+
+    cli_foresight.register(sub)
     try:
         from dispatcher.tools import cli_connections
     except ImportError:  # pragma: no cover - the identity package is optional at build time

@@ -52,6 +52,9 @@ def print_run(run: Run, explain: dict[str, Any] | None) -> None:
         print(f"outputs    {json.dumps(run.outputs)}")
     if explain:
         print(f"position   {explain['position']} in {explain['target']}")
+        print(f"forecast   {explain['forecast']}")
+        for machine_id, code in sorted((explain.get("no_machine_reasons") or {}).items()):
+            print(f"  {machine_id:<20} {code}")
         reasons = explain.get("reasons") or {}
         if reasons:
             print("waiting because:")
@@ -134,6 +137,7 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             inputs=inputs,
             run_id=args.run_id,
             queue_timeout_s=args.queue_timeout,
+            fail_early=args.fail_early,
             max_run_s=args.max_run,
         )
         if not args.wait:
@@ -154,9 +158,14 @@ async def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
         run = await client.get(args.run_id)
         entry = await client.explain(run)
     explain = entry.as_dict() if entry else None
+    if entry is not None and explain is not None:
+        explain["forecast"] = entry.forecast_text
     if args.json:
         data = run.model_dump(mode="json")
         data["queue"] = explain
+        data["predicted_start_at"] = explain["predicted_start_at"] if explain else None
+        data["confidence"] = explain["confidence"] if explain else None
+        data["outlook"] = explain["outlook"] if explain else None
         print_json(data)
     else:
         print_run(run, explain)
@@ -190,12 +199,13 @@ async def cmd_queue_show(args: argparse.Namespace, settings: Settings) -> int:
             print(f"\n{current}")
             print(
                 f"  {'pos':>4}  {'run_id':<34} {'prio':<6} {'mode':<10} {'wait':>8}  "
-                f"{'deadline':<24}  reason"
+                f"{'deadline':<24}  {'forecast':<44}  reason"
             )
         reason = "; ".join(f"{m}: {r}" for m, r in sorted(entry.reasons.items())) or "-"
         print(
             f"  {entry.position:>4}  {entry.run_id:<34} {entry.priority:<6} {entry.mode:<10} "
-            f"{entry.waited_s:>7.1f}s  {iso(entry.queue_deadline):<24}  {reason}"
+            f"{entry.waited_s:>7.1f}s  {iso(entry.queue_deadline):<24}  "
+            f"{entry.forecast_text:<44}  {reason}"
         )
     return 0
 

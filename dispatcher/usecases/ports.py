@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
+from dispatcher.core.trace import TraceRecord
 from dispatcher.errors import Unavailable
 from dispatcher.models import (
     AssignedRun,
@@ -330,6 +331,29 @@ class Leases(Protocol):
     """Short leases so that one replica at a time performs a singleton chore."""
 
     async def hold(self, role: str, ttl_s: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TargetOutlook:
+    """The last forecast of a target: its earliest queue deadline, runs predicted to miss."""
+
+    at: float
+    next_deadline_at: float | None
+    predicted_timeouts: int
+
+
+class TraceStore(Protocol):
+    """What foresight keeps (``core.trace``), within the trace retention, and its outlooks."""
+
+    async def record(self, record: TraceRecord) -> None: ...
+
+    async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]: ...
+
+    async def traced_targets(self) -> list[str]: ...
+
+    async def save_outlooks(self, outlooks: dict[str, TargetOutlook]) -> None: ...
+
+    async def outlooks(self) -> dict[str, TargetOutlook]: ...
 
 
 class PassRequests(Protocol):

@@ -21,10 +21,11 @@ from pydantic import ValidationError
 
 from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
-from dispatcher.models import Heartbeat
+from dispatcher.models import Heartbeat, Run
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
 from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.intake import Intake
 from dispatcher.usecases.lifecycle import Lifecycle
 from dispatcher.usecases.placement import Placer
@@ -69,6 +70,7 @@ class Dispatcher:
         reconciler: Reconciler,
         metrics: MetricsHooks,
         replica_id: str,
+        foresight: Foresight | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -84,6 +86,7 @@ class Dispatcher:
         self.reconciler = reconciler
         self.metrics = metrics
         self.replica_id = replica_id
+        self.foresight = foresight
         self.clock = clock
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -106,6 +109,8 @@ class Dispatcher:
             asyncio.create_task(self.placer.run_forever(), name="placer"),
             asyncio.create_task(self.sweeper.run_forever(), name="sweeper"),
         ]
+        if self.foresight is not None:
+            self._tasks.append(asyncio.create_task(self.foresight.run_forever(), name="foresight"))
         self.placer.request(*await self._when_available(self.runs.targets))
         log.info("dispatcher %s serving namespace %s", self.replica_id, names.ns)
 
@@ -170,12 +175,25 @@ class Dispatcher:
             machine_id = data.get("machine_id") if isinstance(data, dict) else None
             if isinstance(data, dict) and message.routing_key in TERMINAL_EVENT_KEYS:
                 self._observe_completion(data)
+                await self._trace(data)
             if isinstance(machine_id, str):
                 targets.update(fleet.targets_of_machine(machine_id))
             elif message.routing_key == "machine.changed":
                 targets.update(await self.runs.targets())
         self.placer.request(*targets)
         return [Ack() for _ in batch]
+
+    async def _trace(self, data: dict[str, object]) -> None:
+        """Keep what foresight needs of a run that left (a record that does not read is
+        skipped: the event was published by this product, a bad one is a bug, not input)."""
+        if self.foresight is None:
+            return
+        try:
+            run = Run.model_validate(data)
+        except ValidationError as exc:
+            log.warning("terminal event not traced: %s errors", exc.error_count())
+            return
+        await self.foresight.record_finished(run)
 
     def _observe_completion(self, record: dict[str, object]) -> None:
         """Count a run's final status once: one replica consumes each terminal event."""

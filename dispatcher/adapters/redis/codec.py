@@ -50,6 +50,8 @@ def request_fields(request: RunRequest, now: float) -> list[str]:
     submitted = request.submitted_at.timestamp() if request.submitted_at else now
     req = request.model_dump(mode="json", exclude={"priority", "submitted_at"})
     req["submitted_at"] = submitted
+    if not request.fail_early:
+        del req["fail_early"]  # the record of a run that did not ask for it is unchanged
     return ["req", fragment(req), "priority", fragment(request.priority.value)]
 
 
