@@ -63,9 +63,7 @@ async def start(procs: Processes, apply_fleet: Any) -> None:
     procs.worker("m1")
 
 
-async def run_flow(
-    client: Client, flow: str, seconds: float, index: int = 0, **extra: Any
-) -> str:
+async def run_flow(client: Client, flow: str, seconds: float, index: int = 0, **extra: Any) -> str:
     """Submit a run of ``flow``; ``index`` picks the connection (they take turns)."""
     return await client.submit(
         connection_id=CONNECTIONS[index % 2], flow_id=flow, requested_by=OWNER, mode="unattended",
@@ -91,9 +89,7 @@ async def test_predicted_starts_beat_position_times_mean_over_slots(
 ) -> None:
     await start(procs, apply_fleet)
     warm = await history(client, per_flow=4)
-    mean_slot = statistics.fmean(
-        (run.finished_at or 0) - (run.dispatched_at or 0) for run in warm
-    )
+    mean_slot = statistics.fmean((run.finished_at or 0) - (run.dispatched_at or 0) for run in warm)
     # Occupy both slots, then enqueue 30 runs of 1-3 s at once.
     holders = [await run_flow(client, "f3", 3.0, i) for i in range(2)]
     for run_id in holders:
