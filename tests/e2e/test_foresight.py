@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings
 from tests.support.builders import fleet_document
 from tests.support.constants import OWNER
-from tests.support.e2e import cli_json, in_status
+from tests.support.e2e import acli, acli_json, cli_json, in_status, online
 from tests.support.processes import Processes, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -184,3 +185,44 @@ async def test_capacity_replays_the_recorded_window(
     assert abs(today["p50_wait_s"] - recorded["p50_wait_s"]) <= 0.2 * recorded["p50_wait_s"]
     assert changed["machines"] == 2
     assert changed["timed_out"] < recorded["timed_out"]
+
+
+async def test_runs_show_and_queue_show_give_the_forecast(
+    client: Client, procs: Processes, apply_fleet: Any
+) -> None:
+    await start(procs, apply_fleet)
+    await online(client, "m1", procs=procs)
+    holders = [await run_flow(client, "hold", 60.0, i) for i in range(2)]
+    for run_id in holders:
+        await in_status(client, run_id, RunStatus.running)
+    behind = await run_flow(client, "f1", 1.0)
+    # Attended, and nobody is logged in on the machine: no machine can take it.
+    stranded = await client.submit(
+        connection_id="c2", flow_id="f1", requested_by=OWNER, mode="attended"
+    )
+    await in_status(client, behind, RunStatus.queued)
+    await in_status(client, stranded, RunStatus.queued)
+
+    shown = await acli_json(procs, "runs", "show", behind)
+    assert shown["outlook"] == "starts" and shown["confidence"] in {"high", "medium", "low"}
+    start_at = datetime.fromisoformat(shown["predicted_start_at"].replace("Z", "+00:00"))
+    assert start_at.timestamp() > time.time()  # it waits for a 60 s run (prior: low confidence)
+    assert shown["queue"]["predicted_start_at"] == shown["predicted_start_at"]
+    text = (await acli(procs, "runs", "show", stranded)).stdout
+    assert "forecast   no machine can take it" in text
+    assert "AttendedUserNotLoggedIn" in text
+    shown = await acli_json(procs, "runs", "show", stranded)
+    assert shown["outlook"] == "no_machine" and shown["predicted_start_at"] is None
+    assert shown["queue"]["no_machine_reasons"] == {"m1": "AttendedUserNotLoggedIn"}
+
+    listed = {e["run_id"]: e for e in await acli_json(procs, "queue", "show", "--target", TARGET)}
+    assert listed[behind]["outlook"] == "starts" and listed[behind]["predicted_start_at"]
+    assert listed[stranded]["outlook"] == "no_machine"
+    table = (await acli(procs, "queue", "show", "--target", TARGET)).stdout
+    assert "no machine can take it" in table and "starts ~" in table
+    prediction = await client.predict(behind)
+    assert prediction is not None and prediction.start_at == pytest.approx(
+        start_at.timestamp(), abs=5
+    )
+    for run_id in (*holders, behind, stranded):
+        await client.cancel(run_id)
