@@ -152,7 +152,7 @@ class Foresight:
     async def _occupants(self, views: Sequence[MachineView]) -> dict[str, Occupant]:
         ids = [run.run_id for view in views for run in view.assigned]
         occupants: dict[str, Occupant] = {}
-        for run in await self.runs.get_many(ids) if ids else []:
+        for run in await self.runs.briefs(ids) if ids else []:
             if run is not None and run.dispatched_at is not None:
                 occupants[run.run_id] = Occupant(
                     run.dispatched_at, run.connection_kind, run.flow_id
@@ -163,7 +163,7 @@ class Foresight:
         """Play the head of ``target``'s queue forward (``forecast_max_runs`` runs)."""
         now = self.clock()
         page = await self.runs.queue_page(target, 0, self.settings.forecast_max_runs - 1)
-        found = await self.runs.get_many([run_id for run_id, _ in page]) if page else []
+        found = await self.runs.briefs([run_id for run_id, _ in page]) if page else []
         queued = [run for run in found if run is not None and run.status is RunStatus.queued]
         model = await self.model(target)
         views = await self._views(target, now)

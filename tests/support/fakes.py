@@ -403,6 +403,10 @@ class FakeRunStore:
     async def get_many(self, run_ids: Sequence[str]) -> list[Run | None]:
         return [await self.get(run_id) for run_id in run_ids]
 
+    async def briefs(self, run_ids: Sequence[str]) -> list[Run | None]:
+        runs = await self.get_many(run_ids)
+        return [r.model_copy(update={"timeline": []}) if r else None for r in runs]
+
     async def states(self, run_ids: Sequence[str]) -> list[RunState]:
         self._check()
         states = []
