@@ -29,6 +29,7 @@ from dispatcher.core.forecast import Occupant, Prediction, QueuedRun, predict_st
 from dispatcher.core.misses import FailEarlyPolicy, Miss, predicted_misses
 from dispatcher.core.service_model import ServiceModel
 from dispatcher.core.trace import TraceRecord
+from dispatcher.errors import NotFound, PermanentError
 from dispatcher.models import MachineView, Run, RunError, RunStatus
 from dispatcher.settings import Settings
 from dispatcher.usecases.lifecycle import Lifecycle
@@ -192,6 +193,8 @@ class Foresight:
     async def capacity(self, target: str, add_machines: int, since: float) -> CapacityReport:
         """Replay ``target``'s recorded window on today's fleet and on a changed one."""
         fleet = await self.fleet.load()
+        if not target.startswith(("g:", "m:")) or not fleet.machine_ids_of_key(target):
+            raise NotFound(f"{target!r} is not a group (g:ID) or machine (m:ID) with machines")
         now = self.clock()
         machines = [fleet.machines[m] for m in sorted(fleet.machines)]
         views = [
@@ -202,10 +205,13 @@ class Foresight:
         for traced in await self.traces.traced_targets():
             records.extend((await self.traces.read(traced))[0])
         records.sort(key=lambda record: record.queued_at)
-        return what_if(
-            records, views, fleet.connections, target=target, add_machines=add_machines,
-            since=since, priority_boost_s=self.settings.priority_boost_s,
-        )  # fmt: skip
+        try:
+            return what_if(
+                records, views, fleet.connections, target=target, add_machines=add_machines,
+                since=since, priority_boost_s=self.settings.priority_boost_s,
+            )  # fmt: skip
+        except ValueError as exc:  # e.g. machines added to a machine target
+            raise PermanentError(str(exc)) from exc
 
     # ---- the chore ------------------------------------------------------------------------
     async def run_forever(self) -> None:

@@ -22,7 +22,7 @@ from dispatcher.models import Run, RunStatus
 from dispatcher.settings import Settings
 from tests.support.builders import fleet_document
 from tests.support.constants import OWNER
-from tests.support.e2e import acli, acli_json, cli_json, in_status, online
+from tests.support.e2e import acli, acli_json, cli, cli_json, in_status, online
 from tests.support.processes import Processes, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -185,6 +185,11 @@ async def test_capacity_replays_the_recorded_window(
     assert abs(today["p50_wait_s"] - recorded["p50_wait_s"]) <= 0.2 * recorded["p50_wait_s"]
     assert changed["machines"] == 2
     assert changed["timed_out"] < recorded["timed_out"]
+    # Bad targets: a clear error, no traceback.
+    for target, added in (("g:nope", "0"), ("m:m1", "1"), ("finance", "0")):
+        result = cli(procs, "capacity", "--target", target, "--add-machines", added, check=False)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
 async def test_runs_show_and_queue_show_give_the_forecast(
