@@ -135,6 +135,14 @@ async def test_fail_early_ends_a_run_that_cannot_make_its_deadline(
     client: Client, procs: Processes, apply_fleet: Any
 ) -> None:
     await start(procs, apply_fleet)
+    # No history yet: the same situation never ends a run early (it waits for its deadline).
+    first = [await run_flow(client, "slow", 5.0, i) for i in range(2)]
+    await in_status(client, first[0], RunStatus.running)
+    await in_status(client, first[1], RunStatus.running)
+    unsure = await run_flow(client, "slow", 5.0, 0, queue_timeout_s=2, fail_early=True)
+    waited = await client.wait(unsure, timeout=20)
+    assert waited.error is not None and waited.error.code.value == "NoCandidateMachine"
+    await finish_all(client, first)
     # History: 24 runs of the kind (the rule needs 20 effective samples), 4 of them of "slow".
     quick = [await run_flow(client, "quick", 0.1, i) for i in range(20)]
     slow = [await run_flow(client, "slow", 5.0, i) for i in range(4)]
