@@ -126,13 +126,12 @@ class Foresight:
         self._learnt: dict[str, _Learnt] = {}
 
     # ---- recording ------------------------------------------------------------------------
-    async def record_finished(self, run: Run) -> bool:
-        """Keep what the model and the replay need of a run that left; False: nothing to keep."""
-        record = trace_of(run)
-        if record is None:
-            return False
-        await self.traces.record(record)
-        return True
+    async def record_finished(self, runs: Sequence[Run]) -> int:
+        """Keep what the model and the replay need of runs that left; how many were kept (a
+        run that never queued, e.g. rejected, has nothing to keep)."""
+        records = [record for record in map(trace_of, runs) if record is not None]
+        await self.traces.record(records)
+        return len(records)
 
     async def model(self, target: str) -> ServiceModel:
         """The target's service model, learnt from its trace (only new records are read)."""

@@ -167,6 +167,7 @@ class Dispatcher:
         """A run ended or a machine changed: its machine's targets may place more runs."""
         fleet = self.fleet.cached() or await self.fleet.load()
         targets: set[str] = set()
+        finished: list[Run] = []
         for message in batch:
             try:
                 data = json.loads(message.body)
@@ -175,25 +176,26 @@ class Dispatcher:
             machine_id = data.get("machine_id") if isinstance(data, dict) else None
             if isinstance(data, dict) and message.routing_key in TERMINAL_EVENT_KEYS:
                 self._observe_completion(data)
-                await self._trace(data)
+                finished.extend(self._traced(data))
             if isinstance(machine_id, str):
                 targets.update(fleet.targets_of_machine(machine_id))
             elif message.routing_key == "machine.changed":
                 targets.update(await self.runs.targets())
+        if self.foresight is not None and finished:
+            await self.foresight.record_finished(finished)
         self.placer.request(*targets)
         return [Ack() for _ in batch]
 
-    async def _trace(self, data: dict[str, object]) -> None:
-        """Keep what foresight needs of a run that left (a record that does not read is
-        skipped: the event was published by this product, a bad one is a bug, not input)."""
+    def _traced(self, data: dict[str, object]) -> list[Run]:
+        """The run of a terminal event, for foresight's trace (an event that does not read is
+        skipped: this product published it, a bad one is a bug, not input)."""
         if self.foresight is None:
-            return
+            return []
         try:
-            run = Run.model_validate(data)
+            return [Run.model_validate(data)]
         except ValidationError as exc:
             log.warning("terminal event not traced: %s errors", exc.error_count())
-            return
-        await self.foresight.record_finished(run)
+            return []
 
     def _observe_completion(self, record: dict[str, object]) -> None:
         """Count a run's final status once: one replica consumes each terminal event."""

@@ -57,14 +57,21 @@ async def test_records_read_back_in_order_and_incrementally(
 ) -> None:
     _, redis, names = store
     traces = RedisTraces(redis, names, retention_s=3600, max_records=100)
-    await traces.record(record("r1"))
-    await traces.record(record("r2", status=RunStatus.timed_out, dispatched_at=None))
-    await traces.record(record("x1", target="m:m9"))
+    await traces.record([])  # nothing to keep: no round trip, no key
+    assert await traces.traced_targets() == []
+    # One batch (a batch of terminal events) to two targets.
+    await traces.record(
+        [
+            record("r1"),
+            record("r2", status=RunStatus.timed_out, dispatched_at=None),
+            record("x1", target="m:m9"),
+        ]
+    )
     records, last = await traces.read("g:finance")
     assert [r.run_id for r in records] == ["r1", "r2"]
     assert records[1] == record("r2", status=RunStatus.timed_out, dispatched_at=None)
     assert await traces.read("g:finance", last) == ([], last)
-    await traces.record(record("r3"))
+    await traces.record([record("r3")])
     newer, _ = await traces.read("g:finance", last)
     assert [r.run_id for r in newer] == ["r3"]
     assert await traces.traced_targets() == ["g:finance", "m:m9"]
@@ -79,10 +86,10 @@ async def test_a_target_keeps_at_most_max_records_and_nothing_past_the_retention
     old_ms = int((time.time() - 7200) * 1000)
     await redis.xadd(names.trace("g:finance"), {"j": json.dumps(record("old").to_dict())},
                      id=f"{old_ms}-0")  # fmt: skip
-    await traces.record(record("r0"))
+    await traces.record([record("r0")])
     assert [r.run_id for r in (await traces.read("g:finance"))[0]] == ["r0"]
     for index in range(1, 120):
-        await traces.record(record(f"r{index}"))
+        await traces.record([record(f"r{index}")])
     records, _ = await traces.read("g:finance")
     assert len(records) == 100
     assert [r.run_id for r in records] == [f"r{index}" for index in range(20, 120)]
@@ -93,10 +100,10 @@ async def test_an_entry_that_does_not_read_is_skipped(
 ) -> None:
     _, redis, names = store
     traces = RedisTraces(redis, names, retention_s=3600, max_records=100)
-    await traces.record(record("r1"))
+    await traces.record([record("r1")])
     await redis.xadd(names.trace("g:finance"), {"j": '{"r": "broken"}'})
     await redis.xadd(names.trace("g:finance"), {"other": "x"})
-    await traces.record(record("r2"))
+    await traces.record([record("r2")])
     records, _ = await traces.read("g:finance")
     assert [r.run_id for r in records] == ["r1", "r2"]
 

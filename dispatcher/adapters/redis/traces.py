@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,14 +40,20 @@ class RedisTraces:
         self.retention_s = retention_s
         self.max_records = max_records
 
-    async def record(self, record: TraceRecord) -> None:
-        oldest_ms = int((time.time() - self.retention_s) * 1000)
+    async def record(self, records: Sequence[TraceRecord]) -> None:
+        """Append records (one round trip for the batch) and trim each stream they went to."""
+        if not records:
+            return
+        oldest_ms = max(0, int((time.time() - self.retention_s) * 1000))
         pipe = self.redis.pipeline(transaction=False)
-        key = self.names.trace(record.target)
-        pipe.xadd(key, {"j": json.dumps(record.to_dict(), separators=(",", ":"))})
-        pipe.xtrim(key, minid=max(0, oldest_ms), approximate=False)
-        pipe.xtrim(key, maxlen=self.max_records, approximate=False)
-        pipe.sadd(self.names.traced, record.target)
+        for record in records:
+            key = self.names.trace(record.target)
+            pipe.xadd(key, {"j": json.dumps(record.to_dict(), separators=(",", ":"))})
+        for target in sorted({record.target for record in records}):
+            key = self.names.trace(target)
+            pipe.xtrim(key, minid=oldest_ms, approximate=False)
+            pipe.xtrim(key, maxlen=self.max_records, approximate=False)
+            pipe.sadd(self.names.traced, target)
         await pipe.execute()
 
     async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]:
