@@ -203,6 +203,7 @@ def build_dispatcher(
     )
     canceller = Canceller(runs=rt.runs, lifecycle=lifecycle, clock=clock)
     leases = RedisLeases(rt.redis, rt.names, replica_id)
+    foresight = rt.foresight(lifecycle, leases, clock)
     return Dispatcher(
         settings=settings,
         names=rt.names,
@@ -230,8 +231,9 @@ def build_dispatcher(
             placer=placer,
             leases=leases,
             clock=clock,
+            foresight=foresight,
         ),
-        foresight=rt.foresight(lifecycle, leases, clock),
+        foresight=foresight,
         reconciler=Reconciler(settings=settings, runs=rt.runs, lifecycle=lifecycle, clock=clock),
         metrics=metrics,
         replica_id=replica_id,

@@ -167,6 +167,11 @@ class Names:
         return f"{self.ns}:trace:{target}"
 
     @property
+    def machine_changes(self) -> str:
+        """Stream of machine changes (``core.trace.MachineChange``) for the capacity replay."""
+        return f"{self.ns}:machinechanges"
+
+    @property
     def traced(self) -> str:
         """Set of the targets that have a trace stream."""
         return f"{self.ns}:traced"

@@ -255,6 +255,7 @@ async def cmd_maintenance(args: argparse.Namespace, settings: Settings) -> int:
 
     async with runtime(settings) as rt:
         machine = await rt.fleet.set_maintenance(args.machine_id, args.state == "on")
+        await rt.foresight().machine_changed(machine.machine_id, time.time())
         await rt.amqp.publish_json(
             "events",
             "machine.changed",

@@ -28,9 +28,9 @@ from dispatcher.core.capacity import CapacityReport, what_if
 from dispatcher.core.forecast import Occupant, Prediction, QueuedRun, predict_starts
 from dispatcher.core.misses import FailEarlyPolicy, Miss, predicted_misses
 from dispatcher.core.service_model import ServiceModel
-from dispatcher.core.trace import TraceRecord
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.errors import NotFound, PermanentError
-from dispatcher.models import MachineView, Run, RunError, RunStatus
+from dispatcher.models import MachineView, Run, RunError, RunStatus, Session
 from dispatcher.settings import Settings
 from dispatcher.usecases.lifecycle import Lifecycle
 from dispatcher.usecases.ports import (
@@ -133,6 +133,30 @@ class Foresight:
         await self.traces.record(records)
         return len(records)
 
+    async def machine_changed(
+        self,
+        machine_id: str,
+        at: float,
+        *,
+        online: bool | None = None,
+        sessions: Sequence[Session] | None = None,
+    ) -> None:
+        """Keep a machine's new state (its eligibility) for the capacity replay; what is not
+        given (online, sessions) is read from its live state."""
+        fleet = await self.fleet.load()
+        machine = fleet.machines.get(machine_id)
+        if machine is None:
+            return
+        if online is None or sessions is None:
+            (view,) = await self.machines.views([machine], at, self.settings.offline_after_s)
+            online = view.online if online is None else online
+            sessions = view.sessions if sessions is None else sessions
+        change = MachineChange(
+            at=at, machine_id=machine_id, online=online, maintenance=machine.maintenance,
+            sessions=tuple((session.user, session.state) for session in sessions),
+        )  # fmt: skip
+        await self.traces.record_changes([change])
+
     async def model(self, target: str) -> ServiceModel:
         """The target's service model, learnt from its trace (only new records are read)."""
         learnt = self._learnt.get(target)
@@ -204,10 +228,11 @@ class Foresight:
         for traced in await self.traces.traced_targets():
             records.extend((await self.traces.read(traced))[0])
         records.sort(key=lambda record: record.queued_at)
+        changes = [c for c in await self.traces.changes() if c.machine_id in fleet.machines]
         try:
             return what_if(
                 records, views, fleet.connections, target=target, add_machines=add_machines,
-                since=since, priority_boost_s=self.settings.priority_boost_s,
+                since=since, priority_boost_s=self.settings.priority_boost_s, changes=changes,
             )  # fmt: skip
         except ValueError as exc:  # e.g. machines added to a machine target
             raise PermanentError(str(exc)) from exc

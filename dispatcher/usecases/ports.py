@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
-from dispatcher.core.trace import TraceRecord
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.errors import Unavailable
 from dispatcher.models import (
     AssignedRun,
@@ -350,6 +350,10 @@ class TraceStore(Protocol):
     async def record(self, records: Sequence[TraceRecord]) -> None: ...
 
     async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]: ...
+
+    async def record_changes(self, changes: Sequence[MachineChange]) -> None: ...
+
+    async def changes(self) -> list[MachineChange]: ...
 
     async def traced_targets(self) -> list[str]: ...
 

@@ -160,6 +160,12 @@ class Dispatcher:
                 or previous.public_key != heartbeat.public_key
             ):
                 self.placer.request(*fleet.targets_of_machine(heartbeat.machine_id))
+            if self.foresight is not None and (
+                was_offline or previous is None or previous.sessions != heartbeat.sessions
+            ):
+                await self.foresight.machine_changed(
+                    heartbeat.machine_id, now, online=True, sessions=heartbeat.sessions
+                )
             verdicts.append(Ack())
         return verdicts
 

@@ -23,6 +23,7 @@ from dispatcher.core.ordering import lane_of
 from dispatcher.core.placement import reasons_payload
 from dispatcher.models import Run, RunError, RunStatus
 from dispatcher.settings import Settings
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.lifecycle import Lifecycle
 from dispatcher.usecases.ports import (
     Ending,
@@ -48,6 +49,7 @@ class Sweeper:
         placer: PassRequests,
         leases: Leases,
         clock: Callable[[], float] = time.time,
+        foresight: Foresight | None = None,
     ) -> None:
         self.settings = settings
         self.runs = runs
@@ -56,6 +58,7 @@ class Sweeper:
         self.placer = placer
         self.leases = leases
         self.clock = clock
+        self.foresight = foresight
         self._last_resweep = 0.0
         # Since when this replica could reach Redis without interruption. Heartbeats that
         # arrive while Redis is unreachable cannot be recorded, so for ``offline_after_s``
@@ -125,6 +128,8 @@ class Sweeper:
                     "machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after
                 )
                 marks[machine_id] = now
+                if self.foresight is not None:
+                    await self.foresight.machine_changed(machine_id, now, online=False)
                 await self._requeue_unstarted(machine_id, now)
         for machine_id, since in marks.items():
             if now - since >= self.settings.running_grace_s:

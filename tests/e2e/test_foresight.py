@@ -193,6 +193,11 @@ async def test_capacity_replays_the_recorded_window(
     assert abs(today["p50_wait_s"] - recorded["p50_wait_s"]) <= 0.2 * recorded["p50_wait_s"]
     assert changed["machines"] == 2
     assert changed["timed_out"] < recorded["timed_out"]
+    # The eligibility trace: the worker's first heartbeat, then maintenance from the CLI.
+    cli(procs, "machines", "maintenance", "m1", "on")
+    changes = await client.rt.traces.changes()
+    assert changes[0].machine_id == "m1" and changes[0].online and not changes[0].maintenance
+    assert changes[-1].maintenance and changes[-1].at >= changes[0].at
     # Bad targets: a clear error, no traceback.
     for target, added in (("g:nope", "0"), ("m:m1", "1"), ("finance", "0")):
         result = cli(procs, "capacity", "--target", target, "--add-machines", added, check=False)

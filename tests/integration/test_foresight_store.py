@@ -16,9 +16,9 @@ from dispatcher.adapters.redis.fleet import RedisFleet
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.adapters.redis.queue_state import RedisQueueState
 from dispatcher.adapters.redis.traces import RedisTraces
-from dispatcher.core.trace import TraceRecord
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.metrics import DispatcherMetrics
-from dispatcher.models import ConnectionKind, Mode, Priority, Run, RunStatus
+from dispatcher.models import ConnectionKind, Mode, Priority, Run, RunStatus, SessionState
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 from dispatcher.usecases.foresight import trace_of
@@ -145,6 +145,19 @@ async def test_outlooks_become_the_deadline_and_predicted_miss_gauges(
     )
     await traces.save_outlooks({})
     assert await traces.outlooks() == {}
+
+
+async def test_machine_changes_read_back_in_order(store: tuple[Settings, Redis, Names]) -> None:
+    _, redis, names = store
+    traces = RedisTraces(redis, names, retention_s=3600, max_records=100)
+    await traces.record_changes([])
+    assert await traces.changes() == []
+    online = MachineChange(10.0, "m1", True, sessions=(("CONTOSO\\alice", SessionState.active),))
+    offline = MachineChange(20.0, "m1", False)
+    await traces.record_changes([online])
+    await redis.xadd(names.machine_changes, {"j": "not json"})
+    await traces.record_changes([offline])
+    assert await traces.changes() == [online, offline]
 
 
 def test_a_terminal_event_becomes_a_trace_record_and_a_rejection_none() -> None:

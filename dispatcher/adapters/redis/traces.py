@@ -4,6 +4,8 @@
   the record's short JSON form). Bounded on every write: entries older than the trace retention
   go (``MINID``), and at most ``max_records`` stay (``MAXLEN``), oldest first.
 * ``<ns>:traced`` set of the targets that have a trace.
+* ``<ns>:machinechanges`` stream of ``MachineChange`` (a machine's worker came online or went
+  silent, its sessions changed, maintenance on or off), with the same bounds.
 * ``<ns>:outlook`` hash target -> ``{"a": at, "d": next deadline, "p": predicted misses}``,
   replaced whole by the forecast chore.
 """
@@ -20,7 +22,7 @@ import redis.asyncio as aioredis
 
 from dispatcher.adapters.redis.codec import text
 from dispatcher.adapters.redis.connection import store_adapter
-from dispatcher.core.trace import TraceRecord
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.names import Names
 from dispatcher.usecases.ports import TargetOutlook
 
@@ -55,6 +57,37 @@ class RedisTraces:
             pipe.xtrim(key, maxlen=self.max_records, approximate=False)
             pipe.sadd(self.names.traced, target)
         await pipe.execute()
+
+    async def record_changes(self, changes: Sequence[MachineChange]) -> None:
+        """Append machine changes (one stream for the fleet, same bounds as a target's trace)."""
+        if not changes:
+            return
+        oldest_ms = max(0, int((time.time() - self.retention_s) * 1000))
+        key = self.names.machine_changes
+        pipe = self.redis.pipeline(transaction=False)
+        for change in changes:
+            pipe.xadd(key, {"j": json.dumps(change.to_dict(), separators=(",", ":"))})
+        pipe.xtrim(key, minid=oldest_ms, approximate=False)
+        pipe.xtrim(key, maxlen=self.max_records, approximate=False)
+        await pipe.execute()
+
+    async def changes(self) -> list[MachineChange]:
+        """Every recorded machine change, oldest first (entries that do not read are skipped)."""
+        changes: list[MachineChange] = []
+        start = "-"
+        while True:
+            rows: Any = await self.redis.xrange(
+                self.names.machine_changes, min=start, count=READ_CHUNK
+            )
+            for entry_id, fields in rows:
+                try:
+                    raw = fields.get(b"j", fields.get("j"))
+                    changes.append(MachineChange.from_dict(json.loads(raw)))
+                except (ValueError, TypeError, AttributeError) as exc:
+                    log.warning("skipping a machine change that does not read: %s", exc)
+                start = f"({text(entry_id)}"
+            if len(rows) < READ_CHUNK:
+                return changes
 
     async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]:
         """The target's records after stream id ``after`` (``-``: all), and the last id read."""
