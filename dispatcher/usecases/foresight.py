@@ -157,6 +157,27 @@ class Foresight:
         )  # fmt: skip
         await self.traces.record_changes([change])
 
+    # What the chores call: the trace is statistics, never a reason to hold up a heartbeat, a
+    # terminal event (whose metrics are already counted) or an offline machine's requeue.
+    async def keep_finished(self, runs: Sequence[Run]) -> None:
+        try:
+            await self.record_finished(runs)
+        except Exception as exc:
+            log.warning("%d finished runs not traced: %s", len(runs), exc)
+
+    async def keep_machine_change(
+        self,
+        machine_id: str,
+        at: float,
+        *,
+        online: bool | None = None,
+        sessions: Sequence[Session] | None = None,
+    ) -> None:
+        try:
+            await self.machine_changed(machine_id, at, online=online, sessions=sessions)
+        except Exception as exc:
+            log.warning("machine change of %s not traced: %s", machine_id, exc)
+
     async def model(self, target: str) -> ServiceModel:
         """The target's service model, learnt from its trace (only new records are read)."""
         learnt = self._learnt.get(target)

@@ -163,7 +163,7 @@ class Dispatcher:
             if self.foresight is not None and (
                 was_offline or previous is None or previous.sessions != heartbeat.sessions
             ):
-                await self.foresight.machine_changed(
+                await self.foresight.keep_machine_change(
                     heartbeat.machine_id, now, online=True, sessions=heartbeat.sessions
                 )
             verdicts.append(Ack())
@@ -188,7 +188,7 @@ class Dispatcher:
             elif message.routing_key == "machine.changed":
                 targets.update(await self.runs.targets())
         if self.foresight is not None and finished:
-            await self.foresight.record_finished(finished)
+            await self.foresight.keep_finished(finished)
         self.placer.request(*targets)
         return [Ack() for _ in batch]
 

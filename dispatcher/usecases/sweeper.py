@@ -128,9 +128,9 @@ class Sweeper:
                     "machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after
                 )
                 marks[machine_id] = now
-                if self.foresight is not None:
-                    await self.foresight.machine_changed(machine_id, now, online=False)
                 await self._requeue_unstarted(machine_id, now)
+                if self.foresight is not None:
+                    await self.foresight.keep_machine_change(machine_id, now, online=False)
         for machine_id, since in marks.items():
             if now - since >= self.settings.running_grace_s:
                 await self._fail_running(machine_id, now)

@@ -20,6 +20,7 @@ from dispatcher.adapters.redis import codec
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import lane_of
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.errors import BrokerUnavailable, StoreUnavailable
 from dispatcher.models import (
     AssignedRun,
@@ -42,6 +43,7 @@ from dispatcher.usecases.ports import (
     QueueEnding,
     Refusal,
     Start,
+    TargetOutlook,
     Verdict,
 )
 from dispatcher.usecases.results import (
@@ -667,6 +669,47 @@ class FakePasswords:
         if self.failure is not None:
             raise self.failure
         return f"password-of-{connection.connection_id}"
+
+
+class FakeTraces:
+    """``TraceStore`` in memory; ``broken`` makes every write fail as an unreachable store."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[TraceRecord]] = {}
+        self.machine_changes: list[MachineChange] = []
+        self.saved: dict[str, TargetOutlook] = {}
+        self.broken = False
+
+    def _check(self) -> None:
+        if self.broken:
+            raise StoreUnavailable("the trace store is unreachable")
+
+    async def record(self, records: Sequence[TraceRecord]) -> None:
+        self._check()
+        for record in records:
+            self.records.setdefault(record.target, []).append(record)
+
+    async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]:
+        records = self.records.get(target, [])
+        start = 0 if after == "-" else int(after) + 1
+        return records[start:], str(len(records) - 1) if records else after
+
+    async def traced_targets(self) -> list[str]:
+        return sorted(self.records)
+
+    async def record_changes(self, changes: Sequence[MachineChange]) -> None:
+        self._check()
+        self.machine_changes.extend(changes)
+
+    async def changes(self) -> list[MachineChange]:
+        return list(self.machine_changes)
+
+    async def save_outlooks(self, outlooks: dict[str, TargetOutlook]) -> None:
+        self._check()
+        self.saved = dict(outlooks)
+
+    async def outlooks(self) -> dict[str, TargetOutlook]:
+        return dict(self.saved)
 
 
 class Clock:
