@@ -78,11 +78,28 @@ def _queued_run(run: Run) -> QueuedRun:
     )  # fmt: skip
 
 
+# A terminal event delivered twice is recorded twice: the runs learnt lately are remembered
+# (per target, the last this many) and a repeat is skipped.
+RECENT_RUNS = 10_000
+
+
 @dataclass
 class _Learnt:
     model: ServiceModel
     last_id: str = "-"
     finishes: dict[str, list[float]] = field(default_factory=dict)
+    recent: dict[str, None] = field(default_factory=dict)  # insertion-ordered set of run ids
+
+    def fresh(self, records: Sequence[TraceRecord]) -> list[TraceRecord]:
+        kept = []
+        for record in records:
+            if record.run_id in self.recent:
+                continue
+            self.recent[record.run_id] = None
+            kept.append(record)
+        while len(self.recent) > RECENT_RUNS:
+            del self.recent[next(iter(self.recent))]
+        return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +202,7 @@ class Foresight:
             learnt = _Learnt(ServiceModel(half_life_s=self.settings.forecast_half_life_s))
             self._learnt[target] = learnt
         records, learnt.last_id = await self.traces.read(target, learnt.last_id)
-        learnt.model.learn(records, learnt.finishes)
+        learnt.model.learn(learnt.fresh(records), learnt.finishes)
         return learnt.model
 
     # ---- predictions ----------------------------------------------------------------------
@@ -248,6 +265,7 @@ class Foresight:
         records: list[TraceRecord] = []
         for traced in await self.traces.traced_targets():
             records.extend((await self.traces.read(traced))[0])
+        records = list({record.run_id: record for record in records}.values())  # repeats
         records.sort(key=lambda record: record.queued_at)
         changes = [c for c in await self.traces.changes() if c.machine_id in fleet.machines]
         try:

@@ -182,3 +182,16 @@ def world_heartbeat(world: World, *, active: bool = False) -> FakeDelivery:
         public_key=world.keys["m1"].public_key_b64,
     )
     return FakeDelivery(beat.model_dump_json().encode(), routing_key="")
+
+
+async def test_a_terminal_event_delivered_twice_is_learnt_once() -> None:
+    world = bots()
+    history(world, 3)
+    world.traces.records[GROUP].append(world.traces.records[GROUP][-1])  # redelivered
+    model = await world.foresight.model(GROUP)
+    assert model.samples(ConnectionKind.credentials, world.clock.now) == pytest.approx(3, abs=0.01)
+    world.traces.records[GROUP].append(world.traces.records[GROUP][0])  # much later, again
+    model = await world.foresight.model(GROUP)
+    assert model.samples(ConnectionKind.credentials, world.clock.now) == pytest.approx(3, abs=0.01)
+    report = await world.foresight.capacity(GROUP, 0, since=0.0)
+    assert report.recorded.runs == 3
