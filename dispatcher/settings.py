@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     outbox_relay_after_s: float = Field(default=5.0, gt=0)
     retention_s: float = Field(default=7 * 24 * 3600, gt=0)
 
+    # Graceful stop (SIGTERM, service stop). A dispatcher stops consuming and finishes the
+    # messages in hand within ``drain_s``; a worker stops taking assignments, lets running
+    # flows finish for ``worker_grace_s``, then stops them (``WorkerStopped``) and reports.
+    drain_s: float = Field(default=20.0, gt=0)
+    worker_grace_s: float = Field(default=60.0, ge=0)
+
     # Throughput knobs.
     prefetch: int = Field(default=200, ge=1)
     batch_size: int = Field(default=100, ge=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from dispatcher.bootstrap import STARTUP_WAIT_S, runtime
+from dispatcher.bootstrap import STARTUP_WAIT_S, readiness, runtime
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.errors import Unavailable
 from dispatcher.logs import configure
@@ -90,10 +90,11 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     metrics: WorkerHooks = NullWorkerMetrics()
+    health = None
     if args.metrics_port is not None:
         from workers.telemetry import start_metrics
 
-        metrics = start_metrics(settings, args.metrics_port, args.executor)
+        metrics, health = start_metrics(settings, args.metrics_port, args.executor)
     async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
         worker_id = new_worker_id()
         link = StoreLink(
@@ -118,9 +119,14 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
             metrics=metrics,
         )
         await worker.start()
+        if health is not None:
+            health.probes.check = readiness(rt, worker.consuming)
         await stop.wait()
-        await worker.stop()
+        log.info("stopping: running flows get up to %g s to finish", settings.worker_grace_s)
+        await worker.drain(settings.worker_grace_s, settings.drain_s)
         worker.ledger.close()
+    if health is not None:
+        health.close()
     return 0
 
 

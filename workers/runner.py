@@ -59,9 +59,11 @@ class Runner:
         item = self.runs.running.get(assignment.run_id)
         if not task.cancelled() or item is None or item.cancel_reason is None:
             return
-        error = RunError(code=ErrorCode.Cancelled, message=item.cancel_reason)
-        outcome = Outcome(assignment.run_id, assignment.fence, RunStatus.cancelled, error)
-        self.done.put_nowait(Executed(outcome, 0.0, ErrorCode.Cancelled))
+        code = item.stop_code
+        status = RunStatus.cancelled if code is ErrorCode.Cancelled else RunStatus.failed
+        error = RunError(code=code, message=item.cancel_reason)
+        outcome = Outcome(assignment.run_id, assignment.fence, status, error)
+        self.done.put_nowait(Executed(outcome, 0.0, code))
 
     async def _execute(self, assignment: Assignment) -> None:
         run_id = assignment.run_id
@@ -70,10 +72,9 @@ class Runner:
             result = await self._run_flow(assignment)
         except asyncio.CancelledError:
             item = self.runs.running.get(run_id)
-            reason = item.cancel_reason if item else None
-            if reason is None:
+            if item is None or item.cancel_reason is None:
                 raise
-            result = FlowResult(False, code=ErrorCode.Cancelled, message=reason)
+            result = FlowResult(False, code=item.stop_code, message=item.cancel_reason)
         status = RunStatus.succeeded if result.succeeded else RunStatus.failed
         if result.code is ErrorCode.Cancelled:
             status = RunStatus.cancelled
