@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from dispatcher.adapters.amqp import topology
+from dispatcher.adapters.amqp.broker import UNREACHABLE as AMQP_UNREACHABLE
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
 from dispatcher.adapters.redis.fleet import RedisFleet
 from dispatcher.adapters.redis.leases import RedisLeases
@@ -38,7 +40,7 @@ from dispatcher.adapters.redis.transitions import RedisTransitions
 from dispatcher.crypto import Sealer
 from dispatcher.errors import Unavailable
 from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics
-from dispatcher.metrics.health import Readiness, ReadyCheck, serve_health
+from dispatcher.metrics.health import HealthServer, Readiness, ReadyCheck, serve_health
 from dispatcher.names import Names
 from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
@@ -61,6 +63,9 @@ QUEUE_STATE_INTERVAL_S = 2.0
 READY_PING_S = 2.0
 
 Closer = Callable[[], Awaitable[None]]
+# What the client libraries raise when Redis or RabbitMQ cannot be reached (for the commands'
+# error messages: an operator sees one line, never a traceback).
+UNREACHABLE: tuple[type[BaseException], ...] = (Unavailable, *REDIS_UNREACHABLE, *AMQP_UNREACHABLE)
 
 
 # ---- connections and adapters ---------------------------------------------------------------
@@ -218,13 +223,49 @@ def build_dispatcher(
     )
 
 
+class Stopper:
+    """SIGTERM and SIGINT (a Windows service stop is turned into SIGINT): set ``event``; while
+    the process is still starting (waiting for RabbitMQ or Redis), cancel it right away."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.starting = True
+        self._task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, ValueError):
+                loop.add_signal_handler(sig, self.signal)
+
+    def signal(self) -> None:
+        self.event.set()
+        if self.starting and self._task is not None:
+            self._task.cancel()
+
+    async def wait(self) -> None:
+        """Started: wait for the signal."""
+        self.starting = False
+        await self.event.wait()
+
+    def stopped_while_starting(self) -> bool:
+        """Whether a cancellation was the signal arriving while starting."""
+        if self.event.is_set():
+            log.info("stopped while starting")
+            return True
+        return False
+
+
 async def serve(settings: Settings, metrics_port: int | None = None) -> int:
     """``python -m dispatcher serve``: run one replica until SIGTERM/SIGINT, then drain."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    stopper = Stopper()
+    try:
+        return await _serve(settings, metrics_port, stopper)
+    except asyncio.CancelledError:
+        if stopper.stopped_while_starting():
+            return 0
+        raise
+
+
+async def _serve(settings: Settings, metrics_port: int | None, stopper: Stopper) -> int:
     port = settings.metrics_port if metrics_port is None else metrics_port
     registry = CollectorRegistry()
     exporter = DispatcherMetrics(registry) if port >= 0 else None
@@ -233,6 +274,20 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
         # Up before connecting: /healthz answers and /readyz says "starting" meanwhile.
         health = serve_health(registry, settings.metrics_host, port, exporter.set_up)
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, health.port)
+    try:
+        await _replica(settings, stopper, exporter, health)
+    finally:
+        if health is not None:
+            health.close()
+    return 0
+
+
+async def _replica(
+    settings: Settings,
+    stopper: Stopper,
+    exporter: DispatcherMetrics | None,
+    health: HealthServer | None,
+) -> None:
     async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
         metrics: MetricsHooks = exporter or NullMetrics()
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
@@ -245,7 +300,7 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
         if health is not None and exporter is not None:
             health.probes.check = check
             reporter_task = asyncio.create_task(report_state(settings, rt, exporter, check))
-        await stop.wait()
+        await stopper.wait()
         log.info("stopping: draining for up to %g s", settings.drain_s)
         if exporter is not None:
             exporter.set_up(False)
@@ -255,9 +310,6 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
         log.info("drained%s", "" if clean else " (timed out: the rest is redelivered)")
         for close in closers:
             await close()
-    if health is not None:
-        health.close()
-    return 0
 
 
 def readiness(rt: Runtime, consuming: Callable[[], bool]) -> ReadyCheck:

@@ -37,7 +37,7 @@ async def test_healthz_is_503_while_the_event_loop_is_blocked(
         answers: list[tuple[int, str]] = []
         probe = threading.Thread(target=lambda: answers.append(status(url)))
         probe.start()
-        time.sleep(1.5)  # blocks the event loop on purpose, longer than the probe waits
+        time.sleep(1.5)  # noqa: ASYNC251 - blocks the event loop on purpose
         probe.join(timeout=10)
         assert answers and answers[0][0] == 503, answers
         assert "did not answer" in answers[0][1]
