@@ -20,6 +20,7 @@ from dispatcher.settings import Settings
 from dispatcher.tools.commands import (
     cmd_apply,
     cmd_cancel,
+    cmd_doctor,
     cmd_machines_list,
     cmd_maintenance,
     cmd_queue_priority,
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", required=True, help="ISO time, epoch seconds, or -2h / -30m")
     p.add_argument("--until", default=None)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    p = add("doctor", cmd_doctor, "check Redis, RabbitMQ, the topology, clocks; say what to fix")
     p.add_argument("--json", action="store_true")
 
     try:

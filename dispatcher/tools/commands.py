@@ -72,6 +72,14 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return await serve(settings, metrics_port=args.metrics_port)
 
 
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.tools.doctor import as_json, diagnose, render
+
+    checks = await diagnose(settings)
+    print_json(as_json(checks)) if args.json else print(render(checks))
+    return 1 if any(check.status == "FAIL" for check in checks) else 0
+
+
 async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.bootstrap import runtime
     from dispatcher.crypto import SecretBox

@@ -1,0 +1,295 @@
+"""``python -m dispatcher doctor``: check a deployment and say what to fix.
+
+Each check answers ``ok``, ``warn`` (works, but not as recommended) or ``FAIL`` (runs would be
+lost, duplicated or stuck), with the fix. The exit code is 1 when anything failed.
+
+    versions ─ Redis: reachable, AOF, noeviction, clock skew ─ RabbitMQ: reachable, topology,
+    dead letters ─ identities: the secret keys, the broker user
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aio_pika
+from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, ChannelPreconditionFailed
+
+from dispatcher import __version__
+from dispatcher.adapters.amqp.topology import SIGNALS_ARGUMENTS, quorum_arguments
+from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
+from dispatcher.adapters.redis.connection import make_redis
+from dispatcher.errors import DispatchError
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+
+Status = Literal["ok", "warn", "FAIL"]
+
+MIN_REDIS = (6, 2)
+MIN_RABBITMQ = (3, 10)
+# Deadlines and heartbeats compare this host's clock with the others' (through Redis).
+SKEW_WARN_S = 0.5
+SKEW_FAIL_S = 2.0
+TIMEOUT_S = 5.0
+REDIS_DOWN: tuple[type[BaseException], ...] = (*REDIS_UNREACHABLE, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _where(url: str) -> str:
+    """Host and port of a service URL, without its credentials."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+async def check_redis(settings: Settings) -> list[Check]:
+    url = settings.redis_url.get_secret_value()
+    redis = make_redis(settings)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            info = await redis.info()
+            before = time.time()
+            seconds, micros = await redis.time()
+            after = time.time()
+    except REDIS_DOWN as exc:
+        return [
+            Check(
+                "redis",
+                "FAIL",
+                f"cannot reach Redis at {_where(url)}: {type(exc).__name__}",
+                "start Redis or correct RUNDISPATCH_REDIS_URL",
+            )
+        ]
+    finally:
+        await redis.aclose()
+    checks = []
+    version = str(info.get("redis_version", "?"))
+    checks.append(
+        Check("redis.version", "ok", f"Redis {version}")
+        if _version(version) >= MIN_REDIS
+        else Check(
+            "redis.version",
+            "FAIL",
+            f"Redis {version}",
+            f"upgrade Redis to {'.'.join(map(str, MIN_REDIS))} or later",
+        )
+    )
+    aof = str(info.get("aof_enabled", "0")) == "1"
+    checks.append(
+        Check("redis.aof", "ok", "append-only file on")
+        if aof
+        else Check(
+            "redis.aof",
+            "FAIL",
+            "append-only file off: a Redis restart loses accepted runs",
+            "set 'appendonly yes' and 'appendfsync everysec' (deploy/redis/redis.conf)",
+        )
+    )
+    policy = str(info.get("maxmemory_policy", "?"))
+    checks.append(
+        Check("redis.eviction", "ok", "maxmemory-policy noeviction")
+        if policy == "noeviction"
+        else Check(
+            "redis.eviction",
+            "FAIL",
+            f"maxmemory-policy {policy}: Redis may evict run records under memory pressure",
+            "set 'maxmemory-policy noeviction' (deploy/redis/redis.conf)",
+        )
+    )
+    skew = seconds + micros / 1e6 - (before + after) / 2
+    fix = "synchronise this host's clock (NTP / w32time)"
+    if abs(skew) >= SKEW_FAIL_S:
+        checks.append(Check("clock", "FAIL", f"this host is {-skew:+.3f} s off Redis's clock", fix))
+    elif abs(skew) >= SKEW_WARN_S:
+        checks.append(Check("clock", "warn", f"this host is {-skew:+.3f} s off Redis's clock", fix))
+    else:
+        checks.append(Check("clock", "ok", f"{-skew:+.3f} s from Redis's clock"))
+    return checks
+
+
+def _queues(names: Names) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (names.requests_queue, quorum_arguments(names)),
+        (names.dead_queue, {"x-queue-type": "quorum"}),
+        (names.heartbeats_queue, {"x-message-ttl": 60_000}),
+        (names.signals_queue, SIGNALS_ARGUMENTS),
+    ]
+
+
+def _exchanges(names: Names) -> list[str]:
+    return [
+        names.requests_exchange,
+        names.events_exchange,
+        names.machines_exchange,
+        names.heartbeats_exchange,
+        names.dead_exchange,
+    ]
+
+
+async def check_rabbitmq(settings: Settings) -> list[Check]:
+    url = settings.amqp_url.get_secret_value()
+    names = Names(settings.namespace)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            connection = await aio_pika.connect(url)
+    except (AMQPError, OSError, TimeoutError) as exc:
+        return [
+            Check(
+                "rabbitmq",
+                "FAIL",
+                f"cannot reach RabbitMQ at {_where(url)}: {type(exc).__name__}",
+                "start RabbitMQ or correct RUNDISPATCH_AMQP_URL (user, password, vhost)",
+            )
+        ]
+    checks = []
+    async with connection:
+        transport = connection.transport
+        properties = transport.connection.server_properties if transport else {}
+        raw = properties.get("version", b"?") if properties else b"?"
+        version = raw.decode() if isinstance(raw, bytes) else str(raw)
+        checks.append(
+            Check("rabbitmq.version", "ok", f"RabbitMQ {version}")
+            if _version(version) >= MIN_RABBITMQ
+            else Check(
+                "rabbitmq.version",
+                "FAIL",
+                f"RabbitMQ {version}",
+                f"upgrade RabbitMQ to {'.'.join(map(str, MIN_RABBITMQ))} or later",
+            )
+        )
+        missing: list[str] = []
+        differing: list[str] = []
+        dead_letters = 0
+        for exchange in _exchanges(names):
+            channel = await connection.channel()
+            try:
+                await channel.get_exchange(exchange, ensure=True)
+            except ChannelNotFoundEntity:
+                missing.append(f"exchange {exchange}")
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        for queue, arguments in _queues(names):
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+                if queue == names.dead_queue:
+                    dead_letters = declared.declaration_result.message_count or 0
+                # It exists: declaring it with the arguments we expect creates nothing and
+                # fails only when it was declared otherwise.
+                await channel.declare_queue(queue, durable=True, arguments=arguments)
+            except ChannelNotFoundEntity:
+                missing.append(f"queue {queue}")
+            except ChannelPreconditionFailed as exc:
+                differing.append(f"queue {queue} ({exc.args[0] if exc.args else exc})")
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+    if missing:
+        checks.append(
+            Check(
+                "rabbitmq.topology",
+                "FAIL",
+                "missing: " + ", ".join(missing),
+                "start a dispatcher (it declares them) or import deploy/rabbitmq/definitions.json",
+            )
+        )
+    if differing:
+        checks.append(
+            Check(
+                "rabbitmq.topology",
+                "FAIL",
+                "declared with other arguments: " + ", ".join(differing),
+                "regenerate and import the definitions (python -m dispatcher definitions)",
+            )
+        )
+    if not missing and not differing:
+        checks.append(Check("rabbitmq.topology", "ok", f"namespace {names.ns} as expected"))
+    if dead_letters:
+        checks.append(
+            Check(
+                "rabbitmq.dead_letters",
+                "warn",
+                f"{dead_letters} messages in {names.dead_queue}",
+                "read them (header x-rundispatch-reason) and see docs/operations.md runbooks",
+            )
+        )
+    return checks
+
+
+def check_identities(settings: Settings) -> list[Check]:
+    checks = []
+    try:
+        from dispatcher.crypto import SecretBox
+
+        SecretBox.from_settings(settings)
+        checks.append(Check("identities.secret_keys", "ok", "secret keys load"))
+    except DispatchError as exc:
+        checks.append(
+            Check("identities.secret_keys", "FAIL", str(exc), "set RUNDISPATCH_SECRET_KEYS")
+        )
+    user = urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
+    if user == "guest":
+        checks.append(
+            Check(
+                "identities.broker_user",
+                "warn",
+                "connected to RabbitMQ as 'guest'",
+                "give each dispatcher and each machine its own broker user "
+                "(docs/operations.md, 'Registering machines')",
+            )
+        )
+    else:
+        checks.append(Check("identities.broker_user", "ok", f"broker user {user!r}"))
+    return checks
+
+
+async def diagnose(settings: Settings) -> list[Check]:
+    """Every check, in the order they are shown."""
+    checks = [
+        Check(
+            "versions",
+            "ok",
+            f"rundispatch {__version__}, Python {sys.version.split()[0]}",
+        )
+    ]
+    steps: list[Callable[[Settings], Awaitable[list[Check]]]] = [check_redis, check_rabbitmq]
+    for step in steps:
+        checks += await step(settings)
+    checks += check_identities(settings)
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status:<5} {check.name:<24} {check.detail}")
+        if check.fix and check.status != "ok":
+            lines.append(f"{'':<5} {'':<24} fix: {check.fix}")
+    failed = sum(check.status == "FAIL" for check in checks)
+    warned = sum(check.status == "warn" for check in checks)
+    lines.append(f"{failed} problems, {warned} warnings")
+    return "\n".join(lines)
+
+
+def as_json(checks: list[Check]) -> list[dict[str, str]]:
+    return [asdict(check) for check in checks]
