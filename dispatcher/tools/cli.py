@@ -20,6 +20,7 @@ from dispatcher.settings import Settings
 from dispatcher.tools.commands import (
     cmd_apply,
     cmd_cancel,
+    cmd_definitions,
     cmd_doctor,
     cmd_machines_list,
     cmd_maintenance,
@@ -151,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", default=None)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
+
+    p = add(
+        "definitions",
+        cmd_definitions,
+        "RabbitMQ definitions of the namespace (exchanges, queues, bindings, policies)",
+    )
+    p.add_argument("--vhost", default="/", help="the virtual host they are for (default /)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write this file (its users and permissions are kept) instead of printing",
+    )
 
     p = add("doctor", cmd_doctor, "check Redis, RabbitMQ, the topology, clocks; say what to fix")
     p.add_argument("--json", action="store_true")
