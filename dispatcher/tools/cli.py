@@ -20,6 +20,7 @@ from dispatcher.settings import Settings
 from dispatcher.tools.commands import (
     cmd_apply,
     cmd_cancel,
+    cmd_contract,
     cmd_definitions,
     cmd_doctor,
     cmd_machines_list,
@@ -164,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write this file (its users and permissions are kept) instead of printing",
     )
+
+    p = add(
+        "contract",
+        cmd_contract,
+        "write the JSON Schemas and the AsyncAPI document of the AMQP contract",
+    )
+    p.add_argument("--output", default="docs/contract", help="directory (default docs/contract)")
 
     p = add("doctor", cmd_doctor, "check Redis, RabbitMQ, the topology, clocks; say what to fix")
     p.add_argument("--json", action="store_true")

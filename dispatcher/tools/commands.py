@@ -85,6 +85,14 @@ async def cmd_definitions(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.tools.contract import write
+
+    for path in write(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
 async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.tools.doctor import as_json, diagnose, render
 
