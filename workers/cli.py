@@ -12,7 +12,7 @@ from pathlib import Path
 from dispatcher.bootstrap import STARTUP_WAIT_S, UNREACHABLE, Stopper, readiness, runtime
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.errors import ConfigurationError, DispatchError
-from dispatcher.logs import configure, scrub
+from dispatcher.logs import bind, configure, scrub
 from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
 from dispatcher.metrics.health import HealthServer
 from dispatcher.settings import Settings
@@ -82,6 +82,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         executor = CommandExecutor.from_options(args.command, args.command_map)
     else:
         executor = SimulateExecutor()
+    bind(machine_id=args.machine_id)  # every record of this process is about its machine
     # Checked before connecting: a key file others can read stops the worker at once.
     keys = WorkerKeyPair.load_or_create(state_dir / "worker.key", **key_file_guard())
     stopper = Stopper()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.logs import bind
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment, RunError, RunStatus
 from workers.executors import Executor, FlowContext, FlowResult
@@ -67,6 +68,7 @@ class Runner:
 
     async def _execute(self, assignment: Assignment) -> None:
         run_id = assignment.run_id
+        bind(run_id=run_id)  # this flow's task: every record it logs carries its run
         started = time.monotonic()
         try:
             result = await self._run_flow(assignment)
@@ -115,6 +117,6 @@ class Runner:
                 message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
             )
         if result.executor_error is not None:
-            log.warning("run %s: %s", assignment.run_id, result.message)
+            log.warning("run %s: %s", assignment.run_id, result.message)  # run_id is bound
             self.metrics.executor_error(result.executor_error)
         return result

@@ -27,6 +27,7 @@ from typing import TypeVar
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.errors import Unavailable
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import NullWorkerMetrics, WorkerHooks
 from dispatcher.models import RunError, RunStatus
 from dispatcher.retry import Backoff, retry
@@ -154,7 +155,12 @@ class MachineWorker:
             await asyncio.wait(tasks, timeout=grace_s)
         for run_id, item in list(self.runs.running.items()):
             if not item.task.done():
-                log.warning("run %s outlasted the grace of %g s; stopping it", run_id, grace_s)
+                log.warning(
+                    "run %s outlasted the grace of %g s; stopping it",
+                    run_id,
+                    grace_s,
+                    extra=fields(run_id=run_id),
+                )
                 self.runs.stop(
                     run_id,
                     f"the worker stopped and the flow outlasted the grace of {grace_s:g} s",
@@ -185,7 +191,9 @@ class MachineWorker:
             return
         for run in cut_short:
             log.warning(
-                "run %s was running when this worker stopped; reporting it failed", run.run_id
+                "run %s was running when this worker stopped; reporting it failed",
+                run.run_id,
+                extra=fields(run_id=run.run_id),
             )
         error = RunError(
             code=ErrorCode.WorkerRestarted,

@@ -14,17 +14,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
-import aio_pika
-from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, ChannelPreconditionFailed
-
 from dispatcher import __version__
-from dispatcher.adapters.amqp.topology import SIGNALS_ARGUMENTS, quorum_arguments
+from dispatcher.adapters.amqp.inspect import inspect_namespace
 from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import make_redis
-from dispatcher.errors import DispatchError
+from dispatcher.errors import BrokerUnavailable, DispatchError
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 
@@ -126,84 +123,32 @@ async def check_redis(settings: Settings) -> list[Check]:
     return checks
 
 
-def _queues(names: Names) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (names.requests_queue, quorum_arguments(names)),
-        (names.dead_queue, {"x-queue-type": "quorum"}),
-        (names.heartbeats_queue, {"x-message-ttl": 60_000}),
-        (names.signals_queue, SIGNALS_ARGUMENTS),
-    ]
-
-
-def _exchanges(names: Names) -> list[str]:
-    return [
-        names.requests_exchange,
-        names.events_exchange,
-        names.machines_exchange,
-        names.heartbeats_exchange,
-        names.dead_exchange,
-    ]
-
-
 async def check_rabbitmq(settings: Settings) -> list[Check]:
     url = settings.amqp_url.get_secret_value()
     names = Names(settings.namespace)
     try:
-        async with asyncio.timeout(TIMEOUT_S):
-            connection = await aio_pika.connect(url)
-    except (AMQPError, OSError, TimeoutError) as exc:
+        report = await inspect_namespace(url, names, TIMEOUT_S)
+    except BrokerUnavailable as exc:
         return [
             Check(
                 "rabbitmq",
                 "FAIL",
-                f"cannot reach RabbitMQ at {_where(url)}: {type(exc).__name__}",
+                f"cannot reach RabbitMQ at {_where(url)}: {exc}",
                 "start RabbitMQ or correct RUNDISPATCH_AMQP_URL (user, password, vhost)",
             )
         ]
-    checks = []
-    async with connection:
-        transport = connection.transport
-        properties = transport.connection.server_properties if transport else {}
-        raw = properties.get("version", b"?") if properties else b"?"
-        version = raw.decode() if isinstance(raw, bytes) else str(raw)
-        checks.append(
-            Check("rabbitmq.version", "ok", f"RabbitMQ {version}")
-            if _version(version) >= MIN_RABBITMQ
-            else Check(
-                "rabbitmq.version",
-                "FAIL",
-                f"RabbitMQ {version}",
-                f"upgrade RabbitMQ to {'.'.join(map(str, MIN_RABBITMQ))} or later",
-            )
+    version, missing, differing = report.version, report.missing, report.differing
+    dead_letters = report.dead_letters
+    checks = [
+        Check("rabbitmq.version", "ok", f"RabbitMQ {version}")
+        if _version(version) >= MIN_RABBITMQ
+        else Check(
+            "rabbitmq.version",
+            "FAIL",
+            f"RabbitMQ {version}",
+            f"upgrade RabbitMQ to {'.'.join(map(str, MIN_RABBITMQ))} or later",
         )
-        missing: list[str] = []
-        differing: list[str] = []
-        dead_letters = 0
-        for exchange in _exchanges(names):
-            channel = await connection.channel()
-            try:
-                await channel.get_exchange(exchange, ensure=True)
-            except ChannelNotFoundEntity:
-                missing.append(f"exchange {exchange}")
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-        for queue, arguments in _queues(names):
-            channel = await connection.channel()
-            try:
-                declared = await channel.declare_queue(queue, passive=True)
-                if queue == names.dead_queue:
-                    dead_letters = declared.declaration_result.message_count or 0
-                # It exists: declaring it with the arguments we expect creates nothing and
-                # fails only when it was declared otherwise.
-                await channel.declare_queue(queue, durable=True, arguments=arguments)
-            except ChannelNotFoundEntity:
-                missing.append(f"queue {queue}")
-            except ChannelPreconditionFailed as exc:
-                differing.append(f"queue {queue} ({exc.args[0] if exc.args else exc})")
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
+    ]
     if missing:
         checks.append(
             Check(
