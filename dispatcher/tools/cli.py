@@ -20,9 +20,6 @@ from dispatcher.settings import Settings
 from dispatcher.tools.commands import (
     cmd_apply,
     cmd_cancel,
-    cmd_contract,
-    cmd_definitions,
-    cmd_doctor,
     cmd_machines_list,
     cmd_maintenance,
     cmd_queue_priority,
@@ -33,6 +30,12 @@ from dispatcher.tools.commands import (
     cmd_runs_wait,
     cmd_serve,
     cmd_submit,
+)
+from dispatcher.tools.ops_commands import (
+    cmd_contract,
+    cmd_definitions,
+    cmd_doctor,
+    cmd_secrets_rotate,
 )
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -152,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", required=True, help="ISO time, epoch seconds, or -2h / -30m")
     p.add_argument("--until", default=None)
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+    secrets = add(
+        "secrets", cmd_secrets_rotate, "secrets at rest: re-encrypt with the current key"
+    ).add_subparsers(dest="secrets_command", required=True)
+    p = add(
+        "rotate",
+        cmd_secrets_rotate,
+        "re-encrypt stored passwords and token caches with the first key of "
+        "RUNDISPATCH_SECRET_KEYS (the others must still be listed to open them)",
+        secrets,
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be re-sealed")
     p.add_argument("--json", action="store_true")
 
     p = add(

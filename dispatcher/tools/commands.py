@@ -72,35 +72,6 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return await serve(settings, metrics_port=args.metrics_port)
 
 
-async def cmd_definitions(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.adapters.amqp.definitions import definitions_document, write_definitions
-    from dispatcher.names import Names
-
-    names = Names(settings.namespace)
-    if args.output:
-        write_definitions(Path(args.output), names, args.vhost)
-        print(f"wrote {args.output}")
-    else:
-        print(json.dumps(definitions_document(names, args.vhost), indent=2))
-    return 0
-
-
-async def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.tools.contract import write
-
-    for path in write(Path(args.output)):
-        print(f"wrote {path}")
-    return 0
-
-
-async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
-    from dispatcher.tools.doctor import as_json, diagnose, render
-
-    checks = await diagnose(settings)
-    print_json(as_json(checks)) if args.json else print(render(checks))
-    return 1 if any(check.status == "FAIL" for check in checks) else 0
-
-
 async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.bootstrap import runtime
     from dispatcher.crypto import SecretBox
