@@ -224,17 +224,23 @@ def build_dispatcher(
 
 
 class Stopper:
-    """SIGTERM and SIGINT (a Windows service stop is turned into SIGINT): set ``event``; while
-    the process is still starting (waiting for RabbitMQ or Redis), cancel it right away."""
+    """SIGTERM and SIGINT (and SIGBREAK: a Windows service stop arrives as a console Ctrl+C or
+    Ctrl+Break): set ``event``; while the process is still starting (waiting for RabbitMQ or
+    Redis), cancel it right away."""
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
         self.starting = True
         self._task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, ValueError):
+        wanted = (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGBREAK", None))
+        for sig in (s for s in wanted if s is not None):
+            try:
                 loop.add_signal_handler(sig, self.signal)
+            except NotImplementedError:  # Windows: no loop signal handlers
+                signal.signal(sig, lambda *_: loop.call_soon_threadsafe(self.signal))
+            except ValueError:  # not the main thread (tests)
+                continue
 
     def signal(self) -> None:
         self.event.set()
