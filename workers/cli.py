@@ -9,12 +9,13 @@ import logging
 import sys
 from pathlib import Path
 
-from dispatcher.bootstrap import STARTUP_WAIT_S, UNREACHABLE, Stopper, readiness, runtime
+from dispatcher.bootstrap import STARTUP_WAIT_S, UNREACHABLE, readiness, runtime
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.errors import ConfigurationError, DispatchError
 from dispatcher.logs import bind, configure, scrub
 from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
 from dispatcher.metrics.health import HealthServer
+from dispatcher.process import Stopper
 from dispatcher.settings import Settings
 from workers.adapters.store_link import StoreLink
 from workers.executors import CommandExecutor, Executor, SimulateExecutor
