@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from dispatcher.client import Client
+from dispatcher.errors import NotFound
 from dispatcher.models import RunStatus
 from dispatcher.settings import Settings
 from tests.e2e.test_run_path import group_fleet
@@ -62,6 +63,14 @@ async def test_sigterm_drains_a_dispatcher_under_load_nothing_lost_or_run_twice(
     code, took = await wait_exit(procs, "d1", settings.drain_s + MARGIN_S)
     assert code == 0, procs.log_text("d1")
     assert "drained" in procs.log_text("d1")
+    # It stopped under load: work was left for the next dispatcher.
+    left = 0
+    for run_id in first:
+        try:
+            left += not (await client.get(run_id)).status.terminal
+        except NotFound:  # not even recorded yet
+            left += 1
+    assert left > 0, "every run had finished: the dispatcher was not stopped under load"
     # Requests keep arriving while no dispatcher runs; a new one takes everything over.
     second = [await submit(client, 0.01) for _ in range(50)]
     procs.dispatcher("d2")
