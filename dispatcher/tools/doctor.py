@@ -25,7 +25,7 @@ from dispatcher.errors import BrokerUnavailable, DispatchError
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 
-Status = Literal["ok", "warn", "FAIL"]
+Status = Literal["ok", "warn", "FAIL", "skip"]
 
 MIN_REDIS = (6, 2)
 MIN_RABBITMQ = (3, 10)
@@ -194,6 +194,23 @@ def check_identities(settings: Settings) -> list[Check]:
     except DispatchError as exc:
         checks.append(
             Check("identities.secret_keys", "FAIL", str(exc), "set RUNDISPATCH_SECRET_KEYS")
+        )
+    admin = getattr(settings, "broker_admin_url", None)
+    if admin is None:
+        checks.append(
+            Check("identities.registry", "skip", "no per-principal identities configured here")
+        )
+    else:
+        value = admin.get_secret_value() if hasattr(admin, "get_secret_value") else str(admin)
+        checks.append(
+            Check("identities.registry", "ok", f"management API at {_where(value)}")
+            if value
+            else Check(
+                "identities.registry",
+                "warn",
+                "RUNDISPATCH_BROKER_ADMIN_URL is not set: machines cannot be registered",
+                "set it to the RabbitMQ management API URL of an administrator",
+            )
         )
     user = urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
     if user == "guest":
