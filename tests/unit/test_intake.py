@@ -67,7 +67,12 @@ def test_valid_request_and_cancel() -> None:
         (json.dumps({**VALID, "mode": "sometimes"}).encode(), {}, "schema", "mode"),
         (json.dumps({**VALID, "extra": 1}).encode(), {}, "schema", "extra"),
         (json.dumps({**VALID, "run_id": "a b"}).encode(), {}, "schema", "run_id"),
-        (b'{"run_id": "r1", "queue_timeout_s": 1e999}', {"kind": "cancel"}, "schema", ""),
+        (
+            b'{"run_id": "r1", "queue_timeout_s": 1e999}',
+            {"kind": "cancel"},
+            "schema",
+            "queue_timeout_s",
+        ),
     ],
 )
 def test_bad_messages_say_why(
