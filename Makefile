@@ -9,7 +9,7 @@ SERVICES := $(PYTHON) deploy/local/services.py
 CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
 IMAGE ?= rundispatch:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: demo test test-cluster lint bench tools constraints image image-test clean
+.PHONY: demo test test-cluster coverage mutation lint bench tools constraints image image-test clean
 
 # Installs with the pinned versions of constraints.txt (make constraints re-pins them).
 $(STAMP): pyproject.toml constraints.txt
@@ -25,6 +25,14 @@ demo: $(STAMP)
 ## test: the whole suite against the real RabbitMQ, Redis, identity provider and Prometheus
 test: $(STAMP) tools
 	$(SERVICES) -- $(PY) -m pytest $(PYTEST_ARGS)
+
+## coverage: the suite under coverage.py, the processes it starts measured too; combines the
+## data of every process, prints the report (TOTAL line) and fails under the floor (90 %)
+coverage: $(STAMP) tools
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	$(SERVICES) -- $(VENV)/bin/coverage run -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/coverage combine --quiet
+	$(VENV)/bin/coverage report
 
 ## test-cluster: only the cluster tests (their own 3-node RabbitMQ cluster and Redis Sentinel
 ## group on free ports; the shared services are not used), with the timings they measure
