@@ -40,12 +40,29 @@ from tests.support.constants import OTHER_TENANT, ROBOT, SIGN_IN_USER, TENANT
 
 pytestmark = pytest.mark.unit
 
-FAST = settings(max_examples=200, deadline=None)
+# The profile's number of examples (tests/conftest.py); selection, where the rules interact,
+# gets three times as many.
+FAST = settings(deadline=None)
+MORE = settings(deadline=None, max_examples=3 * settings.default.max_examples)
 
 # --- (a) selection --------------------------------------------------------------------------
 
-# A few users, in mixed case, so that sessions and runs of the connection's user show up often.
-USERS = st.sampled_from([ROBOT, ROBOT.lower(), SIGN_IN_USER, SIGN_IN_USER.upper(), "CONTOSO\\x"])
+# A few users, in mixed case, so that sessions and runs of the connection's user show up often,
+# and a few others, so that other users' sessions and runs do too.
+USERS = st.sampled_from(
+    [
+        ROBOT,
+        ROBOT.lower(),
+        SIGN_IN_USER,
+        SIGN_IN_USER.upper(),
+        "CONTOSO\\x",
+        "CONTOSO\\y",
+        "z@contoso.com",
+    ]
+)
+# True seven times in eight, shrinking to True: most generated machines pass the cheap checks
+# (online, not in maintenance, key registered) and reach the session and slot rules.
+MOSTLY = st.integers(0, 7).map(lambda n: n != 7)
 
 
 @st.composite
@@ -59,7 +76,7 @@ def machine_views(draw: st.DrawFn, machine_id: str) -> MachineView:
             st.lists(st.sampled_from([TENANT, OTHER_TENANT]), max_size=2).map(tuple)
         ),
         max_unattended_runs=draw(st.integers(1, 4)),
-        maintenance=draw(st.booleans()),
+        maintenance=not draw(MOSTLY),
     )
     sessions = draw(
         st.lists(st.builds(Session, user=USERS, state=st.sampled_from(SessionState)), max_size=3)
@@ -71,10 +88,10 @@ def machine_views(draw: st.DrawFn, machine_id: str) -> MachineView:
     ]
     return MachineView(
         machine=machine,
-        online=draw(st.booleans()),
+        online=draw(MOSTLY),
         sessions=tuple(sessions),
         assigned=tuple(assigned),
-        has_public_key=draw(st.booleans()),
+        has_public_key=draw(MOSTLY),
     )
 
 
@@ -94,7 +111,7 @@ JOBS = st.sampled_from(
 )
 
 
-@FAST
+@MORE
 @given(views=fleets(), job=JOBS, seed=st.integers(0, 2**32 - 1))
 def test_selection_picks_only_eligible_machines_and_the_least_loaded(
     views: list[MachineView], job: Any, seed: int
@@ -116,7 +133,7 @@ def test_selection_picks_only_eligible_machines_and_the_least_loaded(
     }
 
 
-@FAST
+@MORE
 @given(views=fleets(), job=JOBS, seed=st.integers(0, 2**32 - 1))
 def test_selection_does_not_depend_on_the_order_machines_are_listed(
     views: list[MachineView], job: Any, seed: int
@@ -166,7 +183,7 @@ def reference_verdict(view: MachineView, connection: Any, mode: Mode) -> ErrorCo
     return None
 
 
-@FAST
+@MORE
 @given(view=machine_views("m"), other=machine_views("m"), job=JOBS)
 def test_verdict_from_the_view_indexes_equals_its_definition(
     view: MachineView, other: MachineView, job: Any
@@ -179,7 +196,7 @@ def test_verdict_from_the_view_indexes_equals_its_definition(
     assert machine_verdict(copied, connection, mode) == reference_verdict(copied, connection, mode)
 
 
-@FAST
+@MORE
 @given(
     views=fleets(),
     jobs=st.lists(JOBS, min_size=1, max_size=40),
