@@ -34,6 +34,14 @@ coverage: $(STAMP) tools
 	$(VENV)/bin/coverage combine --quiet
 	$(VENV)/bin/coverage report
 
+## mutation: mutmut over the core's dispatch rules, the lifecycle and placement use cases and
+## the Lua glue ([tool.mutmut] in pyproject.toml); prints the score and the survivors and fails
+## under 85 % killed (docs/testing.md has the last score and explains each survivor)
+mutation: $(STAMP)
+	rm -rf mutants
+	$(SERVICES) -- env HYPOTHESIS_PROFILE=dev $(VENV)/bin/mutmut run --max-children 2
+	$(PY) -m tests.support.mutation_score --floor 85
+
 ## test-cluster: only the cluster tests (their own 3-node RabbitMQ cluster and Redis Sentinel
 ## group on free ports; the shared services are not used), with the timings they measure
 test-cluster: $(STAMP) tools
