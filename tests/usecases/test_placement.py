@@ -173,3 +173,42 @@ async def test_a_claim_that_loses_a_race_asks_for_another_pass(second: str, lost
     assert await world.place(GROUP) == 0, f"planned on m1, refused: {lost_to} is taken"
     assert (await world.run("r2")).status is RunStatus.queued
     assert world.passes.requested == [GROUP]
+
+
+async def test_a_pass_that_read_a_full_lane_asks_for_another_and_one_that_did_not_does_not() -> (
+    None
+):
+    world = bots(machine("m1", group_id="bots", slots=2))
+    await world.heartbeat("m1")
+    asked: list[str] = []
+    world.placer.request = lambda *targets: asked.extend(targets)  # type: ignore[method-assign]
+    await queue(world, "only", "c1")
+    assert await world.place(GROUP) == 1
+    assert asked == []  # the lane was read to its end: nothing more to place
+    for run_id in ("a", "b", "c"):
+        await queue(world, run_id, "c2")
+    # Room for one more run (two slots, one taken): one run of the lane read, the lane is longer.
+    assert await world.place(GROUP) == 1
+    assert asked == [GROUP]
+
+
+async def test_a_pass_places_at_most_its_cap_and_asks_for_another() -> None:
+    from dispatcher.core import placement as core_placement
+
+    cap = core_placement.MAX_PLACEMENTS
+    machines = tuple(machine(f"m{i}", group_id="bots", slots=4) for i in range(cap // 4 + 2))
+    connections = tuple(
+        credentials(f"k{i}", group_id="bots", username=f"CONTOSO\\bulk{i}") for i in range(cap + 5)
+    )
+    world = World(fleet(machines=machines, groups=("bots",), connections=connections))
+    for c in connections:
+        await queue(world, f"run-{c.connection_id}", c.connection_id)
+    for m in machines:
+        await world.heartbeat(m.machine_id)
+    asked: list[str] = []
+    world.placer.request = lambda *targets: asked.extend(targets)  # type: ignore[method-assign]
+    assert await world.place(GROUP) == cap
+    assert asked == [GROUP]
+    asked.clear()
+    assert await world.place(GROUP) == 5
+    assert asked == []
