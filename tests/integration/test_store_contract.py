@@ -312,6 +312,10 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     )
     assert seen(await t.unqueue(r1, timeout, NOW + 5)) == NotDue()
     assert isinstance(seen(await t.unqueue(r1, timeout, NOW + 11)), Unqueued)
+    seen(await reads.get("r1"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.lane_names("g:bots"))
+    seen(await reads.finished_since(RunStatus.timed_out, NOW, NOW + 20))
     cancel = QueueEnding(RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="no"))
     assert seen(await t.unqueue(r1, cancel, NOW + 12)) == Conflict(status=RunStatus.timed_out)
     assert seen(await t.reorder(r1, score=1.0, priority=Priority.normal, event="x", now=NOW)) == (
@@ -328,6 +332,10 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     assert isinstance(
         seen(await t.requeue(dispatched, reason="machine offline", now=NOW + 14)), Requeued
     )
+    seen(await reads.get("r2"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.lane_members("g:bots", await reads.lane_names("g:bots"), 5))
+    seen(await reads.targets())
     assert seen(await t.requeue(dispatched, reason="again", now=NOW + 15)) == Conflict(
         status=RunStatus.queued
     )
@@ -350,6 +358,18 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     assert json.loads(message.body) == {"run_id": "r2", "fence": 2, "reason": "stop"}
     record = seen(await reads.get("r2"))
     assert record.cancel_requested and record.timeline[-1].event == "cancel_requested"
+    # A queued run cancelled before its deadline leaves its queue at once (not "not due").
+    await t.admit(admission("r3", at=NOW + 20, connection="c3"))
+    r3 = await reads.get("r3")
+    assert r3 is not None
+    cancel_now = QueueEnding(
+        RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="no"), False, {"by": "x"}
+    )
+    assert isinstance(seen(await t.unqueue(r3, cancel_now, NOW + 21)), Unqueued)
+    seen(await reads.get("r3"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.targets())
+    seen(await reads.finished_since(RunStatus.cancelled, NOW, NOW + 30))
 
 
 async def reasons_scenario(store: Store, seen: Trace) -> None:
