@@ -201,6 +201,10 @@ async def admission_scenario(store: Store, seen: Trace) -> None:
     refused = seen(await t.reject(refusal))
     assert isinstance(refused, Rejected) and refused.code is ErrorCode.ConnectionNotFound
     assert [m.routing_key for m in refused.messages] == ["run.rejected"]
+    known = Refusal(request(run_id="r6"), ErrorCode.GroupIsEmpty, "empty", NOW, "g:bots",
+                    ConnectionKind.credentials)  # fmt: skip
+    assert isinstance(seen(await t.reject(known)), Rejected)
+    seen(await reads.get("r6"))
     duplicate = Refusal(request(run_id="r1"), ErrorCode.ConnectionNotFound, "x", NOW)
     assert seen(await t.reject(duplicate)) == Duplicate(status=RunStatus.queued)
     assert isinstance(seen(await t.admit(admission("r5", at=NOW + 1, priority="high"))), Queued)
@@ -243,6 +247,9 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         "sx1.k.s",
     )
     assert [a.user for a in seen(await machines.assigned("m1"))] == ["contoso\\svc1"]
+    seen(await reads.get("r1"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.lane_members("g:bots", await reads.lane_names("g:bots"), 5))
     results = seen(await t.claim_many([
         claim("r1"),
         claim("r2", connection="c2", user="CONTOSO\\Svc2"),
@@ -279,6 +286,16 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     assert seen(await machines.assigned("m1")) == []
     seen(await reads.get("r1"))
     seen(await reads.finished_since(RunStatus.succeeded, NOW, NOW + 10))
+    # A failed ending: its error recorded, no outputs; fenced by ``None`` (a dispatched run).
+    taken = (await t.claim_many([claim("r2", connection="c2", user="CONTOSO\\Svc2")], NOW + 8))[0]
+    assert isinstance(taken, Claimed)
+    failed = dataclasses.replace(
+        ending("r2", None, RunStatus.failed, allowed=(RunStatus.dispatched, RunStatus.running)),
+        outputs=None,
+    )
+    assert isinstance(seen((await t.finish_many([failed], NOW + 9))[0]), Finished)
+    seen(await reads.get("r2"))
+    seen(await reads.finished_since(RunStatus.failed, NOW, NOW + 10))
 
 
 async def queue_scenario(store: Store, seen: Trace) -> None:
@@ -384,8 +401,18 @@ async def reasons_scenario(store: Store, seen: Trace) -> None:
     seen(await reads.lane_reasons("g:bots", lane))
     run = seen(await reads.get("r1"))
     assert [e.event for e in run.timeline] == ["queued", "waiting", "waiting"]
+    assert seen(await t.record_reasons("g:bots", {}, NOW + 4)) == 0
+    await t.admit(admission("r2", connection="c2"))
+    other = lane_of("c2", "unattended", "normal")
+    both = {lane: changed[lane], other: ("r2", {"m1": "NoFreeSlot"})}
+    assert seen(await t.record_reasons("g:bots", both, NOW + 5)) == 1  # only r2's lane changed
+    both[lane] = ("r1", {"m1": "NoFreeSlot"})
+    both[other] = ("r2", {"m1": "MachineInMaintenance"})
+    assert seen(await t.record_reasons("g:bots", both, NOW + 6)) == 2
+    seen(await reads.get("r2"))
+    seen(await reads.lane_reasons("g:bots", other))
     await t.forget_deadline("r1")
-    assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == []
+    assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == ["r2"]
 
 
 SCENARIOS: dict[str, Scenario] = {

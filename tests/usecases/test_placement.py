@@ -127,13 +127,20 @@ async def test_a_permanent_secret_failure_fails_the_run_and_the_next_run_gets_a_
     world = bots(machine("m1", group_id="bots"))
     await world.heartbeat("m1")
     await queue(world, "r1", "c1")
-    world.passwords.failure = RunFailure(ErrorCode.SecretNotFound, "no such secret")
+    world.passwords.failure = RunFailure(
+        ErrorCode.SecretNotFound, "no such secret", detail={"vault": "v1"}
+    )
     world.placer.request = world.passes.request  # type: ignore[method-assign]
     world.passes.requested.clear()
     assert await world.place(GROUP) == 0
     run = await world.run("r1")
     assert run.status is RunStatus.failed
     assert run.error is not None and run.error.code is ErrorCode.SecretNotFound
+    assert (run.error.message, run.error.detail) == ("no such secret", {"vault": "v1"})
+    assert (run.timeline[-1].event, run.timeline[-1].detail) == (
+        "failed",
+        {"code": "SecretNotFound"},
+    )
     assert [e["run_id"] for e in world.publisher.events("run.failed")] == ["r1"]
     assert world.passes.requested == [GROUP]
 
@@ -212,3 +219,17 @@ async def test_a_pass_places_at_most_its_cap_and_asks_for_another() -> None:
     asked.clear()
     assert await world.place(GROUP) == 5
     assert asked == []
+
+
+@pytest.mark.parametrize(
+    ("submitted_at", "waited"),
+    [(None, 1.0), (1_000.0, 0.0)],  # no submit time: since queued; a future one: not negative
+)
+async def test_the_queue_wait_metric(submitted_at: float | None, waited: float) -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    if submitted_at is not None:
+        submitted_at += world.clock.now
+    await queue(world, "r1", "c1", submitted_at=submitted_at)
+    await world.place(GROUP)
+    assert world.metrics.named("queue_wait") == [(waited, GROUP, "credentials")]
