@@ -113,3 +113,41 @@ async def _until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("the condition never held")
+
+
+async def test_reasons_are_due_when_new_when_changed_after_a_while_or_unchanged_for_long() -> None:
+    from dispatcher.usecases.placement import REASONS_MIN_INTERVAL_S, REASONS_RECHECK_S
+
+    placer = world().placer
+    later: list[tuple[str, float]] = []
+    placer.request_later = lambda t, s: later.append((t, s))  # type: ignore[method-assign]
+    offline = {"lane-a": ("r1", {"m1": "MachineOffline"})}
+    busy = {"lane-a": ("r1", {"m1": "NoFreeSlot"})}
+    t0 = 1_000.0
+    assert placer._reasons_due("g:x", dict(offline), t0) == offline  # new
+    assert placer._reasons_due("g:y", dict(offline), t0) == offline  # another target
+    assert placer._reasons_due("g:x", dict(offline), t0 + REASONS_RECHECK_S - 0.001) == {}
+    assert placer._reasons_due("g:x", dict(offline), t0 + REASONS_RECHECK_S) == offline
+    t1 = t0 + REASONS_RECHECK_S
+    assert later == []
+    # Changed, but too soon after the last write: deferred, and a pass asked for then.
+    assert placer._reasons_due("g:x", dict(busy), t1 + REASONS_MIN_INTERVAL_S - 0.001) == {}
+    assert later == [("g:x", REASONS_MIN_INTERVAL_S)]
+    assert placer._reasons_due("g:x", dict(busy), t1 + REASONS_MIN_INTERVAL_S) == busy
+    # Lanes are judged one by one: an unchanged one does not hide a new one after it.
+    t2 = t1 + REASONS_MIN_INTERVAL_S
+    both = {**busy, "lane-b": ("r2", {"m1": "NoFreeSlot"})}
+    assert placer._reasons_due("g:x", dict(both), t2 + 0.1) == {"lane-b": both["lane-b"]}
+
+
+async def test_a_pass_reports_how_long_its_decision_took() -> None:
+    import time
+
+    w = world()
+    await w.heartbeat("m1")
+    await w.submit(request_payload(run_id="r1", connection_id="c1", mode="unattended"))
+    before = time.perf_counter()
+    await w.place("g:bots")
+    took = time.perf_counter() - before
+    [(latency,)] = w.metrics.named("decision_latency")
+    assert 0.0 < latency <= took
