@@ -208,6 +208,13 @@ async def admission_scenario(store: Store, seen: Trace) -> None:
     duplicate = Refusal(request(run_id="r1"), ErrorCode.ConnectionNotFound, "x", NOW)
     assert seen(await t.reject(duplicate)) == Duplicate(status=RunStatus.queued)
     assert isinstance(seen(await t.admit(admission("r5", at=NOW + 1, priority="high"))), Queued)
+    # The throttle counts per connection and per calendar minute (``now // 60``).
+    for run_id, connection, at in (("t1", "c7", NOW + 59), ("t2", "c8", NOW + 59),
+                                   ("t3", "c7", NOW + 60)):  # fmt: skip
+        admitted = await t.admit(admission(run_id, connection=connection, at=at, throttle=1))
+        assert isinstance(seen(admitted), Queued), (run_id, admitted)
+    late = seen(await t.admit(admission("t4", connection="c7", at=NOW + 61, throttle=1)))
+    assert isinstance(late, Rejected) and late.code is ErrorCode.DesktopFlowsActionThrottled
     for read in (
         await reads.get("r1"),
         await reads.get("r3"),
@@ -236,6 +243,8 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         await t.admit(admission(run_id, connection=connection))
     claimed = seen((await t.claim_many([claim("r1")], NOW + 1))[0])
     assert isinstance(claimed, Claimed) and claimed.fence == 1
+    ids = [m.id for m in claimed.messages]
+    assert all(ids) and len(set(ids)) == len(ids)  # each outbox entry has its own id
     event, assign = claimed.messages
     assert (event.kind, event.routing_key) == ("event", "run.dispatched")
     assignment = Assignment.model_validate_json(assign.body)
@@ -265,7 +274,9 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         Refused(status=RunStatus.running, fence=1)
     ]
     seen(await reads.states(["r1", "r2"]))
-    seen(await reads.overdue_running(NOW + 2 * HOUR))
+    assert seen(await reads.overdue_running(NOW + 2 * HOUR)) == ["r1"]
+    await t.forget_running("r1")
+    assert seen(await reads.overdue_running(NOW + 2 * HOUR)) == []
     endings = [
         ending("r1", 7),
         ending("r1", 1, allowed=(RunStatus.dispatched,)),

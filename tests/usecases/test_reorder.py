@@ -50,3 +50,17 @@ async def test_a_reorder_changes_priority_score_lane_and_timeline_at_once() -> N
             gone, score=0.0, priority=Priority.high, event="moved_to_top", now=124.0
         )
     assert late == Conflict(status=RunStatus.cancelled)
+
+
+async def test_a_requeue_through_the_lifecycle_says_why() -> None:
+    world = bots()
+    await world.submit(request_payload(run_id="r1", connection_id="c1", mode="unattended"))
+    await world.heartbeat("m1")
+    assert await world.place(GROUP) == 1
+    dispatched = await world.run("r1")
+    async with world.lifecycle.window() as window:
+        await window.requeue(dispatched, reason="machine offline", now=world.clock.now)
+    run = await world.run("r1")
+    assert run.status is RunStatus.queued
+    assert run.timeline[-1].event == "requeued"
+    assert run.timeline[-1].detail == {"reason": "machine offline", "machine_id": "m1"}
