@@ -28,6 +28,7 @@ VALID = {
         ("", True),
         ("application/json", True),
         ("application/json; charset=utf-8", True),
+        ("application/json; charset=utf8", True),
         ('Application/JSON;charset="UTF-8"', True),
         ("application/json; charset=latin-1", False),
         ("text/plain", False),
@@ -125,3 +126,10 @@ def test_broken_json_says_where() -> None:
     assert caught.value.reason_class == "invalid_json"
     assert caught.value.reason.startswith("body is not valid JSON: Invalid JSON: ")
     assert caught.value.reason.endswith("EOF while parsing a value at line 1 column 11")
+
+
+def test_a_body_of_exactly_the_limit_is_accepted() -> None:
+    body = json.dumps(VALID).encode()
+    assert isinstance(decode_body(body, max_bytes=len(body)), RunRequest)
+    with pytest.raises(InvalidMessage):
+        decode_body(body, max_bytes=len(body) - 1)
