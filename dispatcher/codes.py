@@ -50,6 +50,7 @@ class ErrorCode(StrEnum):
     FlowFailed = "FlowFailed"
     MachineLost = "MachineLost"
     WorkerRestarted = "WorkerRestarted"
+    WorkerStopped = "WorkerStopped"
     Cancelled = "Cancelled"
 
     @property
@@ -111,5 +112,8 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.FlowFailed: "the desktop flow reported a failure",
     ErrorCode.MachineLost: "the machine went offline while running the flow",
     ErrorCode.WorkerRestarted: "the worker restarted while the flow ran; it is not run again",
+    ErrorCode.WorkerStopped: (
+        "the worker was stopped (SIGTERM, service stop) and the flow outlasted its grace period"
+    ),
     ErrorCode.Cancelled: "the run was cancelled",
 }

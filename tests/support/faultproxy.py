@@ -217,6 +217,11 @@ class ProxyProcess:
                 counts.append(int(words[2]))
         return counts
 
+    def toggle_refuse(self) -> None:
+        """Refuse new connections from now on, or accept them again."""
+        assert self.proc is not None and self.proc.poll() is None, "proxy is not running"
+        self.proc.send_signal(signal.SIGUSR2)
+
     def stop(self) -> None:
         # Not at import: the proxy process stays light.
         from tests.support.processes import terminate
