@@ -95,9 +95,17 @@ def test_a_service_stopped_while_waiting_for_redis_exits_cleanly(procs: Processe
             stderr=subprocess.STDOUT,
             text=True,
         )
-        time.sleep(2)  # it is retrying its connection to Redis now
+        # Signalled once it is retrying its connection to Redis (its handlers are set then).
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.stdout is not None:
+            line = proc.stdout.readline()
+            seen.append(line)
+            if "retrying" in line or not line:
+                break
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=20)
+        rest, _ = proc.communicate(timeout=20)
+        output = "".join(seen) + rest
         assert proc.returncode == 0, output
         assert "Traceback" not in output and "stopped while starting" in output, output
 
