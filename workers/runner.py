@@ -105,6 +105,7 @@ class Runner:
             user=assignment.user,
             inputs=assignment.inputs,
             secret=secret,
+            fence=assignment.fence,
         )
         try:
             async with asyncio.timeout(assignment.time_limit_s):  # cheaper than wait_for

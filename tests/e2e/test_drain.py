@@ -20,11 +20,12 @@ from tests.e2e.test_run_path import group_fleet
 from tests.support.constants import OWNER
 from tests.support.e2e import in_status, online
 from tests.support.processes import Processes
+from tests.support.slack import bound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 # Exit within the grace, with what a process needs to start and close its connections.
-MARGIN_S = 5.0
+MARGIN_S = bound(5.0)  # scaled by RUNDISPATCH_TEST_SLACK (tests/support/slack.py)
 
 
 async def wait_exit(procs: Processes, name: str, within_s: float) -> tuple[int, float]:
