@@ -24,6 +24,7 @@ from tests.support.builders import fleet_document
 from tests.support.constants import OWNER
 from tests.support.e2e import acli, acli_json, cli, cli_json, in_status, online
 from tests.support.processes import Processes, eventually
+from tests.support.slack import bound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -158,7 +159,7 @@ async def test_fail_early_ends_a_run_that_cannot_make_its_deadline(
     assert ended.error is not None and ended.error.code.value == "PredictedQueueTimeout"
     assert ended.queued_at is not None and ended.finished_at is not None
     print(f"\nfail_early: ended {ended.finished_at - ended.queued_at:.2f} s after admission")
-    assert ended.finished_at - ended.queued_at < 2.0
+    assert ended.finished_at - ended.queued_at < bound(2.0)  # RUNDISPATCH_TEST_SLACK
     waited = await client.wait(patient, timeout=20)
     assert waited.status is RunStatus.timed_out
     assert waited.error is not None and waited.error.code.value == "NoCandidateMachine"
