@@ -117,7 +117,12 @@ async def runtime(
     """
     names = Names(settings.namespace)
     redis = make_redis(settings)
-    broker = Amqp(settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch)
+    broker = Amqp(
+        settings.amqp_url.get_secret_value(),
+        names,
+        prefetch=settings.prefetch,
+        hold_s=settings.outage_hold_s,
+    )
     try:
         await _connect(redis, broker if amqp else None, wait_s)
         yield Runtime(
@@ -225,6 +230,8 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
             loop.add_signal_handler(sig, stop.set)
     async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
         metrics, exporter, reporter = metrics_for(settings, rt, metrics_port)
+        if exporter is not None:
+            rt.amqp.on_outage = exporter.set_store_outage
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
         dispatcher = build_dispatcher(
             settings, rt, metrics=metrics, tokens=tokens, passwords=passwords

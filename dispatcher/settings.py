@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     resweep_interval_s: float = Field(default=5.0, gt=0)
     outbox_relay_after_s: float = Field(default=5.0, gt=0)
     retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    # A consumer holds a delivery whose handling hit an outage (Redis or RabbitMQ cannot serve)
+    # this long, retrying; then it publishes the message again to its queue and acks the held
+    # delivery, so that an outage of any length never uses up the delivery limit.
+    outage_hold_s: float = Field(default=60.0, gt=0)
 
     # Throughput knobs.
     prefetch: int = Field(default=200, ge=1)

@@ -23,7 +23,12 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 
-from dispatcher.adapters.amqp.consumer import consume_loop, copy_to_dead_letters
+from dispatcher.adapters.amqp.consumer import (
+    OutageHook,
+    consume_loop,
+    copy_to_dead_letters,
+    held_copy,
+)
 from dispatcher.adapters.amqp.topology import declare_topology, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
@@ -43,10 +48,20 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 class Amqp:
     """One robust connection, a confirming publisher channel, and consumers."""
 
-    def __init__(self, url: str, names: Names, prefetch: int = 200) -> None:
+    def __init__(
+        self,
+        url: str,
+        names: Names,
+        prefetch: int = 200,
+        *,
+        hold_s: float | None = None,
+        on_outage: OutageHook | None = None,
+    ) -> None:
         self.url = url
         self.names = names
         self.prefetch = prefetch
+        self.hold_s = hold_s
+        self.on_outage = on_outage
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -192,7 +207,21 @@ class Amqp:
                     await channel.close()
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
-        loop = consume_loop(inbox, handler, batch_size, self._dead_letter)
+
+        async def republish(message: AbstractIncomingMessage) -> None:
+            await self.publisher.default_exchange.publish(
+                held_copy(message), routing_key=queue, mandatory=True
+            )
+
+        loop = consume_loop(
+            inbox,
+            handler,
+            batch_size,
+            self._dead_letter,
+            hold_s=self.hold_s,
+            republish=republish,
+            **({"on_outage": self.on_outage} if self.on_outage else {}),
+        )
         return asyncio.create_task(loop(), name=f"consume:{queue}")
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from dispatcher.adapters.redis.codec import Call
+from dispatcher.adapters.redis.connection import is_outage, outage_of
 
 SCRIPTS = (
     "admit",
@@ -117,6 +118,12 @@ class ScriptRunner:
             again = await self._pipeline(sha, [calls[i] for i in missing])
             for index, item in zip(missing, again, strict=True):
                 raw[index] = item
+        # An outage reply (OOM, READONLY ...) is no answer about the item: the whole call is
+        # an outage, so that the caller holds its work instead of failing items. A script
+        # refused this way wrote nothing (Redis refuses before its first write).
+        for item in raw:
+            if isinstance(item, Exception) and is_outage(item):
+                raise outage_of(item) from item
         return raw
 
     async def _pipeline(self, sha: str, calls: Sequence[Call]) -> list[Any]:
