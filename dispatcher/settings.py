@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     queue_timeout_s: float = Field(default=6 * 3600, gt=0)
     sign_in_queue_timeout_s: float = Field(default=3600, gt=0)
     max_run_s: float = Field(default=24 * 3600, gt=0)
+    # The longest run time limit a request may ask for (``max_run_s`` of the request): a request
+    # asking for more is rejected at admission (InvalidRunRequest), never clamped silently.
+    max_run_cap_s: float = Field(default=7 * 24 * 3600, gt=0)
     throttle_per_minute: int = Field(default=70, ge=1)
     queue_cap: int = Field(default=100_000, ge=1)
     max_group_size: int = Field(default=50, ge=1)

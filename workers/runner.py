@@ -113,6 +113,17 @@ class Runner:
                 code=ErrorCode.DesktopFlowsActionTimeout,
                 message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
             )
+        except Exception as exc:
+            # Whatever the executor raises (a program that cannot be started, a NUL byte in an
+            # argument, a bug), the run ends now with a code, not at its time limit + grace.
+            log.warning("run %s: the executor raised %s", assignment.run_id, type(exc).__name__)
+            self.metrics.executor_error("crashed")
+            return FlowResult(
+                False,
+                code=ErrorCode.ExecutorFailed,
+                message=f"the executor could not run the flow: {type(exc).__name__}",
+                executor_error="crashed",
+            )
         if result.executor_error is not None:
             log.warning("run %s: %s", assignment.run_id, result.message)
             self.metrics.executor_error(result.executor_error)
