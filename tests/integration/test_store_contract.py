@@ -147,11 +147,12 @@ def start(run_id: str, fence: int, machine: str = "m1") -> Start:
 
 
 def ending(run_id: str, fence: int | None, status: RunStatus = RunStatus.succeeded,
-           allowed: tuple[RunStatus, ...] = (RunStatus.running,)) -> Ending:  # fmt: skip
+           allowed: tuple[RunStatus, ...] = (RunStatus.running,),
+           machine: str = "m1") -> Ending:  # fmt: skip
     error = (
         None if status is RunStatus.succeeded else RunError(code=ErrorCode.FlowFailed, message="x")
     )
-    return Ending(run_id, "m1", fence, allowed, status, error, {"ok": True}, {"by": "test"})
+    return Ending(run_id, machine, fence, allowed, status, error, {"ok": True}, {"by": "test"})
 
 
 def trace_of(value: Any) -> Any:
@@ -263,13 +264,16 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         ending("r1", 7),
         ending("r1", 1, allowed=(RunStatus.dispatched,)),
         ending("nope", None),
+        ending("r1", 1, machine="m2"),  # the same fence from another machine: not its run
     ]
     results = seen(await t.finish_many(endings, NOW + 5))
     assert results == [
         Stale(status=RunStatus.running, fence=1),
         Conflict(status=RunStatus.running),
         Missing(),
+        Stale(status=RunStatus.running, fence=1),
     ]
+    assert [a.run_id for a in await machines.assigned("m1")] == ["r1"]  # m1's slot is kept
     finished = seen((await t.finish_many([ending("r1", 1)], NOW + 6))[0])
     assert isinstance(finished, Finished)
     assert json.loads(finished.messages[0].body)["outputs"] == {"ok": True}

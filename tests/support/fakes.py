@@ -288,7 +288,9 @@ class FakeRunStore:
         if run is None or "status" not in run:
             return Missing()
         status = run["status"]
-        if ending.fence is not None and run.get("fence") != str(ending.fence):
+        if (ending.fence is not None and run.get("fence") != str(ending.fence)) or (
+            ending.machine_id and run.get("machine_id") != codec.fragment(ending.machine_id)
+        ):
             return Stale(status=codec.status_of(status), fence=codec.fence_of(run.get("fence")))
         if status not in {codec.fragment(s.value) for s in ending.allowed}:
             return Conflict(status=codec.status_of(status))

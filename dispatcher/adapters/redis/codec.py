@@ -265,6 +265,7 @@ class Calls:
             repr(now),
             timeline_entry(ending.status.value, now, ending.detail),
             self.retention_s,
+            fragment(ending.machine_id) if ending.machine_id else "",
         ]
         return keys, args
 
