@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     offline_after_s: float = Field(default=15.0, gt=0)
     running_grace_s: float = Field(default=60.0, ge=0)
+    # A run dispatched to an online machine that has not started it after this long (its
+    # assignment was lost) goes back to its queue at its old position.
+    start_timeout_s: float = Field(default=120.0, gt=0)
 
     # Housekeeping.
     sweep_interval_s: float = Field(default=0.5, gt=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -34,6 +35,8 @@ from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
+
+log = logging.getLogger(__name__)
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # What "RabbitMQ cannot be reached" looks like from aio-pika and aiormq.
@@ -67,6 +70,7 @@ class Amqp:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
@@ -207,6 +211,7 @@ class Amqp:
                     await channel.close()
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
+        self._watch_cancel(channel, queue)
 
         async def republish(message: AbstractIncomingMessage) -> None:
             await self.publisher.default_exchange.publish(
@@ -223,6 +228,42 @@ class Amqp:
             **({"on_outage": self.on_outage} if self.on_outage else {}),
         )
         return asyncio.create_task(loop(), name=f"consume:{queue}")
+
+    def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
+        """RabbitMQ cancels a consumer whose queue is deleted. The robust channel then tries
+        to consume again, but declares the queue passively; the queue itself is declared
+        again here (with its binding), so that consuming resumes."""
+        prefix = self.names.machine_queue("")
+        if not queue.startswith(prefix):
+            return  # the shared queues are declared by every dispatcher at start-up
+        machine_id = queue.removeprefix(prefix)
+
+        async def redeclare() -> None:
+            self._machine_queues.discard(machine_id)
+            for _ in range(60):
+                try:
+                    await self.ensure_machine_queue(machine_id)
+                    log.warning("queue %s was deleted under its consumer: declared again", queue)
+                    return
+                except Exception as exc:
+                    log.warning("queue %s not declared again yet: %s", queue, exc)
+                    await asyncio.sleep(1.0)
+
+        def cancelled(_: object) -> None:
+            task = asyncio.get_running_loop().create_task(redeclare())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def watch(*_: object) -> None:
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            underlay.on_consumer_cancel_callbacks.add(cancelled)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        reopen = getattr(channel, "reopen_callbacks", None)
+        if reopen is not None:
+            reopen.add(watch)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         await copy_to_dead_letters(self.exchange("dead"), message, reason)
