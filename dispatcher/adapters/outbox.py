@@ -104,15 +104,15 @@ class OutboxPublisher:
                 continue
             sent += 1
             self._forget([message.id] if message.id else [])
-        for message, exc in failed:
-            if sent or not isinstance(exc, (*UNREACHABLE, Unavailable, asyncio.TimeoutError)):
+        for message, error in failed:
+            if sent or not isinstance(error, (*UNREACHABLE, Unavailable, asyncio.TimeoutError)):
                 log.error(
                     "outbox entry %s (%s to %r) cannot be published: set aside (%s)",
                     message.id,
                     message.kind,
                     message.routing_key[:100],
-                    type(exc).__name__,
+                    type(error).__name__,
                 )
                 fields = {"k": message.kind, "r": message.routing_key, "b": message.body}
-                await self.outbox.set_aside(message.id, fields, repr(exc))
+                await self.outbox.set_aside(message.id, fields, repr(error))
         return sent
