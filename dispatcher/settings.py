@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     queue_cap: int = Field(default=100_000, ge=1)
     max_group_size: int = Field(default=50, ge=1)
     max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    # The largest outputs (JSON) and error text a run may report: a flow that returns more
+    # ends ``failed`` with OutputsTooLarge (its outputs dropped, its error text cut).
+    max_output_bytes: int = Field(default=64 * 1024, ge=1024)
     # A high-priority run counts as having waited this much longer than a normal one; a normal
     # run that has waited longer than this overtakes later high-priority runs (aging).
     priority_boost_s: float = Field(default=3600, gt=0)
