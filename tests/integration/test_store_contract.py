@@ -88,7 +88,7 @@ class Store:
 @asynccontextmanager
 async def open_store(kind: str) -> AsyncIterator[Store]:
     if kind == "fake":
-        fake = FakeRunStore()
+        fake = FakeRunStore(new_settings().retention_s)
         yield Store(fake, fake, FakeMachines(fake))
         return
     settings = new_settings()
@@ -372,8 +372,24 @@ async def reasons_scenario(store: Store, seen: Trace) -> None:
     assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == []
 
 
+async def retention_scenario(store: Store, seen: Trace) -> None:
+    """A finished index keeps no entry past the retention (its run has expired)."""
+    t, reads = store.transitions, store.reads
+    retention = new_settings().retention_s
+    cancel = QueueEnding(RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="x"))
+    for index, run_id in enumerate(("old1", "old2", "new")):
+        at = NOW + index + (retention + 10 if run_id == "new" else 0)
+        seen(await t.admit(admission(run_id, at=at, connection=f"c{index}")))
+        run = seen(await reads.get(run_id))
+        assert run is not None
+        seen(await t.unqueue(run, cancel, at + 1))
+    kept = seen(await reads.finished_since(RunStatus.cancelled, 0, NOW + 2 * retention))
+    assert kept == ["new"]
+
+
 SCENARIOS: dict[str, Scenario] = {
     "admission": admission_scenario,
+    "retention": retention_scenario,
     "hand-off": hand_off_scenario,
     "queue": queue_scenario,
     "reasons": reasons_scenario,

@@ -87,7 +87,8 @@ def ordered(zset: ZSet) -> list[tuple[str, float]]:
 class FakeRunStore:
     """The run store in memory: the Lua scripts' rules, the Redis layout's indexes."""
 
-    def __init__(self) -> None:
+    def __init__(self, retention_s: float = 7 * 24 * 3600) -> None:
+        self.retention_s = retention_s
         self.runs: dict[str, dict[str, str]] = {}
         self.queues: dict[str, ZSet] = {}
         self.lanes: dict[tuple[str, str], ZSet] = {}
@@ -181,7 +182,7 @@ class FakeRunStore:
                 status='"rejected"', error=codec.error_fragment(refusal[1]), finished_at=repr(now)
             )
             self._timeline(request.run_id, codec.timeline_entry("rejected", now))
-            self.finished.setdefault("rejected", {})[request.run_id] = now
+            self._index_finished("rejected", request.run_id, now)
             code = (
                 ErrorCode.DesktopFlowsActionThrottled
                 if refusal[0] == "throttled"
@@ -218,7 +219,7 @@ class FakeRunStore:
         run.update(status='"rejected"', error=codec.error_fragment(error), finished_at=repr(now))
         entry = codec.timeline_entry("rejected", now, {"code": refusal.code.value})
         self._timeline(request.run_id, entry)
-        self.finished.setdefault("rejected", {})[request.run_id] = now
+        self._index_finished("rejected", request.run_id, now)
         return Rejected(code=refusal.code, messages=(self._event(request.run_id, "rejected"),))
 
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]:
@@ -279,6 +280,14 @@ class FakeRunStore:
         )
         return Started(messages=(self._outbox("event", "run.started", codec.record_json(run)),))
 
+    def _index_finished(self, status: str, run_id: str, now: float) -> None:
+        """As ``index_finished`` in common.lua: add, and drop up to 100 entries past retention."""
+        index = self.finished.setdefault(status, {})
+        index[run_id] = now
+        old = [member for member, at in ordered(index) if at < now - self.retention_s][:100]
+        for member in old:
+            del index[member]
+
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]:
         self._check()
         return [self._finish(ending, now) for ending in endings]
@@ -301,7 +310,7 @@ class FakeRunStore:
             run["outputs"] = codec.fragment(ending.outputs)
         self.assigned.get(ending.machine_id, {}).pop(ending.run_id, None)
         self.running.pop(ending.run_id, None)
-        self.finished.setdefault(ending.status.value, {})[ending.run_id] = now
+        self._index_finished(ending.status.value, ending.run_id, now)
         self._timeline(ending.run_id, codec.timeline_entry(ending.status.value, now, ending.detail))
         return Finished(messages=(self._event(ending.run_id, ending.status.value),))
 
@@ -318,7 +327,7 @@ class FakeRunStore:
         stored.update(
             status=f'"{status}"', finished_at=repr(now), error=codec.error_fragment(ending.error)
         )
-        self.finished.setdefault(status, {})[run.run_id] = now
+        self._index_finished(status, run.run_id, now)
         self._timeline(run.run_id, codec.timeline_entry(status, now, ending.detail))
         return Unqueued(messages=(self._event(run.run_id, status),))
 

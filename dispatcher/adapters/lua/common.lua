@@ -42,6 +42,15 @@ local function event(stream, key, status)
   return outbox(stream, 'event', 'run.' .. status, record_json(key, false))
 end
 
+-- Add a run to a finished index and drop (at most 100 per call, so a script stays short) the
+-- entries older than the retention: their runs have expired, and the index stays bounded.
+local function index_finished(index, at, run_id, retention)
+  redis.call('ZADD', index, at, run_id)
+  local cutoff = tonumber(at) - tonumber(retention)
+  local old = redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff, 'LIMIT', 0, 100)
+  if #old > 0 then redis.call('ZREM', index, unpack(old)) end
+end
+
 -- Keep the lanes index pointing at the score of each lane's head run.
 local function refresh_lane(lanes, lane_key, lane_name)
   local head = redis.call('ZRANGE', lane_key, 0, 0, 'WITHSCORES')

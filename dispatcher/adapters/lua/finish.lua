@@ -20,7 +20,7 @@ if ARGV[5] ~= '' then redis.call('HSET', run, 'error', ARGV[5]) end
 if ARGV[6] ~= '' then redis.call('HSET', run, 'outputs', ARGV[6]) end
 redis.call('HDEL', assigned, ARGV[1])
 redis.call('ZREM', running, ARGV[1])
-redis.call('ZADD', finished, ARGV[7], ARGV[1])
+index_finished(finished, ARGV[7], ARGV[1], ARGV[9])
 append_timeline(run, ARGV[8])
 redis.call('EXPIRE', run, ARGV[9])
 return {'ok', event(stream, run, ARGV[4])}
