@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from dispatcher.adapters.amqp import topology
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis.clock import StoreClock
 from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
 from dispatcher.adapters.redis.fleet import RedisFleet
 from dispatcher.adapters.redis.leases import RedisLeases
@@ -233,8 +234,11 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
         if exporter is not None:
             rt.amqp.on_outage = exporter.set_store_outage
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
+        clock = StoreClock(rt.redis)
+        await clock.sync()
+        clock_task = asyncio.create_task(clock.keep_in_sync(), name="clock")
         dispatcher = build_dispatcher(
-            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords
+            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords, clock=clock
         )
         await dispatcher.start()
         if exporter is not None:
@@ -244,6 +248,7 @@ async def serve(settings: Settings, metrics_port: int | None = None) -> int:
             reporter_task = asyncio.create_task(reporter())
         await stop.wait()
         log.info("stopping")
+        clock_task.cancel()
         if reporter_task:
             reporter_task.cancel()
         await dispatcher.stop()

@@ -241,7 +241,7 @@ class Calls:
             start.fence,
             repr(now),
             timeline_entry("started", now, {"machine_id": start.machine_id}),
-            repr(start.run_deadline),
+            repr(start.run_deadline - now),  # start.lua adds it to Redis's clock
             start.worker_id,
         ]
         return keys, args
