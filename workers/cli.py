@@ -112,7 +112,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
             worker_id=worker_id,
             executor=executor,
             keys=WorkerKeyPair.load_or_create(state_dir / "worker.key"),
-            ledger=Ledger(state_dir / "ledger.jsonl"),
+            ledger=Ledger(state_dir / "ledger.jsonl", keep_s=settings.retention_s),
             sessions=SessionsFile(args.sessions_file),
             capacity=args.capacity,
             metrics=metrics,
