@@ -387,8 +387,27 @@ async def retention_scenario(store: Store, seen: Trace) -> None:
     assert kept == ["new"]
 
 
+async def timeline_scenario(store: Store, seen: Trace) -> None:
+    """A run's timeline is bounded: its first entry stays, the oldest after it go."""
+    t, reads = store.transitions, store.reads
+    await t.admit(admission("r1"))
+    lane = lane_of("c1", "unattended", "normal")
+    for index in range(300):
+        reasons = {f"m{index % 7}": "NoFreeSlot", "m99": f"MachineOffline ({index})"}
+        await t.record_reasons("g:bots", {lane: ("r1", reasons)}, NOW + index)
+        if index % 50 == 49:
+            seen(await reads.get("r1"))  # the same timeline in Redis and in the fake
+    run = seen(await reads.get("r1"))
+    assert run.timeline[0].event == "queued"
+    assert 100 < len(run.timeline) < 300
+    assert run.timeline[-1].detail == {"reasons": reasons}
+    raw = await t.redis.hget(t.names.run("r1"), "tl") if hasattr(t, "redis") else None
+    assert raw is None or len(raw) <= 16384
+
+
 SCENARIOS: dict[str, Scenario] = {
     "admission": admission_scenario,
+    "timeline": timeline_scenario,
     "retention": retention_scenario,
     "hand-off": hand_off_scenario,
     "queue": queue_scenario,

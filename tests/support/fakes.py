@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.adapters.redis import codec
+from dispatcher.adapters.redis.scripts import TL_MAX_BYTES
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import lane_of
@@ -119,8 +120,23 @@ class FakeRunStore:
         return self._outbox("event", f"run.{status}", codec.record_json(self.runs[run_id]))
 
     def _timeline(self, run_id: str, entry: str) -> None:
+        """As ``append_timeline`` in common.lua, the bound included."""
         tl = self.runs[run_id].get("tl")
-        self.runs[run_id]["tl"] = f"[{entry}]" if not tl or tl == "[]" else f"{tl[:-1]},{entry}]"
+        if not tl or tl == "[]":
+            self.runs[run_id]["tl"] = f"[{entry}]"
+            return
+        tl = f"{tl[:-1]},{entry}]"
+        first = tl.find(',{"at":', 1)
+        if len(tl) > TL_MAX_BYTES and first >= 0:
+            cut = first
+            while len(tl) - (cut - first) > TL_MAX_BYTES:
+                following = tl.find(',{"at":', cut + 1)
+                if following < 0:
+                    break
+                cut = following
+            if cut > first:
+                tl = tl[:first] + tl[cut:]
+        self.runs[run_id]["tl"] = tl
 
     def _refresh_lane(self, target: str, lane: str) -> None:
         members = ordered(self.lanes.get((target, lane), {}))
