@@ -20,8 +20,13 @@ class Settings(BaseSettings):
         env_prefix="RUNDISPATCH_", frozen=True, extra="ignore", env_file_encoding="utf-8"
     )
 
+    # One URL, or the URLs of a cluster's nodes, comma-separated (the connection follows them).
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # Redis behind Sentinel: "host:port,host:port" of the Sentinels and the service they watch
+    # (the password and database still come from redis_url; its host is then not used).
+    redis_sentinels: str = ""
+    redis_sentinel_service: str = "rundispatch"
     namespace: str = Field(default="rundispatch", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
 
     # Limits (SPEC §3).

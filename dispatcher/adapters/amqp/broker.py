@@ -24,6 +24,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 
+from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
     OutageHook,
     consume_loop,
@@ -74,10 +75,15 @@ class Amqp:
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
+        properties: dict[str, Any] = {"connection_name": f"rundispatch:{self.names.ns}"}
+        urls = split_urls(self.url)
         try:
-            self.connection = await aio_pika.connect_robust(
-                self.url, client_properties={"connection_name": f"rundispatch:{self.names.ns}"}
-            )
+            if len(urls) > 1:  # a cluster: follow it from node to node
+                self.connection = await connect_cluster(urls, client_properties=properties)
+            else:
+                self.connection = await aio_pika.connect_robust(
+                    urls[0], client_properties=properties
+                )
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )

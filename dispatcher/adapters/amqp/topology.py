@@ -11,6 +11,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from dispatcher.adapters.amqp.cluster import connect_any, split_urls
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.machines_exchange,
         names.heartbeats_exchange,
     ]
-    connection = await aio_pika.connect(url)
+    connection = await connect_any(split_urls(url))
     async with connection:
         for queue in queues:
             channel = await connection.channel()

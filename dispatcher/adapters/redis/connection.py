@@ -79,7 +79,16 @@ def outage_of(exc: BaseException) -> StoreUnavailable:
 
 def make_redis(settings: Settings) -> aioredis.Redis:
     """The client of one process: a blocking pool, so that a burst of concurrent commands
-    waits for a connection instead of failing."""
+    waits for a connection instead of failing. With Sentinels configured, the client of the
+    service's primary, following failovers (:mod:`.sentinel`)."""
+    if settings.redis_sentinels:
+        from dispatcher.adapters.redis.sentinel import sentinel_redis
+
+        return sentinel_redis(
+            settings.redis_sentinels,
+            settings.redis_sentinel_service,
+            settings.redis_url.get_secret_value(),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
         health_check_interval=10,
