@@ -87,7 +87,9 @@ class Amqp:
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            self._exchanges = await declare_topology(self.connection, self._publisher, self.names)
+            self._exchanges = await declare_topology(
+                self.connection, self._publisher, self.names, cluster=len(urls) > 1
+            )
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
 

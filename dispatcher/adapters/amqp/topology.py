@@ -29,10 +29,22 @@ def quorum_arguments(names: Names) -> dict[str, Any]:
     }
 
 
+def hint_arguments(cluster: bool) -> dict[str, Any]:
+    """The heartbeats' and signals' queues: hints with a TTL. On one node a classic queue
+    (lower latency and cost); on a cluster a quorum queue, since a classic queue is gone with
+    its node, and with it every client's connection recovery (aio-pika re-declares it)."""
+    return {**SIGNALS_ARGUMENTS, "x-queue-type": "quorum"} if cluster else dict(SIGNALS_ARGUMENTS)
+
+
 async def declare_topology(
-    connection: AbstractRobustConnection, channel: AbstractChannel, names: Names
+    connection: AbstractRobustConnection,
+    channel: AbstractChannel,
+    names: Names,
+    *,
+    cluster: bool = False,
 ) -> dict[str, AbstractExchange]:
-    """Declare every exchange and shared queue of the public contract; the exchanges by role."""
+    """Declare every exchange and shared queue of the public contract; the exchanges by role.
+    ``cluster``: the broker is a cluster (see :func:`hint_arguments`)."""
     direct, topic, fanout = (
         aio_pika.ExchangeType.DIRECT,
         aio_pika.ExchangeType.TOPIC,
@@ -52,16 +64,16 @@ async def declare_topology(
     events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
     machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
     heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
+    hints = hint_arguments(cluster)
+    await _replace_if_declared_otherwise(connection, names.heartbeats_queue, hints)
     heartbeats_queue = await channel.declare_queue(
-        names.heartbeats_queue, durable=True, arguments={"x-message-ttl": 60_000}
+        names.heartbeats_queue, durable=True, arguments=hints
     )
     await heartbeats_queue.bind(heartbeats)
     # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
     # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
-    await _replace_if_declared_otherwise(connection, names.signals_queue, SIGNALS_ARGUMENTS)
-    signals = await channel.declare_queue(
-        names.signals_queue, durable=True, arguments=SIGNALS_ARGUMENTS
-    )
+    await _replace_if_declared_otherwise(connection, names.signals_queue, hints)
+    signals = await channel.declare_queue(names.signals_queue, durable=True, arguments=hints)
     for key in (*TERMINAL_EVENT_KEYS, "machine.#"):
         await signals.bind(events, key)
     return {
@@ -78,7 +90,7 @@ async def _replace_if_declared_otherwise(
 ) -> None:
     """Re-create a queue of hints that an earlier version declared with other arguments
     (RabbitMQ refuses the new declaration with PRECONDITION_FAILED otherwise). Only for
-    queues whose messages may be lost: the signals queue."""
+    queues whose messages may be lost: the heartbeats' and signals' queues."""
     probe = await connection.channel()
     try:
         await probe.declare_queue(name, durable=True, arguments=arguments)
