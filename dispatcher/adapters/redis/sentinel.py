@@ -37,6 +37,18 @@ class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionP
     """Sentinel discovery with a bounded pool that waits when all connections are busy."""
 
 
+class SentinelRedis(aioredis.Redis):
+    """The primary's client, which also closes its connections to the Sentinels."""
+
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_manager is not None:
+            for client in self.sentinel_manager.sentinels:
+                await client.aclose()
+
+
 def parse_sentinels(setting: str) -> list[tuple[str, int]]:
     """``host:port,host:port`` as address pairs."""
     addresses = []
@@ -66,8 +78,9 @@ def sentinel_redis(
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         parse_sentinels(sentinels), socket_timeout=1.0, sentinel_kwargs=dict(auth)
     )
-    client: aioredis.Redis = sentinel.master_for(
+    client: SentinelRedis = sentinel.master_for(
         service,
+        redis_class=SentinelRedis,
         connection_pool_class=SentinelBlockingConnectionPool,
         connection_class=FollowingSentinelConnection,
         db=database,
@@ -80,4 +93,5 @@ def sentinel_redis(
         health_check_interval=10,
         **auth,
     )
+    client.sentinel_manager = sentinel
     return client
