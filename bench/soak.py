@@ -103,6 +103,7 @@ async def load(client: Client, stop_at: float, stats: Counter[str]) -> None:
     rng = random.Random(7)
     began = time.monotonic()
     index = 0
+    recent: list[str] = []
     while time.monotonic() < stop_at:
         delay = began + index / RATE - time.monotonic()
         if delay > 0:
@@ -120,8 +121,10 @@ async def load(client: Client, stop_at: float, stats: Counter[str]) -> None:
                 inputs=inputs, run_id=f"soak-{index}-{uuid.uuid4().hex[:6]}",
             )  # fmt: skip
             stats["submitted"] += 1
-            if roll > 0.97:
-                await client.cancel(run_id, "soak cancel")
+            recent.append(run_id)
+            if roll > 0.97 and len(recent) > 20:
+                # A run submitted a second ago: queued, dispatched, running or ended by now.
+                await client.cancel(recent[-20], "soak cancel")
                 stats["cancelled"] += 1
         except Exception as exc:
             stats[f"error {type(exc).__name__}"] += 1
