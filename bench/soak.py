@@ -67,11 +67,14 @@ async def redis_view(settings: Settings) -> dict[str, Any]:
     redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
     kinds: Counter[str] = Counter()
     memory = 0
+    queued = 0
     try:
         async for key in redis.scan_iter(match=names.pattern(), count=2000):
             kind = key.decode().split(":")[1]
             kinds[kind] += 1
             memory += int(await redis.memory_usage(key) or 0)
+            if kind == "q":
+                queued += int(await redis.zcard(key))
         info = await redis.info("memory")
     finally:
         await redis.aclose()
@@ -80,6 +83,7 @@ async def redis_view(settings: Settings) -> dict[str, Any]:
         "server_used_memory": int(info["used_memory"]),
         "keys": dict(sorted(kinds.items())),
         "key_count": sum(kinds.values()),
+        "queued_runs": queued,
     }
 
 
