@@ -36,7 +36,7 @@ from dispatcher.names import Names
 from dispatcher.settings import Settings
 
 RETENTION_S = 120.0
-RATE = 20.0  # runs per second
+RATE = 12.0  # runs per second (the second argument)
 FAULT_EVERY_S = 45.0
 MACHINES = ("s1", "s2", "s3")
 DISPATCHERS = ("d1", "d2")
@@ -103,13 +103,13 @@ async def snapshot(settings: Settings, procs: Procs, at_s: float) -> dict[str, A
     }
 
 
-async def load(client: Client, stop_at: float, stats: Counter[str]) -> None:
+async def load(client: Client, stop_at: float, stats: Counter[str], rate: float) -> None:
     rng = random.Random(7)
     began = time.monotonic()
     index = 0
     recent: list[str] = []
     while time.monotonic() < stop_at:
-        delay = began + index / RATE - time.monotonic()
+        delay = began + index / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
         index += 1
@@ -189,8 +189,9 @@ def start_worker(procs: Procs, machine: str) -> None:
     )
 
 
-async def soak(minutes: float) -> dict[str, Any]:
-    settings = new_settings(retention_s=RETENTION_S, heartbeat_interval_s=1.0)
+async def soak(minutes: float, rate: float = RATE) -> dict[str, Any]:
+    # Assignments lost with a deleted machine queue hold their slots until the start timeout.
+    settings = new_settings(retention_s=RETENTION_S, heartbeat_interval_s=1.0, start_timeout_s=20.0)
     workdir = Path(tempfile.mkdtemp(prefix="soak-"))
     procs = Procs(workdir, settings_env(settings))
     stats: Counter[str] = Counter()
@@ -206,7 +207,7 @@ async def soak(minutes: float) -> dict[str, Any]:
         async with Client.connect(settings) as client:
             start = await snapshot(settings, procs, 0.0)
             running = asyncio.gather(
-                load(client, stop_at, stats), faults(procs, settings, stop_at, faults_log)
+                load(client, stop_at, stats, rate), faults(procs, settings, stop_at, faults_log)
             )
             warm_up_s = min(RETENTION_S + 60, minutes * 60 / 2)
             await asyncio.sleep(warm_up_s)
@@ -226,7 +227,7 @@ async def soak(minutes: float) -> dict[str, Any]:
     result = {
         "minutes": minutes,
         "retention_s": RETENTION_S,
-        "rate_per_s": RATE,
+        "rate_per_s": rate,
         "load": dict(stats),
         "faults": faults_log,
         "start": start,
@@ -246,7 +247,8 @@ async def soak(minutes: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     minutes = float(args[0]) if args and args[0] else 30.0
-    result = asyncio.run(soak(minutes))
+    rate = float(args[1]) if len(args) > 1 else RATE
+    result = asyncio.run(soak(minutes, rate))
     print(json.dumps(result, indent=2))
     return 0
 
