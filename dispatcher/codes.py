@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     OutputsTooLarge = "OutputsTooLarge"
     MachineLost = "MachineLost"
     WorkerRestarted = "WorkerRestarted"
+    WorkerStopped = "WorkerStopped"
     Cancelled = "Cancelled"
 
     @property
@@ -115,5 +116,8 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.OutputsTooLarge: "the flow's outputs or error text exceed the size limit",
     ErrorCode.MachineLost: "the machine went offline while running the flow",
     ErrorCode.WorkerRestarted: "the worker restarted while the flow ran; it is not run again",
+    ErrorCode.WorkerStopped: (
+        "the worker was stopped (SIGTERM, service stop) and the flow outlasted its grace period"
+    ),
     ErrorCode.Cancelled: "the run was cancelled",
 }

@@ -1,16 +1,29 @@
 """One typed, frozen settings object, read from ``RUNDISPATCH_*`` environment variables.
 
 Built once at start-up (``Settings()``) and passed down; nothing reads the environment at import
-time. A settings file can be given with ``RUNDISPATCH_SETTINGS_FILE`` (a ``KEY=VALUE`` env file).
+time. A settings file can be given with ``RUNDISPATCH_SETTINGS_FILE`` (a ``KEY=VALUE`` env file);
+a key in it that is not a setting is an error (a typo must not be ignored silently).
+
+:meth:`Settings.load` raises ``ConfigurationError`` naming each bad ``RUNDISPATCH_*`` variable
+with what it accepts (never a secret's value).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dispatcher.errors import ConfigurationError
+
+PREFIX = "RUNDISPATCH_"
+SETTINGS_FILE = "RUNDISPATCH_SETTINGS_FILE"
+# What a pattern-checked setting accepts, in words.
+ACCEPTS = {"namespace": "1 to 64 letters, digits, '_', '.' or '-'"}
 
 
 class Settings(BaseSettings):
@@ -65,6 +78,12 @@ class Settings(BaseSettings):
     # delivery, so that an outage of any length never uses up the delivery limit.
     outage_hold_s: float = Field(default=60.0, gt=0)
 
+    # Graceful stop (SIGTERM, service stop). A dispatcher stops consuming and finishes the
+    # messages in hand within ``drain_s``; a worker stops taking assignments, lets running
+    # flows finish for ``worker_grace_s``, then stops them (``WorkerStopped``) and reports.
+    drain_s: float = Field(default=20.0, gt=0)
+    worker_grace_s: float = Field(default=60.0, ge=0)
+
     # Throughput knobs.
     prefetch: int = Field(default=200, ge=1)
     batch_size: int = Field(default=100, ge=1)
@@ -86,8 +105,13 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
 
     # Logging.
-    log_level: str = "INFO"
-    log_format: str = Field(default="text", pattern=r"^(text|json)$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
 
     def as_environment(self) -> dict[str, str]:
         """``RUNDISPATCH_*`` variables that give another process exactly these settings
@@ -103,7 +127,51 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, **overrides: Any) -> Settings:
         """Build the settings from the environment, an optional env file, and overrides."""
-        env_file = os.environ.get("RUNDISPATCH_SETTINGS_FILE")
-        if env_file:
-            return cls(_env_file=env_file, **overrides)
-        return cls(**overrides)
+        env_file = os.environ.get(SETTINGS_FILE)
+        try:
+            if env_file:
+                check_settings_file(env_file)
+                return cls(_env_file=env_file, **overrides)
+            return cls(**overrides)
+        except ValidationError as exc:
+            raise ConfigurationError(describe(exc)) from None
+
+
+def variable(field: str) -> str:
+    """The environment variable of a setting."""
+    return f"{PREFIX}{field.upper()}"
+
+
+def describe(error: ValidationError) -> str:
+    """One line per bad setting: its variable, what is wrong, what it accepts."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        message = str(item["msg"])
+        if field in ACCEPTS:
+            message = f"expected {ACCEPTS[field]}"
+        secret = Settings.model_fields.get(field) is not None and (
+            Settings.model_fields[field].annotation is SecretStr
+        )
+        given = "" if secret or "input" not in item else f" (got {item['input']!r})"
+        lines.append(f"{variable(field)}: {message}{given}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def check_settings_file(path: str) -> None:
+    """Every key of the settings file is a setting (``ConfigurationError`` naming the others,
+    with the closest known variable)."""
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"{SETTINGS_FILE}: no such file: {path}")
+    known = {variable(name) for name in Settings.model_fields}
+    problems = []
+    for key in dotenv_values(path):
+        if key.upper() in known:
+            continue
+        close = difflib.get_close_matches(key.upper(), sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"{key}: not a setting{hint}")
+    if problems:
+        raise ConfigurationError(
+            f"unknown keys in the settings file {path}:\n  " + "\n  ".join(problems)
+        )

@@ -33,6 +33,7 @@ class FlowContext:
     user: str
     inputs: dict[str, Any]
     secret: dict[str, Any]
+    fence: int = 0
 
 
 class Executor(Protocol):
@@ -58,7 +59,8 @@ class CommandExecutor:
 
     The inputs go to stdin as JSON; stdout must be a JSON object (the outputs). The user and the
     secret are passed in the environment (``RUNDISPATCH_RUN_USER``, ``RUNDISPATCH_RUN_SECRET``),
-    never on the command line. Cancelling the run kills the process.
+    never on the command line, with the run's id and fencing token (``RUNDISPATCH_RUN_ID``,
+    ``RUNDISPATCH_RUN_FENCE``). Cancelling the run kills the process.
     """
 
     def __init__(self, commands: dict[str, list[str]], default: list[str] | None) -> None:
@@ -83,6 +85,7 @@ class CommandExecutor:
         env = dict(os.environ)
         env.update(
             RUNDISPATCH_RUN_ID=context.run_id,
+            RUNDISPATCH_RUN_FENCE=str(context.fence),
             RUNDISPATCH_FLOW_ID=context.flow_id,
             RUNDISPATCH_RUN_USER=context.user,
             RUNDISPATCH_RUN_SECRET=json.dumps(context.secret),

@@ -9,6 +9,7 @@ import logging
 import time
 
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.settings import Settings
@@ -98,6 +99,9 @@ class Heartbeats:
                 status = state.status.value if state.status else None
                 run_id = item.assignment.run_id
                 log.warning(
-                    "run %s is %s for the dispatcher; stopping its flow here", run_id, status
+                    "run %s is %s for the dispatcher; stopping its flow here",
+                    run_id,
+                    status,
+                    extra=fields(run_id=run_id),
                 )
                 self.runs.stop(run_id, f"the dispatcher ended the run ({status})")

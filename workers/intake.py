@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment
 from dispatcher.settings import Settings
@@ -79,7 +80,9 @@ class AssignmentIntake:
             return DeadLetter(f"assignment for machine {assignment.machine_id!r}", "schema"), None
         run_id = assignment.run_id
         if self.ledger.already_ran(run_id) or run_id in self.runs.running:
-            log.info("refusing run %s: this worker already ran it", run_id)
+            log.info(
+                "refusing run %s: this worker already ran it", run_id, extra=fields(run_id=run_id)
+            )
             return Ack(), None
         return Ack(), assignment
 
@@ -108,6 +111,7 @@ class AssignmentIntake:
                         assignment.fence,
                         status.value if status else "unknown",
                         fence,
+                        extra=fields(run_id=assignment.run_id),
                     )
         self.ledger.record_started(
             [(a.run_id, a.fence, {"machine_id": self.machine_id}) for a in started]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.logs import bind
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment, RunError, RunStatus
 from workers.executors import Executor, FlowContext, FlowResult
@@ -61,21 +62,23 @@ class Runner:
         item = self.runs.running.get(assignment.run_id)
         if not task.cancelled() or item is None or item.cancel_reason is None:
             return
-        error = RunError(code=ErrorCode.Cancelled, message=item.cancel_reason)
-        outcome = Outcome(assignment.run_id, assignment.fence, RunStatus.cancelled, error)
-        self.done.put_nowait(Executed(outcome, 0.0, ErrorCode.Cancelled))
+        code = item.stop_code
+        status = RunStatus.cancelled if code is ErrorCode.Cancelled else RunStatus.failed
+        error = RunError(code=code, message=item.cancel_reason)
+        outcome = Outcome(assignment.run_id, assignment.fence, status, error)
+        self.done.put_nowait(Executed(outcome, 0.0, code))
 
     async def _execute(self, assignment: Assignment) -> None:
         run_id = assignment.run_id
+        bind(run_id=run_id)  # this flow's task: every record it logs carries its run
         started = time.monotonic()
         try:
             result = await self._run_flow(assignment)
         except asyncio.CancelledError:
             item = self.runs.running.get(run_id)
-            reason = item.cancel_reason if item else None
-            if reason is None:
+            if item is None or item.cancel_reason is None:
                 raise
-            result = FlowResult(False, code=ErrorCode.Cancelled, message=reason)
+            result = FlowResult(False, code=item.stop_code, message=item.cancel_reason)
         result = self._bounded(result)
         status = RunStatus.succeeded if result.succeeded else RunStatus.failed
         if result.code is ErrorCode.Cancelled:
@@ -128,6 +131,7 @@ class Runner:
             user=assignment.user,
             inputs=assignment.inputs,
             secret=secret,
+            fence=assignment.fence,
         )
         try:
             async with asyncio.timeout(assignment.time_limit_s):  # cheaper than wait_for
@@ -151,6 +155,6 @@ class Runner:
                 executor_error="crashed",
             )
         if result.executor_error is not None:
-            log.warning("run %s: %s", assignment.run_id, result.message)
+            log.warning("run %s: %s", assignment.run_id, result.message)  # run_id is bound
             self.metrics.executor_error(result.executor_error)
         return result

@@ -75,7 +75,13 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.bootstrap import runtime
     from dispatcher.crypto import SecretBox
-    from dispatcher.tools.fleet_file import build_connections, check_references, load_fleet_file
+    from dispatcher.tools.fleet_file import (
+        build_connections,
+        check_references,
+        fleet_diff,
+        keep_maintenance,
+        load_fleet_file,
+    )
 
     fleet_file = load_fleet_file(Path(args.file))
     check_references(fleet_file, settings.max_group_size)
@@ -87,11 +93,22 @@ async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         return box.seal(password.encode(), connection_id)
 
     connections = build_connections(fleet_file, seal, args.file)
-    async with runtime(settings, amqp=not args.no_signal) as rt:
+    async with runtime(settings, amqp=not (args.no_signal or args.dry_run)) as rt:
+        current = await rt.fleet.load(force=True)
+        machines = keep_maintenance(fleet_file.machines, current)
+        if args.dry_run:
+            changes = fleet_diff(
+                current, fleet_file.groups, machines, connections, prune=args.prune
+            )
+            if args.json:
+                print_json({"changes": changes})
+            else:
+                print("\n".join(changes) if changes else "no changes")
+            return 0
         counts = await rt.fleet.apply(
             fleet_file.environment,
             fleet_file.groups,
-            fleet_file.machines,
+            machines,
             connections,
             prune=args.prune,
         )

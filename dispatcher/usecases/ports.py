@@ -120,6 +120,11 @@ class Broker(Protocol):
         """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
         ...
 
+    async def stop_consuming(self, timeout_s: float) -> bool:
+        """Cancel every consumer and finish the deliveries received (a graceful stop);
+        False when that took longer than ``timeout_s``."""
+        ...
+
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
     ) -> None:

@@ -91,6 +91,7 @@ class Dispatcher:
         self.replica_id = replica_id
         self.clock = clock
         self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
 
     async def start(self) -> None:
         """Consume the requests, heartbeats and signals queues; start placement and sweeps.
@@ -125,6 +126,25 @@ class Dispatcher:
             deadline=time.monotonic() + START_WAIT_S,
             on_retry=waiting,
         )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """A graceful stop within ``timeout_s``: stop consuming, finish the messages in hand,
+        stop placement and sweeps, publish what the outbox holds. False when it took longer
+        (what was not done is redelivered or relayed by another replica)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        clean = await self.broker.stop_consuming(timeout_s)
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                await self.stop()
+        except TimeoutError:
+            clean = False
+        return clean
+
+    def consuming(self) -> bool:
+        """Whether its consumers and background tasks run (readiness)."""
+        tasks = self._tasks
+        return bool(tasks) and not self.draining and not any(t.done() for t in tasks)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dispatcher.codes import ErrorCode
 from dispatcher.core.ordering import lane_of
 from dispatcher.core.placement import reasons_payload
+from dispatcher.logs import fields
 from dispatcher.models import Run, RunError, RunStatus
 from dispatcher.settings import Settings
 from dispatcher.usecases.lifecycle import Lifecycle
@@ -126,7 +127,10 @@ class Sweeper:
         for machine_id in await self.machines.stale(now, offline_after):
             if machine_id not in marks and await self.machines.mark_offline(machine_id, now):
                 log.warning(
-                    "machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after
+                    "machine %s is offline (no heartbeat for %.0f s)",
+                    machine_id,
+                    offline_after,
+                    extra=fields(machine_id=machine_id),
                 )
                 marks[machine_id] = now
                 await self._requeue_unstarted(machine_id, now)

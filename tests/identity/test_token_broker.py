@@ -23,6 +23,7 @@ from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.support.constants import CLIENT_ID, SIGN_IN_USER, TENANT
 from tests.support.identity import expire_access_token, sign_in_connection
+from tests.support.slack import bound
 
 pytestmark = pytest.mark.integration
 
@@ -157,7 +158,8 @@ async def test_retry_gives_up_at_the_deadline(
             first_delay_s=0.05,
         )
     assert caught.value.code is ErrorCode.IdentityProviderUnavailable
-    assert time.monotonic() - started < 2.5
+    # It gives up at its deadline (1.5 s), not after the 50 failures it was offered.
+    assert time.monotonic() - started < bound(1.5)
 
 
 async def test_transient_failures_are_retryable_and_do_not_mark(

@@ -621,6 +621,7 @@ class FakeBroker:
     machine_queues: set[str] = field(default_factory=set)
     down: bool = False
     refuse_consumers: int = 0  # how many consume calls fail (the connection breaks)
+    consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def consume(
         self, queue: str, handler: BatchHandler, *, batch_size: int, prefetch: int | None = None
@@ -629,7 +630,18 @@ class FakeBroker:
             self.refuse_consumers -= 1
             raise BrokerUnavailable("the fake broker's connection broke")
         self.handlers[queue] = handler
-        return asyncio.create_task(asyncio.Event().wait(), name=f"fake-consumer:{queue}")
+        task = asyncio.create_task(asyncio.Event().wait(), name=f"fake-consumer:{queue}")
+        self.consumers.append(task)
+        return task
+
+    async def stop_consuming(self, timeout_s: float) -> bool:
+        """Nothing is delivered any more (``deliver`` to a stopped queue raises)."""
+        for task in self.consumers:
+            task.cancel()
+        await asyncio.gather(*self.consumers, return_exceptions=True)
+        self.consumers.clear()
+        self.handlers.clear()
+        return True
 
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True

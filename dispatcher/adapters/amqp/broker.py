@@ -20,14 +20,15 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
+    ConsumerLoop,
     OutageHook,
-    consume_loop,
     copy_to_dead_letters,
     held_copy,
 )
@@ -72,6 +73,7 @@ class Amqp:
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._consumers: list[tuple[AbstractQueue, str, ConsumerLoop]] = []
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
@@ -212,7 +214,7 @@ class Amqp:
             # consumer dead after a reconnection.
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            await declared.consume(inbox.put, no_ack=False, arguments=arguments)
+            tag = await declared.consume(inbox.put, no_ack=False, arguments=arguments)
         except UNREACHABLE as exc:
             if channel is not None:
                 with contextlib.suppress(Exception):
@@ -226,7 +228,7 @@ class Amqp:
                 held_copy(message), routing_key=queue, mandatory=True
             )
 
-        loop = consume_loop(
+        loop = ConsumerLoop(
             inbox,
             handler,
             batch_size,
@@ -235,7 +237,36 @@ class Amqp:
             republish=republish,
             **({"on_outage": self.on_outage} if self.on_outage else {}),
         )
-        return asyncio.create_task(loop(), name=f"consume:{queue}")
+        loop.task = asyncio.create_task(loop.run(), name=f"consume:{queue}")
+        self._consumers.append((declared, tag, loop))
+        return loop.task
+
+    def is_connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up right now (readiness)."""
+        connection = self.connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def consuming(self) -> bool:
+        """Whether every consumer started here still runs (readiness)."""
+        return all(loop.task is not None and not loop.task.done() for _, _, loop in self._consumers)
+
+    async def stop_consuming(self, timeout_s: float) -> bool:
+        """Drain: cancel every consumer (RabbitMQ sends nothing more), finish the deliveries
+        already received, within ``timeout_s``. False when that took longer: what is left is
+        handed back when the channels close (redelivered, deduplicated)."""
+        consumers, self._consumers = self._consumers, []
+        try:
+            async with asyncio.timeout(timeout_s):
+                for queue, tag, _loop in consumers:
+                    with contextlib.suppress(*UNREACHABLE):
+                        await queue.cancel(tag)
+                await asyncio.gather(*(loop.drain() for _, _, loop in consumers))
+        except TimeoutError:
+            for _, _, loop in consumers:
+                if loop.task is not None:
+                    loop.task.cancel()
+            return False
+        return True
 
     def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
         """RabbitMQ cancels a consumer whose queue is deleted. The robust channel then tries

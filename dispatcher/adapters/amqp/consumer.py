@@ -171,6 +171,61 @@ def held_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     )
 
 
+class ConsumerLoop:
+    """The consumer's loop: take what is ready (at most ``batch_size``), decide, settle.
+
+    ``drain()`` (after RabbitMQ confirmed the consumer is cancelled, so that nothing more
+    arrives): the batch in hand and every delivery already received are decided and settled,
+    then the loop ends; nothing is handed back to the queue.
+    """
+
+    def __init__(
+        self,
+        inbox: asyncio.Queue[AbstractIncomingMessage],
+        handler: BatchHandler,
+        batch_size: int,
+        dead_letter: DeadLetterer,
+        *,
+        hold_s: float | None = None,
+        republish: Republisher | None = None,
+        on_outage: OutageHook = _no_hook,
+    ) -> None:
+        self.inbox = inbox
+        self.handler = handler
+        self.batch_size = batch_size
+        self.dead_letter = dead_letter
+        self.hold_s = hold_s
+        self.republish = republish
+        self.on_outage = on_outage
+        self.stopping = False
+        self.busy = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        inbox = self.inbox
+        while not (self.stopping and inbox.empty()):
+            first = await inbox.get()
+            self.busy = True
+            try:
+                batch = [first]
+                while len(batch) < self.batch_size and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                verdicts = await decide(self.handler, batch, self.hold_s, self.on_outage)
+                await settle(batch, verdicts, self.dead_letter, self.republish)
+            finally:
+                self.busy = False
+
+    async def drain(self) -> None:
+        """Finish what was received, then end (the caller bounds how long this may take)."""
+        self.stopping = True
+        task = self.task
+        if task is None:
+            return
+        if not self.busy and self.inbox.empty():
+            task.cancel()  # idle, waiting for a delivery that will not come
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def consume_loop(
     inbox: asyncio.Queue[AbstractIncomingMessage],
     handler: BatchHandler,
@@ -181,15 +236,13 @@ def consume_loop(
     republish: Republisher | None = None,
     on_outage: OutageHook = _no_hook,
 ) -> Callable[[], Coroutine[None, None, None]]:
-    """The consumer's loop: take what is ready (at most ``batch_size``), decide, settle."""
-
-    async def loop() -> None:
-        while True:
-            first = await inbox.get()
-            batch = [first]
-            while len(batch) < batch_size and not inbox.empty():
-                batch.append(inbox.get_nowait())
-            verdicts = await decide(handler, batch, hold_s, on_outage)
-            await settle(batch, verdicts, dead_letter, republish)
-
-    return loop
+    """The loop of a :class:`ConsumerLoop` that is never drained."""
+    return ConsumerLoop(
+        inbox,
+        handler,
+        batch_size,
+        dead_letter,
+        hold_s=hold_s,
+        republish=republish,
+        on_outage=on_outage,
+    ).run

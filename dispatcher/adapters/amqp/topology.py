@@ -8,7 +8,12 @@ import logging
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from dispatcher.adapters.amqp.cluster import connect_any, split_urls
@@ -18,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DELIVERY_LIMIT = 5
 SIGNALS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
+HEARTBEATS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
 
 
 def quorum_arguments(names: Names) -> dict[str, Any]:
@@ -33,7 +39,8 @@ def hint_arguments(cluster: bool) -> dict[str, Any]:
     """The heartbeats' and signals' queues: hints with a TTL. On one node a classic queue
     (lower latency and cost); on a cluster a quorum queue, since a classic queue is gone with
     its node, and with it every client's connection recovery (aio-pika re-declares it)."""
-    return {**SIGNALS_ARGUMENTS, "x-queue-type": "quorum"} if cluster else dict(SIGNALS_ARGUMENTS)
+    base = {**HEARTBEATS_ARGUMENTS, **SIGNALS_ARGUMENTS}
+    return {**base, "x-queue-type": "quorum"} if cluster else base
 
 
 async def declare_topology(
@@ -51,13 +58,13 @@ async def declare_topology(
         aio_pika.ExchangeType.FANOUT,
     )
     dead = await channel.declare_exchange(names.dead_exchange, fanout, durable=True)
-    dead_queue = await channel.declare_queue(
-        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    dead_queue = await _declare_or_accept(
+        connection, channel, names.dead_queue, {"x-queue-type": "quorum"}
     )
     await dead_queue.bind(dead)
     requests = await channel.declare_exchange(names.requests_exchange, direct, durable=True)
-    requests_queue = await channel.declare_queue(
-        names.requests_queue, durable=True, arguments=quorum_arguments(names)
+    requests_queue = await _declare_or_accept(
+        connection, channel, names.requests_queue, quorum_arguments(names)
     )
     await requests_queue.bind(requests, "submit")
     await requests_queue.bind(requests, "cancel")
@@ -65,10 +72,9 @@ async def declare_topology(
     machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
     heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
     hints = hint_arguments(cluster)
-    await _replace_if_declared_otherwise(connection, names.heartbeats_queue, hints)
-    heartbeats_queue = await channel.declare_queue(
-        names.heartbeats_queue, durable=True, arguments=hints
-    )
+    if cluster:  # a classic queue of an earlier single-node set-up: hints only, replaced
+        await _replace_if_declared_otherwise(connection, names.heartbeats_queue, hints)
+    heartbeats_queue = await _declare_or_accept(connection, channel, names.heartbeats_queue, hints)
     await heartbeats_queue.bind(heartbeats)
     # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
     # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
@@ -83,6 +89,27 @@ async def declare_topology(
         "machines": machines,
         "heartbeats": heartbeats,
     }
+
+
+async def _declare_or_accept(
+    connection: AbstractRobustConnection,
+    channel: AbstractChannel,
+    name: str,
+    arguments: dict[str, Any],
+) -> AbstractQueue:
+    """Declare a shared queue; one that exists with other arguments (an operator declared it
+    from other definitions) is used as it is, with a warning, instead of fought over: its
+    messages are not ours to drop. ``python -m dispatcher doctor`` names the difference."""
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed as exc:
+        log.warning("queue %s exists with other arguments; using it as it is: %s", name, exc)
+        return await channel.declare_queue(name, passive=True)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 async def _replace_if_declared_otherwise(
