@@ -9,7 +9,7 @@ SERVICES := $(PYTHON) deploy/local/services.py
 CONTAINER ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
 IMAGE ?= rundispatch:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
-.PHONY: demo test test-cluster coverage mutation lint bench tools constraints image image-test clean
+.PHONY: demo test test-cluster coverage mutation lint bench soak tools constraints image image-test clean
 
 # Installs with the pinned versions of constraints.txt (make constraints re-pins them).
 $(STAMP): pyproject.toml constraints.txt
@@ -57,6 +57,12 @@ lint: $(STAMP)
 ## bench: the benchmark harness (not part of test); writes bench/results/latest.json
 bench: $(STAMP)
 	$(SERVICES) -- $(PY) -m bench $(BENCH_ARGS)
+
+## soak: mixed load with faults on a timer (not part of test), MINUTES=30 by default; reports
+## Redis memory, process RSS and key counts after warm-up and at the end (bench/README.md)
+MINUTES ?= 30
+soak: $(STAMP)
+	$(SERVICES) -- $(PY) -m bench.soak $(MINUTES)
 
 ## tools: what the tests run besides Python: prometheus/promtool, kubectl (kustomize), podman
 tools:

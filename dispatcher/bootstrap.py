@@ -27,6 +27,7 @@ from dispatcher.adapters.amqp import topology
 from dispatcher.adapters.amqp.broker import UNREACHABLE as AMQP_UNREACHABLE
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis.clock import StoreClock
 from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
 from dispatcher.adapters.redis.fleet import RedisFleet
@@ -139,7 +140,12 @@ async def runtime(
     """
     names = Names(settings.namespace)
     redis = make_redis(settings)
-    broker = Amqp(settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch)
+    broker = Amqp(
+        settings.amqp_url.get_secret_value(),
+        names,
+        prefetch=settings.prefetch,
+        hold_s=settings.outage_hold_s,
+    )
     try:
         await _connect(redis, broker if amqp else None, wait_s)
         yield Runtime(
@@ -284,9 +290,14 @@ async def _replica(
 ) -> None:
     async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
         metrics: MetricsHooks = exporter or NullMetrics()
+        if exporter is not None:
+            rt.amqp.on_outage = exporter.set_store_outage
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
+        clock = StoreClock(rt.redis)
+        await clock.sync()
+        clock_task = asyncio.create_task(clock.keep_in_sync(), name="clock")
         dispatcher = build_dispatcher(
-            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords
+            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords, clock=clock
         )
         await dispatcher.start()
         check = readiness(rt, dispatcher.consuming)
@@ -296,6 +307,7 @@ async def _replica(
             reporter_task = asyncio.create_task(report_state(settings, rt, exporter, check))
         await stopper.wait()
         log.info("stopping: draining for up to %g s", settings.drain_s)
+        clock_task.cancel()
         if exporter is not None:
             exporter.set_up(False)
         if reporter_task:

@@ -49,6 +49,8 @@ class ErrorCode(StrEnum):
     SecretAccessDenied = "SecretAccessDenied"
     VaultUnavailable = "VaultUnavailable"
     FlowFailed = "FlowFailed"
+    ExecutorFailed = "ExecutorFailed"
+    OutputsTooLarge = "OutputsTooLarge"
     MachineLost = "MachineLost"
     WorkerRestarted = "WorkerRestarted"
     WorkerStopped = "WorkerStopped"
@@ -114,6 +116,8 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.SecretAccessDenied: "the vault refused access to the connection's secret",
     ErrorCode.VaultUnavailable: "the connection's vault did not answer",
     ErrorCode.FlowFailed: "the desktop flow reported a failure",
+    ErrorCode.ExecutorFailed: "the machine could not run the flow (its executor raised an error)",
+    ErrorCode.OutputsTooLarge: "the flow's outputs or error text exceed the size limit",
     ErrorCode.MachineLost: "the machine went offline while running the flow",
     ErrorCode.WorkerRestarted: "the worker restarted while the flow ran; it is not run again",
     ErrorCode.WorkerStopped: (

@@ -181,6 +181,12 @@ class Names:
         """Hash target -> JSON of the last forecast: earliest queue deadline, predicted misses."""
         return f"{self.ns}:outlook"
 
+    @property
+    def outbox_poison(self) -> str:
+        """Stream (capped) of outbox entries that could not be published on their own: set
+        aside, with the error, so that one entry never wedges the relay."""
+        return f"{self.ns}:outbox:poison"
+
     def lease(self, role: str) -> str:
         """String lease held by the replica that performs a singleton chore (``role``)."""
         return f"{self.ns}:lease:{role}"

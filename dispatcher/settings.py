@@ -33,18 +33,29 @@ class Settings(BaseSettings):
         env_prefix="RUNDISPATCH_", frozen=True, extra="ignore", env_file_encoding="utf-8"
     )
 
+    # One URL, or the URLs of a cluster's nodes, comma-separated (the connection follows them).
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    # Redis behind Sentinel: "host:port,host:port" of the Sentinels and the service they watch
+    # (the password and database still come from redis_url; its host is then not used).
+    redis_sentinels: str = ""
+    redis_sentinel_service: str = "rundispatch"
     namespace: str = Field(default="rundispatch", pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
 
     # Limits (SPEC §3).
     queue_timeout_s: float = Field(default=6 * 3600, gt=0)
     sign_in_queue_timeout_s: float = Field(default=3600, gt=0)
     max_run_s: float = Field(default=24 * 3600, gt=0)
+    # The longest run time limit a request may ask for (``max_run_s`` of the request): a request
+    # asking for more is rejected at admission (InvalidRunRequest), never clamped silently.
+    max_run_cap_s: float = Field(default=7 * 24 * 3600, gt=0)
     throttle_per_minute: int = Field(default=70, ge=1)
     queue_cap: int = Field(default=100_000, ge=1)
     max_group_size: int = Field(default=50, ge=1)
     max_request_bytes: int = Field(default=256 * 1024, ge=1024)
+    # The largest outputs (JSON) and error text a run may report: a flow that returns more
+    # ends ``failed`` with OutputsTooLarge (its outputs dropped, its error text cut).
+    max_output_bytes: int = Field(default=64 * 1024, ge=1024)
     # A high-priority run counts as having waited this much longer than a normal one; a normal
     # run that has waited longer than this overtakes later high-priority runs (aging).
     priority_boost_s: float = Field(default=3600, gt=0)
@@ -53,12 +64,19 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     offline_after_s: float = Field(default=15.0, gt=0)
     running_grace_s: float = Field(default=60.0, ge=0)
+    # A run dispatched to an online machine that has not started it after this long (its
+    # assignment was lost) goes back to its queue at its old position.
+    start_timeout_s: float = Field(default=120.0, gt=0)
 
     # Housekeeping.
     sweep_interval_s: float = Field(default=0.5, gt=0)
     resweep_interval_s: float = Field(default=5.0, gt=0)
     outbox_relay_after_s: float = Field(default=5.0, gt=0)
     retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    # A consumer holds a delivery whose handling hit an outage (Redis or RabbitMQ cannot serve)
+    # this long, retrying; then it publishes the message again to its queue and acks the held
+    # delivery, so that an outage of any length never uses up the delivery limit.
+    outage_hold_s: float = Field(default=60.0, gt=0)
 
     # Graceful stop (SIGTERM, service stop). A dispatcher stops consuming and finishes the
     # messages in hand within ``drain_s``; a worker stops taking assignments, lets running

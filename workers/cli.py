@@ -143,7 +143,7 @@ async def _serve(
             worker_id=worker_id,
             executor=executor,
             keys=keys,
-            ledger=Ledger(state_dir / "ledger.jsonl"),
+            ledger=Ledger(state_dir / "ledger.jsonl", keep_s=settings.retention_s),
             sessions=SessionsFile(args.sessions_file),
             capacity=args.capacity,
             metrics=metrics,

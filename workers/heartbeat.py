@@ -88,10 +88,12 @@ class Heartbeats:
             return
         for item, state in zip(items, states, strict=True):
             # "dispatched" under our fence is a start the store lost: the dispatcher repairs it
-            # from this worker's heartbeat, so the flow goes on.
-            ours = state.fence == item.assignment.fence and state.status in (
-                RunStatus.running,
-                RunStatus.dispatched,
+            # from this worker's heartbeat, so the flow goes on. The machine counts too: after
+            # lost writes the run may be another machine's now, even under the same fence.
+            ours = (
+                state.fence == item.assignment.fence
+                and state.machine_id == self.machine_id
+                and state.status in (RunStatus.running, RunStatus.dispatched)
             )
             if item.cancel_reason is None and not ours:
                 status = state.status.value if state.status else None

@@ -40,11 +40,13 @@ class Runner:
         keys: WorkerKeyPair,
         runs: WorkerRuns,
         metrics: WorkerHooks,
+        max_output_bytes: int = 64 * 1024,
     ) -> None:
         self.executor = executor
         self.keys = keys
         self.runs = runs
         self.metrics = metrics
+        self.max_output_bytes = max_output_bytes
         self.done: asyncio.Queue[Executed] = asyncio.Queue()
 
     def launch(self, assignment: Assignment) -> None:
@@ -77,6 +79,7 @@ class Runner:
             if item is None or item.cancel_reason is None:
                 raise
             result = FlowResult(False, code=item.stop_code, message=item.cancel_reason)
+        result = self._bounded(result)
         status = RunStatus.succeeded if result.succeeded else RunStatus.failed
         if result.code is ErrorCode.Cancelled:
             status = RunStatus.cancelled
@@ -87,6 +90,29 @@ class Runner:
         )
         outcome = Outcome(run_id, assignment.fence, status, error, result.outputs or None)
         self.done.put_nowait(Executed(outcome, time.monotonic() - started, result.code))
+
+    def _bounded(self, result: FlowResult) -> FlowResult:
+        """The result within the size limit: outputs above it fail the run (OutputsTooLarge,
+        outputs dropped); an error text above it is cut."""
+        limit = self.max_output_bytes
+        size = len(json.dumps(result.outputs, default=str).encode()) if result.outputs else 0
+        if size > limit:
+            return FlowResult(
+                False,
+                code=ErrorCode.OutputsTooLarge,
+                message=f"the flow's outputs are {size} bytes, above the limit of {limit} bytes",
+            )
+        encoded = result.message.encode()
+        if len(encoded) > limit:
+            cut = encoded[:limit].decode(errors="ignore")
+            return FlowResult(
+                result.succeeded,
+                result.outputs,
+                result.code,
+                f"{cut} ... (cut at {limit} bytes)",
+                result.executor_error,
+            )
+        return result
 
     async def _run_flow(self, assignment: Assignment) -> FlowResult:
         try:
@@ -116,6 +142,17 @@ class Runner:
                 False,
                 code=ErrorCode.DesktopFlowsActionTimeout,
                 message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
+            )
+        except Exception as exc:
+            # Whatever the executor raises (a program that cannot be started, a NUL byte in an
+            # argument, a bug), the run ends now with a code, not at its time limit + grace.
+            log.warning("run %s: the executor raised %s", assignment.run_id, type(exc).__name__)
+            self.metrics.executor_error("crashed")
+            return FlowResult(
+                False,
+                code=ErrorCode.ExecutorFailed,
+                message=f"the executor could not run the flow: {type(exc).__name__}",
+                executor_error="crashed",
             )
         if result.executor_error is not None:
             log.warning("run %s: %s", assignment.run_id, result.message)  # run_id is bound

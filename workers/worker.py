@@ -83,7 +83,13 @@ class MachineWorker:
         self.worker_id = worker_id or new_worker_id()
         self.metrics: WorkerHooks = metrics or NullWorkerMetrics()
         self.runs = WorkerRuns()
-        self.runner = Runner(executor=executor, keys=keys, runs=self.runs, metrics=self.metrics)
+        self.runner = Runner(
+            executor=executor,
+            keys=keys,
+            runs=self.runs,
+            metrics=self.metrics,
+            max_output_bytes=settings.max_output_bytes,
+        )
         self.intake = AssignmentIntake(
             settings=settings,
             machine_id=machine_id,

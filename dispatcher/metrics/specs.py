@@ -140,6 +140,11 @@ OUTBOX = MetricSpec(
     "rundispatch_outbox_backlog_events", "gauge", "Events recorded but not yet published."
 )
 UP = MetricSpec("rundispatch_up", "gauge", "1 while the dispatcher consumes and dispatches.")
+STORE_OUTAGE = MetricSpec(
+    "rundispatch_store_outage_seconds", "gauge",
+    "How long this dispatcher has been holding deliveries that Redis or RabbitMQ cannot serve "
+    "(0: no outage).",
+)  # fmt: skip
 BUILD = MetricSpec(
     "rundispatch_build_info", "gauge", "Always 1; the labels say which build runs.",
     {"version": Bound.process, "python": Bound.process},
@@ -190,7 +195,8 @@ QUEUE_STATE_SPECS: Final = (
 )  # fmt: skip
 DISPATCHER_SPECS: Final = (
     SUBMITTED, REJECTED, DISPATCHED, COMPLETED, TIMED_OUT, QUEUE_WAIT, RUN_DURATION, DECISION,
-    REFRESHES, REFRESH_TIME, DEAD_LETTERS, EVENTS_PUBLISHED, OUTBOX, UP, BUILD, *QUEUE_STATE_SPECS,
+    REFRESHES, REFRESH_TIME, DEAD_LETTERS, EVENTS_PUBLISHED, OUTBOX, UP, STORE_OUTAGE, BUILD,
+    *QUEUE_STATE_SPECS,
 )  # fmt: skip
 
 W_RUNS = MetricSpec(

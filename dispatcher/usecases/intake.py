@@ -127,7 +127,7 @@ class Intake:
             await self.canceller.cancel(item.run_id, item.reason or "cancelled over AMQP")
             return None
         request = item
-        decision = admit(request, fleet)
+        decision = admit(request, fleet, self.settings.max_run_cap_s)
         if isinstance(decision, Rejection):
             connection = fleet.connections.get(request.connection_id)
             refusal = Refusal(

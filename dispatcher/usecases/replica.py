@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat, Run
@@ -49,6 +50,10 @@ T = TypeVar("T")
 # A replica starting while RabbitMQ or Redis restarts waits for them this long.
 START_WAIT_S = 120.0
 START_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
+
+
+# What an unknown target is counted as (the metrics' ``other``).
+OTHER_TARGET = "other"
 
 
 class Dispatcher:
@@ -201,7 +206,7 @@ class Dispatcher:
                 data = None  # a hint that says nothing: only acked
             machine_id = data.get("machine_id") if isinstance(data, dict) else None
             if isinstance(data, dict) and message.routing_key in TERMINAL_EVENT_KEYS:
-                self._observe_completion(data)
+                self._observe_completion(data, fleet)
                 finished.extend(self._traced(data))
             if isinstance(machine_id, str):
                 targets.update(fleet.targets_of_machine(machine_id))
@@ -223,8 +228,10 @@ class Dispatcher:
             log.warning("terminal event not traced: %s errors", exc.error_count())
             return []
 
-    def _observe_completion(self, record: dict[str, object]) -> None:
-        """Count a run's final status once: one replica consumes each terminal event."""
+    def _observe_completion(self, record: dict[str, object], fleet: FleetSnapshot) -> None:
+        """Count a run's final status once: one replica consumes each terminal event. A
+        target the fleet does not have is counted as ``other``: an event anyone could
+        publish must not create label series."""
         error = record.get("error")
         code = error.get("code") if isinstance(error, dict) else None
         started, finished = record.get("started_at"), record.get("finished_at")
@@ -233,8 +240,13 @@ class Dispatcher:
             if isinstance(started, int | float) and isinstance(finished, int | float)
             else None
         )
+        target = str(record.get("target") or "")
+        kind, _, target_id = target.partition(":")
+        known = (kind == "m" and target_id in fleet.machines) or (
+            kind == "g" and target_id in fleet.groups
+        )
         self.metrics.run_completed(
-            str(record.get("target") or ""),
+            target if known or not target else OTHER_TARGET,
             str(record.get("connection_kind") or ""),
             str(record.get("mode") or ""),
             status=str(record.get("status") or ""),

@@ -8,6 +8,9 @@ queue deadlines, which every replica enforces:
 * machine liveness: a machine without heartbeats is offline; its runs that never started go
   back to the queue at their old position; its running runs fail after a grace period;
 * overdue runs: a run still running long past its time limit (its worker is gone) fails;
+* unstarted runs: a run dispatched to a machine that keeps heartbeating but never started it
+  within ``start_timeout_s`` (its assignment was lost: the machine queue deleted, the message
+  dead-lettered, a script error) goes back to its queue at its old position;
 * the outbox relay, and a periodic placement pass over every target with queued runs.
 """
 
@@ -87,6 +90,7 @@ class Sweeper:
         await self.lifecycle.relay(self.settings.outbox_relay_after_s)
         if now - self._last_resweep >= self.settings.resweep_interval_s:
             self._last_resweep = now
+            await self.requeue_unstarted(now)
             self.placer.request(*await self.runs.targets())
 
     async def expire_deadlines(self, now: float) -> int:
@@ -153,6 +157,42 @@ class Sweeper:
                 if isinstance(result, Requeued):
                     requeued.add(run.target or "")
         self.placer.request(*requeued)
+
+    async def requeue_unstarted(self, now: float) -> int:
+        """Put back in their queue the runs that online machines did not start in time.
+
+        The fenced start refuses the old assignment if it turns up after all, so the run is
+        never run twice; a machine offline is left to :meth:`check_liveness`."""
+        limit = self.settings.start_timeout_s
+        marks = await self.machines.offline_marks()
+        requeued: set[str] = set()
+        count = 0
+        for machine_id in await self.machines.stale(now, 0.0):
+            if machine_id in marks:
+                continue
+            late = [
+                run
+                for run in await self._runs_on(machine_id)
+                if run.status is RunStatus.dispatched
+                and run.machine_id == machine_id
+                and now - (run.dispatched_at or now) > limit
+            ]
+            if not late:
+                continue
+            async with self.lifecycle.window() as window:
+                for run in late:
+                    log.warning(
+                        "run %s was not started by %s within %.0f s: back to its queue",
+                        run.run_id,
+                        machine_id,
+                        limit,
+                    )
+                    reason = f"not started by machine {machine_id} within {limit:g} s"
+                    if isinstance(await window.requeue(run, reason=reason, now=now), Requeued):
+                        requeued.add(run.target or "")
+                        count += 1
+        self.placer.request(*requeued)
+        return count
 
     async def _fail_running(self, machine_id: str, now: float) -> None:
         lost = RunError(

@@ -1,6 +1,8 @@
 """Issue 6 acceptance: a real load through two dispatchers and four workers while the test breaks
 things: SIGKILLed dispatchers (restarted each time), a worker killed in mid-run, every AMQP
-connection cut through a TCP proxy, and the Redis server SIGKILLed and restarted on its AOF.
+connection cut through a TCP proxy, the Redis server SIGKILLed and restarted on its AOF, a
+machine queue deleted under its worker (its assignments lost: they go back to the queue after
+``start_timeout_s``), and Redis answering OOM for longer than the consumers' hold.
 
 Afterwards every submitted run has exactly one terminal state and exactly one terminal event,
 none ran twice, none is lost. The verdicts come from witnesses the product does not write
@@ -30,6 +32,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
+import redis as redis_client
 
 from dispatcher.client import Client
 from dispatcher.models import Run, RunStatus
@@ -105,6 +108,9 @@ def settings(private_redis: PrivateRedis, amqp_proxy: ProxyProcess) -> Settings:
         offline_after_s=6.0,
         running_grace_s=3.0,
         outbox_relay_after_s=2.0,
+        # Assignments lost with a deleted machine queue go back to the queue this soon.
+        start_timeout_s=8.0,
+        outage_hold_s=2.0,
         log_level="INFO",
     )
 
@@ -156,6 +162,8 @@ class Chaos:
         self.cuts = 0
         self.connections_cut = 0
         self.redis_restarts = 0
+        self.ooms = 0
+        self.queue_deletions = 0
         self._redis_was_up = False
         self.unexpected_exits: list[str] = []
         self._killing: set[str] = set()
@@ -265,6 +273,28 @@ class Chaos:
         await asyncio.to_thread(self.redis.start)  # returns once it answers PING
         self.redis_restarts += int(self._redis_was_up)
         self.note("redis-server restarted on its AOF")
+
+    async def redis_out_of_memory(self, seconds: float) -> None:
+        """Redis answers OOM to every write for a while (maxmemory below what it uses)."""
+        client = redis_client.Redis(host="127.0.0.1", port=self.redis.port)
+        try:
+            used = int(client.info("memory")["used_memory"])
+            client.config_set("maxmemory", str(max(1, used // 2)))
+            self.note(f"redis-server answers OOM for {seconds:g} s")
+            await asyncio.sleep(seconds)
+        finally:
+            client.config_set("maxmemory", "0")
+            client.close()
+        self.ooms += 1
+
+    async def delete_machine_queue(self, settings: Settings, machine_id: str) -> None:
+        """Delete a machine's queue under its worker: the assignments in it are lost."""
+        connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(Names(settings.namespace).machine_queue(machine_id))
+        self.queue_deletions += 1
+        self.note(f"deleted the queue of {machine_id}")
 
 
 async def submit_all(client: Client, run_ids: list[str], stats: Counter[str]) -> None:
@@ -468,7 +498,11 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
         await chaos.cut_amqp()
         await asyncio.sleep(3.0)
         await chaos.kill_dispatcher("d1")
-        await asyncio.sleep(2.5)
+        await asyncio.sleep(1.0)
+        await chaos.delete_machine_queue(settings, "m3")
+        await asyncio.sleep(1.5)
+        await chaos.redis_out_of_memory(6.0)  # longer than the hold: published again
+        await asyncio.sleep(2.0)
         await chaos.kill_dispatcher("d2")
 
     try:
@@ -519,6 +553,8 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
             "amqp_cuts": chaos.cuts,
             "amqp_connections_cut": chaos.connections_cut,
             "redis_restarts": chaos.redis_restarts,
+            "redis_ooms": chaos.ooms,
+            "machine_queue_deletions": chaos.queue_deletions,
         },
         "publish": dict(stats),
         "unexpected_exits": chaos.unexpected_exits,
@@ -540,6 +576,7 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
 
     assert chaos.dispatcher_kills >= 5 and chaos.worker_kills >= 1
     assert chaos.cuts >= 2 and chaos.redis_restarts >= 1
+    assert chaos.ooms >= 1 and chaos.queue_deletions >= 1
     assert not lost, f"{len(lost)} runs lost or stuck: {lost[:10]}"
     assert counts["duplicates"] == 0, [p for p in problems if "executed" in p][:10]
     assert not problems, problems[:20]

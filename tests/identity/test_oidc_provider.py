@@ -132,7 +132,7 @@ async def test_strict_rotation_provider_gets_one_request_per_expiry(
     seeded = _get(f"{node_idp}/_seed?account={SIGN_IN_USER}", ca_file)
     await import_refresh_token(replicas[0], connection, str(seeded["refresh_token"]))
     for round_number in (1, 2, 3):
-        await expire_access_token(replicas[0], connection.connection_id)
+        await expire_access_token(replicas[0], connection)
         before = _get(f"{node_idp}/_count", ca_file)["token"]
         calls = [b.access_token(connection, 600) for b in replicas for _ in range(50)]
         results = await asyncio.gather(*calls, return_exceptions=True)

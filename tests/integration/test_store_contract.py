@@ -88,7 +88,7 @@ class Store:
 @asynccontextmanager
 async def open_store(kind: str) -> AsyncIterator[Store]:
     if kind == "fake":
-        fake = FakeRunStore()
+        fake = FakeRunStore(new_settings().retention_s)
         yield Store(fake, fake, FakeMachines(fake))
         return
     settings = new_settings()
@@ -147,11 +147,12 @@ def start(run_id: str, fence: int, machine: str = "m1") -> Start:
 
 
 def ending(run_id: str, fence: int | None, status: RunStatus = RunStatus.succeeded,
-           allowed: tuple[RunStatus, ...] = (RunStatus.running,)) -> Ending:  # fmt: skip
+           allowed: tuple[RunStatus, ...] = (RunStatus.running,),
+           machine: str = "m1") -> Ending:  # fmt: skip
     error = (
         None if status is RunStatus.succeeded else RunError(code=ErrorCode.FlowFailed, message="x")
     )
-    return Ending(run_id, "m1", fence, allowed, status, error, {"ok": True}, {"by": "test"})
+    return Ending(run_id, machine, fence, allowed, status, error, {"ok": True}, {"by": "test"})
 
 
 def trace_of(value: Any) -> Any:
@@ -281,13 +282,16 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         ending("r1", 7),
         ending("r1", 1, allowed=(RunStatus.dispatched,)),
         ending("nope", None),
+        ending("r1", 1, machine="m2"),  # the same fence from another machine: not its run
     ]
     results = seen(await t.finish_many(endings, NOW + 5))
     assert results == [
         Stale(status=RunStatus.running, fence=1),
         Conflict(status=RunStatus.running),
         Missing(),
+        Stale(status=RunStatus.running, fence=1),
     ]
+    assert [a.run_id for a in await machines.assigned("m1")] == ["r1"]  # m1's slot is kept
     finished = seen((await t.finish_many([ending("r1", 1)], NOW + 6))[0])
     assert isinstance(finished, Finished)
     assert json.loads(finished.messages[0].body)["outputs"] == {"ok": True}
@@ -426,8 +430,43 @@ async def reasons_scenario(store: Store, seen: Trace) -> None:
     assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == ["r2"]
 
 
+async def retention_scenario(store: Store, seen: Trace) -> None:
+    """A finished index keeps no entry past the retention (its run has expired)."""
+    t, reads = store.transitions, store.reads
+    retention = new_settings().retention_s
+    cancel = QueueEnding(RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="x"))
+    for index, run_id in enumerate(("old1", "old2", "new")):
+        at = NOW + index + (retention + 10 if run_id == "new" else 0)
+        seen(await t.admit(admission(run_id, at=at, connection=f"c{index}")))
+        run = seen(await reads.get(run_id))
+        assert run is not None
+        seen(await t.unqueue(run, cancel, at + 1))
+    kept = seen(await reads.finished_since(RunStatus.cancelled, 0, NOW + 2 * retention))
+    assert kept == ["new"]
+
+
+async def timeline_scenario(store: Store, seen: Trace) -> None:
+    """A run's timeline is bounded: its first entry stays, the oldest after it go."""
+    t, reads = store.transitions, store.reads
+    await t.admit(admission("r1"))
+    lane = lane_of("c1", "unattended", "normal")
+    for index in range(300):
+        reasons = {f"m{index % 7}": "NoFreeSlot", "m99": f"MachineOffline ({index})"}
+        await t.record_reasons("g:bots", {lane: ("r1", reasons)}, NOW + index)
+        if index % 50 == 49:
+            seen(await reads.get("r1"))  # the same timeline in Redis and in the fake
+    run = seen(await reads.get("r1"))
+    assert run.timeline[0].event == "queued"
+    assert 100 < len(run.timeline) < 300
+    assert run.timeline[-1].detail == {"reasons": reasons}
+    raw = await t.redis.hget(t.names.run("r1"), "tl") if hasattr(t, "redis") else None
+    assert raw is None or len(raw) <= 16384
+
+
 SCENARIOS: dict[str, Scenario] = {
     "admission": admission_scenario,
+    "timeline": timeline_scenario,
+    "retention": retention_scenario,
     "hand-off": hand_off_scenario,
     "queue": queue_scenario,
     "reasons": reasons_scenario,

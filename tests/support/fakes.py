@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.adapters.redis import codec
+from dispatcher.adapters.redis.scripts import TL_MAX_BYTES
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import lane_of
@@ -89,7 +90,8 @@ def ordered(zset: ZSet) -> list[tuple[str, float]]:
 class FakeRunStore:
     """The run store in memory: the Lua scripts' rules, the Redis layout's indexes."""
 
-    def __init__(self) -> None:
+    def __init__(self, retention_s: float = 7 * 24 * 3600) -> None:
+        self.retention_s = retention_s
         self.runs: dict[str, dict[str, str]] = {}
         self.queues: dict[str, ZSet] = {}
         self.lanes: dict[tuple[str, str], ZSet] = {}
@@ -120,8 +122,23 @@ class FakeRunStore:
         return self._outbox("event", f"run.{status}", codec.record_json(self.runs[run_id]))
 
     def _timeline(self, run_id: str, entry: str) -> None:
+        """As ``append_timeline`` in common.lua, the bound included."""
         tl = self.runs[run_id].get("tl")
-        self.runs[run_id]["tl"] = f"[{entry}]" if not tl or tl == "[]" else f"{tl[:-1]},{entry}]"
+        if not tl or tl == "[]":
+            self.runs[run_id]["tl"] = f"[{entry}]"
+            return
+        tl = f"{tl[:-1]},{entry}]"
+        first = tl.find(',{"at":', 1)
+        if len(tl) > TL_MAX_BYTES and first >= 0:
+            cut = first
+            while len(tl) - (cut - first) > TL_MAX_BYTES:
+                following = tl.find(',{"at":', cut + 1)
+                if following < 0:
+                    break
+                cut = following
+            if cut > first:
+                tl = tl[:first] + tl[cut:]
+        self.runs[run_id]["tl"] = tl
 
     def _refresh_lane(self, target: str, lane: str) -> None:
         members = ordered(self.lanes.get((target, lane), {}))
@@ -183,7 +200,7 @@ class FakeRunStore:
                 status='"rejected"', error=codec.error_fragment(refusal[1]), finished_at=repr(now)
             )
             self._timeline(request.run_id, codec.timeline_entry("rejected", now))
-            self.finished.setdefault("rejected", {})[request.run_id] = now
+            self._index_finished("rejected", request.run_id, now)
             code = (
                 ErrorCode.DesktopFlowsActionThrottled
                 if refusal[0] == "throttled"
@@ -220,7 +237,7 @@ class FakeRunStore:
         run.update(status='"rejected"', error=codec.error_fragment(error), finished_at=repr(now))
         entry = codec.timeline_entry("rejected", now, {"code": refusal.code.value})
         self._timeline(request.run_id, entry)
-        self.finished.setdefault("rejected", {})[request.run_id] = now
+        self._index_finished("rejected", request.run_id, now)
         return Rejected(code=refusal.code, messages=(self._event(request.run_id, "rejected"),))
 
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]:
@@ -281,6 +298,14 @@ class FakeRunStore:
         )
         return Started(messages=(self._outbox("event", "run.started", codec.record_json(run)),))
 
+    def _index_finished(self, status: str, run_id: str, now: float) -> None:
+        """As ``index_finished`` in common.lua: add, and drop up to 100 entries past retention."""
+        index = self.finished.setdefault(status, {})
+        index[run_id] = now
+        old = [member for member, at in ordered(index) if at < now - self.retention_s][:100]
+        for member in old:
+            del index[member]
+
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]:
         self._check()
         return [self._finish(ending, now) for ending in endings]
@@ -290,7 +315,9 @@ class FakeRunStore:
         if run is None or "status" not in run:
             return Missing()
         status = run["status"]
-        if ending.fence is not None and run.get("fence") != str(ending.fence):
+        if (ending.fence is not None and run.get("fence") != str(ending.fence)) or (
+            ending.machine_id and run.get("machine_id") != codec.fragment(ending.machine_id)
+        ):
             return Stale(status=codec.status_of(status), fence=codec.fence_of(run.get("fence")))
         if status not in {codec.fragment(s.value) for s in ending.allowed}:
             return Conflict(status=codec.status_of(status))
@@ -301,7 +328,7 @@ class FakeRunStore:
             run["outputs"] = codec.fragment(ending.outputs)
         self.assigned.get(ending.machine_id, {}).pop(ending.run_id, None)
         self.running.pop(ending.run_id, None)
-        self.finished.setdefault(ending.status.value, {})[ending.run_id] = now
+        self._index_finished(ending.status.value, ending.run_id, now)
         self._timeline(ending.run_id, codec.timeline_entry(ending.status.value, now, ending.detail))
         return Finished(messages=(self._event(ending.run_id, ending.status.value),))
 
@@ -318,7 +345,7 @@ class FakeRunStore:
         stored.update(
             status=f'"{status}"', finished_at=repr(now), error=codec.error_fragment(ending.error)
         )
-        self.finished.setdefault(status, {})[run.run_id] = now
+        self._index_finished(status, run.run_id, now)
         self._timeline(run.run_id, codec.timeline_entry(status, now, ending.detail))
         return Unqueued(messages=(self._event(run.run_id, status),))
 

@@ -115,3 +115,20 @@ async def test_signals_count_completions_and_ask_for_the_machine_s_targets() -> 
     assert sorted(requested) == ["g:bots", "m:m1"]
     [completed] = world.metrics.named("run_completed")
     assert completed == ("g:bots", "credentials", "unattended", "failed", "FlowFailed", 2.5)
+
+
+async def test_a_forged_terminal_event_creates_no_label_series() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    replica.placer.request = lambda *targets: None  # type: ignore[method-assign]
+    forged = [
+        {"target": f"g:forged-{n}", "connection_kind": "credentials", "mode": "unattended",
+         "status": "succeeded"}
+        for n in range(3)
+    ]  # fmt: skip
+    signals = [
+        FakeDelivery(json.dumps(event).encode(), routing_key="run.succeeded") for event in forged
+    ]
+    await replica.handle_signals(signals)
+    targets = {call[0] for call in world.metrics.named("run_completed")}
+    assert targets == {"other"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -24,12 +25,20 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 
-from dispatcher.adapters.amqp.consumer import ConsumerLoop, copy_to_dead_letters
+from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
+from dispatcher.adapters.amqp.consumer import (
+    ConsumerLoop,
+    OutageHook,
+    copy_to_dead_letters,
+    held_copy,
+)
 from dispatcher.adapters.amqp.topology import declare_topology, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
+
+log = logging.getLogger(__name__)
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # What "RabbitMQ cannot be reached" looks like from aio-pika and aiormq.
@@ -44,27 +53,45 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 class Amqp:
     """One robust connection, a confirming publisher channel, and consumers."""
 
-    def __init__(self, url: str, names: Names, prefetch: int = 200) -> None:
+    def __init__(
+        self,
+        url: str,
+        names: Names,
+        prefetch: int = 200,
+        *,
+        hold_s: float | None = None,
+        on_outage: OutageHook | None = None,
+    ) -> None:
         self.url = url
         self.names = names
         self.prefetch = prefetch
+        self.hold_s = hold_s
+        self.on_outage = on_outage
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str, ConsumerLoop]] = []
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
+        properties: dict[str, Any] = {"connection_name": f"rundispatch:{self.names.ns}"}
+        urls = split_urls(self.url)
         try:
-            self.connection = await aio_pika.connect_robust(
-                self.url, client_properties={"connection_name": f"rundispatch:{self.names.ns}"}
-            )
+            if len(urls) > 1:  # a cluster: follow it from node to node
+                self.connection = await connect_cluster(urls, client_properties=properties)
+            else:
+                self.connection = await aio_pika.connect_robust(
+                    urls[0], client_properties=properties
+                )
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            self._exchanges = await declare_topology(self.connection, self._publisher, self.names)
+            self._exchanges = await declare_topology(
+                self.connection, self._publisher, self.names, cluster=len(urls) > 1
+            )
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
 
@@ -194,7 +221,22 @@ class Amqp:
                     await channel.close()
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
-        loop = ConsumerLoop(inbox, handler, batch_size, self._dead_letter)
+        self._watch_cancel(channel, queue)
+
+        async def republish(message: AbstractIncomingMessage) -> None:
+            await self.publisher.default_exchange.publish(
+                held_copy(message), routing_key=queue, mandatory=True
+            )
+
+        loop = ConsumerLoop(
+            inbox,
+            handler,
+            batch_size,
+            self._dead_letter,
+            hold_s=self.hold_s,
+            republish=republish,
+            **({"on_outage": self.on_outage} if self.on_outage else {}),
+        )
         loop.task = asyncio.create_task(loop.run(), name=f"consume:{queue}")
         self._consumers.append((declared, tag, loop))
         return loop.task
@@ -225,6 +267,42 @@ class Amqp:
                     loop.task.cancel()
             return False
         return True
+
+    def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
+        """RabbitMQ cancels a consumer whose queue is deleted. The robust channel then tries
+        to consume again, but declares the queue passively; the queue itself is declared
+        again here (with its binding), so that consuming resumes."""
+        prefix = self.names.machine_queue("")
+        if not queue.startswith(prefix):
+            return  # the shared queues are declared by every dispatcher at start-up
+        machine_id = queue.removeprefix(prefix)
+
+        async def redeclare() -> None:
+            self._machine_queues.discard(machine_id)
+            for _ in range(60):
+                try:
+                    await self.ensure_machine_queue(machine_id)
+                    log.warning("queue %s was deleted under its consumer: declared again", queue)
+                    return
+                except Exception as exc:
+                    log.warning("queue %s not declared again yet: %s", queue, exc)
+                    await asyncio.sleep(1.0)
+
+        def cancelled(_: object) -> None:
+            task = asyncio.get_running_loop().create_task(redeclare())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def watch(*_: object) -> None:
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            underlay.on_consumer_cancel_callbacks.add(cancelled)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        reopen = getattr(channel, "reopen_callbacks", None)
+        if reopen is not None:
+            reopen.add(watch)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         await copy_to_dead_letters(self.exchange("dead"), message, reason)

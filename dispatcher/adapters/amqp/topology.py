@@ -16,6 +16,7 @@ from aio_pika.abc import (
 )
 from aiormq.exceptions import ChannelPreconditionFailed
 
+from dispatcher.adapters.amqp.cluster import connect_any, split_urls
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,23 @@ def quorum_arguments(names: Names) -> dict[str, Any]:
     }
 
 
+def hint_arguments(cluster: bool) -> dict[str, Any]:
+    """The heartbeats' and signals' queues: hints with a TTL. On one node a classic queue
+    (lower latency and cost); on a cluster a quorum queue, since a classic queue is gone with
+    its node, and with it every client's connection recovery (aio-pika re-declares it)."""
+    base = {**HEARTBEATS_ARGUMENTS, **SIGNALS_ARGUMENTS}
+    return {**base, "x-queue-type": "quorum"} if cluster else base
+
+
 async def declare_topology(
-    connection: AbstractRobustConnection, channel: AbstractChannel, names: Names
+    connection: AbstractRobustConnection,
+    channel: AbstractChannel,
+    names: Names,
+    *,
+    cluster: bool = False,
 ) -> dict[str, AbstractExchange]:
-    """Declare every exchange and shared queue of the public contract; the exchanges by role."""
+    """Declare every exchange and shared queue of the public contract; the exchanges by role.
+    ``cluster``: the broker is a cluster (see :func:`hint_arguments`)."""
     direct, topic, fanout = (
         aio_pika.ExchangeType.DIRECT,
         aio_pika.ExchangeType.TOPIC,
@@ -57,16 +71,15 @@ async def declare_topology(
     events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
     machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
     heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
-    heartbeats_queue = await _declare_or_accept(
-        connection, channel, names.heartbeats_queue, HEARTBEATS_ARGUMENTS
-    )
+    hints = hint_arguments(cluster)
+    if cluster:  # a classic queue of an earlier single-node set-up: hints only, replaced
+        await _replace_if_declared_otherwise(connection, names.heartbeats_queue, hints)
+    heartbeats_queue = await _declare_or_accept(connection, channel, names.heartbeats_queue, hints)
     await heartbeats_queue.bind(heartbeats)
     # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
     # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
-    await _replace_if_declared_otherwise(connection, names.signals_queue, SIGNALS_ARGUMENTS)
-    signals = await channel.declare_queue(
-        names.signals_queue, durable=True, arguments=SIGNALS_ARGUMENTS
-    )
+    await _replace_if_declared_otherwise(connection, names.signals_queue, hints)
+    signals = await channel.declare_queue(names.signals_queue, durable=True, arguments=hints)
     for key in (*TERMINAL_EVENT_KEYS, "machine.#"):
         await signals.bind(events, key)
     return {
@@ -104,7 +117,7 @@ async def _replace_if_declared_otherwise(
 ) -> None:
     """Re-create a queue of hints that an earlier version declared with other arguments
     (RabbitMQ refuses the new declaration with PRECONDITION_FAILED otherwise). Only for
-    queues whose messages may be lost: the signals queue."""
+    queues whose messages may be lost: the heartbeats' and signals' queues."""
     probe = await connection.channel()
     try:
         await probe.declare_queue(name, durable=True, arguments=arguments)
@@ -134,7 +147,7 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.machines_exchange,
         names.heartbeats_exchange,
     ]
-    connection = await aio_pika.connect(url)
+    connection = await connect_any(split_urls(url))
     async with connection:
         for queue in queues:
             channel = await connection.channel()

@@ -243,7 +243,7 @@ class Calls:
             start.fence,
             repr(now),
             timeline_entry("started", now, {"machine_id": start.machine_id}),
-            repr(start.run_deadline),
+            repr(start.run_deadline - now),  # start.lua adds it to Redis's clock
             start.worker_id,
         ]
         return keys, args
@@ -267,6 +267,7 @@ class Calls:
             repr(now),
             timeline_entry(ending.status.value, now, ending.detail),
             self.retention_s,
+            fragment(ending.machine_id) if ending.machine_id else "",
         ]
         return keys, args
 
