@@ -35,6 +35,7 @@ SECTIONS = (
     "tokens",
     "minimal",
     "stack",
+    "predict",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -193,6 +194,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "rate_large": big["rate"],
                 "drain": big,
             }
+
+        if "predict" in want:
+            from bench.predict import predict_section
+
+            sections["predict"] = await predict_section(bench, args.runs, max(1, args.reps), log)
 
         if want & {"queue", "memory"}:
             log(f"queue scale and memory: {args.queued} waiting runs")

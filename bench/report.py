@@ -320,7 +320,39 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             )
         else:
             out.append(("tokens", "not measured", "", "", tok.get("reason", "")[:60]))
+    out += predict_rows(s.get("predict"))
     return out
+
+
+def predict_rows(pred: dict[str, Any] | None) -> list[tuple[str, str, str, str, str]]:
+    """The ``predict`` section: forecast error against the naive estimate, and its cost."""
+    if not pred:
+        return []
+    acc, on, off = pred["accuracy"], pred["chore_on"], pred["chore_off"]
+    core = ", ".join(f"{c['machines']} mach. {c['ms']:.0f} ms" for c in pred["chore_core"])
+    return [
+        (
+            "predict",
+            "median rel. error, mixed 1-3 s (naive)",
+            f"{acc['forecast']:.3f}",
+            f"{acc['naive']:.3f}",
+            f"worst {acc['forecast_worst']:.3f} ({acc['bursts']} bursts)",
+        ),
+        (
+            "",
+            "drain runs/s, chore on (off)",
+            f"{on['rate']:.0f}",
+            f"{off['rate']:.0f}",
+            f"ratio {pred['rate_ratio_on_off']:.3f}",
+        ),
+        (
+            "",
+            "dispatcher µs/run, chore on (off)",
+            f"{on['dispatcher_us_per_run']:.0f}",
+            f"{off['dispatcher_us_per_run']:.0f}",
+            f"one chore, 500 queued: {core}",
+        ),
+    ]
 
 
 def _commands(*sides: dict[str, Any], role: str = "") -> list[str]:

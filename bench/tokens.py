@@ -104,10 +104,10 @@ async def measure_tokens(
                 refresh_walls: list[float] = []
                 distinct_tokens: list[int] = []
                 for _ in range(expiries):
-                    snapshot = await first.store.load(connection.connection_id)
+                    snapshot = await first.store.load(connection)
                     assert snapshot.cache_json is not None
                     await first.store.save_cache(
-                        connection.connection_id, expire_access_tokens(snapshot.cache_json, 0)
+                        connection, expire_access_tokens(snapshot.cache_json, 0)
                     )
                     idp.reset_counters()
                     wall0 = time.perf_counter()

@@ -4,7 +4,8 @@
   replica, a worker, the CLI and the Python client;
 - :func:`build_dispatcher`: a replica's use cases, wired to the adapters through their ports;
 - :func:`serve`: ``python -m dispatcher serve``;
-- :func:`identity_sources`, :func:`metrics_for`: the optional parts of a replica;
+- :func:`identity_sources`, :func:`report_state`, :func:`readiness`: the optional parts of a
+  replica (sources of secrets, gauges, the readiness probe);
 - :func:`purge_namespace`: delete everything of a namespace (demos, tests, benchmarks).
 
 Nothing else in ``dispatcher`` (but the tools) builds an adapter.
@@ -15,19 +16,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from dispatcher.adapters.amqp import topology
+from dispatcher.adapters.amqp.broker import UNREACHABLE as AMQP_UNREACHABLE
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.adapters.amqp.identities import BrokerIdentities, vhost_of
 from dispatcher.adapters.outbox import OutboxPublisher
+from dispatcher.adapters.redis.clock import StoreClock
+from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
 from dispatcher.adapters.redis.fleet import RedisFleet
 from dispatcher.adapters.redis.leases import RedisLeases
@@ -35,14 +37,18 @@ from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.adapters.redis.outbox import RedisOutbox
 from dispatcher.adapters.redis.queue_state import RedisQueueState
 from dispatcher.adapters.redis.reads import RedisRunReads
+from dispatcher.adapters.redis.traces import RedisTraces
 from dispatcher.adapters.redis.transitions import RedisTransitions
 from dispatcher.crypto import Sealer
 from dispatcher.errors import DispatchError, Unavailable
-from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics, serve_metrics
+from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics
+from dispatcher.metrics.health import HealthServer, Readiness, ReadyCheck, serve_health
 from dispatcher.names import Names
+from dispatcher.process import Stopper
 from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.handoff import Handoff
 from dispatcher.usecases.intake import Intake
 from dispatcher.usecases.lifecycle import Lifecycle
@@ -59,8 +65,12 @@ log = logging.getLogger(__name__)
 STARTUP_WAIT_S = 120.0
 CONNECT_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
 QUEUE_STATE_INTERVAL_S = 2.0
+READY_PING_S = 2.0
 
 Closer = Callable[[], Awaitable[None]]
+# What the client libraries raise when Redis or RabbitMQ cannot be reached (for the commands'
+# error messages: an operator sees one line, never a traceback).
+UNREACHABLE: tuple[type[BaseException], ...] = (Unavailable, *REDIS_UNREACHABLE, *AMQP_UNREACHABLE)
 
 
 # ---- connections and adapters ---------------------------------------------------------------
@@ -77,10 +87,23 @@ class Runtime:
     fleet: RedisFleet
     machines: RedisMachines
     outbox: RedisOutbox
+    traces: RedisTraces
 
     def lifecycle(self, metrics: MetricsHooks | None = None) -> Lifecycle:
         """The run lifecycle over this store, publishing through the outbox."""
         return Lifecycle(self.transitions, OutboxPublisher(self.amqp, self.outbox, metrics))
+
+    def foresight(
+        self,
+        lifecycle: Lifecycle | None = None,
+        leases: RedisLeases | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Foresight:
+        """Predictions over this store (with a lifecycle and leases: the forecast chore)."""
+        return Foresight(
+            settings=self.settings, runs=self.runs, machines=self.machines, fleet=self.fleet,
+            traces=self.traces, lifecycle=lifecycle, leases=leases, clock=clock,
+        )  # fmt: skip
 
 
 async def _connect(redis: Redis, broker: Amqp | None, wait_s: float) -> None:
@@ -109,37 +132,6 @@ async def _connect(redis: Redis, broker: Amqp | None, wait_s: float) -> None:
 
 
 @contextlib.asynccontextmanager
-async def worker_broker(settings: Settings, *, wait_s: float = 0.0) -> AsyncIterator[Amqp]:
-    """A machine worker's only connection: RabbitMQ, with the topology looked up, not declared
-    (its identity may configure nothing). No Redis: the dispatcher records for it."""
-    names = Names(settings.namespace)
-    broker = Amqp(
-        settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch, declare=False
-    )
-
-    async def once() -> None:
-        try:
-            await broker.connect()
-        except Unavailable:
-            await broker.close()
-            raise
-
-    try:
-        await retry(
-            once,
-            retry_on=Unavailable,
-            backoff=CONNECT_BACKOFF,
-            deadline=time.monotonic() + wait_s,
-            on_retry=lambda exc, delay: log.warning(
-                "cannot reach RabbitMQ yet, retrying in %.1f s: %s", delay, exc
-            ),
-        )
-        yield broker
-    finally:
-        await broker.close()
-
-
-@contextlib.asynccontextmanager
 async def runtime(
     settings: Settings, *, amqp: bool = True, wait_s: float = 0.0
 ) -> AsyncIterator[Runtime]:
@@ -150,7 +142,12 @@ async def runtime(
     """
     names = Names(settings.namespace)
     redis = make_redis(settings)
-    broker = Amqp(settings.amqp_url.get_secret_value(), names, prefetch=settings.prefetch)
+    broker = Amqp(
+        settings.amqp_url.get_secret_value(),
+        names,
+        prefetch=settings.prefetch,
+        hold_s=settings.outage_hold_s,
+    )
     try:
         await _connect(redis, broker if amqp else None, wait_s)
         yield Runtime(
@@ -163,6 +160,12 @@ async def runtime(
             fleet=RedisFleet(redis, names),
             machines=RedisMachines(redis, names),
             outbox=RedisOutbox(redis, names),
+            traces=RedisTraces(
+                redis,
+                names,
+                retention_s=settings.trace_retention_s,
+                max_records=settings.trace_max_records,
+            ),
         )
     finally:
         await broker.close()
@@ -219,6 +222,8 @@ def build_dispatcher(
         clock=clock,
     )
     canceller = Canceller(runs=rt.runs, lifecycle=lifecycle, clock=clock)
+    leases = RedisLeases(rt.redis, rt.names, replica_id)
+    foresight = rt.foresight(lifecycle, leases, clock)
     return Dispatcher(
         settings=settings,
         names=rt.names,
@@ -244,9 +249,11 @@ def build_dispatcher(
             machines=rt.machines,
             lifecycle=lifecycle,
             placer=placer,
-            leases=RedisLeases(rt.redis, rt.names, replica_id),
+            leases=leases,
             clock=clock,
+            foresight=foresight,
         ),
+        foresight=foresight,
         reconciler=Reconciler(settings=settings, runs=rt.runs, lifecycle=lifecycle, clock=clock),
         metrics=metrics,
         replica_id=replica_id,
@@ -264,32 +271,85 @@ def build_dispatcher(
 
 
 async def serve(settings: Settings, metrics_port: int | None = None) -> int:
-    """``python -m dispatcher serve``: run one replica until SIGTERM/SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    """``python -m dispatcher serve``: run one replica until SIGTERM/SIGINT, then drain."""
+    stopper = Stopper()
+    try:
+        return await _serve(settings, metrics_port, stopper)
+    except asyncio.CancelledError:
+        if stopper.stopped_while_starting():
+            return 0
+        raise
+
+
+async def _serve(settings: Settings, metrics_port: int | None, stopper: Stopper) -> int:
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    registry = CollectorRegistry()
+    exporter = DispatcherMetrics(registry) if port >= 0 else None
+    health = None
+    if exporter is not None:
+        # Up before connecting: /healthz answers and /readyz says "starting" meanwhile.
+        health = serve_health(registry, settings.metrics_host, port, exporter.set_up)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, health.port)
+    try:
+        await _replica(settings, stopper, exporter, health)
+    finally:
+        if health is not None:
+            health.close()
+    return 0
+
+
+async def _replica(
+    settings: Settings,
+    stopper: Stopper,
+    exporter: DispatcherMetrics | None,
+    health: HealthServer | None,
+) -> None:
     async with runtime(settings, wait_s=STARTUP_WAIT_S) as rt:
-        metrics, exporter, reporter = metrics_for(settings, rt, metrics_port)
+        metrics: MetricsHooks = exporter or NullMetrics()
+        if exporter is not None:
+            rt.amqp.on_outage = exporter.set_store_outage
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
+        clock = StoreClock(rt.redis)
+        await clock.sync()
+        clock_task = asyncio.create_task(clock.keep_in_sync(), name="clock")
         dispatcher = build_dispatcher(
-            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords
+            settings, rt, metrics=metrics, tokens=tokens, passwords=passwords, clock=clock
         )
         await dispatcher.start()
-        if exporter is not None:
-            exporter.set_up(True)
+        check = readiness(rt, dispatcher.consuming)
         reporter_task: asyncio.Task[None] | None = None
-        if reporter is not None:
-            reporter_task = asyncio.create_task(reporter())
-        await stop.wait()
-        log.info("stopping")
+        if health is not None and exporter is not None:
+            health.probes.check = check
+            reporter_task = asyncio.create_task(report_state(settings, rt, exporter, check))
+        await stopper.wait()
+        log.info("stopping: draining for up to %g s", settings.drain_s)
+        clock_task.cancel()
+        if exporter is not None:
+            exporter.set_up(False)
         if reporter_task:
             reporter_task.cancel()
-        await dispatcher.stop()
+        clean = await dispatcher.drain(settings.drain_s)
+        log.info("drained%s", "" if clean else " (timed out: the rest is redelivered)")
         for close in closers:
             await close()
-    return 0
+
+
+def readiness(rt: Runtime, consuming: Callable[[], bool]) -> ReadyCheck:
+    """Ready: Redis answers a PING, the RabbitMQ connection is up, the consumers run."""
+
+    async def check() -> Readiness:
+        if not rt.amqp.is_connected():
+            return Readiness(False, "RabbitMQ is unreachable")
+        if not consuming() or not rt.amqp.consuming():
+            return Readiness(False, "consumers are not running")
+        try:
+            async with asyncio.timeout(READY_PING_S):
+                await ping(rt.redis)
+        except (Unavailable, TimeoutError):
+            return Readiness(False, "Redis is unreachable")
+        return Readiness(True)
+
+    return check
 
 
 def identity_sources(
@@ -315,26 +375,25 @@ def identity_sources(
     return tokens, passwords, closers
 
 
-def metrics_for(
-    settings: Settings, rt: Runtime, port: int | None
-) -> tuple[MetricsHooks, DispatcherMetrics | None, Callable[[], Coroutine[Any, Any, None]] | None]:
-    """Metrics and the periodic queue-state reporter; off when the port is negative."""
-    port = settings.metrics_port if port is None else port
-    if port < 0:
-        return NullMetrics(), None, None
-    registry = CollectorRegistry()
-    metrics = DispatcherMetrics(registry)
-    bound = serve_metrics(registry, settings.metrics_host, port)
-    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, bound)
-    state = RedisQueueState(rt.redis, rt.names, rt.fleet, rt.machines)
-
-    async def report() -> None:
-        while True:
-            try:
-                metrics.set_queue_state(await state.snapshot(settings.offline_after_s))
-                metrics.set_outbox_backlog(await state.outbox_length())
-            except Exception as exc:
-                log.warning("queue state not refreshed: %s", exc)
-            await asyncio.sleep(QUEUE_STATE_INTERVAL_S)
-
-    return metrics, metrics, report
+async def report_state(
+    settings: Settings, rt: Runtime, metrics: DispatcherMetrics, check: ReadyCheck
+) -> None:
+    """Every few seconds: the queue and machine gauges, the outbox backlog, and
+    ``rundispatch_up`` from the readiness check."""
+    state = RedisQueueState(
+        rt.redis,
+        rt.names,
+        rt.fleet,
+        rt.machines,
+        traces=rt.traces,
+        outlook_max_age_s=max(30.0, 10 * settings.forecast_interval_s),
+    )
+    while True:
+        answer = await check()
+        metrics.set_up(answer.ready)
+        try:
+            metrics.set_queue_state(await state.snapshot(settings.offline_after_s))
+            metrics.set_outbox_backlog(await state.outbox_length())
+        except Exception as exc:
+            log.warning("queue state not refreshed: %s", exc)
+        await asyncio.sleep(QUEUE_STATE_INTERVAL_S)

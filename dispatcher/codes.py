@@ -41,6 +41,7 @@ class ErrorCode(StrEnum):
 
     # Terminal outcomes.
     NoCandidateMachine = "NoCandidateMachine"
+    PredictedQueueTimeout = "PredictedQueueTimeout"
     DesktopFlowsActionTimeout = "DesktopFlowsActionTimeout"
     PasswordlessTokenExpiry = "PasswordlessTokenExpiry"
     IdentityProviderMisconfigured = "IdentityProviderMisconfigured"
@@ -49,8 +50,11 @@ class ErrorCode(StrEnum):
     SecretAccessDenied = "SecretAccessDenied"
     VaultUnavailable = "VaultUnavailable"
     FlowFailed = "FlowFailed"
+    ExecutorFailed = "ExecutorFailed"
+    OutputsTooLarge = "OutputsTooLarge"
     MachineLost = "MachineLost"
     WorkerRestarted = "WorkerRestarted"
+    WorkerStopped = "WorkerStopped"
     Cancelled = "Cancelled"
 
     @property
@@ -102,6 +106,9 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.NoCandidateMachine: (
         "the run's queue deadline passed before any machine could take it"
     ),
+    ErrorCode.PredictedQueueTimeout: (
+        "the run asked to fail early and the queue ahead certainly cannot clear before its deadline"
+    ),
     ErrorCode.DesktopFlowsActionTimeout: "the run exceeded its run time limit",
     ErrorCode.PasswordlessTokenExpiry: (
         "the sign-in connection's tokens are expired or revoked: sign the connection in again"
@@ -114,7 +121,12 @@ MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.SecretAccessDenied: "the vault refused access to the connection's secret",
     ErrorCode.VaultUnavailable: "the connection's vault did not answer",
     ErrorCode.FlowFailed: "the desktop flow reported a failure",
+    ErrorCode.ExecutorFailed: "the machine could not run the flow (its executor raised an error)",
+    ErrorCode.OutputsTooLarge: "the flow's outputs or error text exceed the size limit",
     ErrorCode.MachineLost: "the machine went offline while running the flow",
     ErrorCode.WorkerRestarted: "the worker restarted while the flow ran; it is not run again",
+    ErrorCode.WorkerStopped: (
+        "the worker was stopped (SIGTERM, service stop) and the flow outlasted its grace period"
+    ),
     ErrorCode.Cancelled: "the run was cancelled",
 }

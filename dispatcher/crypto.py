@@ -268,12 +268,21 @@ class WorkerKeyPair:
         return cls(X25519PrivateKey.generate())
 
     @classmethod
-    def load_or_create(cls, path: str | Path) -> WorkerKeyPair:
+    def load_or_create(
+        cls,
+        path: str | Path,
+        *,
+        protect: Callable[[Path], None] | None = None,
+        check: Callable[[Path], None] | None = None,
+    ) -> WorkerKeyPair:
         """Load the key pair at ``path``, or create it there readable by its owner only (0600).
 
         Creation is atomic (hard link of a finished temporary file), so two workers starting at
         once agree on one key. A key file others can access, or that belongs to another user, is
-        refused, as ssh does: a flow run as another user cannot read it.
+        refused, as ssh does: a flow run as another user cannot read it. ``protect`` and
+        ``check`` replace the POSIX mode bits where they mean nothing (Windows ACLs,
+        ``workers.keyfile``): ``protect`` restricts the new file, ``check`` raises
+        ``ConfigurationError`` for a file others can read.
         """
         path = Path(path)
         if not path.exists():
@@ -284,17 +293,27 @@ class WorkerKeyPair:
             try:
                 with os.fdopen(descriptor, "wb") as handle:
                     handle.write(pair._private_pem())
+                if protect is not None:
+                    protect(temporary)
                 os.link(temporary, path)
             except FileExistsError:
                 pass  # another worker created it first: load theirs below
             finally:
                 temporary.unlink(missing_ok=True)
-        status = path.stat()
-        if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigurationError(f"worker key file {path} is accessible by others: chmod 600")
-        if hasattr(os, "getuid") and status.st_uid != os.getuid():
-            raise ConfigurationError(f"worker key file {path} belongs to another user")
-        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if check is not None:
+            check(path)
+        else:
+            status = path.stat()
+            if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise ConfigurationError(
+                    f"worker key file {path} is accessible by others: chmod 600"
+                )
+            if hasattr(os, "getuid") and status.st_uid != os.getuid():
+                raise ConfigurationError(f"worker key file {path} belongs to another user")
+        try:
+            private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"worker key file {path} cannot be read: {exc}") from None
         if not isinstance(private, X25519PrivateKey):
             raise ConfigurationError(f"worker key file {path} does not hold an X25519 key")
         return cls(private)

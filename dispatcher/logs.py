@@ -1,4 +1,9 @@
-"""Logging set-up: one line per record (text or JSON), with secrets scrubbed on the way out."""
+"""Logging set-up: one line per record (text or JSON), with secrets scrubbed on the way out.
+
+JSON lines carry ``run_id``, ``machine_id`` and ``target`` as fields where they apply: given
+to one call (``log.warning(..., extra=fields(run_id=...))``) or bound to the current context
+(``bind(machine_id=...)``: a worker binds its machine for the process, a flow's task its run).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,22 @@ import logging
 import re
 import sys
 import time
+from contextvars import ContextVar
+
+FIELDS = ("run_id", "machine_id", "target")
+_bound: ContextVar[dict[str, str]] = ContextVar("rundispatch_log_fields", default={})  # noqa: B039
+
+
+def bind(**values: str) -> None:
+    """Add fields to every record logged from this context on (this task, the tasks it
+    creates later)."""
+    _bound.set({**_bound.get(), **{k: v for k, v in values.items() if k in FIELDS}})
+
+
+def fields(**values: str | None) -> dict[str, str]:
+    """Fields for one log call (``extra=``); None values are left out."""
+    return {key: value for key, value in values.items() if key in FIELDS and value is not None}
+
 
 # Anything that looks like a credential in a URL, a bearer token, or a key=value secret.
 _PATTERNS = [
@@ -42,6 +63,11 @@ class ScrubbingFormatter(logging.Formatter):
                 "logger": record.name,
                 "message": record.getMessage(),
             }
+            payload.update(_bound.get())
+            for name in FIELDS:
+                value = getattr(record, name, None)
+                if value is not None:
+                    payload[name] = str(value)
             if record.exc_info:
                 payload["exc"] = self.formatException(record.exc_info)
             return scrub(json.dumps(payload))

@@ -223,6 +223,32 @@ class Names:
         """Stream of messages recorded with a state change and not yet confirmed by RabbitMQ."""
         return f"{self.ns}:outbox"
 
+    def trace(self, target: str) -> str:
+        """Stream of the target's trace records (``core.trace``), one per run that left, within
+        the trace retention."""
+        return f"{self.ns}:trace:{target}"
+
+    @property
+    def machine_changes(self) -> str:
+        """Stream of machine changes (``core.trace.MachineChange``) for the capacity replay."""
+        return f"{self.ns}:machinechanges"
+
+    @property
+    def traced(self) -> str:
+        """Set of the targets that have a trace stream."""
+        return f"{self.ns}:traced"
+
+    @property
+    def outlook(self) -> str:
+        """Hash target -> JSON of the last forecast: earliest queue deadline, predicted misses."""
+        return f"{self.ns}:outlook"
+
+    @property
+    def outbox_poison(self) -> str:
+        """Stream (capped) of outbox entries that could not be published on their own: set
+        aside, with the error, so that one entry never wedges the relay."""
+        return f"{self.ns}:outbox:poison"
+
     def lease(self, role: str) -> str:
         """String lease held by the replica that performs a singleton chore (``role``)."""
         return f"{self.ns}:lease:{role}"

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from dispatcher.client import Client
 from dispatcher.settings import Settings
@@ -15,6 +17,16 @@ from tests.support.processes import (
     Processes,
     cleanup,
     new_settings,
+)
+
+# Hypothesis profiles, explicit: ``dev`` (the default), ``ci`` (under CI: more examples) and
+# ``thorough`` (by hand: HYPOTHESIS_PROFILE=thorough). Every profile prints the reproduction
+# blob of a failure (``@reproduce_failure``), so a failure seen once can be replayed.
+hypothesis_settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("ci", max_examples=400, deadline=None, print_blob=True)
+hypothesis_settings.register_profile("thorough", max_examples=5000, deadline=None, print_blob=True)
+hypothesis_settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")
 )
 
 

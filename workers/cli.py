@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from dispatcher.bootstrap import STARTUP_WAIT_S, worker_broker
+from dispatcher.bootstrap import STARTUP_WAIT_S, UNREACHABLE
 from dispatcher.crypto import WorkerKeyPair
-from dispatcher.errors import ConfigurationError, Unavailable
-from dispatcher.logs import configure
+from dispatcher.errors import ConfigurationError, DispatchError
+from dispatcher.logs import bind, configure, scrub
 from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
+from dispatcher.metrics.health import HealthServer
 from dispatcher.names import Names
+from dispatcher.process import Stopper
 from dispatcher.settings import Settings
+from dispatcher.tools.worker_runtime import worker_broker, worker_readiness
 from workers.adapters.amqp_link import AmqpLink
 from workers.executors import CommandExecutor, Executor, SimulateExecutor
+from workers.keyfile import key_file_guard
 from workers.ledger import Ledger
 from workers.sessions import SessionsFile
 from workers.worker import MachineWorker, new_worker_id
@@ -92,16 +92,48 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
         executor = CommandExecutor.from_options(args.command, args.command_map, args.run_as)
     else:
         executor = SimulateExecutor()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    bind(machine_id=args.machine_id)  # every record of this process is about its machine
+    # Checked before connecting: a key file others can read stops the worker at once.
+    keys = WorkerKeyPair.load_or_create(state_dir / "worker.key", **key_file_guard())
+    stopper = Stopper()
     metrics: WorkerHooks = NullWorkerMetrics()
+    health = None
     if args.metrics_port is not None:
         from workers.telemetry import start_metrics
 
-        metrics = start_metrics(settings, args.metrics_port, args.executor)
+        metrics, health = start_metrics(settings, args.metrics_port, args.executor)
+    try:
+        await _serve(
+            args,
+            settings,
+            stopper=stopper,
+            executor=executor,
+            keys=keys,
+            metrics=metrics,
+            health=health,
+        )
+    except asyncio.CancelledError:
+        if not stopper.stopped_while_starting():
+            raise
+    finally:
+        if health is not None:
+            health.close()
+    return 0
+
+
+async def _serve(
+    args: argparse.Namespace,
+    settings: Settings,
+    *,
+    stopper: Stopper,
+    executor: Executor,
+    keys: WorkerKeyPair,
+    metrics: WorkerHooks,
+    health: HealthServer | None,
+) -> None:
+    state_dir = (
+        args.state_dir or Path.home() / ".rundispatch" / settings.namespace / args.machine_id
+    )
     # RabbitMQ only: the worker holds no Redis URL; the dispatcher records for it.
     async with worker_broker(settings, wait_s=STARTUP_WAIT_S) as broker:
         worker_id = new_worker_id()
@@ -117,34 +149,36 @@ async def serve(args: argparse.Namespace, settings: Settings) -> int:
             link=link,
             worker_id=worker_id,
             executor=executor,
-            keys=WorkerKeyPair.load_or_create(state_dir / "worker.key"),
-            ledger=Ledger(state_dir / "ledger.jsonl"),
+            keys=keys,
+            ledger=Ledger(state_dir / "ledger.jsonl", keep_s=settings.retention_s),
             sessions=SessionsFile(args.sessions_file),
             capacity=args.capacity,
             metrics=metrics,
         )
         await worker.start()
-        await stop.wait()
-        await worker.stop()
+        if health is not None:
+            health.probes.check = worker_readiness(broker, worker.consuming)
+        await stopper.wait()
+        log.info("stopping: running flows get up to %g s to finish", settings.worker_grace_s)
+        await worker.drain(settings.worker_grace_s, settings.drain_s)
         worker.ledger.close()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.load()
-    except ValidationError as exc:
-        print(f"invalid settings: {exc}", file=sys.stderr)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     configure(settings.log_level, settings.log_format)
     try:
         return asyncio.run(serve(args, settings))
     except KeyboardInterrupt:
         return 130
-    except ConfigurationError as exc:  # a bad --run-as, a key file others can read ...
+    except UNREACHABLE as exc:
+        print(f"error: cannot reach RabbitMQ: {scrub(str(exc))}", file=sys.stderr)
+        return 3
+    except DispatchError as exc:  # a bad key file, settings, command map ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (Unavailable, ConnectionError, OSError) as exc:
-        print(f"error: cannot reach RabbitMQ: {exc}", file=sys.stderr)
-        return 3

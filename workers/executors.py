@@ -44,6 +44,7 @@ class FlowContext:
     user: str
     inputs: dict[str, Any]
     secret: dict[str, Any]
+    fence: int = 0
 
 
 class Executor(Protocol):
@@ -105,10 +106,10 @@ class RunAs:
 class CommandExecutor:
     """Runs the command configured for the flow (or the default command).
 
-    stdin is one JSON object: ``{"run_id", "flow_id", "user", "inputs", "secret"}`` (the secret
-    as the worker opened it, ``{}`` when the connection has none); stdout must be a JSON object
-    (the outputs). The environment is :func:`flow_environment`. Cancelling the run kills the
-    process.
+    stdin is one JSON object: ``{"run_id", "fence", "flow_id", "user", "inputs", "secret"}``
+    (the secret as the worker opened it, ``{}`` when the connection has none); stdout must be a
+    JSON object (the outputs). The environment is :func:`flow_environment`. Cancelling the run
+    kills the process.
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class CommandExecutor:
             )
         stdin = {
             "run_id": context.run_id,
+            "fence": context.fence,
             "flow_id": context.flow_id,
             "user": context.user,
             "inputs": context.inputs,

@@ -9,6 +9,7 @@ import logging
 import time
 
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.settings import Settings
@@ -87,15 +88,20 @@ class Heartbeats:
             return
         for item, state in zip(items, states, strict=True):
             # "dispatched" under our fence is a start the store lost: the dispatcher repairs it
-            # from this worker's heartbeat, so the flow goes on.
-            ours = state.fence == item.assignment.fence and state.status in (
-                RunStatus.running,
-                RunStatus.dispatched,
+            # from this worker's heartbeat, so the flow goes on. The machine counts too: after
+            # lost writes the run may be another machine's now, even under the same fence.
+            ours = (
+                state.fence == item.assignment.fence
+                and state.machine_id == self.machine_id
+                and state.status in (RunStatus.running, RunStatus.dispatched)
             )
             if item.cancel_reason is None and not ours:
                 status = state.status.value if state.status else None
                 run_id = item.assignment.run_id
                 log.warning(
-                    "run %s is %s for the dispatcher; stopping its flow here", run_id, status
+                    "run %s is %s for the dispatcher; stopping its flow here",
+                    run_id,
+                    status,
+                    extra=fields(run_id=run_id),
                 )
                 self.runs.stop(run_id, f"the dispatcher ended the run ({status})")

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dispatcher.errors import SealedDataError
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment
 from dispatcher.settings import Settings
@@ -92,7 +93,9 @@ class AssignmentIntake:
             return DeadLetter(f"assignment for machine {assignment.machine_id!r}", "schema"), None
         run_id = assignment.run_id
         if self.ledger.already_ran(run_id) or run_id in self.runs.running:
-            log.info("refusing run %s: this worker already ran it", run_id)
+            log.info(
+                "refusing run %s: this worker already ran it", run_id, extra=fields(run_id=run_id)
+            )
             return Ack(), None
         return Ack(), assignment
 
@@ -138,6 +141,7 @@ class AssignmentIntake:
                         assignment.fence,
                         status.value if status else "unknown",
                         fence,
+                        extra=fields(run_id=assignment.run_id),
                     )
         self.ledger.record_started(
             [(a.run_id, a.fence, {"machine_id": self.machine_id}) for a, _ in started]

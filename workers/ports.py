@@ -61,6 +61,10 @@ class DispatcherLink(Protocol):
         """Deliver this machine's assignments and cancels to ``handler`` in batches."""
         ...
 
+    async def stop_receiving(self, timeout_s: float) -> bool:
+        """Take no more assignments; finish handling those received (a graceful stop)."""
+        ...
+
     async def start(self, starts: Sequence[StartRequest]) -> list[StartResult]:
         """Fenced starts, in one round trip: ``Started`` only for the current hand-off."""
         ...

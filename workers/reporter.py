@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import FinishedRef
 from dispatcher.retry import Backoff, retry
@@ -77,7 +78,12 @@ class Reporter:
                 )
             )
             if not isinstance(result, Finished):
-                log.warning("outcome of run %s not recorded: %r", outcome.run_id, result)
+                log.warning(
+                    "outcome of run %s not recorded: %r",
+                    outcome.run_id,
+                    result,
+                    extra=fields(run_id=outcome.run_id),
+                )
             self.metrics.run_executed(
                 outcome.status.value, executed.duration_s, None if code is None else code.value
             )

@@ -12,6 +12,7 @@ from typing import Any
 
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair, handoff_binding
+from dispatcher.logs import bind
 from dispatcher.metrics.hooks import WorkerHooks
 from dispatcher.models import Assignment, RunError, RunStatus
 from workers.executors import Executor, FlowContext, FlowResult
@@ -40,11 +41,13 @@ class Runner:
         keys: WorkerKeyPair,
         runs: WorkerRuns,
         metrics: WorkerHooks,
+        max_output_bytes: int = 64 * 1024,
     ) -> None:
         self.executor = executor
         self.keys = keys
         self.runs = runs
         self.metrics = metrics
+        self.max_output_bytes = max_output_bytes
         self.done: asyncio.Queue[Executed] = asyncio.Queue()
 
     def open_secret(self, assignment: Assignment) -> dict[str, Any]:
@@ -86,21 +89,24 @@ class Runner:
         item = self.runs.running.get(assignment.run_id)
         if not task.cancelled() or item is None or item.cancel_reason is None:
             return
-        error = RunError(code=ErrorCode.Cancelled, message=item.cancel_reason)
-        outcome = Outcome(assignment.run_id, assignment.fence, RunStatus.cancelled, error)
-        self.done.put_nowait(Executed(outcome, 0.0, ErrorCode.Cancelled))
+        code = item.stop_code
+        status = RunStatus.cancelled if code is ErrorCode.Cancelled else RunStatus.failed
+        error = RunError(code=code, message=item.cancel_reason)
+        outcome = Outcome(assignment.run_id, assignment.fence, status, error)
+        self.done.put_nowait(Executed(outcome, 0.0, code))
 
     async def _execute(self, assignment: Assignment, secret: dict[str, Any]) -> None:
         run_id = assignment.run_id
+        bind(run_id=run_id)  # this flow's task: every record it logs carries its run
         started = time.monotonic()
         try:
             result = await self._run_flow(assignment, secret)
         except asyncio.CancelledError:
             item = self.runs.running.get(run_id)
-            reason = item.cancel_reason if item else None
-            if reason is None:
+            if item is None or item.cancel_reason is None:
                 raise
-            result = FlowResult(False, code=ErrorCode.Cancelled, message=reason)
+            result = FlowResult(False, code=item.stop_code, message=item.cancel_reason)
+        result = self._bounded(result)
         status = RunStatus.succeeded if result.succeeded else RunStatus.failed
         if result.code is ErrorCode.Cancelled:
             status = RunStatus.cancelled
@@ -112,6 +118,29 @@ class Runner:
         outcome = Outcome(run_id, assignment.fence, status, error, result.outputs or None)
         self.done.put_nowait(Executed(outcome, time.monotonic() - started, result.code))
 
+    def _bounded(self, result: FlowResult) -> FlowResult:
+        """The result within the size limit: outputs above it fail the run (OutputsTooLarge,
+        outputs dropped); an error text above it is cut."""
+        limit = self.max_output_bytes
+        size = len(json.dumps(result.outputs, default=str).encode()) if result.outputs else 0
+        if size > limit:
+            return FlowResult(
+                False,
+                code=ErrorCode.OutputsTooLarge,
+                message=f"the flow's outputs are {size} bytes, above the limit of {limit} bytes",
+            )
+        encoded = result.message.encode()
+        if len(encoded) > limit:
+            cut = encoded[:limit].decode(errors="ignore")
+            return FlowResult(
+                result.succeeded,
+                result.outputs,
+                result.code,
+                f"{cut} ... (cut at {limit} bytes)",
+                result.executor_error,
+            )
+        return result
+
     async def _run_flow(self, assignment: Assignment, secret: dict[str, Any]) -> FlowResult:
         context = FlowContext(
             run_id=assignment.run_id,
@@ -119,6 +148,7 @@ class Runner:
             user=assignment.user,
             inputs=assignment.inputs,
             secret=secret,
+            fence=assignment.fence,
         )
         try:
             async with asyncio.timeout(assignment.time_limit_s):  # cheaper than wait_for
@@ -130,7 +160,18 @@ class Runner:
                 code=ErrorCode.DesktopFlowsActionTimeout,
                 message=f"the flow ran longer than {assignment.time_limit_s:g} s and was stopped",
             )
+        except Exception as exc:
+            # Whatever the executor raises (a program that cannot be started, a NUL byte in an
+            # argument, a bug), the run ends now with a code, not at its time limit + grace.
+            log.warning("run %s: the executor raised %s", assignment.run_id, type(exc).__name__)
+            self.metrics.executor_error("crashed")
+            return FlowResult(
+                False,
+                code=ErrorCode.ExecutorFailed,
+                message=f"the executor could not run the flow: {type(exc).__name__}",
+                executor_error="crashed",
+            )
         if result.executor_error is not None:
-            log.warning("run %s: %s", assignment.run_id, result.message)
+            log.warning("run %s: %s", assignment.run_id, result.message)  # run_id is bound
             self.metrics.executor_error(result.executor_error)
         return result

@@ -27,6 +27,7 @@ from typing import TypeVar
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.errors import Unavailable
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import NullWorkerMetrics, WorkerHooks
 from dispatcher.models import RunError, RunStatus
 from dispatcher.retry import Backoff, retry
@@ -82,7 +83,13 @@ class MachineWorker:
         self.worker_id = worker_id or new_worker_id()
         self.metrics: WorkerHooks = metrics or NullWorkerMetrics()
         self.runs = WorkerRuns()
-        self.runner = Runner(executor=executor, keys=keys, runs=self.runs, metrics=self.metrics)
+        self.runner = Runner(
+            executor=executor,
+            keys=keys,
+            runs=self.runs,
+            metrics=self.metrics,
+            max_output_bytes=settings.max_output_bytes,
+        )
         self.intake = AssignmentIntake(
             settings=settings,
             machine_id=machine_id,
@@ -108,6 +115,7 @@ class MachineWorker:
             metrics=self.metrics,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
 
     async def start(self) -> None:
         """Report runs cut short, heartbeat, consume the machine's queue. A connection that
@@ -142,11 +150,46 @@ class MachineWorker:
         ]
         log.info("worker %s serving machine %s", self.worker_id, self.machine_id)
 
+    async def drain(self, grace_s: float, timeout_s: float) -> None:
+        """A graceful stop: take no more assignments, let the running flows finish for up to
+        ``grace_s``, stop those still running (``WorkerStopped``), report every outcome
+        (for up to ``timeout_s`` more), then stop."""
+        self.draining = True
+        log.info("stopping: no new assignments; %d flows running", len(self.runs.running))
+        await self.link.stop_receiving(timeout_s)
+        tasks = [item.task for item in self.runs.running.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for run_id, item in list(self.runs.running.items()):
+            if not item.task.done():
+                log.warning(
+                    "run %s outlasted the grace of %g s; stopping it",
+                    run_id,
+                    grace_s,
+                    extra=fields(run_id=run_id),
+                )
+                self.runs.stop(
+                    run_id,
+                    f"the worker stopped and the flow outlasted the grace of {grace_s:g} s",
+                    ErrorCode.WorkerStopped,
+                )
+        deadline = time.monotonic() + timeout_s
+        # The reporter forgets a run once its outcome is recorded.
+        while self.runs.running and time.monotonic() < deadline:  # noqa: ASYNC110 - polled
+            await asyncio.sleep(0.05)
+        if self.runs.running:
+            log.warning("%d outcomes not reported before stopping", len(self.runs.running))
+        await self.stop()
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.link.aclose()
+
+    def consuming(self) -> bool:
+        """Whether its jobs run (readiness): false once stopping or when one ended."""
+        return bool(self._tasks) and not self.draining and not any(t.done() for t in self._tasks)
 
     async def reconcile(self) -> None:
         """At start-up nothing runs here: runs this machine was running were cut short."""
@@ -155,7 +198,9 @@ class MachineWorker:
             return
         for run in cut_short:
             log.warning(
-                "run %s was running when this worker stopped; reporting it failed", run.run_id
+                "run %s was running when this worker stopped; reporting it failed",
+                run.run_id,
+                extra=fields(run_id=run.run_id),
             )
         error = RunError(
             code=ErrorCode.WorkerRestarted,

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs what the tests run besides Python packages (Debian/Ubuntu, as root):
 #   sh deploy/local/install-tools.sh              prometheus + promtool (observability tests);
+#                                                 node + npm (a real OpenID provider);
 #                                                 rabbitmq-server and redis-server, from which
 #                                                 the cluster tests start their own 3-node
 #                                                 RabbitMQ cluster and Redis Sentinel group
@@ -33,6 +34,8 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 ||
   missing="$missing prometheus"
 [ -x "${RABBITMQ_SBIN:-/usr/lib/rabbitmq/bin}/rabbitmq-server" ] || missing="$missing rabbitmq-server"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+# node + npm: tests/identity/test_oidc_provider.py signs in against a real OpenID provider.
+command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
 if [ -n "$missing" ]; then
   # shellcheck disable=SC2086 # one word per package
   apt_install $missing

@@ -13,8 +13,9 @@ import collections
 import logging
 from collections.abc import Sequence
 
-from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.adapters.amqp.broker import UNREACHABLE, Amqp
 from dispatcher.adapters.redis.outbox import RedisOutbox
+from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks, NullMetrics
 from dispatcher.names import event_of
 from dispatcher.usecases.results import OutboxMessage
@@ -82,9 +83,37 @@ class OutboxPublisher:
         await self._flush(0.0)
 
     async def relay(self, older_than_s: float, batch: int = 500) -> int:
-        """Publish outbox entries older than ``older_than_s``; returns how many."""
+        """Publish outbox entries older than ``older_than_s``; returns how many.
+
+        When the batch fails, each entry is tried on its own. An entry that fails while the
+        broker is there (others went out, or its error is not a connection failure: a routing
+        key too long, a message RabbitMQ refuses) is set aside in the poison stream, so that
+        one entry never wedges the relay; if the broker cannot be reached, all stay."""
         stale = await self.outbox.older_than(older_than_s, batch)
-        if stale and await self.send(stale):
+        if not stale:
+            return 0
+        if await self.send(stale):
             log.info("relayed %d outbox messages left by another process", len(stale))
             return len(stale)
-        return 0
+        failed: list[tuple[OutboxMessage, Exception]] = []
+        sent = 0
+        for message in stale:
+            try:
+                await self.amqp.publish_outbox([message])
+            except Exception as exc:
+                failed.append((message, exc))
+                continue
+            sent += 1
+            self._forget([message.id] if message.id else [])
+        for message, error in failed:
+            if sent or not isinstance(error, (*UNREACHABLE, Unavailable, asyncio.TimeoutError)):
+                log.error(
+                    "outbox entry %s (%s to %r) cannot be published: set aside (%s)",
+                    message.id,
+                    message.kind,
+                    message.routing_key[:100],
+                    type(error).__name__,
+                )
+                fields = {"k": message.kind, "r": message.routing_key, "b": message.body}
+                await self.outbox.set_aside(message.id, fields, repr(error))
+        return sent

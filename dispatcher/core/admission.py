@@ -38,8 +38,20 @@ def tenant_blocked(machine: Machine, connection: Connection) -> bool:
     return (connection.tenant_id or "").casefold() not in allowed
 
 
-def admit(request: RunRequest, fleet: FleetSnapshot) -> Acceptance | Rejection:
-    """Decide whether a valid request may be queued, and for which target."""
+def admit(
+    request: RunRequest, fleet: FleetSnapshot, max_run_cap_s: float | None = None
+) -> Acceptance | Rejection:
+    """Decide whether a valid request may be queued, and for which target. A ``max_run_s``
+    above ``max_run_cap_s`` is rejected (a run time limit the dispatcher will not honour)."""
+    if (
+        max_run_cap_s is not None
+        and request.max_run_s is not None
+        and request.max_run_s > max_run_cap_s
+    ):
+        return Rejection(
+            ErrorCode.InvalidRunRequest,
+            f"max_run_s {request.max_run_s:g} s is above the limit of {max_run_cap_s:g} s",
+        )
     connection = fleet.connections.get(request.connection_id)
     if connection is None:
         return Rejection(

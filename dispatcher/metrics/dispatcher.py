@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 
 from prometheus_client import CollectorRegistry
 
@@ -31,6 +32,7 @@ from dispatcher.metrics.specs import (
     REFUSED,
     REJECTED,
     RUN_DURATION,
+    STORE_OUTAGE,
     SUBMITTED,
     TIMED_OUT,
     UP,
@@ -62,6 +64,8 @@ class DispatcherMetrics:
         self._events = counter(EVENTS_PUBLISHED, registry)
         self._outbox = gauge(OUTBOX, registry)
         self._up = gauge(UP, registry)
+        self._outage_since: float | None = None
+        gauge(STORE_OUTAGE, registry).set_function(self._outage_s)
         gauge(BUILD, registry).labels(version, platform.python_version()).set(1)
         self._queue_state = QueueStateCollector()
         registry.register(self._queue_state)
@@ -147,6 +151,18 @@ class DispatcherMetrics:
     def set_outbox_backlog(self, events: int) -> None:
         """Set how many events wait in the outbox to be published."""
         self._outbox.set(events)
+
+    def set_store_outage(self, holding: bool) -> None:
+        """Say whether deliveries are held because a service cannot serve them (the gauge
+        reads how long they have been, at each scrape)."""
+        if not holding:
+            self._outage_since = None
+        elif self._outage_since is None:
+            self._outage_since = time.monotonic()
+
+    def _outage_s(self) -> float:
+        since = self._outage_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def set_up(self, up: bool) -> None:
         """Say whether the dispatcher is consuming and dispatching."""

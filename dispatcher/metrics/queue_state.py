@@ -18,8 +18,10 @@ from prometheus_client.registry import Collector
 from dispatcher.metrics.specs import (
     MACHINE_STATES,
     MACHINES,
+    NEXT_DEADLINE,
     OLDEST,
     OLDEST_SIGN_IN,
+    PREDICTED_TIMEOUTS,
     PRIORITIES,
     QUEUED,
     SLOTS,
@@ -60,6 +62,10 @@ class QueueStateSnapshot:
     queues: Mapping[tuple[str, str], QueueStats] = field(default_factory=dict)
     waiting: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (target, reason)
     oldest_sign_in_enqueued_at: Mapping[str, float] = field(default_factory=dict)  # target
+    # The forecast chore's outlook per target: earliest queue deadline (Unix time), and how
+    # many queued runs it predicts to miss theirs.
+    next_deadline_at: Mapping[str, float] = field(default_factory=dict)  # target
+    predicted_timeouts: Mapping[str, int] = field(default_factory=dict)  # target
     machines: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (group, state)
     slots: Mapping[str, SlotCounts] = field(default_factory=dict)  # group
     # (target, connection kind, mode) of every run the fleet's connections can queue: their
@@ -88,6 +94,8 @@ def render_queue_state(snapshot: QueueStateSnapshot | None) -> tuple[GaugeMetric
     oldest: dict[tuple[str, ...], float] = {}
     sign_in: dict[tuple[str, ...], float] = {}
     waiting: dict[tuple[str, ...], float] = {}
+    deadline: dict[tuple[str, ...], float] = {}
+    misses: dict[tuple[str, ...], float] = {}
     machines: dict[tuple[str, ...], float] = {}
     slots: dict[tuple[str, ...], float] = {}
     stamp: dict[tuple[str, ...], float] = {}
@@ -101,6 +109,12 @@ def render_queue_state(snapshot: QueueStateSnapshot | None) -> tuple[GaugeMetric
                 _keep_max(oldest, key, max(0.0, now - stats.oldest_enqueued_at))
         for target, enqueued_at in snapshot.oldest_sign_in_enqueued_at.items():
             _keep_max(sign_in, (fleet_value(target),), max(0.0, now - enqueued_at))
+        for target, deadline_at in snapshot.next_deadline_at.items():
+            left = deadline_at - now
+            one = (fleet_value(target),)
+            deadline[one] = min(deadline.get(one, left), left)
+        for target, count in snapshot.predicted_timeouts.items():
+            _add(misses, (fleet_value(target),), count)
         for (target, reason), count in snapshot.waiting.items():
             _add(waiting, (fleet_value(target), closed_value(reason, WAIT_REASONS)), count)
         for (group, state), count in snapshot.machines.items():
@@ -112,6 +126,8 @@ def render_queue_state(snapshot: QueueStateSnapshot | None) -> tuple[GaugeMetric
         _family(QUEUED, depth),
         _family(OLDEST, oldest),
         _family(OLDEST_SIGN_IN, sign_in),
+        _family(NEXT_DEADLINE, deadline),
+        _family(PREDICTED_TIMEOUTS, misses),
         _family(WAITING, waiting),
         _family(MACHINES, machines),
         _family(SLOTS, slots),

@@ -149,6 +149,11 @@ OUTBOX = MetricSpec(
     "rundispatch_outbox_backlog_events", "gauge", "Events recorded but not yet published."
 )
 UP = MetricSpec("rundispatch_up", "gauge", "1 while the dispatcher consumes and dispatches.")
+STORE_OUTAGE = MetricSpec(
+    "rundispatch_store_outage_seconds", "gauge",
+    "How long this dispatcher has been holding deliveries that Redis or RabbitMQ cannot serve "
+    "(0: no outage).",
+)  # fmt: skip
 BUILD = MetricSpec(
     "rundispatch_build_info", "gauge", "Always 1; the labels say which build runs.",
     {"version": Bound.process, "python": Bound.process},
@@ -164,6 +169,16 @@ OLDEST = MetricSpec(
 OLDEST_SIGN_IN = MetricSpec(
     "rundispatch_queue_oldest_sign_in_age_seconds", "gauge",
     "Age of the oldest queued run of a sign-in connection (limit: 1 h).",
+    {"target": Bound.fleet},
+)  # fmt: skip
+NEXT_DEADLINE = MetricSpec(
+    "rundispatch_queue_next_deadline_seconds", "gauge",
+    "Seconds until the earliest queue deadline of the target's queued runs (any connection kind).",
+    {"target": Bound.fleet},
+)  # fmt: skip
+PREDICTED_TIMEOUTS = MetricSpec(
+    "rundispatch_queue_predicted_timeouts", "gauge",
+    "Queued runs of the target the forecast predicts to miss their queue deadline.",
     {"target": Bound.fleet},
 )  # fmt: skip
 WAITING = MetricSpec(
@@ -183,10 +198,14 @@ STATE_TIME = MetricSpec(
     "When the queue-state gauges were read from Redis (Unix time).",
 )  # fmt: skip
 
-QUEUE_STATE_SPECS: Final = (QUEUED, OLDEST, OLDEST_SIGN_IN, WAITING, MACHINES, SLOTS, STATE_TIME)
+QUEUE_STATE_SPECS: Final = (
+    QUEUED, OLDEST, OLDEST_SIGN_IN, NEXT_DEADLINE, PREDICTED_TIMEOUTS, WAITING, MACHINES, SLOTS,
+    STATE_TIME,
+)  # fmt: skip
 DISPATCHER_SPECS: Final = (
     SUBMITTED, REJECTED, DISPATCHED, COMPLETED, TIMED_OUT, QUEUE_WAIT, RUN_DURATION, DECISION,
-    REFRESHES, REFRESH_TIME, DEAD_LETTERS, REFUSED, EVENTS_PUBLISHED, OUTBOX, UP, BUILD,
+    REFRESHES, REFRESH_TIME, DEAD_LETTERS, REFUSED, EVENTS_PUBLISHED, OUTBOX, UP, STORE_OUTAGE,
+    BUILD,
     *QUEUE_STATE_SPECS,
 )  # fmt: skip
 

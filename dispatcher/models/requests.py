@@ -35,6 +35,9 @@ class RunRequest(Strict):
     queue_timeout_s: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
     max_run_s: Seconds | None = Field(default=None, gt=0, allow_inf_nan=False)
     submitted_at: datetime | None = Field(default=None, strict=False)
+    # End the run at once (PredictedQueueTimeout) when the forecast is sure it misses its queue
+    # deadline (docs/forecast.md); off by default.
+    fail_early: bool = False
 
     @field_validator("inputs")
     @classmethod

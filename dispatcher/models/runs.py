@@ -67,6 +67,7 @@ class Run(BaseModel):
     queue_timeout_s: float | None = None
     max_run_s: float | None = None
     submitted_at: float | None = None
+    fail_early: bool = False
     target: str | None = None
     connection_kind: ConnectionKind | None = None
     machine_id: str | None = None

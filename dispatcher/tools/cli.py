@@ -13,10 +13,9 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import ValidationError
-
 from dispatcher import __version__
-from dispatcher.errors import DispatchError, Unavailable
+from dispatcher.errors import ConfigurationError, DispatchError, Unavailable
+from dispatcher.logs import scrub
 from dispatcher.settings import Settings
 from dispatcher.tools import principals
 from dispatcher.tools.commands import (
@@ -32,6 +31,12 @@ from dispatcher.tools.commands import (
     cmd_runs_wait,
     cmd_serve,
     cmd_submit,
+)
+from dispatcher.tools.ops_commands import (
+    cmd_contract,
+    cmd_definitions,
+    cmd_doctor,
+    cmd_secrets_rotate,
 )
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -63,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="fleet file (YAML or JSON), see deploy/examples/fleet.yaml")
     p.add_argument("--prune", action="store_true", help="delete what the file does not list")
     p.add_argument("--no-signal", action="store_true", help="write Redis only, skip RabbitMQ")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would change (+ added, ~ changed, - removed), change nothing",
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("submit", cmd_submit, "submit a run request over AMQP")
@@ -83,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-timeout", type=float, default=None, help="seconds; may only shorten the limit"
     )
     p.add_argument("--max-run", type=float, default=None, help="run time limit in seconds")
+    p.add_argument(
+        "--fail-early",
+        action="store_true",
+        help="end the run at once (PredictedQueueTimeout) if it certainly misses its deadline",
+    )
     p.add_argument("--wait", action="store_true", help="wait until the run is terminal, print it")
     p.add_argument(
         "--timeout", type=float, default=None, help="with --wait: give up after S seconds"
@@ -149,6 +164,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--json", action="store_true")
 
+    secrets = add(
+        "secrets", cmd_secrets_rotate, "secrets at rest: re-encrypt with the current key"
+    ).add_subparsers(dest="secrets_command", required=True)
+    p = add(
+        "rotate",
+        cmd_secrets_rotate,
+        "re-encrypt stored passwords and token caches with the first key of "
+        "RUNDISPATCH_SECRET_KEYS (the others must still be listed to open them)",
+        secrets,
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count what would be re-sealed")
+    p.add_argument("--json", action="store_true")
+
+    p = add(
+        "definitions",
+        cmd_definitions,
+        "RabbitMQ definitions of the namespace (exchanges, queues, bindings, policies)",
+    )
+    p.add_argument("--vhost", default="/", help="the virtual host they are for (default /)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="write this file (its users and permissions are kept) instead of printing",
+    )
+
+    p = add(
+        "contract",
+        cmd_contract,
+        "write the JSON Schemas and the AsyncAPI document of the AMQP contract",
+    )
+    p.add_argument("--output", default="docs/contract", help="directory (default docs/contract)")
+
+    p = add("doctor", cmd_doctor, "check Redis, RabbitMQ, the topology, clocks; say what to fix")
+    p.add_argument("--json", action="store_true")
+
+    from dispatcher.tools import cli_foresight
+
+    cli_foresight.register(sub)
+
     try:
         from dispatcher.tools import cli_connections
     except ImportError:  # pragma: no cover - the identity package is optional at build time
@@ -182,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(glue_relative_times(sys.argv[1:] if argv is None else argv))
     try:
         settings = Settings.load()
-    except ValidationError as exc:
-        print(f"invalid settings: {exc}", file=sys.stderr)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     from dispatcher.logs import configure
 
@@ -196,12 +250,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(result)
     except KeyboardInterrupt:
         return 130
-    except Unavailable as exc:
-        print(f"error: cannot reach RabbitMQ or Redis: {exc}", file=sys.stderr)
-        return 3
     except (DispatchError, TimeoutError) as exc:
+        if isinstance(exc, Unavailable):
+            return unreachable(exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (ConnectionError, OSError) as exc:
-        print(f"error: cannot reach RabbitMQ or Redis: {exc}", file=sys.stderr)
-        return 3
+    except Exception as exc:
+        from dispatcher.bootstrap import UNREACHABLE
+
+        if isinstance(exc, UNREACHABLE):
+            return unreachable(exc)
+        raise
+
+
+def unreachable(exc: BaseException) -> int:
+    """RabbitMQ or Redis cannot be reached: one line that says which, and exit code 3."""
+    print(f"error: cannot reach RabbitMQ or Redis: {scrub(str(exc))}", file=sys.stderr)
+    return 3

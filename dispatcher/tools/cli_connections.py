@@ -103,9 +103,7 @@ async def _show(connection_id: str, as_json: bool, settings: Settings) -> int:
             return 2
         if connection.kind is ConnectionKind.sign_in:
             store = TokenStore(rt.redis, rt.names, SecretBox.from_settings(settings))
-            view = {"kind": "sign_in"} | token_status(
-                connection, await store.load(connection.connection_id)
-            )
+            view = {"kind": "sign_in"} | token_status(connection, await store.load(connection))
         else:
             view = _credentials_view(connection)
     if as_json:

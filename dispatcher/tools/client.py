@@ -14,10 +14,13 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from dispatcher.bootstrap import Runtime, runtime
+from dispatcher.core.capacity import CapacityReport
+from dispatcher.core.forecast import Prediction
 from dispatcher.core.ordering import lane_of, rescore, top_score
 from dispatcher.core.placement import reasons_payload
 from dispatcher.errors import NotFound, PermanentError
@@ -25,6 +28,7 @@ from dispatcher.models import Mode, Priority, Run, RunRequest, RunStatus
 from dispatcher.retry import Backoff
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.results import Reordered
 
 
@@ -41,9 +45,35 @@ class QueueEntry:
     waited_s: float
     queue_deadline: float | None
     reasons: dict[str, str]
+    # The forecast (docs/forecast.md): when it is likely to start (Unix time; None when it
+    # is predicted to time out, no machine can take it, or it is too deep to play forward),
+    # the outlook (starts | times_out | no_machine | unknown) and how sure it is.
+    predicted_start_at: float | None = None
+    outlook: str = "unknown"
+    confidence: str | None = None
+    no_machine_reasons: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        data = dict(self.__dict__)
+        data["predicted_start_at"] = iso_or_none(self.predicted_start_at)
+        return data
+
+    @property
+    def forecast_text(self) -> str:
+        """The forecast in words, for ``runs show`` and ``queue show``."""
+        if self.outlook == "starts":
+            return f"starts ~{iso_or_none(self.predicted_start_at)} ({self.confidence})"
+        if self.outlook == "times_out":
+            return f"predicted to time out ({self.confidence})"
+        if self.outlook == "no_machine":
+            return "no machine can take it"
+        return "no forecast (deeper than the forecast plays the queue)"
+
+
+def iso_or_none(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 # Polling a run's record while waiting for it: quickly at first, then every half second.
@@ -57,6 +87,7 @@ class Client:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.settings = rt.settings
+        self.foresight: Foresight = rt.foresight()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -76,6 +107,7 @@ class Client:
         run_id: str | None = None,
         queue_timeout_s: float | None = None,
         max_run_s: float | None = None,
+        fail_early: bool = False,
     ) -> str:
         """Publish a run request (persistent, confirmed); returns its run id."""
         body: dict[str, Any] = {
@@ -92,6 +124,8 @@ class Client:
             body["queue_timeout_s"] = queue_timeout_s
         if max_run_s is not None:
             body["max_run_s"] = max_run_s
+        if fail_early:
+            body["fail_early"] = True
         raw = json.dumps(body).encode()
         RunRequest.model_validate_json(raw)  # fail here, not in the dead-letter queue
         await self.rt.amqp.publish_json("requests", "submit", raw, kind="run.request")
@@ -174,7 +208,20 @@ class Client:
         position = await self.rt.runs.position(run) or 0
         lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
         reasons = reasons_payload(await self.rt.runs.lane_reasons(run.target or "", lane))
-        return self._entry(run, position, reasons)
+        return _predicted(self._entry(run, position, reasons), await self.foresight.predict(run))
+
+    async def predict(self, run_id: str) -> Prediction | None:
+        """The forecast of a queued run: ``start_at``, ``outlook``, ``confidence`` (None: not
+        queued, or deeper in its queue than the forecast plays it)."""
+        return await self.foresight.predict(await self.get(run_id))
+
+    async def capacity(
+        self, target: str, *, add_machines: int = 0, since: float | None = None
+    ) -> CapacityReport:
+        """Replay the target's recorded runs since ``since`` (default: the last 24 h) on
+        today's fleet and with ``add_machines`` more (or fewer) machines."""
+        start = time.time() - 86400 if since is None else since
+        return await self.foresight.capacity(target, add_machines, start)
 
     def _entry(self, run: Run, position: int, reasons: dict[str, str]) -> QueueEntry:
         return QueueEntry(
@@ -196,6 +243,8 @@ class Client:
         for key in targets:
             page = await self.rt.runs.queue_page(key, 0, limit - 1)
             runs = await self.rt.runs.get_many([run_id for run_id, _ in page])
+            forecast = await self.foresight.forecast(key)
+            predictions = {p.run_id: p for p in forecast.predictions}
             reasons_cache: dict[str, dict[str, str]] = {}
             for position, run in enumerate(runs, start=1):
                 if run is None:
@@ -205,5 +254,18 @@ class Client:
                     reasons_cache[lane] = reasons_payload(
                         await self.rt.runs.lane_reasons(key, lane)
                     )
-                entries.append(self._entry(run, position, reasons_cache[lane]))
+                entry = self._entry(run, position, reasons_cache[lane])
+                entries.append(_predicted(entry, predictions.get(run.run_id)))
         return entries
+
+
+def _predicted(entry: QueueEntry, prediction: Prediction | None) -> QueueEntry:
+    if prediction is None:
+        return entry
+    return replace(
+        entry,
+        predicted_start_at=prediction.start_at,
+        outlook=prediction.outlook.value,
+        confidence=prediction.confidence.value,
+        no_machine_reasons={m: code.value for m, code in prediction.reasons.items()} or None,
+    )

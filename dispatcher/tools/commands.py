@@ -52,6 +52,9 @@ def print_run(run: Run, explain: dict[str, Any] | None) -> None:
         print(f"outputs    {json.dumps(run.outputs)}")
     if explain:
         print(f"position   {explain['position']} in {explain['target']}")
+        print(f"forecast   {explain['forecast']}")
+        for machine_id, code in sorted((explain.get("no_machine_reasons") or {}).items()):
+            print(f"  {machine_id:<20} {code}")
         reasons = explain.get("reasons") or {}
         if reasons:
             print("waiting because:")
@@ -75,7 +78,13 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
     from dispatcher.bootstrap import runtime
     from dispatcher.crypto import SecretBox
-    from dispatcher.tools.fleet_file import build_connections, check_references, load_fleet_file
+    from dispatcher.tools.fleet_file import (
+        build_connections,
+        check_references,
+        fleet_diff,
+        keep_maintenance,
+        load_fleet_file,
+    )
 
     fleet_file = load_fleet_file(Path(args.file))
     check_references(fleet_file, settings.max_group_size)
@@ -87,11 +96,22 @@ async def cmd_apply(args: argparse.Namespace, settings: Settings) -> int:
         return box.seal(password.encode(), connection_id)
 
     connections = build_connections(fleet_file, seal, args.file)
-    async with runtime(settings, amqp=not args.no_signal) as rt:
+    async with runtime(settings, amqp=not (args.no_signal or args.dry_run)) as rt:
+        current = await rt.fleet.load(force=True)
+        machines = keep_maintenance(fleet_file.machines, current)
+        if args.dry_run:
+            changes = fleet_diff(
+                current, fleet_file.groups, machines, connections, prune=args.prune
+            )
+            if args.json:
+                print_json({"changes": changes})
+            else:
+                print("\n".join(changes) if changes else "no changes")
+            return 0
         counts = await rt.fleet.apply(
             fleet_file.environment,
             fleet_file.groups,
-            fleet_file.machines,
+            machines,
             connections,
             prune=args.prune,
             submitters=fleet_file.submitters,
@@ -135,6 +155,7 @@ async def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
             inputs=inputs,
             run_id=args.run_id,
             queue_timeout_s=args.queue_timeout,
+            fail_early=args.fail_early,
             max_run_s=args.max_run,
         )
         if not args.wait:
@@ -155,9 +176,14 @@ async def cmd_runs_show(args: argparse.Namespace, settings: Settings) -> int:
         run = await client.get(args.run_id)
         entry = await client.explain(run)
     explain = entry.as_dict() if entry else None
+    if entry is not None and explain is not None:
+        explain["forecast"] = entry.forecast_text
     if args.json:
         data = run.model_dump(mode="json")
         data["queue"] = explain
+        data["predicted_start_at"] = explain["predicted_start_at"] if explain else None
+        data["confidence"] = explain["confidence"] if explain else None
+        data["outlook"] = explain["outlook"] if explain else None
         print_json(data)
     else:
         print_run(run, explain)
@@ -191,12 +217,13 @@ async def cmd_queue_show(args: argparse.Namespace, settings: Settings) -> int:
             print(f"\n{current}")
             print(
                 f"  {'pos':>4}  {'run_id':<34} {'prio':<6} {'mode':<10} {'wait':>8}  "
-                f"{'deadline':<24}  reason"
+                f"{'deadline':<24}  {'forecast':<44}  reason"
             )
         reason = "; ".join(f"{m}: {r}" for m, r in sorted(entry.reasons.items())) or "-"
         print(
             f"  {entry.position:>4}  {entry.run_id:<34} {entry.priority:<6} {entry.mode:<10} "
-            f"{entry.waited_s:>7.1f}s  {iso(entry.queue_deadline):<24}  {reason}"
+            f"{entry.waited_s:>7.1f}s  {iso(entry.queue_deadline):<24}  "
+            f"{entry.forecast_text:<44}  {reason}"
         )
     return 0
 
@@ -246,6 +273,7 @@ async def cmd_maintenance(args: argparse.Namespace, settings: Settings) -> int:
 
     async with runtime(settings) as rt:
         machine = await rt.fleet.set_maintenance(args.machine_id, args.state == "on")
+        await rt.foresight().machine_changed(machine.machine_id, time.time())
         await rt.amqp.publish_json(
             "events",
             "machine.changed",

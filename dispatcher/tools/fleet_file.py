@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.errors import ConfigurationError
-from dispatcher.models import Connection, ConnectionKind, FleetFile
+from dispatcher.models import Connection, ConnectionKind, FleetFile, Group, Machine
 
 
 def _describe(error: ValidationError, where: str) -> str:
@@ -96,3 +97,57 @@ def check_references(fleet: FleetFile, max_group_size: int) -> None:
             raise ConfigurationError(
                 f"group {group_id!r} has {size} machines; the limit is {max_group_size}"
             )
+
+
+def keep_maintenance(machines: Sequence[Machine], current: FleetSnapshot) -> list[Machine]:
+    """Machines as the file gives them, but a machine put in maintenance from the CLI stays
+    in maintenance unless the file sets ``maintenance`` itself."""
+    kept = []
+    for given in machines:
+        now = current.machines.get(given.machine_id)
+        held = "maintenance" not in given.model_fields_set and now is not None and now.maintenance
+        kept.append(given.model_copy(update={"maintenance": True}) if held else given)
+    return kept
+
+
+# A password is sealed again (new nonce) at every apply: its seal is not a change.
+_NOT_COMPARED = {"password_sealed"}
+
+
+def _fields(item: BaseModel) -> dict[str, Any]:
+    data: dict[str, Any] = item.model_dump(mode="json", exclude=_NOT_COMPARED)
+    return data
+
+
+def fleet_diff(
+    current: FleetSnapshot,
+    groups: Sequence[Group],
+    machines: Sequence[Machine],
+    connections: Sequence[Connection],
+    prune: bool,
+) -> list[str]:
+    """What applying would change, one line each: ``+ kind id``, ``~ kind id: field a -> b``,
+    ``- kind id`` (with ``prune``). Empty when nothing would change."""
+    lines: list[str] = []
+    sections: list[tuple[str, dict[str, Any], Sequence[Any], str]] = [
+        ("group", current.groups, groups, "group_id"),
+        ("machine", current.machines, machines, "machine_id"),
+        ("connection", current.connections, connections, "connection_id"),
+    ]
+    for kind, have, want, key in sections:
+        wanted = {getattr(item, key): item for item in want}
+        for item_id, item in wanted.items():
+            old = have.get(item_id)
+            if old is None:
+                lines.append(f"+ {kind} {item_id}")
+                continue
+            before, after = _fields(old), _fields(item)
+            for name in sorted(set(before) | set(after)):
+                if before.get(name) != after.get(name):
+                    lines.append(
+                        f"~ {kind} {item_id}: {name} "
+                        f"{json.dumps(before.get(name))} -> {json.dumps(after.get(name))}"
+                    )
+        if prune:
+            lines.extend(f"- {kind} {item_id}" for item_id in sorted(set(have) - set(wanted)))
+    return lines

@@ -157,7 +157,7 @@ class Intake:
             await self.canceller.cancel(item.run_id, item.reason or "cancelled over AMQP")
             return None
         request = item
-        decision: Rejection | Acceptance = admit(request, fleet)
+        decision: Rejection | Acceptance = admit(request, fleet, self.settings.max_run_cap_s)
         if not sender.acts_for(request.requested_by, fleet.submitters):
             self.metrics.message_refused("sender")
             log.warning("refused run %s from %s", request.run_id, sender.describe(None))

@@ -21,6 +21,7 @@ from dispatcher.core.placement import Placement, Waiting, plan_pass, runs_per_la
 from dispatcher.core.selection import slots_of
 from dispatcher.crypto import handoff_binding
 from dispatcher.errors import RetryableRunError, RunFailure
+from dispatcher.logs import fields
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import RunError, RunStatus
 from dispatcher.settings import Settings
@@ -94,7 +95,11 @@ class Placer:
                 try:
                     await self.place(target)
                 except Exception:
-                    log.exception("placement pass for %s failed; retrying soon", target)
+                    log.exception(
+                        "placement pass for %s failed; retrying soon",
+                        target,
+                        extra=fields(target=target),
+                    )
                     self.request_later(target, RETRY_AFTER_S)
 
     async def place(self, target: str) -> int:
@@ -194,7 +199,12 @@ class Placer:
                 self.request_later(target, max(RETRY_AFTER_S, secret.retry_after_s or 0.0))
                 continue
             if isinstance(secret, BaseException):
-                log.error("preparing the hand-off of run %s failed: %r", head.run_id, secret)
+                log.error(
+                    "preparing the hand-off of run %s failed: %r",
+                    head.run_id,
+                    secret,
+                    extra=fields(run_id=head.run_id, target=target),
+                )
                 self.request_later(target, RETRY_AFTER_S)
                 continue
             claims.append(
@@ -221,7 +231,12 @@ class Placer:
                 case UserBusy() | NoSlot():
                     lost += 1
                 case Failed(error=error):
-                    log.warning("claim of run %s failed: %s", placement.head.run_id, error)
+                    log.warning(
+                        "claim of run %s failed: %s",
+                        placement.head.run_id,
+                        error,
+                        extra=fields(run_id=placement.head.run_id, target=target),
+                    )
         return placed, lost, failed
 
     async def _fail_queued(

@@ -20,24 +20,29 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.errors import Unavailable
 from dispatcher.models import (
     AssignedRun,
     Connection,
-    ConnectionKind,
     Heartbeat,
     Machine,
     MachineView,
     Priority,
     QueuedHead,
     Run,
-    RunError,
-    RunRequest,
     RunStatus,
 )
-from dispatcher.names import NO_SUBMITTER
+from dispatcher.usecases.changes import (
+    Admission,
+    Claim,
+    Ending,
+    HandoffFacts,
+    QueueEnding,
+    Refusal,
+    Start,
+)
 from dispatcher.usecases.results import (
     AdmitResult,
     CancelResult,
@@ -51,6 +56,9 @@ from dispatcher.usecases.results import (
     StartResult,
     UnqueueResult,
 )
+
+# Re-exported: the values the transitions take live in ``changes``.
+__all__ = ["Admission", "Claim", "Ending", "HandoffFacts", "QueueEnding", "Refusal", "Start"]
 
 
 # ---- deliveries and verdicts ------------------------------------------------------------------
@@ -126,6 +134,11 @@ class Broker(Protocol):
         """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
         ...
 
+    async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
+        """Cancel every consumer (of ``queues`` only, when given) and finish the deliveries
+        received (a graceful stop); False when that took longer than ``timeout_s``."""
+        ...
+
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
     ) -> None:
@@ -146,99 +159,6 @@ class Publisher(Protocol):
     async def relay(self, older_than_s: float) -> int: ...
 
     async def aclose(self) -> None: ...
-
-
-# ---- what the run store's transitions take ------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """Queue ``request`` in ``target`` unless a shared limit refuses it (throttle, cap)."""
-
-    request: RunRequest
-    target: str
-    connection_kind: ConnectionKind
-    score: float
-    deadline: float
-    throttle_limit: int
-    queue_cap: int
-    now: float
-    submitter: str = NO_SUBMITTER  # who sent it: the last word of its events' routing keys
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """Record ``request`` as rejected at admission with ``code`` (target and kind when known)."""
-
-    request: RunRequest
-    code: ErrorCode
-    message: str
-    now: float
-    target: str | None = None
-    connection_kind: ConnectionKind | None = None
-    submitter: str = NO_SUBMITTER
-
-
-@dataclass(frozen=True, slots=True)
-class HandoffFacts:
-    """What a run's sealed secret is bound to besides its machine: the fencing token reserved
-    for its claim, its flow and its inputs (``crypto.handoff_binding``)."""
-
-    fence: int
-    flow_id: str
-    inputs: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """Hand ``head`` to ``machine_id`` under the reserved ``fence``: what the assignment
-    carries, and the room the decision saw (``slots``), which the store checks again
-    atomically."""
-
-    head: QueuedHead
-    target: str
-    machine_id: str
-    user: str
-    connection_kind: ConnectionKind
-    max_run_s: float
-    sealed_secret: str
-    slots: int
-    fence: int
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """A worker's fenced start of a run it was handed."""
-
-    run_id: str
-    fence: int
-    run_deadline: float
-    machine_id: str
-    worker_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """How a dispatched or running run ends: only from ``allowed`` statuses, and only under
-    ``fence`` when given."""
-
-    run_id: str
-    machine_id: str
-    fence: int | None
-    allowed: tuple[RunStatus, ...]
-    status: RunStatus
-    error: RunError | None = None
-    outputs: dict[str, Any] | None = None
-    detail: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class QueueEnding:
-    """How a queued run ends (deadline passed, cancelled, failed before its hand-off);
-    ``due_only``: only if its queue deadline has passed (checked atomically)."""
-
-    status: RunStatus
-    error: RunError
-    due_only: bool = False
-    detail: dict[str, Any] | None = None
 
 
 # ---- the run store ---------------------------------------------------------------------------
@@ -294,6 +214,8 @@ class RunReads(Protocol):
     async def get(self, run_id: str) -> Run | None: ...
 
     async def get_many(self, run_ids: Sequence[str]) -> list[Run | None]: ...
+
+    async def briefs(self, run_ids: Sequence[str]) -> list[Run | None]: ...
 
     async def states(self, run_ids: Sequence[str]) -> list[RunState]: ...
 
@@ -360,6 +282,33 @@ class Leases(Protocol):
     """Short leases so that one replica at a time performs a singleton chore."""
 
     async def hold(self, role: str, ttl_s: float) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TargetOutlook:
+    """The last forecast of a target: its earliest queue deadline, runs predicted to miss."""
+
+    at: float
+    next_deadline_at: float | None
+    predicted_timeouts: int
+
+
+class TraceStore(Protocol):
+    """What foresight keeps (``core.trace``), within the trace retention, and its outlooks."""
+
+    async def record(self, records: Sequence[TraceRecord]) -> None: ...
+
+    async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]: ...
+
+    async def record_changes(self, changes: Sequence[MachineChange]) -> None: ...
+
+    async def changes(self) -> list[MachineChange]: ...
+
+    async def traced_targets(self) -> list[str]: ...
+
+    async def save_outlooks(self, outlooks: dict[str, TargetOutlook]) -> None: ...
+
+    async def outlooks(self) -> dict[str, TargetOutlook]: ...
 
 
 class PassRequests(Protocol):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 from dispatcher.codes import ErrorCode
+from dispatcher.logs import fields
 from dispatcher.models import Heartbeat, RunError, RunStatus
 from dispatcher.settings import Settings
 from dispatcher.usecases.lifecycle import Lifecycle
@@ -56,14 +57,20 @@ class Reconciler:
                 continue
             if index < running and state.status is RunStatus.dispatched:
                 log.warning(
-                    "run %s runs on %s but its start was lost: recording it", run_id, machine
+                    "run %s runs on %s but its start was lost: recording it",
+                    run_id,
+                    machine,
+                    extra=fields(run_id=run_id, machine_id=machine),
                 )
                 deadline = now + self.settings.max_run_s + self.settings.running_grace_s
                 starts.append(Start(run_id, fence, deadline, machine, heartbeat.worker_id))
             elif index >= running and state.status in (RunStatus.dispatched, RunStatus.running):
                 report = heartbeat.finished[index - running]
                 log.warning(
-                    "run %s finished on %s but its outcome was lost: recording it", run_id, machine
+                    "run %s finished on %s but its outcome was lost: recording it",
+                    run_id,
+                    machine,
+                    extra=fields(run_id=run_id, machine_id=machine),
                 )
                 error = None
                 if report.status != RunStatus.succeeded.value:

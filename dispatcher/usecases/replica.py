@@ -19,13 +19,15 @@ from typing import TypeVar
 
 from pydantic import ValidationError
 
+from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.principals import admin_user_of, sender_of
 from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
-from dispatcher.models import Heartbeat
+from dispatcher.models import Heartbeat, Run
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_of
 from dispatcher.retry import Backoff, retry
 from dispatcher.settings import Settings
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.intake import Intake
 from dispatcher.usecases.lifecycle import Lifecycle
 from dispatcher.usecases.placement import Placer
@@ -52,6 +54,10 @@ START_WAIT_S = 120.0
 START_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
 
 
+# What an unknown target is counted as (the metrics' ``other``).
+OTHER_TARGET = "other"
+
+
 class Dispatcher:
     """One replica, composed of its use cases (built by ``dispatcher.bootstrap``)."""
 
@@ -72,6 +78,7 @@ class Dispatcher:
         metrics: MetricsHooks,
         replica_id: str,
         worker_requests: WorkerRequests | None = None,
+        foresight: Foresight | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -89,8 +96,10 @@ class Dispatcher:
         self.replica_id = replica_id
         self.worker_requests = worker_requests
         self._queues_declared: set[str] = set()
+        self.foresight = foresight
         self.clock = clock
         self._tasks: list[asyncio.Task[None]] = []
+        self.draining = False
         self.admin_user = admin_user_of(settings.amqp_url.get_secret_value())
 
     async def start(self) -> None:
@@ -114,6 +123,8 @@ class Dispatcher:
             asyncio.create_task(self.placer.run_forever(), name="placer"),
             asyncio.create_task(self.sweeper.run_forever(), name="sweeper"),
         ]
+        if self.foresight is not None:
+            self._tasks.append(asyncio.create_task(self.foresight.run_forever(), name="foresight"))
         self.placer.request(*await self._when_available(self.runs.targets))
         log.info("dispatcher %s serving namespace %s", self.replica_id, names.ns)
 
@@ -128,6 +139,25 @@ class Dispatcher:
             deadline=time.monotonic() + START_WAIT_S,
             on_retry=waiting,
         )
+
+    async def drain(self, timeout_s: float) -> bool:
+        """A graceful stop within ``timeout_s``: stop consuming, finish the messages in hand,
+        stop placement and sweeps, publish what the outbox holds. False when it took longer
+        (what was not done is redelivered or relayed by another replica)."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        clean = await self.broker.stop_consuming(timeout_s)
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic())):
+                await self.stop()
+        except TimeoutError:
+            clean = False
+        return clean
+
+    def consuming(self) -> bool:
+        """Whether its consumers and background tasks run (readiness)."""
+        tasks = self._tasks
+        return bool(tasks) and not self.draining and not any(t.done() for t in tasks)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -192,6 +222,12 @@ class Dispatcher:
                 or previous.public_key != heartbeat.public_key
             ):
                 self.placer.request(*fleet.targets_of_machine(heartbeat.machine_id))
+            if self.foresight is not None and (
+                was_offline or previous is None or previous.sessions != heartbeat.sessions
+            ):
+                await self.foresight.keep_machine_change(
+                    heartbeat.machine_id, now, online=True, sessions=heartbeat.sessions
+                )
             verdicts.append(Ack())
         return verdicts
 
@@ -199,6 +235,7 @@ class Dispatcher:
         """A run ended or a machine changed: its machine's targets may place more runs."""
         fleet = self.fleet.cached() or await self.fleet.load()
         targets: set[str] = set()
+        finished: list[Run] = []
         for message in batch:
             try:
                 data = json.loads(message.body)
@@ -207,16 +244,32 @@ class Dispatcher:
             machine_id = data.get("machine_id") if isinstance(data, dict) else None
             event = event_of(message.routing_key or "")
             if isinstance(data, dict) and event in TERMINAL_EVENT_KEYS:
-                self._observe_completion(data)
+                self._observe_completion(data, fleet)
+                finished.extend(self._traced(data))
             if isinstance(machine_id, str):
                 targets.update(fleet.targets_of_machine(machine_id))
             elif message.routing_key == "machine.changed":
                 targets.update(await self.runs.targets())
+        if self.foresight is not None and finished:
+            await self.foresight.keep_finished(finished)
         self.placer.request(*targets)
         return [Ack() for _ in batch]
 
-    def _observe_completion(self, record: dict[str, object]) -> None:
-        """Count a run's final status once: one replica consumes each terminal event."""
+    def _traced(self, data: dict[str, object]) -> list[Run]:
+        """The run of a terminal event, for foresight's trace (an event that does not read is
+        skipped: this product published it, a bad one is a bug, not input)."""
+        if self.foresight is None:
+            return []
+        try:
+            return [Run.model_validate(data)]
+        except ValidationError as exc:
+            log.warning("terminal event not traced: %s errors", exc.error_count())
+            return []
+
+    def _observe_completion(self, record: dict[str, object], fleet: FleetSnapshot) -> None:
+        """Count a run's final status once: one replica consumes each terminal event. A
+        target the fleet does not have is counted as ``other``: an event anyone could
+        publish must not create label series."""
         error = record.get("error")
         code = error.get("code") if isinstance(error, dict) else None
         started, finished = record.get("started_at"), record.get("finished_at")
@@ -225,8 +278,13 @@ class Dispatcher:
             if isinstance(started, int | float) and isinstance(finished, int | float)
             else None
         )
+        target = str(record.get("target") or "")
+        kind, _, target_id = target.partition(":")
+        known = (kind == "m" and target_id in fleet.machines) or (
+            kind == "g" and target_id in fleet.groups
+        )
         self.metrics.run_completed(
-            str(record.get("target") or ""),
+            target if known or not target else OTHER_TARGET,
             str(record.get("connection_kind") or ""),
             str(record.get("mode") or ""),
             status=str(record.get("status") or ""),

@@ -8,6 +8,9 @@ queue deadlines, which every replica enforces:
 * machine liveness: a machine without heartbeats is offline; its runs that never started go
   back to the queue at their old position; its running runs fail after a grace period;
 * overdue runs: a run still running long past its time limit (its worker is gone) fails;
+* unstarted runs: a run dispatched to a machine that keeps heartbeating but never started it
+  within ``start_timeout_s`` (its assignment was lost: the machine queue deleted, the message
+  dead-lettered, a script error) goes back to its queue at its old position;
 * the outbox relay, and a periodic placement pass over every target with queued runs.
 """
 
@@ -21,8 +24,10 @@ from collections.abc import Callable
 from dispatcher.codes import ErrorCode
 from dispatcher.core.ordering import lane_of
 from dispatcher.core.placement import reasons_payload
+from dispatcher.logs import fields
 from dispatcher.models import Run, RunError, RunStatus
 from dispatcher.settings import Settings
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.lifecycle import Lifecycle
 from dispatcher.usecases.ports import (
     Ending,
@@ -48,6 +53,7 @@ class Sweeper:
         placer: PassRequests,
         leases: Leases,
         clock: Callable[[], float] = time.time,
+        foresight: Foresight | None = None,
     ) -> None:
         self.settings = settings
         self.runs = runs
@@ -56,6 +62,7 @@ class Sweeper:
         self.placer = placer
         self.leases = leases
         self.clock = clock
+        self.foresight = foresight
         self._last_resweep = 0.0
         # Since when this replica could reach Redis without interruption. Heartbeats that
         # arrive while Redis is unreachable cannot be recorded, so for ``offline_after_s``
@@ -83,6 +90,7 @@ class Sweeper:
         await self.lifecycle.relay(self.settings.outbox_relay_after_s)
         if now - self._last_resweep >= self.settings.resweep_interval_s:
             self._last_resweep = now
+            await self.requeue_unstarted(now)
             self.placer.request(*await self.runs.targets())
 
     async def expire_deadlines(self, now: float) -> int:
@@ -122,10 +130,15 @@ class Sweeper:
         for machine_id in await self.machines.stale(now, offline_after):
             if machine_id not in marks and await self.machines.mark_offline(machine_id, now):
                 log.warning(
-                    "machine %s is offline (no heartbeat for %.0f s)", machine_id, offline_after
+                    "machine %s is offline (no heartbeat for %.0f s)",
+                    machine_id,
+                    offline_after,
+                    extra=fields(machine_id=machine_id),
                 )
                 marks[machine_id] = now
                 await self._requeue_unstarted(machine_id, now)
+                if self.foresight is not None:
+                    await self.foresight.keep_machine_change(machine_id, now, online=False)
         for machine_id, since in marks.items():
             if now - since >= self.settings.running_grace_s:
                 await self._fail_running(machine_id, now)
@@ -144,6 +157,42 @@ class Sweeper:
                 if isinstance(result, Requeued):
                     requeued.add(run.target or "")
         self.placer.request(*requeued)
+
+    async def requeue_unstarted(self, now: float) -> int:
+        """Put back in their queue the runs that online machines did not start in time.
+
+        The fenced start refuses the old assignment if it turns up after all, so the run is
+        never run twice; a machine offline is left to :meth:`check_liveness`."""
+        limit = self.settings.start_timeout_s
+        marks = await self.machines.offline_marks()
+        requeued: set[str] = set()
+        count = 0
+        for machine_id in await self.machines.stale(now, 0.0):
+            if machine_id in marks:
+                continue
+            late = [
+                run
+                for run in await self._runs_on(machine_id)
+                if run.status is RunStatus.dispatched
+                and run.machine_id == machine_id
+                and now - (run.dispatched_at or now) > limit
+            ]
+            if not late:
+                continue
+            async with self.lifecycle.window() as window:
+                for run in late:
+                    log.warning(
+                        "run %s was not started by %s within %.0f s: back to its queue",
+                        run.run_id,
+                        machine_id,
+                        limit,
+                    )
+                    reason = f"not started by machine {machine_id} within {limit:g} s"
+                    if isinstance(await window.requeue(run, reason=reason, now=now), Requeued):
+                        requeued.add(run.target or "")
+                        count += 1
+        self.placer.request(*requeued)
+        return count
 
     async def _fail_running(self, machine_id: str, now: float) -> None:
         lost = RunError(

@@ -25,6 +25,7 @@ from tests.support.builders import (
     UNATTENDED,
     credentials,
     effective_sessions,
+    error_code_sections,
     machine,
     sign_in,
     view,
@@ -76,6 +77,7 @@ VERDICTS = [
         ErrorCode.MachineOffline,
     ),
     Case("no-worker-key", view(has_public_key=False), UNATTENDED, ErrorCode.NoWorkerKey),
+    Case("key-mismatch", view(key_mismatch=True), UNATTENDED, ErrorCode.KeyMismatch),
     # --- attended: the connection's user needs an ACTIVE session ------------------------------
     Case("attended-active", view(sessions=((ROBOT, ACTIVE),)), ATTENDED, None),
     Case(
@@ -339,22 +341,15 @@ def test_single_machine_selection_agrees_with_verdict(case: Case) -> None:
 
 
 def test_verdict_table_covers_every_selection_code() -> None:
-    selection_codes = {
-        ErrorCode.MachineOffline,
-        ErrorCode.MachineInMaintenance,
-        ErrorCode.NoWorkerKey,
-        ErrorCode.NoFreeSlot,
-        ErrorCode.AttendedUserSessionNotActive,
-        ErrorCode.AttendedUserNotLoggedIn,
-        ErrorCode.NoSessionFoundForPasswordless,
-        ErrorCode.SessionExistsForTheUserWhenUnattended,
-        ErrorCode.UnattendedUserSessionLocked,
-        ErrorCode.UnattendedUserSessionDisconnected,
-        ErrorCode.Win10AlreadyHasActiveSession,
-        ErrorCode.UserRunInProgress,
-        ErrorCode.UnallowedTenantForConnectWithSignIn,
-    }
-    assert {case.expected for case in VERDICTS} - {None} == selection_codes
+    """Every code of ``ErrorCode``'s section "why a machine cannot take a run" has a case, and
+    the one admission code a machine's verdict also gives (its tenant allow-list)."""
+    sections = error_code_sections()
+    per_machine_admission = ErrorCode.UnallowedTenantForConnectWithSignIn
+    assert per_machine_admission in sections["Admission"]
+    selection_codes = sections["Why a machine cannot take a run right now"]
+    assert len(selection_codes) > 5
+    expected = selection_codes | {per_machine_admission}
+    assert {case.expected for case in VERDICTS} - {None} == expected
 
 
 # --- effective sessions and slots -----------------------------------------------------------

@@ -224,3 +224,30 @@ def test_prometheus_and_grafana_load_our_rules_and_dashboards(compose: dict[str,
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards/rundispatch"
     datasource = yaml.safe_load((DEPLOY / "compose" / "grafana-datasource.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return float(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+def test_stop_grace_periods_outlast_the_drains(compose: dict[str, Any]) -> None:
+    from dispatcher.settings import Settings
+
+    # The defaults apply: the file does not set RUNDISPATCH_DRAIN_S or _WORKER_GRACE_S.
+    checked = []
+    drain = float(Settings.model_fields["drain_s"].default)
+    worker_grace = float(Settings.model_fields["worker_grace_s"].default)
+    for name, service in compose["services"].items():
+        text = json.dumps(service)
+        assert "RUNDISPATCH_DRAIN_S" not in text and "RUNDISPATCH_WORKER_GRACE_S" not in text
+        if (service.get("command") or [None])[0] != "serve":
+            continue
+        grace = seconds(service["stop_grace_period"])
+        checked.append(name)
+        if service.get("entrypoint") == ["rundispatch-worker"]:
+            assert grace > worker_grace + drain + 5, name
+        else:
+            assert grace > drain + 5, name
+    assert sorted(checked) == ["dispatcher", "worker-m1", "worker-m2"]

@@ -113,6 +113,8 @@ def test_dispatcher_deployment(example: list[dict[str, Any]]) -> None:
     assert spec["replicas"] == 2
     pod = spec["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] >= MIN_GRACE_S["dispatcher"]
+    settings = find(example, "ConfigMap", "rundispatch-settings")["data"]
+    assert pod["terminationGracePeriodSeconds"] > float(settings["RUNDISPATCH_DRAIN_S"]) + 5
     main = container(deployment)
     assert main["args"] == ["serve"]
     (port,) = main["ports"]
@@ -130,10 +132,12 @@ def test_dispatcher_deployment(example: list[dict[str, Any]]) -> None:
 def test_worker_has_its_own_identity_and_state(example: list[dict[str, Any]]) -> None:
     worker = find(example, "StatefulSet", "rundispatch-worker-m1")
     assert worker["spec"]["replicas"] == 1  # one worker per machine, never two
-    assert (
-        worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        >= (MIN_GRACE_S["worker"])
-    )
+    grace = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= MIN_GRACE_S["worker"]
+    values = find(example, "ConfigMap", "rundispatch-settings")["data"]
+    # The flows' grace, then reporting their outcomes, all before Kubernetes kills the pod.
+    drain = float(values["RUNDISPATCH_WORKER_GRACE_S"]) + float(values["RUNDISPATCH_DRAIN_S"])
+    assert grace > drain + 5
     main = container(worker)
     assert main["command"] == ["rundispatch-worker"]
     args = main["args"]

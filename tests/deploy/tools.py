@@ -7,21 +7,16 @@ must never hide a failure there. ``make tools`` / ``deploy/local/install-tools.s
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.support.required import missing
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 VENV_BIN = Path(sys.executable).parent
-
-
-def tools_required() -> bool:
-    return bool(os.environ.get("CI") or os.environ.get("RUNDISPATCH_REQUIRE_TOOLS"))
 
 
 def require_tool(name: str, how: str) -> str:
@@ -29,10 +24,7 @@ def require_tool(name: str, how: str) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
     if found:
         return found
-    message = f"{name} is not installed ({how})"
-    if tools_required():
-        pytest.fail(f"{message}, and CI requires it")
-    pytest.skip(message)
+    missing(f"{name} is not installed ({how})")
 
 
 def run(

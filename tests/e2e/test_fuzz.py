@@ -5,22 +5,30 @@ dispatcher is the same, live process at the end.
 
 The stack is expensive, so hypothesis generates one big batch (its generate phase only) which
 is then published at once; the examples are not run one by one against the processes.
+
+The batch comes from one seed, printed with the result: ``RUNDISPATCH_FUZZ_SEED=<seed>``
+generates the same batch again. When the test fails, every message it published is saved
+whole (body, routing key, properties, kind) to ``.fuzz-failures/<seed>.jsonl``, the ones that
+went wrong flagged, so a failure can be replayed and read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import random
 import string
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
-from hypothesis import HealthCheck, Phase, given
+from hypothesis import HealthCheck, Phase, given, seed
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -41,6 +49,15 @@ from tests.support.processes import (
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 MESSAGES = 2000
+FAILURES = Path(__file__).resolve().parents[2] / ".fuzz-failures"
+
+
+def fuzz_seed() -> int:
+    """``RUNDISPATCH_FUZZ_SEED`` (to replay a batch), or a fresh one."""
+    raw = os.environ.get("RUNDISPATCH_FUZZ_SEED")
+    return int(raw) if raw else random.SystemRandom().randrange(2**32)
+
+
 MAX_REQUEST_BYTES = 16 * 1024
 REASON = "x-rundispatch-reason"
 REQUIRED = ("run_id", "flow_id", "connection_id", "requested_by", "mode")
@@ -292,35 +309,55 @@ def valid(draw: st.DrawFn) -> Sample:
     return Sample("valid", encoded(body), run_id=body["run_id"])
 
 
-def generate(count: int, valid_share: float = 0.25) -> list[Sample]:
+def generate(count: int, fuzz: int, valid_share: float = 0.25) -> list[Sample]:
     """``count`` messages: a quarter valid, the rest spread evenly over the kinds of damage,
-    each kind's messages drawn by hypothesis (generate phase only), then shuffled."""
+    each kind's messages drawn by hypothesis (generate phase only) from seeds derived from
+    ``fuzz``, then shuffled with it: one seed, one batch."""
     valid_count = int(count * valid_share)
     per_kind, extra = divmod(count - valid_count, len(DAMAGE))
-    samples = draw_samples(valid(), valid_count)
+    samples = draw_samples(valid(), valid_count, fuzz * 100)
     for position, kind in enumerate(sorted(DAMAGE)):
-        samples += draw_samples(damaged(kind), per_kind + (position < extra))
-    random.Random(6).shuffle(samples)
+        draws = draw_samples(
+            damaged(kind), per_kind + (position < extra), fuzz * 100 + 1 + position
+        )
+        samples += draws
+    random.Random(fuzz).shuffle(samples)
     return unique_run_ids(samples)
 
 
-def draw_samples(strategy: st.SearchStrategy[Sample], count: int) -> list[Sample]:
+def draw_samples(strategy: st.SearchStrategy[Sample], count: int, base: int) -> list[Sample]:
     samples: list[Sample] = []
-
-    @hypothesis_settings(
-        max_examples=count,
-        database=None,
-        deadline=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(strategy)
-    def collect(sample: Sample) -> None:
-        samples.append(sample)
-
+    attempt = 0
     while len(samples) < count:
+
+        @seed(base * 1000 + attempt)
+        @hypothesis_settings(
+            max_examples=count,
+            database=None,
+            deadline=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(strategy)
+        def collect(sample: Sample) -> None:
+            samples.append(sample)
+
         collect()
+        attempt += 1
     return samples[:count]
+
+
+def save_failure(fuzz: int, samples: list[Sample], wrong: set[bytes]) -> Path:
+    """Every message of the batch, whole, the ones that went wrong flagged."""
+    FAILURES.mkdir(exist_ok=True)
+    path = FAILURES / f"{fuzz}.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        for sample in samples:
+            entry = asdict(sample)
+            entry["body"] = base64.b64encode(sample.body).decode()
+            entry["wrong"] = sample.body in wrong
+            out.write(json.dumps(entry) + "\n")
+    return path
 
 
 def unique_run_ids(samples: list[Sample]) -> list[Sample]:
@@ -416,7 +453,8 @@ async def test_hostile_requests_are_dead_lettered_and_valid_ones_complete(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     began = time.monotonic()
-    samples = generate(MESSAGES)
+    fuzz = fuzz_seed()
+    samples = generate(MESSAGES, fuzz)
     generated = time.monotonic() - began
     kinds = Counter(s.kind.split(":")[0] for s in samples)
     bad = [s for s in samples if s.kind != "valid"]
@@ -439,7 +477,11 @@ async def test_hostile_requests_are_dead_lettered_and_valid_ones_complete(
             break
         if time.monotonic() > deadline:
             stuck = [i for i, r in zip(run_ids, runs, strict=True) if not (r and r.status.terminal)]
-            raise AssertionError(f"{len(stuck)} valid runs did not complete: {stuck[:5]}")
+            saved = save_failure(fuzz, samples, {s.body for s in good if s.run_id in set(stuck)})
+            raise AssertionError(
+                f"{len(stuck)} valid runs did not complete: {stuck[:5]} "
+                f"(RUNDISPATCH_FUZZ_SEED={fuzz}, the batch is saved in {saved})"
+            )
         await asyncio.sleep(0.5)
     statuses = Counter(r.status.value for r in runs if r is not None)
     dead = await drain_dead_letters(settings, len(bad), timeout=60)
@@ -452,15 +494,27 @@ async def test_hostile_requests_are_dead_lettered_and_valid_ones_complete(
     reasons = Counter(str((m.headers or {}).get(REASON, ""))[:40] for m in dead)
     with capsys.disabled():
         print(
-            f"\nfuzz: {len(samples)} messages ({len(bad)} bad, {len(good)} valid) by kind "
+            f"\nfuzz (RUNDISPATCH_FUZZ_SEED={fuzz}): {len(samples)} messages "
+            f"({len(bad)} bad, {len(good)} valid) by kind "
             f"{dict(kinds)}; generated in {generated:.1f} s, published at {published:.1f} s, "
             f"done at {time.monotonic() - began:.1f} s; valid runs {dict(statuses)}; "
             f"dead-lettered {len(dead)}; top reasons {reasons.most_common(5)}",
             flush=True,
         )
     kind_of = {s.body: s.kind for s in bad}
-    assert not missing, [(kind_of[b], b[:100]) for b in list(missing)[:10]]
-    assert not unexpected, [b[:100] for b in list(unexpected)[:10]]
+    unfinished = {
+        s.body
+        for s, run in zip(good, runs, strict=True)
+        if run is None or run.status is not RunStatus.succeeded
+    }
+    wrong = set(missing) | set(unexpected) | unfinished
+    wrong |= {m.body for m in dead if not (m.headers or {}).get(REASON)}
+    if wrong:
+        saved = save_failure(fuzz, samples, wrong)
+        with capsys.disabled():
+            print(f"fuzz: the batch is saved whole in {saved}", flush=True)
+    assert not missing, [(kind_of[b], b) for b in list(missing)[:10]]
+    assert not unexpected, list(unexpected)[:10]
     assert not without_reason, without_reason[:10]
     assert statuses == {RunStatus.succeeded.value: len(good)}, statuses
     executions = Counter(e["run_id"] for e in procs.executions())

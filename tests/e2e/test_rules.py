@@ -49,10 +49,11 @@ from tests.support.processes import (
     eventually,
     new_settings,
 )
+from tests.support.slack import bound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-SPEC_BOUND_S = 2.0  # "within 2 s" (issue 3)
+SPEC_BOUND_S = bound(2.0)  # "within 2 s" (issue 3), with the slack of tests/support/slack.py
 GATED_FLOW = f"{sys.executable} {Path(__file__).with_name('gated_flow.py')}"
 
 
@@ -235,10 +236,10 @@ async def test_deadline_is_enforced_after_the_dispatcher_is_killed_and_replaced(
     assert deadline is not None
     # Kill the replica shortly before the deadline, while it holds the sweeper lease; its
     # replacement starts at once and must enforce the deadline from the state in Redis.
-    await eventually(lambda: time.time() >= deadline - 1.0, timeout=10)
+    await eventually(lambda: time.time() >= deadline - bound(1.0), timeout=10)
     procs.kill("dispatcher-1")
     killed_at = time.time()
-    assert killed_at < deadline
+    assert killed_at < deadline, "the machine was too slow to kill the replica before the deadline"
     assert (await client.get(run_id)).status is RunStatus.queued
     procs.dispatcher("dispatcher-2")
     run = await client.wait(run_id, timeout=15)
@@ -329,19 +330,28 @@ async def test_runs_beyond_the_per_connection_rate_are_throttled(
         "--no-signal",
     )
     procs.dispatcher()
-    # The limit counts per calendar minute: keep the burst inside one.
-    await eventually(lambda: time.time() % 60 < 50, timeout=20, interval=0.2)
-    burst = [await submit(client, "c1", "unattended") for _ in range(5)]
+    # The limit counts per calendar minute of the dispatcher's clock. Seven runs in one or two
+    # minutes: whatever minute boundary falls inside the burst, one minute gets four or more.
+    burst = [await submit(client, "c1", "unattended") for _ in range(7)]
     other = await submit(client, "c2", "unattended")
     runs = [
         await in_status(client, r, RunStatus.queued, RunStatus.rejected) for r in [*burst, other]
     ]
-    statuses = [r.status for r in runs[:5]]
-    assert statuses.count(RunStatus.queued) == 3, statuses
-    for run in runs[:5]:
-        if run.status is RunStatus.rejected:
-            rejected_with(run, ErrorCode.DesktopFlowsActionThrottled)
-    assert runs[5].status is RunStatus.queued  # another connection has its own budget
+    by_minute: dict[int, list[Run]] = {}
+    for run in runs[:7]:
+        admitted_at = run.queued_at if run.status is RunStatus.queued else run.finished_at
+        assert admitted_at is not None, run
+        by_minute.setdefault(int(admitted_at // 60), []).append(run)
+    assert len(by_minute) <= 2, by_minute.keys()
+    for minute in by_minute.values():
+        statuses = [r.status for r in minute]
+        # Exactly the first three of each minute are admitted, the rest throttled.
+        assert statuses.count(RunStatus.queued) == min(3, len(minute)), statuses
+        for run in minute:
+            if run.status is RunStatus.rejected:
+                rejected_with(run, ErrorCode.DesktopFlowsActionThrottled)
+    assert any(r.status is RunStatus.rejected for r in runs[:7])
+    assert runs[7].status is RunStatus.queued  # another connection has its own budget
 
 
 @pytest.mark.parametrize("settings", [{"queue_cap": 2}], indirect=True)

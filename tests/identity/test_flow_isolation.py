@@ -78,6 +78,7 @@ async def test_a_flow_sees_a_minimal_environment_and_reads_its_secret_on_stdin(
     assert SECRET["password"] not in " ".join(seen["argv"])
     assert seen["run"] == {
         "run_id": "r1",
+        "fence": 0,
         "flow_id": "invoice",
         "user": "CONTOSO\\svc",
         "inputs": {"key_file": str(keys), "amount": 10},

@@ -30,6 +30,7 @@ from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.support.constants import CLIENT_ID, CLIENT_SECRET, SIGN_IN_USER, TENANT
 from tests.support.identity import expire_access_token, sign_in_connection
+from tests.support.required import missing
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +68,9 @@ def _free_port() -> int:
 @pytest.fixture
 def node_idp(cert_dir: Path) -> Iterator[str]:
     if not (shutil.which("node") and shutil.which("npm")):
-        pytest.skip("node and npm are not installed")
+        missing("node and npm are not installed (apt-get install nodejs npm)")
     if not _installed():
-        pytest.skip(f"could not install {PACKAGE}")
+        missing(f"could not install {PACKAGE} with npm")
     shutil.copy(SERVER, INSTALL_DIR / "server.mjs")
     cert, key = ensure_certificate(cert_dir)
     port = _free_port()
@@ -131,7 +132,7 @@ async def test_strict_rotation_provider_gets_one_request_per_expiry(
     seeded = _get(f"{node_idp}/_seed?account={SIGN_IN_USER}", ca_file)
     await import_refresh_token(replicas[0], connection, str(seeded["refresh_token"]))
     for round_number in (1, 2, 3):
-        await expire_access_token(replicas[0], connection.connection_id)
+        await expire_access_token(replicas[0], connection)
         before = _get(f"{node_idp}/_count", ca_file)["token"]
         calls = [b.access_token(connection, 600) for b in replicas for _ in range(50)]
         results = await asyncio.gather(*calls, return_exceptions=True)

@@ -55,7 +55,7 @@ async def test_two_processes_make_one_request_per_expiry(
     processes = [_start(config) for _ in range(PROCESSES)]
     try:
         for round_number in (1, 2, 3):
-            await expire_access_token(broker, connection.connection_id)
+            await expire_access_token(broker, connection)
             idp.reset_counters()
             for process in processes:
                 assert process.stdin is not None

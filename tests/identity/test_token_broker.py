@@ -23,6 +23,7 @@ from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.support.constants import CLIENT_ID, SIGN_IN_USER, TENANT
 from tests.support.identity import expire_access_token, sign_in_connection
+from tests.support.slack import bound
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ async def test_cached_token_then_expired_token_is_refreshed(
     assert await broker.access_token(connection, 600) == first
     assert idp.counters().get("token", 0) == 0  # served from the cache
 
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     refreshed = await broker.access_token(connection, 600)
     assert refreshed != first
     assert idp.counters()["token"] == 1
@@ -80,7 +81,7 @@ async def test_cached_token_then_expired_token_is_refreshed(
 async def test_revoked_grant_fails_first_run_and_later_ones_fast(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.revoke_user(SIGN_IN_USER)
     with pytest.raises(RunFailure) as first:
         await broker.access_token(connection, 600)
@@ -111,7 +112,7 @@ async def test_marker_is_shared_by_replicas(
     names: Names,
     box,  # type: ignore[no-untyped-def]
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.expire_refresh_tokens(SIGN_IN_USER)
     with pytest.raises(RunFailure, match="AADSTS700082"):
         await broker.access_token(connection, 600)
@@ -128,7 +129,7 @@ async def test_marker_is_shared_by_replicas(
 async def test_503_is_retried_within_the_deadline(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.fail_next(1, 503, endpoint="token", retry_after=1)
     idp.fail_next(1, 429, endpoint="token", retry_after=1)
     attempts = 0
@@ -147,7 +148,7 @@ async def test_503_is_retried_within_the_deadline(
 async def test_retry_gives_up_at_the_deadline(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.fail_next(50, 503, endpoint="token", retry_after=1)
     started = time.monotonic()
     with pytest.raises(IdentityProviderBusy) as caught:
@@ -157,13 +158,14 @@ async def test_retry_gives_up_at_the_deadline(
             first_delay_s=0.05,
         )
     assert caught.value.code is ErrorCode.IdentityProviderUnavailable
-    assert time.monotonic() - started < 2.5
+    # It gives up at its deadline (1.5 s), not after the 50 failures it was offered.
+    assert time.monotonic() - started < bound(1.5)
 
 
 async def test_transient_failures_are_retryable_and_do_not_mark(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.fail_next(1, 400, endpoint="token", html=True)  # a proxy's page, not JSON
     with pytest.raises(RetryableRunError, match="non-JSON"):
         await broker.access_token(connection, 600)
@@ -173,7 +175,7 @@ async def test_transient_failures_are_retryable_and_do_not_mark(
 async def test_network_failure_is_retryable(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.stop()
     with pytest.raises(RetryableRunError, match="network"):
         await broker.access_token(connection, 600)
@@ -183,7 +185,7 @@ async def test_network_failure_is_retryable(
 async def test_wrong_client_secret_is_a_misconfiguration(
     broker: TokenBroker, connection: Connection, idp: IdentityProvider
 ) -> None:
-    await expire_access_token(broker, connection.connection_id)
+    await expire_access_token(broker, connection)
     idp.set_client(CLIENT_ID, "rotated-secret")
     with pytest.raises(RunFailure) as caught:
         await broker.access_token(connection, 600)
@@ -212,12 +214,12 @@ async def test_validity_longer_than_the_token_lifetime_does_not_refresh_every_ca
     await broker.access_token(connection, 7200)
     assert idp.counters().get("token", 0) == 0
     # Asking for 3590 s on a 3600 s token that has aged forces one refresh.
-    snapshot = await broker.store.load(connection.connection_id)
+    snapshot = await broker.store.load(connection)
     cache = json.loads(snapshot.cache_json or "")
     for entry in cache["AccessToken"].values():
         entry["expires_on"] = str(int(time.time()) + 1000)
         entry["cached_at"] = str(int(time.time()) - 2600)
-    await broker.store.save_cache(connection.connection_id, json.dumps(cache))
+    await broker.store.save_cache(connection, json.dumps(cache))
     await broker.access_token(connection, 600)
     assert idp.counters().get("token", 0) == 0
     await broker.access_token(connection, 3000)
@@ -237,7 +239,7 @@ async def test_concurrent_callers_in_two_replicas_make_one_request(
     other = TokenBroker(identity_settings, redis, names, box)
     try:
         for round_number in (1, 2):
-            await expire_access_token(broker, connection.connection_id)
+            await expire_access_token(broker, connection)
             idp.reset_counters()
             calls = [b.access_token(connection, 600) for b in (broker, other) for _ in range(50)]
             digests = {hashlib.sha256(t.encode()).digest() for t in await asyncio.gather(*calls)}

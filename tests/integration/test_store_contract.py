@@ -89,7 +89,7 @@ class Store:
 @asynccontextmanager
 async def open_store(kind: str) -> AsyncIterator[Store]:
     if kind == "fake":
-        fake = FakeRunStore()
+        fake = FakeRunStore(new_settings().retention_s)
         yield Store(fake, fake, FakeMachines(fake))
         return
     settings = new_settings()
@@ -150,11 +150,12 @@ def start(run_id: str, fence: int, machine: str = "m1") -> Start:
 
 
 def ending(run_id: str, fence: int | None, status: RunStatus = RunStatus.succeeded,
-           allowed: tuple[RunStatus, ...] = (RunStatus.running,)) -> Ending:  # fmt: skip
+           allowed: tuple[RunStatus, ...] = (RunStatus.running,),
+           machine: str = "m1") -> Ending:  # fmt: skip
     error = (
         None if status is RunStatus.succeeded else RunError(code=ErrorCode.FlowFailed, message="x")
     )
-    return Ending(run_id, "m1", fence, allowed, status, error, {"ok": True}, {"by": "test"})
+    return Ending(run_id, machine, fence, allowed, status, error, {"ok": True}, {"by": "test"})
 
 
 def trace_of(value: Any) -> Any:
@@ -204,6 +205,10 @@ async def admission_scenario(store: Store, seen: Trace) -> None:
     refused = seen(await t.reject(refusal))
     assert isinstance(refused, Rejected) and refused.code is ErrorCode.ConnectionNotFound
     assert [m.routing_key for m in refused.messages] == ["run.rejected.-"]
+    known = Refusal(request(run_id="r6"), ErrorCode.GroupIsEmpty, "empty", NOW, "g:bots",
+                    ConnectionKind.credentials)  # fmt: skip
+    assert isinstance(seen(await t.reject(known)), Rejected)
+    seen(await reads.get("r6"))
     duplicate = Refusal(request(run_id="r1"), ErrorCode.ConnectionNotFound, "x", NOW)
     assert seen(await t.reject(duplicate)) == Duplicate(status=RunStatus.queued)
     assert isinstance(seen(await t.admit(admission("r5", at=NOW + 1, priority="high"))), Queued)
@@ -211,6 +216,13 @@ async def admission_scenario(store: Store, seen: Trace) -> None:
     queued = seen(await t.admit(by_submitter))
     assert isinstance(queued, Queued)
     assert [m.routing_key for m in queued.messages] == ["run.queued.env1"]
+    # The throttle counts per connection and per calendar minute (``now // 60``).
+    for run_id, connection, at in (("t1", "c7", NOW + 59), ("t2", "c8", NOW + 59),
+                                   ("t3", "c7", NOW + 60)):  # fmt: skip
+        admitted = await t.admit(admission(run_id, connection=connection, at=at, throttle=1))
+        assert isinstance(seen(admitted), Queued), (run_id, admitted)
+    late = seen(await t.admit(admission("t4", connection="c7", at=NOW + 61, throttle=1)))
+    assert isinstance(late, Rejected) and late.code is ErrorCode.DesktopFlowsActionThrottled
     for read in (
         await reads.get("r1"),
         await reads.get("r3"),
@@ -241,6 +253,8 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     assert reserved == [HandoffFacts(1, "flow-1", {"n": "r1"}), None]
     claimed = seen((await t.claim_many([claim("r1")], NOW + 1))[0])
     assert isinstance(claimed, Claimed) and claimed.fence == 1
+    ids = [m.id for m in claimed.messages]
+    assert all(ids) and len(set(ids)) == len(ids)  # each outbox entry has its own id
     event, assign = claimed.messages
     assert (event.kind, event.routing_key) == ("event", "run.dispatched.-")
     assignment = Assignment.model_validate_json(assign.body)
@@ -252,6 +266,9 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         "sx1.k.s",
     )
     assert [a.user for a in seen(await machines.assigned("m1"))] == ["contoso\\svc1"]
+    seen(await reads.get("r1"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.lane_members("g:bots", await reads.lane_names("g:bots"), 5))
     results = seen(await t.claim_many([
         claim("r1"),
         claim("r2", connection="c2", user="CONTOSO\\Svc2"),
@@ -270,18 +287,23 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
         Refused(status=RunStatus.running, fence=1)
     ]
     seen(await reads.states(["r1", "r2"]))
-    seen(await reads.overdue_running(NOW + 2 * HOUR))
+    assert seen(await reads.overdue_running(NOW + 2 * HOUR)) == ["r1"]
+    await t.forget_running("r1")
+    assert seen(await reads.overdue_running(NOW + 2 * HOUR)) == []
     endings = [
         ending("r1", 7),
         ending("r1", 1, allowed=(RunStatus.dispatched,)),
         ending("nope", None),
+        ending("r1", 1, machine="m2"),  # the same fence from another machine: not its run
     ]
     results = seen(await t.finish_many(endings, NOW + 5))
     assert results == [
         Stale(status=RunStatus.running, fence=1),
         Conflict(status=RunStatus.running),
         Missing(),
+        Stale(status=RunStatus.running, fence=1),
     ]
+    assert [a.run_id for a in await machines.assigned("m1")] == ["r1"]  # m1's slot is kept
     finished = seen((await t.finish_many([ending("r1", 1)], NOW + 6))[0])
     assert isinstance(finished, Finished)
     assert json.loads(finished.messages[0].body)["outputs"] == {"ok": True}
@@ -291,6 +313,16 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     assert seen(await machines.assigned("m1")) == []
     seen(await reads.get("r1"))
     seen(await reads.finished_since(RunStatus.succeeded, NOW, NOW + 10))
+    # A failed ending: its error recorded, no outputs; fenced by ``None`` (a dispatched run).
+    taken = (await t.claim_many([claim("r2", connection="c2", user="CONTOSO\\Svc2")], NOW + 8))[0]
+    assert isinstance(taken, Claimed)
+    failed = dataclasses.replace(
+        ending("r2", None, RunStatus.failed, allowed=(RunStatus.dispatched, RunStatus.running)),
+        outputs=None,
+    )
+    assert isinstance(seen((await t.finish_many([failed], NOW + 9))[0]), Finished)
+    seen(await reads.get("r2"))
+    seen(await reads.finished_since(RunStatus.failed, NOW, NOW + 10))
 
 
 async def queue_scenario(store: Store, seen: Trace) -> None:
@@ -324,6 +356,10 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     )
     assert seen(await t.unqueue(r1, timeout, NOW + 5)) == NotDue()
     assert isinstance(seen(await t.unqueue(r1, timeout, NOW + 11)), Unqueued)
+    seen(await reads.get("r1"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.lane_names("g:bots"))
+    seen(await reads.finished_since(RunStatus.timed_out, NOW, NOW + 20))
     cancel = QueueEnding(RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="no"))
     assert seen(await t.unqueue(r1, cancel, NOW + 12)) == Conflict(status=RunStatus.timed_out)
     assert seen(await t.reorder(r1, score=1.0, priority=Priority.normal, event="x", now=NOW)) == (
@@ -343,6 +379,10 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     assert isinstance(
         seen(await t.requeue(dispatched, reason="machine offline", now=NOW + 14)), Requeued
     )
+    seen(await reads.get("r2"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.lane_members("g:bots", await reads.lane_names("g:bots"), 5))
+    seen(await reads.targets())
     assert seen(await t.requeue(dispatched, reason="again", now=NOW + 15)) == Conflict(
         status=RunStatus.queued
     )
@@ -368,6 +408,18 @@ async def queue_scenario(store: Store, seen: Trace) -> None:
     assert json.loads(message.body) == {"run_id": "r2", "fence": 2, "reason": "stop"}
     record = seen(await reads.get("r2"))
     assert record.cancel_requested and record.timeline[-1].event == "cancel_requested"
+    # A queued run cancelled before its deadline leaves its queue at once (not "not due").
+    await t.admit(admission("r3", at=NOW + 20, connection="c3"))
+    r3 = await reads.get("r3")
+    assert r3 is not None
+    cancel_now = QueueEnding(
+        RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="no"), False, {"by": "x"}
+    )
+    assert isinstance(seen(await t.unqueue(r3, cancel_now, NOW + 21)), Unqueued)
+    seen(await reads.get("r3"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    seen(await reads.targets())
+    seen(await reads.finished_since(RunStatus.cancelled, NOW, NOW + 30))
 
 
 async def reasons_scenario(store: Store, seen: Trace) -> None:
@@ -382,12 +434,57 @@ async def reasons_scenario(store: Store, seen: Trace) -> None:
     seen(await reads.lane_reasons("g:bots", lane))
     run = seen(await reads.get("r1"))
     assert [e.event for e in run.timeline] == ["queued", "waiting", "waiting"]
+    assert seen(await t.record_reasons("g:bots", {}, NOW + 4)) == 0
+    await t.admit(admission("r2", connection="c2"))
+    other = lane_of("c2", "unattended", "normal")
+    both = {lane: changed[lane], other: ("r2", {"m1": "NoFreeSlot"})}
+    assert seen(await t.record_reasons("g:bots", both, NOW + 5)) == 1  # only r2's lane changed
+    both[lane] = ("r1", {"m1": "NoFreeSlot"})
+    both[other] = ("r2", {"m1": "MachineInMaintenance"})
+    assert seen(await t.record_reasons("g:bots", both, NOW + 6)) == 2
+    seen(await reads.get("r2"))
+    seen(await reads.lane_reasons("g:bots", other))
     await t.forget_deadline("r1")
-    assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == []
+    assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == ["r2"]
+
+
+async def retention_scenario(store: Store, seen: Trace) -> None:
+    """A finished index keeps no entry past the retention (its run has expired)."""
+    t, reads = store.transitions, store.reads
+    retention = new_settings().retention_s
+    cancel = QueueEnding(RunStatus.cancelled, RunError(code=ErrorCode.Cancelled, message="x"))
+    for index, run_id in enumerate(("old1", "old2", "new")):
+        at = NOW + index + (retention + 10 if run_id == "new" else 0)
+        seen(await t.admit(admission(run_id, at=at, connection=f"c{index}")))
+        run = seen(await reads.get(run_id))
+        assert run is not None
+        seen(await t.unqueue(run, cancel, at + 1))
+    kept = seen(await reads.finished_since(RunStatus.cancelled, 0, NOW + 2 * retention))
+    assert kept == ["new"]
+
+
+async def timeline_scenario(store: Store, seen: Trace) -> None:
+    """A run's timeline is bounded: its first entry stays, the oldest after it go."""
+    t, reads = store.transitions, store.reads
+    await t.admit(admission("r1"))
+    lane = lane_of("c1", "unattended", "normal")
+    for index in range(300):
+        reasons = {f"m{index % 7}": "NoFreeSlot", "m99": f"MachineOffline ({index})"}
+        await t.record_reasons("g:bots", {lane: ("r1", reasons)}, NOW + index)
+        if index % 50 == 49:
+            seen(await reads.get("r1"))  # the same timeline in Redis and in the fake
+    run = seen(await reads.get("r1"))
+    assert run.timeline[0].event == "queued"
+    assert 100 < len(run.timeline) < 300
+    assert run.timeline[-1].detail == {"reasons": reasons}
+    raw = await t.redis.hget(t.names.run("r1"), "tl") if hasattr(t, "redis") else None
+    assert raw is None or len(raw) <= 16384
 
 
 SCENARIOS: dict[str, Scenario] = {
     "admission": admission_scenario,
+    "timeline": timeline_scenario,
+    "retention": retention_scenario,
     "hand-off": hand_off_scenario,
     "queue": queue_scenario,
     "reasons": reasons_scenario,

@@ -52,7 +52,8 @@ FORBIDDEN_LABELS = frozenset(
 FLEET_BOUNDED_LABELS = frozenset({"target", "group"})
 # Counted things are their own unit, as in Prometheus' own `..._requests_total`.
 COUNT_UNITS = ("_runs", "_machines", "_slots", "_events")
-GAUGE_UNITS = ("_seconds", "_bytes", *COUNT_UNITS)
+# ``_timeouts``: queued runs predicted to time out (the name the alerts and runbooks use).
+GAUGE_UNITS = ("_seconds", "_bytes", "_timeouts", *COUNT_UNITS)
 # Run-scoped values a caller could pass by mistake: none may come out as a label value.
 UNBOUNDED_VALUES = ("run-7f3a9c", "alice@contoso.com", "flow 42 failed: boom", "c1", "x" * 300)
 

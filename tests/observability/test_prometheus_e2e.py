@@ -25,10 +25,11 @@ rules use is present in this Prometheus, scraped from the processes; the queue t
 do ``TokenRefreshFailures`` and ``DeadLettersRising``; both replicas export the same queue
 gauges (read from Redis); ``promtool check metrics`` accepts each process's ``/metrics``.
 
-What no short test can show: ``SignInRunNearQueueLimit`` (a sign-in run 45 minutes in the queue)
-and ``QueueBacklogGrowing`` (15 minutes of growth) need real time to pass; their panels have data
-here (carol's waiting run, the queue depth), and ``dashboards/tests/alerts_test.yml`` proves the
-rules themselves with promtool.
+What no short test can show: ``QueueDeadlineNear`` (a deadline under 15 minutes) and
+``QueueBacklogGrowing`` (15 minutes of growth) need real time to pass; their panels have data
+here (the waiting runs' deadlines, the queue depth), and ``dashboards/tests/alerts_test.yml``
+proves the rules themselves with promtool. ``RunsPredictedToTimeOut`` firing before a real
+time-out is ``test_foresight_alert.py``.
 """
 
 from __future__ import annotations

@@ -3,10 +3,12 @@ line each, and fleet files (``fleet_document``) built from the same models."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Sequence
 from typing import Any
 
+from dispatcher.codes import ErrorCode
 from dispatcher.core.admission import same_user
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.models import (
@@ -111,6 +113,7 @@ def view(
     sessions: tuple[tuple[str, SessionState], ...] = (),
     assigned: tuple[tuple[str, Mode], ...] = (),
     has_public_key: bool = True,
+    key_mismatch: bool = False,
 ) -> MachineView:
     """A machine's live state; ``assigned`` lists (user, mode) of runs dispatched to it."""
     return MachineView(
@@ -122,6 +125,7 @@ def view(
             for index, (user, mode) in enumerate(assigned)
         ),
         has_public_key=has_public_key,
+        key_mismatch=key_mismatch,
     )
 
 
@@ -206,3 +210,19 @@ def _connection_entry(connection: Connection | dict[str, Any]) -> dict[str, Any]
         entry.pop("password_sealed", None)
         entry["password"] = PASSWORD
     return entry
+
+
+def error_code_sections() -> dict[str, frozenset[ErrorCode]]:
+    """``ErrorCode``'s members grouped by the comment that heads their section in its source
+    (``# Admission (...)``, ``# Why a machine cannot take a run ...``, ``# Terminal outcomes.``):
+    code tables in the tests are compared with these, never with lists typed into the test."""
+    sections: dict[str, set[ErrorCode]] = {}
+    current = ""
+    for line in inspect.getsource(ErrorCode).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            current = stripped.lstrip("# ").split(" (")[0].rstrip(".")
+            sections[current] = set()
+        elif current and "=" in stripped and not stripped.startswith(("def", "@", "return")):
+            sections[current].add(ErrorCode(stripped.split("=")[0].strip()))
+    return {title: frozenset(codes) for title, codes in sections.items()}

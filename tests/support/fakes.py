@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.adapters.redis import codec
+from dispatcher.adapters.redis.scripts import TL_MAX_BYTES
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import lane_of
+from dispatcher.core.trace import MachineChange, TraceRecord
 from dispatcher.errors import BrokerUnavailable, StoreUnavailable
 from dispatcher.models import (
     AssignedRun,
@@ -44,6 +46,7 @@ from dispatcher.usecases.ports import (
     QueueEnding,
     Refusal,
     Start,
+    TargetOutlook,
     Verdict,
 )
 from dispatcher.usecases.results import (
@@ -89,7 +92,8 @@ def ordered(zset: ZSet) -> list[tuple[str, float]]:
 class FakeRunStore:
     """The run store in memory: the Lua scripts' rules, the Redis layout's indexes."""
 
-    def __init__(self) -> None:
+    def __init__(self, retention_s: float = 7 * 24 * 3600) -> None:
+        self.retention_s = retention_s
         self.runs: dict[str, dict[str, str]] = {}
         self.queues: dict[str, ZSet] = {}
         self.lanes: dict[tuple[str, str], ZSet] = {}
@@ -122,8 +126,23 @@ class FakeRunStore:
         return self._outbox("event", key, codec.record_json(run))
 
     def _timeline(self, run_id: str, entry: str) -> None:
+        """As ``append_timeline`` in common.lua, the bound included."""
         tl = self.runs[run_id].get("tl")
-        self.runs[run_id]["tl"] = f"[{entry}]" if not tl or tl == "[]" else f"{tl[:-1]},{entry}]"
+        if not tl or tl == "[]":
+            self.runs[run_id]["tl"] = f"[{entry}]"
+            return
+        tl = f"{tl[:-1]},{entry}]"
+        first = tl.find(',{"at":', 1)
+        if len(tl) > TL_MAX_BYTES and first >= 0:
+            cut = first
+            while len(tl) - (cut - first) > TL_MAX_BYTES:
+                following = tl.find(',{"at":', cut + 1)
+                if following < 0:
+                    break
+                cut = following
+            if cut > first:
+                tl = tl[:first] + tl[cut:]
+        self.runs[run_id]["tl"] = tl
 
     def _refresh_lane(self, target: str, lane: str) -> None:
         members = ordered(self.lanes.get((target, lane), {}))
@@ -185,7 +204,7 @@ class FakeRunStore:
                 status='"rejected"', error=codec.error_fragment(refusal[1]), finished_at=repr(now)
             )
             self._timeline(request.run_id, codec.timeline_entry("rejected", now))
-            self.finished.setdefault("rejected", {})[request.run_id] = now
+            self._index_finished("rejected", request.run_id, now)
             code = (
                 ErrorCode.DesktopFlowsActionThrottled
                 if refusal[0] == "throttled"
@@ -222,7 +241,7 @@ class FakeRunStore:
         run.update(status='"rejected"', error=codec.error_fragment(error), finished_at=repr(now))
         entry = codec.timeline_entry("rejected", now, {"code": refusal.code.value})
         self._timeline(request.run_id, entry)
-        self.finished.setdefault("rejected", {})[request.run_id] = now
+        self._index_finished("rejected", request.run_id, now)
         return Rejected(code=refusal.code, messages=(self._event(request.run_id, "rejected"),))
 
     async def reserve_handoffs(self, run_ids: Sequence[str]) -> list[HandoffFacts | None]:
@@ -289,6 +308,14 @@ class FakeRunStore:
         )
         return Started(messages=(self._event(start.run_id, "started"),))
 
+    def _index_finished(self, status: str, run_id: str, now: float) -> None:
+        """As ``index_finished`` in common.lua: add, and drop up to 100 entries past retention."""
+        index = self.finished.setdefault(status, {})
+        index[run_id] = now
+        old = [member for member, at in ordered(index) if at < now - self.retention_s][:100]
+        for member in old:
+            del index[member]
+
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]:
         self._check()
         return [self._finish(ending, now) for ending in endings]
@@ -298,7 +325,9 @@ class FakeRunStore:
         if run is None or "status" not in run:
             return Missing()
         status = run["status"]
-        if ending.fence is not None and run.get("fence") != str(ending.fence):
+        if (ending.fence is not None and run.get("fence") != str(ending.fence)) or (
+            ending.machine_id and run.get("machine_id") != codec.fragment(ending.machine_id)
+        ):
             return Stale(status=codec.status_of(status), fence=codec.fence_of(run.get("fence")))
         if status not in {codec.fragment(s.value) for s in ending.allowed}:
             return Conflict(status=codec.status_of(status))
@@ -309,7 +338,7 @@ class FakeRunStore:
             run["outputs"] = codec.fragment(ending.outputs)
         self.assigned.get(ending.machine_id, {}).pop(ending.run_id, None)
         self.running.pop(ending.run_id, None)
-        self.finished.setdefault(ending.status.value, {})[ending.run_id] = now
+        self._index_finished(ending.status.value, ending.run_id, now)
         self._timeline(ending.run_id, codec.timeline_entry(ending.status.value, now, ending.detail))
         return Finished(messages=(self._event(ending.run_id, ending.status.value),))
 
@@ -326,7 +355,7 @@ class FakeRunStore:
         stored.update(
             status=f'"{status}"', finished_at=repr(now), error=codec.error_fragment(ending.error)
         )
-        self.finished.setdefault(status, {})[run.run_id] = now
+        self._index_finished(status, run.run_id, now)
         self._timeline(run.run_id, codec.timeline_entry(status, now, ending.detail))
         return Unqueued(messages=(self._event(run.run_id, status),))
 
@@ -412,6 +441,10 @@ class FakeRunStore:
 
     async def get_many(self, run_ids: Sequence[str]) -> list[Run | None]:
         return [await self.get(run_id) for run_id in run_ids]
+
+    async def briefs(self, run_ids: Sequence[str]) -> list[Run | None]:
+        runs = await self.get_many(run_ids)
+        return [r.model_copy(update={"timeline": []}) if r else None for r in runs]
 
     async def states(self, run_ids: Sequence[str]) -> list[RunState]:
         self._check()
@@ -614,6 +647,7 @@ class FakeBroker:
     machine_queues: set[str] = field(default_factory=set)
     down: bool = False
     refuse_consumers: int = 0  # how many consume calls fail (the connection breaks)
+    consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def consume(
         self, queue: str, handler: BatchHandler, *, batch_size: int, prefetch: int | None = None
@@ -622,7 +656,18 @@ class FakeBroker:
             self.refuse_consumers -= 1
             raise BrokerUnavailable("the fake broker's connection broke")
         self.handlers[queue] = handler
-        return asyncio.create_task(asyncio.Event().wait(), name=f"fake-consumer:{queue}")
+        task = asyncio.create_task(asyncio.Event().wait(), name=f"fake-consumer:{queue}")
+        self.consumers.append(task)
+        return task
+
+    async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
+        """Nothing is delivered any more (``deliver`` to a stopped queue raises)."""
+        for task in self.consumers:
+            task.cancel()
+        await asyncio.gather(*self.consumers, return_exceptions=True)
+        self.consumers.clear()
+        self.handlers.clear()
+        return True
 
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
@@ -683,6 +728,47 @@ class FakePasswords:
         if self.failure is not None:
             raise self.failure
         return f"password-of-{connection.connection_id}"
+
+
+class FakeTraces:
+    """``TraceStore`` in memory; ``broken`` makes every write fail as an unreachable store."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[TraceRecord]] = {}
+        self.machine_changes: list[MachineChange] = []
+        self.saved: dict[str, TargetOutlook] = {}
+        self.broken = False
+
+    def _check(self) -> None:
+        if self.broken:
+            raise StoreUnavailable("the trace store is unreachable")
+
+    async def record(self, records: Sequence[TraceRecord]) -> None:
+        self._check()
+        for record in records:
+            self.records.setdefault(record.target, []).append(record)
+
+    async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]:
+        records = self.records.get(target, [])
+        start = 0 if after == "-" else int(after) + 1
+        return records[start:], str(len(records) - 1) if records else after
+
+    async def traced_targets(self) -> list[str]:
+        return sorted(self.records)
+
+    async def record_changes(self, changes: Sequence[MachineChange]) -> None:
+        self._check()
+        self.machine_changes.extend(changes)
+
+    async def changes(self) -> list[MachineChange]:
+        return list(self.machine_changes)
+
+    async def save_outlooks(self, outlooks: dict[str, TargetOutlook]) -> None:
+        self._check()
+        self.saved = dict(outlooks)
+
+    async def outlooks(self) -> dict[str, TargetOutlook]:
+        return dict(self.saved)
 
 
 class Clock:

@@ -208,6 +208,20 @@ class ProxyProcess:
         self.proc.send_signal(signal.SIGUSR1)
         self.resets += 1
 
+    def connections_reset(self) -> list[int]:
+        """How many connections each reset so far actually cut (from the proxy's own log)."""
+        counts = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            words = line.split()
+            if len(words) == 4 and words[1] == "reset" and words[3] == "connections":
+                counts.append(int(words[2]))
+        return counts
+
+    def toggle_refuse(self) -> None:
+        """Refuse new connections from now on, or accept them again."""
+        assert self.proc is not None and self.proc.poll() is None, "proxy is not running"
+        self.proc.send_signal(signal.SIGUSR2)
+
     def stop(self) -> None:
         # Not at import: the proxy process stays light.
         from tests.support.processes import terminate

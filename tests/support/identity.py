@@ -306,9 +306,10 @@ async def expire_cached_access_token(settings: Settings, connection_id: str) -> 
     """Expire the connection's cached access token in Redis, as time would."""
     async with runtime(settings, amqp=False) as rt:
         store = TokenStore(rt.redis, rt.names, SecretBox.from_settings(settings))
-        snapshot = await store.load(connection_id)
+        connection = (await rt.fleet.load(force=True)).connections[connection_id]
+        snapshot = await store.load(connection)
         assert snapshot.cache_json is not None
-        await store.save_cache(connection_id, expire_access_tokens(snapshot.cache_json, 0))
+        await store.save_cache(connection, expire_access_tokens(snapshot.cache_json, 0))
 
 
 # ---- sign-in connections in the identity tests ----------------------------------------------
@@ -323,11 +324,11 @@ def sign_in_connection(connection_id: str = "s1", tenant_id: str = TENANT) -> Co
     )
 
 
-async def expire_access_token(broker: TokenBroker, connection_id: str) -> None:
+async def expire_access_token(broker: TokenBroker, connection: Connection) -> None:
     """Expire the cached access token, as time would."""
-    snapshot = await broker.store.load(connection_id)
+    snapshot = await broker.store.load(connection)
     assert snapshot.cache_json is not None
-    await broker.store.save_cache(connection_id, expire_access_tokens(snapshot.cache_json, 0))
+    await broker.store.save_cache(connection, expire_access_tokens(snapshot.cache_json, 0))
 
 
 # ---- the dispatcher and workers ------------------------------------------------------------------

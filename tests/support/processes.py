@@ -32,6 +32,8 @@ FAST = {
     "outbox_relay_after_s": 2.0,
     "log_level": "INFO",
     "throttle_per_minute": 100_000,
+    "drain_s": 5.0,
+    "worker_grace_s": 3.0,
 }
 
 

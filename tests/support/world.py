@@ -17,6 +17,7 @@ from dispatcher.models import Heartbeat, Run, Session
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
+from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.handoff import Handoff
 from dispatcher.usecases.intake import Intake
 from dispatcher.usecases.lifecycle import Lifecycle
@@ -37,6 +38,7 @@ from tests.support.fakes import (
     FakePublisher,
     FakeRunStore,
     FakeTokens,
+    FakeTraces,
     PassLog,
     RecordingMetrics,
 )
@@ -107,6 +109,11 @@ class World:
             tokens=self.tokens,
             clock=self.clock,
         )
+        self.traces = FakeTraces()
+        self.foresight = Foresight(
+            settings=self.settings, runs=self.store, machines=self.machines, fleet=self.fleet,
+            traces=self.traces, lifecycle=self.lifecycle, clock=self.clock,
+        )  # fmt: skip
         self.sweeper = Sweeper(
             settings=self.settings,
             runs=self.store,
@@ -115,6 +122,7 @@ class World:
             placer=self.passes,
             leases=FakeLeases(),
             clock=self.clock,
+            foresight=self.foresight,
         )
         self.reconciler = Reconciler(
             settings=self.settings, runs=self.store, lifecycle=self.lifecycle, clock=self.clock
@@ -137,6 +145,7 @@ class World:
             metrics=self.metrics,
             replica_id="replica-1",
             clock=self.clock,
+            foresight=self.foresight,
         )
 
     # ---- steps tests repeat --------------------------------------------------------------

@@ -28,6 +28,7 @@ VALID = {
         ("", True),
         ("application/json", True),
         ("application/json; charset=utf-8", True),
+        ("application/json; charset=utf8", True),
         ('Application/JSON;charset="UTF-8"', True),
         ("application/json; charset=latin-1", False),
         ("text/plain", False),
@@ -67,7 +68,12 @@ def test_valid_request_and_cancel() -> None:
         (json.dumps({**VALID, "mode": "sometimes"}).encode(), {}, "schema", "mode"),
         (json.dumps({**VALID, "extra": 1}).encode(), {}, "schema", "extra"),
         (json.dumps({**VALID, "run_id": "a b"}).encode(), {}, "schema", "run_id"),
-        (b'{"run_id": "r1", "queue_timeout_s": 1e999}', {"kind": "cancel"}, "schema", ""),
+        (
+            b'{"run_id": "r1", "queue_timeout_s": 1e999}',
+            {"kind": "cancel"},
+            "schema",
+            "queue_timeout_s",
+        ),
     ],
 )
 def test_bad_messages_say_why(
@@ -77,3 +83,53 @@ def test_bad_messages_say_why(
         decode_body(body, **options)
     assert caught.value.reason_class == reason_class
     assert fragment in caught.value.reason
+
+
+REQUIRED_FIELDS = ("run_id", "flow_id", "connection_id", "requested_by", "mode")
+FIVE_MISSING = "; ".join(f"{field}: Field required" for field in REQUIRED_FIELDS)
+WRONG_TYPES = {
+    "run_id": 1,
+    "flow_id": 2,
+    "connection_id": 3,
+    "requested_by": 4,
+    "mode": 5,
+    "priority": 6,
+}
+FIVE_WRONG = (
+    "run_id: Input should be a valid string; flow_id: Input should be a valid string; "
+    "connection_id: Input should be a valid string; requested_by: Input should be a valid "
+    "string; mode: Input should be 'attended' or 'unattended'"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason_class", "reason"),
+    [
+        (b"[1, 2]", "not_an_object", "body is not a JSON object"),
+        (b'"text"', "not_an_object", "body is not a JSON object"),
+        (b"{}", "schema", FIVE_MISSING),
+        (json.dumps(WRONG_TYPES).encode(), "schema", FIVE_WRONG + " (+1 more)"),
+        (json.dumps({**WRONG_TYPES, "x": 1}).encode(), "schema", FIVE_WRONG + " (+2 more)"),
+    ],
+)
+def test_the_whole_reason(body: bytes, reason_class: str, reason: str) -> None:
+    """The reason in the dead-letter header, word for word: at most five errors, each with its
+    field, then how many more."""
+    with pytest.raises(InvalidMessage) as caught:
+        decode_body(body)
+    assert (caught.value.reason_class, caught.value.reason) == (reason_class, reason)
+
+
+def test_broken_json_says_where() -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        decode_body(b'{"run_id": ')
+    assert caught.value.reason_class == "invalid_json"
+    assert caught.value.reason.startswith("body is not valid JSON: Invalid JSON: ")
+    assert caught.value.reason.endswith("EOF while parsing a value at line 1 column 11")
+
+
+def test_a_body_of_exactly_the_limit_is_accepted() -> None:
+    body = json.dumps(VALID).encode()
+    assert isinstance(decode_body(body, max_bytes=len(body)), RunRequest)
+    with pytest.raises(InvalidMessage):
+        decode_body(body, max_bytes=len(body) - 1)

@@ -131,13 +131,20 @@ async def test_a_permanent_secret_failure_fails_the_run_and_the_next_run_gets_a_
     world = bots(machine("m1", group_id="bots"))
     await world.heartbeat("m1")
     await queue(world, "r1", "c1")
-    world.passwords.failure = RunFailure(ErrorCode.SecretNotFound, "no such secret")
+    world.passwords.failure = RunFailure(
+        ErrorCode.SecretNotFound, "no such secret", detail={"vault": "v1"}
+    )
     world.placer.request = world.passes.request  # type: ignore[method-assign]
     world.passes.requested.clear()
     assert await world.place(GROUP) == 0
     run = await world.run("r1")
     assert run.status is RunStatus.failed
     assert run.error is not None and run.error.code is ErrorCode.SecretNotFound
+    assert (run.error.message, run.error.detail) == ("no such secret", {"vault": "v1"})
+    assert (run.timeline[-1].event, run.timeline[-1].detail) == (
+        "failed",
+        {"code": "SecretNotFound"},
+    )
     assert [e["run_id"] for e in world.publisher.events("run.failed")] == ["r1"]
     assert world.passes.requested == [GROUP]
 
@@ -177,3 +184,56 @@ async def test_a_claim_that_loses_a_race_asks_for_another_pass(second: str, lost
     assert await world.place(GROUP) == 0, f"planned on m1, refused: {lost_to} is taken"
     assert (await world.run("r2")).status is RunStatus.queued
     assert world.passes.requested == [GROUP]
+
+
+async def test_a_pass_that_read_a_full_lane_asks_for_another_and_one_that_did_not_does_not() -> (
+    None
+):
+    world = bots(machine("m1", group_id="bots", slots=2))
+    await world.heartbeat("m1")
+    asked: list[str] = []
+    world.placer.request = lambda *targets: asked.extend(targets)  # type: ignore[method-assign]
+    await queue(world, "only", "c1")
+    assert await world.place(GROUP) == 1
+    assert asked == []  # the lane was read to its end: nothing more to place
+    for run_id in ("a", "b", "c"):
+        await queue(world, run_id, "c2")
+    # Room for one more run (two slots, one taken): one run of the lane read, the lane is longer.
+    assert await world.place(GROUP) == 1
+    assert asked == [GROUP]
+
+
+async def test_a_pass_places_at_most_its_cap_and_asks_for_another() -> None:
+    from dispatcher.core import placement as core_placement
+
+    cap = core_placement.MAX_PLACEMENTS
+    machines = tuple(machine(f"m{i}", group_id="bots", slots=4) for i in range(cap // 4 + 2))
+    connections = tuple(
+        credentials(f"k{i}", group_id="bots", username=f"CONTOSO\\bulk{i}") for i in range(cap + 5)
+    )
+    world = World(fleet(machines=machines, groups=("bots",), connections=connections))
+    for c in connections:
+        await queue(world, f"run-{c.connection_id}", c.connection_id)
+    for m in machines:
+        await world.heartbeat(m.machine_id)
+    asked: list[str] = []
+    world.placer.request = lambda *targets: asked.extend(targets)  # type: ignore[method-assign]
+    assert await world.place(GROUP) == cap
+    assert asked == [GROUP]
+    asked.clear()
+    assert await world.place(GROUP) == 5
+    assert asked == []
+
+
+@pytest.mark.parametrize(
+    ("submitted_at", "waited"),
+    [(None, 1.0), (1_000.0, 0.0)],  # no submit time: since queued; a future one: not negative
+)
+async def test_the_queue_wait_metric(submitted_at: float | None, waited: float) -> None:
+    world = bots(machine("m1", group_id="bots"))
+    await world.heartbeat("m1")
+    if submitted_at is not None:
+        submitted_at += world.clock.now
+    await queue(world, "r1", "c1", submitted_at=submitted_at)
+    await world.place(GROUP)
+    assert world.metrics.named("queue_wait") == [(waited, GROUP, "credentials")]

@@ -155,3 +155,20 @@ async def test_a_machine_s_key_is_pinned_and_another_one_refused_until_registrat
     [view] = await world.machines.views([world.fleet.snapshot.machines["m1"]], world.clock.now, 15)
     assert view.key_mismatch and view.public_key == pinned
     assert world.metrics.named("message_refused") == [("key_mismatch",)]
+
+
+async def test_a_forged_terminal_event_creates_no_label_series() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    replica.placer.request = lambda *targets: None  # type: ignore[method-assign]
+    forged = [
+        {"target": f"g:forged-{n}", "connection_kind": "credentials", "mode": "unattended",
+         "status": "succeeded"}
+        for n in range(3)
+    ]  # fmt: skip
+    signals = [
+        FakeDelivery(json.dumps(event).encode(), routing_key="run.succeeded") for event in forged
+    ]
+    await replica.handle_signals(signals)
+    targets = {call[0] for call in world.metrics.named("run_completed")}
+    assert targets == {"other"}

@@ -113,3 +113,28 @@ async def test_a_sweep_relays_what_was_recorded_but_not_published_and_asks_for_p
     assert [e["run_id"] for e in world.publisher.events("run.queued")] == ["r1"]
     assert world.store.outbox == {}
     assert world.passes.requested == [GROUP]
+
+
+async def test_a_run_an_online_machine_never_started_goes_back_to_its_queue() -> None:
+    world = bots()
+    await world.heartbeat("m1")
+    await queue(world, "lost", "c1")  # its assignment never reaches the worker
+    await queue(world, "started", "c2")
+    await queue(world, "behind", "c3")
+    await world.place(GROUP)
+    await start(world, "started")
+    assert (await world.run("lost")).status is RunStatus.dispatched
+    world.passes.requested.clear()
+    world.clock.advance(world.settings.start_timeout_s - 1)
+    await world.heartbeat("m1")  # the machine keeps heartbeating
+    assert await world.sweeper.requeue_unstarted(world.clock.now) == 0
+    world.clock.advance(2)
+    await world.heartbeat("m1")
+    assert await world.sweeper.requeue_unstarted(world.clock.now) == 1
+    lost = await world.run("lost")
+    assert lost.status is RunStatus.queued and lost.fence is None
+    page = [run_id for run_id, _ in await world.store.queue_page(GROUP, 0, -1)]
+    assert page == ["lost", "behind"]  # back at its old position
+    assert world.passes.requested == [GROUP]
+    assert (await world.run("started")).status is RunStatus.running
+    assert [a.run_id for a in await world.machines.assigned("m1")] == ["started"]

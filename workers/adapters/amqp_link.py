@@ -62,6 +62,11 @@ class AmqpLink:
         queue = self.names.machine_queue(self.machine_id)
         return await self.broker.consume(queue, handler, batch_size=batch_size, prefetch=prefetch)
 
+    async def stop_receiving(self, timeout_s: float) -> bool:
+        """Take no more assignments; the replies keep coming (outcomes are still reported)."""
+        queue = self.names.machine_queue(self.machine_id)
+        return await self.broker.stop_consuming(timeout_s, queues=[queue])
+
     async def start(self, starts: Sequence[StartRequest]) -> list[StartResult]:
         payload = [{"run_id": s.run_id, "fence": s.fence, "deadline": s.deadline} for s in starts]
         results = await self._ask("start", starts=payload)

@@ -51,6 +51,9 @@ class StoreLink:
         queue = self.names.machine_queue(self.machine_id)
         return await self.broker.consume(queue, handler, batch_size=batch_size, prefetch=prefetch)
 
+    async def stop_receiving(self, timeout_s: float) -> bool:
+        return await self.broker.stop_consuming(timeout_s)
+
     async def start(self, starts: Sequence[StartRequest]) -> list[StartResult]:
         fenced = [
             Start(s.run_id, s.fence, s.deadline, self.machine_id, self.worker_id) for s in starts

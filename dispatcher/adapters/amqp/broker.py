@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -19,18 +20,27 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from dispatcher.adapters.amqp.consumer import consume_loop, copy_to_dead_letters
+from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
+from dispatcher.adapters.amqp.consumer import (
+    ConsumerLoop,
+    OutageHook,
+    copy_to_dead_letters,
+    held_copy,
+)
 from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
 from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
+
+log = logging.getLogger(__name__)
 
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # What "RabbitMQ cannot be reached" looks like from aio-pika and aiormq.
@@ -49,13 +59,24 @@ CONSUME_UNREACHABLE: tuple[type[BaseException], ...] = (*UNREACHABLE, RuntimeErr
 class Amqp:
     """One robust connection, a confirming publisher channel, and consumers."""
 
-    def __init__(self, url: str, names: Names, prefetch: int = 200, declare: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        names: Names,
+        prefetch: int = 200,
+        *,
+        hold_s: float | None = None,
+        on_outage: OutageHook | None = None,
+        declare: bool = True,
+    ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
         self.declare = declare
         self.names = names
         self.prefetch = prefetch
+        self.hold_s = hold_s
+        self.on_outage = on_outage
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -64,19 +85,26 @@ class Amqp:
         # RabbitMQ checks that a message's user_id is the connection's user: receivers know
         # who sent it (core/principals.sender_of).
         self.user_id = admin_user_of(url)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumers: list[tuple[AbstractQueue, str, ConsumerLoop]] = []
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
+        properties: dict[str, Any] = {"connection_name": f"rundispatch:{self.names.ns}"}
+        urls = split_urls(self.url)
         try:
-            self.connection = await aio_pika.connect_robust(
-                self.url, client_properties={"connection_name": f"rundispatch:{self.names.ns}"}
-            )
+            if len(urls) > 1:  # a cluster: follow it from node to node
+                self.connection = await connect_cluster(urls, client_properties=properties)
+            else:
+                self.connection = await aio_pika.connect_robust(
+                    urls[0], client_properties=properties
+                )
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             if self.declare:
                 self._exchanges = await declare_topology(
-                    self.connection, self._publisher, self.names
+                    self.connection, self._publisher, self.names, cluster=len(urls) > 1
                 )
             else:
                 self._exchanges = await look_up_topology(self._publisher, self.names)
@@ -213,7 +241,7 @@ class Amqp:
             # consumer dead after a reconnection.
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            await declared.consume(inbox.put, no_ack=False, arguments=arguments)
+            tag = await declared.consume(inbox.put, no_ack=False, arguments=arguments)
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
         except CONSUME_UNREACHABLE as exc:
@@ -222,8 +250,90 @@ class Amqp:
                     await channel.close()
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
-        loop = consume_loop(inbox, handler, batch_size, self._dead_letter)
-        return asyncio.create_task(loop(), name=f"consume:{queue}")
+        self._watch_cancel(channel, queue)
+
+        async def republish(message: AbstractIncomingMessage) -> None:
+            await self.publisher.default_exchange.publish(
+                held_copy(message), routing_key=queue, mandatory=True
+            )
+
+        loop = ConsumerLoop(
+            inbox,
+            handler,
+            batch_size,
+            self._dead_letter,
+            hold_s=self.hold_s,
+            republish=republish,
+            **({"on_outage": self.on_outage} if self.on_outage else {}),
+        )
+        loop.task = asyncio.create_task(loop.run(), name=f"consume:{queue}")
+        self._consumers.append((declared, tag, loop))
+        return loop.task
+
+    def is_connected(self) -> bool:
+        """Whether the connection to RabbitMQ is up right now (readiness)."""
+        connection = self.connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def consuming(self) -> bool:
+        """Whether every consumer started here still runs (readiness)."""
+        return all(loop.task is not None and not loop.task.done() for _, _, loop in self._consumers)
+
+    async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
+        """Drain: cancel every consumer (of ``queues`` only, when given: a worker keeps its
+        replies while it drains) (RabbitMQ sends nothing more), finish the deliveries already
+        received, within ``timeout_s``. False when that took longer: what is left is handed
+        back when the channels close (redelivered, deduplicated)."""
+        consumers = [c for c in self._consumers if queues is None or c[0].name in queues]
+        self._consumers = [c for c in self._consumers if c not in consumers]
+        try:
+            async with asyncio.timeout(timeout_s):
+                for queue, tag, _loop in consumers:
+                    with contextlib.suppress(*UNREACHABLE):
+                        await queue.cancel(tag)
+                await asyncio.gather(*(loop.drain() for _, _, loop in consumers))
+        except TimeoutError:
+            for _, _, loop in consumers:
+                if loop.task is not None:
+                    loop.task.cancel()
+            return False
+        return True
+
+    def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
+        """RabbitMQ cancels a consumer whose queue is deleted. The robust channel then tries
+        to consume again, but declares the queue passively; the queue itself is declared
+        again here (with its binding), so that consuming resumes."""
+        prefix = self.names.machine_queue("")
+        if not queue.startswith(prefix) or not self.declare or queue.endswith(".replies"):
+            return  # shared queues: every dispatcher declares them; a worker declares nothing
+        machine_id = queue.removeprefix(prefix)
+
+        async def redeclare() -> None:
+            self._machine_queues.discard(machine_id)
+            for _ in range(60):
+                try:
+                    await self.ensure_machine_queue(machine_id)
+                    log.warning("queue %s was deleted under its consumer: declared again", queue)
+                    return
+                except Exception as exc:
+                    log.warning("queue %s not declared again yet: %s", queue, exc)
+                    await asyncio.sleep(1.0)
+
+        def cancelled(_: object) -> None:
+            task = asyncio.get_running_loop().create_task(redeclare())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def watch(*_: object) -> None:
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            underlay.on_consumer_cancel_callbacks.add(cancelled)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        reopen = getattr(channel, "reopen_callbacks", None)
+        if reopen is not None:
+            reopen.add(watch)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         await copy_to_dead_letters(self.exchange("dead"), message, reason)

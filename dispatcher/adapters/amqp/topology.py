@@ -8,34 +8,55 @@ import logging
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiormq.exceptions import ChannelPreconditionFailed
 
-from dispatcher.core.principals import quorum_arguments
+from dispatcher.adapters.amqp.cluster import connect_any, split_urls
+from dispatcher.core.principals import DELIVERY_LIMIT, quorum_arguments
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_binding
 
 log = logging.getLogger(__name__)
+__all__ = ["DELIVERY_LIMIT", "quorum_arguments"]  # re-exported: defined in core/principals
 
 SIGNALS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
+HEARTBEATS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
+
+
+def hint_arguments(cluster: bool) -> dict[str, Any]:
+    """The heartbeats' and signals' queues: hints with a TTL. On one node a classic queue
+    (lower latency and cost); on a cluster a quorum queue, since a classic queue is gone with
+    its node, and with it every client's connection recovery (aio-pika re-declares it)."""
+    base = {**HEARTBEATS_ARGUMENTS, **SIGNALS_ARGUMENTS}
+    return {**base, "x-queue-type": "quorum"} if cluster else base
 
 
 async def declare_topology(
-    connection: AbstractRobustConnection, channel: AbstractChannel, names: Names
+    connection: AbstractRobustConnection,
+    channel: AbstractChannel,
+    names: Names,
+    *,
+    cluster: bool = False,
 ) -> dict[str, AbstractExchange]:
-    """Declare every exchange and shared queue of the public contract; the exchanges by role."""
+    """Declare every exchange and shared queue of the public contract; the exchanges by role.
+    ``cluster``: the broker is a cluster (see :func:`hint_arguments`)."""
     direct, topic, fanout = (
         aio_pika.ExchangeType.DIRECT,
         aio_pika.ExchangeType.TOPIC,
         aio_pika.ExchangeType.FANOUT,
     )
     dead = await channel.declare_exchange(names.dead_exchange, fanout, durable=True)
-    dead_queue = await channel.declare_queue(
-        names.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    dead_queue = await _declare_or_accept(
+        connection, channel, names.dead_queue, {"x-queue-type": "quorum"}
     )
     await dead_queue.bind(dead)
     requests = await channel.declare_exchange(names.requests_exchange, direct, durable=True)
-    requests_queue = await channel.declare_queue(
-        names.requests_queue, durable=True, arguments=quorum_arguments(names)
+    requests_queue = await _declare_or_accept(
+        connection, channel, names.requests_queue, quorum_arguments(names)
     )
     await requests_queue.bind(requests, "submit")
     await requests_queue.bind(requests, "cancel")
@@ -47,16 +68,15 @@ async def declare_topology(
         names.reports_queue, durable=True, arguments=quorum_arguments(names)
     )
     await reports_queue.bind(reports, "report")
-    heartbeats_queue = await channel.declare_queue(
-        names.heartbeats_queue, durable=True, arguments={"x-message-ttl": 60_000}
-    )
+    hints = hint_arguments(cluster)
+    if cluster:  # a classic queue of an earlier single-node set-up: hints only, replaced
+        await _replace_if_declared_otherwise(connection, names.heartbeats_queue, hints)
+    heartbeats_queue = await _declare_or_accept(connection, channel, names.heartbeats_queue, hints)
     await heartbeats_queue.bind(heartbeats)
     # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
     # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
-    await _replace_if_declared_otherwise(connection, names.signals_queue, SIGNALS_ARGUMENTS)
-    signals = await channel.declare_queue(
-        names.signals_queue, durable=True, arguments=SIGNALS_ARGUMENTS
-    )
+    await _replace_if_declared_otherwise(connection, names.signals_queue, hints)
+    signals = await channel.declare_queue(names.signals_queue, durable=True, arguments=hints)
     for key in (*(event_binding(e) for e in TERMINAL_EVENT_KEYS), "machine.#"):
         await signals.bind(events, key)
     return {
@@ -67,6 +87,27 @@ async def declare_topology(
         "heartbeats": heartbeats,
         "reports": reports,
     }
+
+
+async def _declare_or_accept(
+    connection: AbstractRobustConnection,
+    channel: AbstractChannel,
+    name: str,
+    arguments: dict[str, Any],
+) -> AbstractQueue:
+    """Declare a shared queue; one that exists with other arguments (an operator declared it
+    from other definitions) is used as it is, with a warning, instead of fought over: its
+    messages are not ours to drop. ``python -m dispatcher doctor`` names the difference."""
+    probe = await connection.channel()
+    try:
+        await probe.declare_queue(name, durable=True, arguments=arguments)
+    except ChannelPreconditionFailed as exc:
+        log.warning("queue %s exists with other arguments; using it as it is: %s", name, exc)
+        return await channel.declare_queue(name, passive=True)
+    finally:
+        if not probe.is_closed:
+            await probe.close()
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 EXCHANGE_ROLES = ("dead", "requests", "events", "machines", "heartbeats", "reports")
@@ -87,7 +128,7 @@ async def _replace_if_declared_otherwise(
 ) -> None:
     """Re-create a queue of hints that an earlier version declared with other arguments
     (RabbitMQ refuses the new declaration with PRECONDITION_FAILED otherwise). Only for
-    queues whose messages may be lost: the signals queue."""
+    queues whose messages may be lost: the heartbeats' and signals' queues."""
     probe = await connection.channel()
     try:
         await probe.declare_queue(name, durable=True, arguments=arguments)
@@ -120,7 +161,7 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.heartbeats_exchange,
         names.reports_exchange,
     ]
-    connection = await aio_pika.connect(url)
+    connection = await connect_any(split_urls(url))
     async with connection:
         for queue in queues:
             channel = await connection.channel()

@@ -114,7 +114,7 @@ async def _store(
         fields["refresh_token_expires_at"] = (
             f"{now + float(result['refresh_token_expires_in']):.3f}"
         )
-    await broker.store.replace_sign_in(connection.connection_id, cache.serialize(), fields)
+    await broker.store.replace_sign_in(connection, cache.serialize(), fields)
     return await broker.status(connection)
 
 

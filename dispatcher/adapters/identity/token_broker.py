@@ -95,7 +95,7 @@ class TokenBroker:
         ``RetryableRunError`` (see :mod:`failures`); never puts a token in an error.
         """
         tenant_id = self._tenant(connection)
-        snapshot = await self.store.load(connection.connection_id)
+        snapshot = await self.store.load(connection)
         if token := self._usable(snapshot, tenant_id, valid_for_s):
             return token
         return await self._refresh(connection, tenant_id, valid_for_s)
@@ -107,7 +107,7 @@ class TokenBroker:
 
     async def status(self, connection: Connection) -> dict[str, Any]:
         """The connection's token state for operators (see :func:`token_status`); no token."""
-        return token_status(connection, await self.store.load(connection.connection_id))
+        return token_status(connection, await self.store.load(connection))
 
     async def aclose(self) -> None:
         """Stop the thread pool and close the HTTP client this broker created."""
@@ -123,20 +123,21 @@ class TokenBroker:
     async def _refresh(self, connection: Connection, tenant_id: str, valid_for_s: float) -> str:
         connection_id = connection.connection_id
         async with self._local_lock(connection_id):
-            snapshot = await self.store.load(connection_id)
+            snapshot = await self.store.load(connection)
             if cached := self._usable(snapshot, tenant_id, valid_for_s):
                 return cached
             async with self.store.refresh_lock(connection_id, ttl_s=LOCK_TTL_S, wait_s=LOCK_WAIT_S):
                 # Whoever held the lock before us has probably just refreshed: look again.
-                snapshot = await self.store.load(connection_id)
+                snapshot = await self.store.load(connection)
                 if cached := self._usable(snapshot, tenant_id, valid_for_s):
                     return cached
-                return await self._refresh_locked(connection_id, tenant_id, valid_for_s, snapshot)
+                return await self._refresh_locked(connection, tenant_id, valid_for_s, snapshot)
 
     async def _refresh_locked(
-        self, connection_id: str, tenant_id: str, valid_for_s: float, snapshot: TokenSnapshot
+        self, connection: Connection, tenant_id: str, valid_for_s: float, snapshot: TokenSnapshot
     ) -> str:
         """Refresh with msal while holding both locks; store before the locks are released."""
+        connection_id = connection.connection_id
         if snapshot.cache_json is None:
             raise _not_signed_in()
         loop = asyncio.get_running_loop()
@@ -146,7 +147,7 @@ class TokenBroker:
         )
         self._report(connection_id, refreshed.failure, time.monotonic() - started)
         if refreshed.cache_json is not None:
-            await self.store.save_cache(connection_id, refreshed.cache_json)
+            await self.store.save_cache(connection, refreshed.cache_json)
         failure = refreshed.failure
         if failure is not None:
             if failure.marks_connection:

@@ -1,7 +1,9 @@
 """Where a sign-in connection's tokens live in Redis, and how replicas take turns refreshing.
 
 - ``names.token_cache(id)``: the connection's msal cache, sealed with :class:`SecretBox` and
-  bound to the connection id (and to its purpose, so that it cannot pass for a stored password);
+  bound to the connection id and its identity (owner and account), and to its purpose, so that
+  it cannot pass for a stored password; re-applying the connection with another account or
+  owner makes the cache unusable (the connection must be signed in again);
 - ``names.token_state(id)``: a hash with no token in it: expiries, last refresh, error marker;
 - ``names.token_lock(id)``: the refresh lock, ``SET NX PX`` with an owner token, released by a
   compare-and-delete script so that a holder whose lock expired cannot free its successor's.
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -34,9 +37,26 @@ return 0
 _ERROR_FIELDS = ("error", "error_kind", "error_codes", "error_at")
 
 
-def cache_context(connection_id: str) -> str:
-    """The associated data a connection's token cache is sealed with."""
-    return f"{connection_id}|msal-token-cache"
+def identity_of(connection: Connection) -> str:
+    """Who a connection's tokens belong to: its owner and account (case-folded). A changed
+    tenant is refused on its own (TenantMismatchForConnectWithSignIn)."""
+    return "|".join((value or "").casefold() for value in (connection.owner, connection.account))
+
+
+IDENTITY_FIELD = "identity"
+
+
+def identity_digest(identity: str) -> str:
+    """What the token state records of the identity a sign-in was made for."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def cache_context(connection_id: str, identity: str | None = None) -> str:
+    """The associated data a connection's token cache is sealed with (``identity`` None: the
+    context of caches sealed before they were bound to the identity)."""
+    if identity is None:
+        return f"{connection_id}|msal-token-cache"
+    return f"{connection_id}|{identity}|msal-token-cache"
 
 
 def _mapping(fields: Mapping[str, str]) -> dict[Any, Any]:
@@ -70,8 +90,11 @@ class TokenStore:
         self._names = names
         self._box = box
 
-    async def load(self, connection_id: str) -> TokenSnapshot:
-        """The cache and state in one round trip."""
+    async def load(self, connection: Connection) -> TokenSnapshot:
+        """The cache and state in one round trip. A cache sealed for another identity of the
+        connection (its account or owner changed since the sign-in) is no cache: the
+        connection needs a sign-in."""
+        connection_id = connection.connection_id
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self._names.token_cache(connection_id))
             pipe.hgetall(self._names.token_state(connection_id))
@@ -79,8 +102,20 @@ class TokenStore:
         state = {_text(k): _text(v) for k, v in (raw_state or {}).items()}
         if sealed is None:
             return TokenSnapshot(None, state)
+        identity = identity_of(connection)
+        signed_in_as = state.get(IDENTITY_FIELD)
+        if signed_in_as is not None and signed_in_as != identity_digest(identity):
+            return TokenSnapshot(None, state)  # signed in for another owner or account
+        # A cache sealed before caches were bound to the identity: usable only for the account
+        # that signed in.
+        if (
+            signed_in_as is None
+            and (state.get("account") or "").casefold() != (connection.account or "").casefold()
+        ):
+            return TokenSnapshot(None, state)
+        context = cache_context(connection_id, identity if signed_in_as else None)
         try:
-            cache_json = self._box.open_text(_text(sealed), cache_context(connection_id))
+            cache_json = self._box.open_text(_text(sealed), context)
         except SealedDataError:
             raise RunFailure(
                 ErrorCode.PasswordlessTokenExpiry,
@@ -94,10 +129,17 @@ class TokenStore:
         raw = await self._redis.hgetall(self._names.token_state(connection_id))
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    async def save_cache(self, connection_id: str, cache_json: str) -> None:
+    async def save_cache(self, connection: Connection, cache_json: str) -> None:
         """Store a changed cache (a rotated refresh token must never be lost)."""
-        sealed = self._box.seal_text(cache_json, cache_context(connection_id))
-        await self._redis.set(self._names.token_cache(connection_id), sealed)
+        connection_id = connection.connection_id
+        sealed = self._box.seal_text(
+            cache_json, cache_context(connection_id, identity_of(connection))
+        )
+        key = self._names.token_state(connection_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._names.token_cache(connection_id), sealed)
+            pipe.hsetnx(key, IDENTITY_FIELD, identity_digest(identity_of(connection)))
+            await pipe.execute()
 
     async def record_refresh(self, connection_id: str, fields: Mapping[str, str]) -> None:
         """Note a successful refresh (expiries, time) and count it."""
@@ -113,15 +155,19 @@ class TokenStore:
         await self._redis.hset(key, mapping=_mapping(failure.to_marker(time.time())))
 
     async def replace_sign_in(
-        self, connection_id: str, cache_json: str, fields: Mapping[str, str]
+        self, connection: Connection, cache_json: str, fields: Mapping[str, str]
     ) -> None:
         """Store a fresh sign-in: new cache, new state, error marker cleared, atomically."""
-        sealed = self._box.seal_text(cache_json, cache_context(connection_id))
+        connection_id = connection.connection_id
+        sealed = self._box.seal_text(
+            cache_json, cache_context(connection_id, identity_of(connection))
+        )
         state_key = self._names.token_state(connection_id)
+        bound = {**fields, IDENTITY_FIELD: identity_digest(identity_of(connection))}
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._names.token_cache(connection_id), sealed)
             pipe.delete(state_key)
-            pipe.hset(state_key, mapping=_mapping(fields))
+            pipe.hset(state_key, mapping=_mapping(bound))
             await pipe.execute()
 
     async def forget(self, connection_id: str) -> None:

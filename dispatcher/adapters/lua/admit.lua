@@ -30,7 +30,7 @@ if refusal then
   redis.call('HSET', run, 'status', '"rejected"', 'error', refusal_error, 'finished_at', now)
   append_timeline(run, ARGV[13])
   redis.call('EXPIRE', run, ARGV[10])
-  redis.call('ZADD', rejected, now, run_id)
+  index_finished(rejected, now, run_id, ARGV[10])
   return {'rejected', refusal, event(stream, run, 'rejected')}
 end
 

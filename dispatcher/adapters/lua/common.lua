@@ -21,6 +21,11 @@ local function record_json(key, with_timeline)
   return '{' .. inner .. ',' .. table.concat(parts, ',') .. '}'
 end
 
+-- A run's timeline is bounded (TL_MAX_BYTES): past it, the oldest entries after the first
+-- (``queued``) are dropped, so that a run waiting for days with changing reasons neither grows
+-- without end nor makes every append rewrite more than the bound. Entries start '{"at":'.
+local TL_MAX_BYTES = 16384
+
 local function append_timeline(key, entry)
   if entry == nil or entry == '' then return end
   local tl = redis.call('HGET', key, 'tl')
@@ -28,6 +33,16 @@ local function append_timeline(key, entry)
     tl = '[' .. entry .. ']'
   else
     tl = string.sub(tl, 1, -2) .. ',' .. entry .. ']'
+    local first = string.find(tl, ',{"at":', 2, true)
+    if #tl > TL_MAX_BYTES and first then
+      local cut = first
+      while #tl - (cut - first) > TL_MAX_BYTES do
+        local nxt = string.find(tl, ',{"at":', cut + 1, true)
+        if not nxt then break end
+        cut = nxt
+      end
+      if cut > first then tl = string.sub(tl, 1, first - 1) .. string.sub(tl, cut) end
+    end
   end
   redis.call('HSET', key, 'tl', tl)
 end
@@ -43,6 +58,15 @@ end
 local function event(stream, key, status)
   local submitter = redis.call('HGET', key, '_sub') or '-'
   return outbox(stream, 'event', 'run.' .. status .. '.' .. submitter, record_json(key, false))
+end
+
+-- Add a run to a finished index and drop (at most 100 per call, so a script stays short) the
+-- entries older than the retention: their runs have expired, and the index stays bounded.
+local function index_finished(index, at, run_id, retention)
+  redis.call('ZADD', index, at, run_id)
+  local cutoff = tonumber(at) - tonumber(retention)
+  local old = redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. cutoff, 'LIMIT', 0, 100)
+  if #old > 0 then redis.call('ZREM', index, unpack(old)) end
 end
 
 -- Keep the lanes index pointing at the score of each lane's head run.

@@ -10,5 +10,5 @@ end
 redis.call('HSET', run, 'status', '"rejected"', 'error', ARGV[3], 'finished_at', ARGV[2])
 append_timeline(run, ARGV[4])
 redis.call('EXPIRE', run, ARGV[5])
-redis.call('ZADD', rejected, ARGV[2], ARGV[1])
+index_finished(rejected, ARGV[2], ARGV[1], ARGV[5])
 return {'rejected', event(stream, run, 'rejected')}

@@ -12,7 +12,7 @@ end
 if ARGV[9] == '1' and tonumber(state[2]) > tonumber(ARGV[4]) then return {'not_due'} end
 unqueue(ARGV[1], queue, lane, lanes, ARGV[7], deadlines, targets, ARGV[8])
 redis.call('HSET', run, 'status', '"' .. ARGV[2] .. '"', 'finished_at', ARGV[4], 'error', ARGV[3])
-redis.call('ZADD', finished, ARGV[4], ARGV[1])
+index_finished(finished, ARGV[4], ARGV[1], ARGV[6])
 append_timeline(run, ARGV[5])
 redis.call('EXPIRE', run, ARGV[6])
 return {'ok', event(stream, run, ARGV[2])}

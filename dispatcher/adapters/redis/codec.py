@@ -59,6 +59,8 @@ def request_fields(request: RunRequest, now: float, submitter: str = NO_SUBMITTE
     submitted = request.submitted_at.timestamp() if request.submitted_at else now
     req = request.model_dump(mode="json", exclude={"priority", "submitted_at"})
     req["submitted_at"] = submitted
+    if not request.fail_early:
+        del req["fail_early"]  # the record of a run that did not ask for it is unchanged
     return ["req", fragment(req), "priority", fragment(request.priority.value), "_sub", submitter]
 
 
@@ -259,7 +261,7 @@ class Calls:
             start.fence,
             repr(now),
             timeline_entry("started", now, {"machine_id": start.machine_id}),
-            repr(start.run_deadline),
+            repr(start.run_deadline - now),  # start.lua adds it to Redis's clock
             start.worker_id,
         ]
         return keys, args
@@ -283,6 +285,7 @@ class Calls:
             repr(now),
             timeline_entry(ending.status.value, now, ending.detail),
             self.retention_s,
+            fragment(ending.machine_id) if ending.machine_id else "",
         ]
         return keys, args
 

@@ -30,10 +30,65 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Replies of a Redis that is up but cannot take the command now: out of memory under
+# ``noeviction``, a replica (read-only, or its primary is down), ``min-replicas-to-write`` not
+# met, still loading its data set, busy with a script, a failed background save. Each is an
+# outage of the store (hold the work and try again), never a sign that the item is bad.
+OUTAGE_REPLIES = (
+    "OOM",
+    "READONLY",
+    "NOREPLICAS",
+    "MASTERDOWN",
+    "LOADING",
+    "BUSY",
+    "MISCONF",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis cannot serve now (unreachable, or an outage reply)."""
+    if isinstance(exc, UNREACHABLE):
+        return True
+    if isinstance(exc, redis_errors.ResponseError):
+        # redis-py strips the error code for some of them (ReadOnlyError, OutOfMemoryError ...).
+        if isinstance(
+            exc,
+            (
+                redis_errors.ReadOnlyError,
+                redis_errors.OutOfMemoryError,
+                redis_errors.MasterDownError,
+                redis_errors.TryAgainError,
+                redis_errors.ClusterDownError,
+            ),
+        ):
+            return True
+        text = str(exc).lstrip()
+        return any(
+            text.startswith(word) and text[len(word) : len(word) + 1] in ("", " ")
+            for word in OUTAGE_REPLIES
+        )
+    return False
+
+
+def outage_of(exc: BaseException) -> StoreUnavailable:
+    """The ``StoreUnavailable`` for an outage reply or a connection failure."""
+    return StoreUnavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
+
 
 def make_redis(settings: Settings) -> aioredis.Redis:
     """The client of one process: a blocking pool, so that a burst of concurrent commands
-    waits for a connection instead of failing."""
+    waits for a connection instead of failing. With Sentinels configured, the client of the
+    service's primary, following failovers (:mod:`.sentinel`)."""
+    if settings.redis_sentinels:
+        from dispatcher.adapters.redis.sentinel import sentinel_redis
+
+        return sentinel_redis(
+            settings.redis_sentinels,
+            settings.redis_sentinel_service,
+            settings.redis_url.get_secret_value(),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url.get_secret_value(),
         health_check_interval=10,
@@ -47,14 +102,21 @@ def make_redis(settings: Settings) -> aioredis.Redis:
 
 
 def store_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """``method`` raising ``StoreUnavailable`` where redis-py says Redis cannot be reached."""
+    """``method`` raising ``StoreUnavailable`` where redis-py says Redis cannot be reached or
+    cannot serve now (an outage reply, see :data:`OUTAGE_REPLIES`)."""
 
     @functools.wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
+        except StoreUnavailable:
+            raise
+        except redis_errors.RedisError as exc:
+            if is_outage(exc):
+                raise outage_of(exc) from exc
+            raise
         except UNREACHABLE as exc:
-            raise StoreUnavailable(f"Redis is unavailable: {exc}") from exc
+            raise outage_of(exc) from exc
 
     return call
 

@@ -14,6 +14,7 @@ from dispatcher.adapters.redis.codec import text
 from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.adapters.redis.fleet import RedisFleet
 from dispatcher.adapters.redis.machines import RedisMachines
+from dispatcher.adapters.redis.traces import RedisTraces
 from dispatcher.core.selection import slots_of
 from dispatcher.metrics import QueueStateSnapshot, QueueStats, SlotCounts
 from dispatcher.models import ConnectionKind, Mode
@@ -36,12 +37,21 @@ class RedisQueueState:
     """Reads the queue and machine gauges of the whole namespace."""
 
     def __init__(
-        self, redis: aioredis.Redis, names: Names, fleet: RedisFleet, machines: RedisMachines
+        self,
+        redis: aioredis.Redis,
+        names: Names,
+        fleet: RedisFleet,
+        machines: RedisMachines,
+        *,
+        traces: RedisTraces | None = None,
+        outlook_max_age_s: float = 30.0,
     ) -> None:
         self.redis = redis
         self.names = names
         self.fleet = fleet
         self.machines = machines
+        self.traces = traces
+        self.outlook_max_age_s = outlook_max_age_s
 
     async def snapshot(self, offline_after_s: float) -> QueueStateSnapshot:
         """Read the queues (lane by lane: cost ~ lanes, not runs) and machines."""
@@ -116,8 +126,19 @@ async def queue_state(source: RedisQueueState, offline_after_s: float) -> QueueS
         # Admission rejects unattended sign-in runs: they never queue, so never time out.
         if not (connection.kind is ConnectionKind.sign_in and mode is Mode.unattended)
     )
+    outlooks = await source.traces.outlooks() if source.traces is not None else {}
+    # An outlook older than this is a forecast chore that stopped: better no value than a stale one.
+    fresh = {
+        target: outlook
+        for target, outlook in outlooks.items()
+        if now - outlook.at <= source.outlook_max_age_s and target in targets
+    }
     return QueueStateSnapshot(
         now=now,
+        next_deadline_at={
+            t: o.next_deadline_at for t, o in fresh.items() if o.next_deadline_at is not None
+        },
+        predicted_timeouts={t: o.predicted_timeouts for t, o in fresh.items()},
         queues=queues,
         waiting=dict(waiting),
         oldest_sign_in_enqueued_at=sign_in_oldest,

@@ -16,6 +16,12 @@ from dispatcher.models import QueuedHead, Run, RunStatus
 from dispatcher.names import Names
 from dispatcher.usecases.results import RunState
 
+# What ``briefs`` reads of a run: no timeline (the bulk of a record).
+BRIEF_FIELDS = (
+    "req", "status", "priority", "target", "connection_kind", "queued_at", "queue_deadline",
+    "dispatched_at",
+)  # fmt: skip
+
 
 @store_adapter
 class RedisRunReads:
@@ -36,6 +42,20 @@ class RedisRunReads:
         for run_id in run_ids:
             pipe.hgetall(self.names.run(run_id))
         return [parse_run(raw) if raw else None for raw in await pipe.execute()]
+
+    async def briefs(self, run_ids: Sequence[str]) -> list[Run | None]:
+        """Several runs without their timeline, inputs and outputs (the forecast's reads)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for run_id in run_ids:
+            pipe.hmget(self.names.run(run_id), *BRIEF_FIELDS)
+        briefs: list[Run | None] = []
+        for values in await pipe.execute():
+            if values[0] is None:
+                briefs.append(None)
+                continue
+            fields = {k: v for k, v in zip(BRIEF_FIELDS, values, strict=True) if v is not None}
+            briefs.append(parse_run(fields))
+        return briefs
 
     async def states(self, run_ids: Sequence[str]) -> list[RunState]:
         """Status, fence and machine of several runs, in one round trip."""

@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from dispatcher.adapters.redis.codec import Call
+from dispatcher.adapters.redis.connection import is_outage, outage_of
 
 SCRIPTS = (
     "admit",
@@ -35,20 +36,24 @@ SCRIPTS = (
     "cancel",
 )
 
+
+def _common() -> str:
+    return (resources.files("dispatcher.adapters") / "lua" / "common.lua").read_text()
+
+
 # Appends a timeline entry to a run (changed why-waiting reasons); no state changes.
 NOTE_SCRIPT = (
-    "local tl = redis.call('HGET', KEYS[1], 'tl') "
-    "if not tl then return 0 end "
-    "if tl == '[]' then tl = '[' .. ARGV[1] .. ']' "
-    "else tl = string.sub(tl, 1, -2) .. ',' .. ARGV[1] .. ']' end "
-    "redis.call('HSET', KEYS[1], 'tl', tl) return 1"
+    _common()
+    + "\nif not redis.call('HGET', KEYS[1], 'tl') then return 0 end "
+    + "append_timeline(KEYS[1], ARGV[1]) return 1"
 )
+TL_MAX_BYTES = 16384  # as in common.lua
 
 
 def load_scripts() -> dict[str, str]:
     """The Lua sources, each prefixed with the shared helpers (``common.lua``)."""
     package = resources.files("dispatcher.adapters") / "lua"
-    common = (package / "common.lua").read_text()
+    common = _common()
     return {name: common + "\n" + (package / f"{name}.lua").read_text() for name in SCRIPTS}
 
 
@@ -117,6 +122,12 @@ class ScriptRunner:
             again = await self._pipeline(sha, [calls[i] for i in missing])
             for index, item in zip(missing, again, strict=True):
                 raw[index] = item
+        # An outage reply (OOM, READONLY ...) is no answer about the item: the whole call is
+        # an outage, so that the caller holds its work instead of failing items. A script
+        # refused this way wrote nothing (Redis refuses before its first write).
+        for item in raw:
+            if isinstance(item, Exception) and is_outage(item):
+                raise outage_of(item) from item
         return raw
 
     async def _pipeline(self, sha: str, calls: Sequence[Call]) -> list[Any]:

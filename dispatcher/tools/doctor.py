@@ -1,0 +1,260 @@
+"""``python -m dispatcher doctor``: check a deployment and say what to fix.
+
+Each check answers ``ok``, ``warn`` (works, but not as recommended) or ``FAIL`` (runs would be
+lost, duplicated or stuck), with the fix. The exit code is 1 when anything failed.
+
+    versions ─ Redis: reachable, AOF, noeviction, clock skew ─ RabbitMQ: reachable, topology,
+    dead letters ─ identities: the secret keys, the broker user
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+from dispatcher import __version__
+from dispatcher.adapters.amqp.inspect import inspect_namespace
+from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
+from dispatcher.adapters.redis.connection import make_redis
+from dispatcher.errors import BrokerUnavailable, DispatchError
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+
+Status = Literal["ok", "warn", "FAIL", "skip"]
+
+MIN_REDIS = (6, 2)
+MIN_RABBITMQ = (3, 10)
+# Deadlines and heartbeats compare this host's clock with the others' (through Redis).
+SKEW_WARN_S = 0.5
+SKEW_FAIL_S = 2.0
+TIMEOUT_S = 5.0
+REDIS_DOWN: tuple[type[BaseException], ...] = (*REDIS_UNREACHABLE, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _where(url: str) -> str:
+    """Host and port of a service URL, without its credentials."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+
+
+async def check_redis(settings: Settings) -> list[Check]:
+    url = settings.redis_url.get_secret_value()
+    redis = make_redis(settings)
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            info = await redis.info()
+            before = time.time()
+            seconds, micros = await redis.time()
+            after = time.time()
+    except REDIS_DOWN as exc:
+        return [
+            Check(
+                "redis",
+                "FAIL",
+                f"cannot reach Redis at {_where(url)}: {type(exc).__name__}",
+                "start Redis or correct RUNDISPATCH_REDIS_URL",
+            )
+        ]
+    finally:
+        await redis.aclose()
+    checks = []
+    version = str(info.get("redis_version", "?"))
+    checks.append(
+        Check("redis.version", "ok", f"Redis {version}")
+        if _version(version) >= MIN_REDIS
+        else Check(
+            "redis.version",
+            "FAIL",
+            f"Redis {version}",
+            f"upgrade Redis to {'.'.join(map(str, MIN_REDIS))} or later",
+        )
+    )
+    aof = str(info.get("aof_enabled", "0")) == "1"
+    checks.append(
+        Check("redis.aof", "ok", "append-only file on")
+        if aof
+        else Check(
+            "redis.aof",
+            "FAIL",
+            "append-only file off: a Redis restart loses accepted runs",
+            "set 'appendonly yes' and 'appendfsync everysec' (deploy/redis/redis.conf)",
+        )
+    )
+    policy = str(info.get("maxmemory_policy", "?"))
+    checks.append(
+        Check("redis.eviction", "ok", "maxmemory-policy noeviction")
+        if policy == "noeviction"
+        else Check(
+            "redis.eviction",
+            "FAIL",
+            f"maxmemory-policy {policy}: Redis may evict run records under memory pressure",
+            "set 'maxmemory-policy noeviction' (deploy/redis/redis.conf)",
+        )
+    )
+    skew = seconds + micros / 1e6 - (before + after) / 2
+    fix = "synchronise this host's clock (NTP / w32time)"
+    if abs(skew) >= SKEW_FAIL_S:
+        checks.append(Check("clock", "FAIL", f"this host is {-skew:+.3f} s off Redis's clock", fix))
+    elif abs(skew) >= SKEW_WARN_S:
+        checks.append(Check("clock", "warn", f"this host is {-skew:+.3f} s off Redis's clock", fix))
+    else:
+        checks.append(Check("clock", "ok", f"{-skew:+.3f} s from Redis's clock"))
+    return checks
+
+
+async def check_rabbitmq(settings: Settings) -> list[Check]:
+    url = settings.amqp_url.get_secret_value()
+    names = Names(settings.namespace)
+    try:
+        report = await inspect_namespace(url, names, TIMEOUT_S)
+    except BrokerUnavailable as exc:
+        return [
+            Check(
+                "rabbitmq",
+                "FAIL",
+                f"cannot reach RabbitMQ at {_where(url)}: {exc}",
+                "start RabbitMQ or correct RUNDISPATCH_AMQP_URL (user, password, vhost)",
+            )
+        ]
+    version, missing, differing = report.version, report.missing, report.differing
+    dead_letters = report.dead_letters
+    checks = [
+        Check("rabbitmq.version", "ok", f"RabbitMQ {version}")
+        if _version(version) >= MIN_RABBITMQ
+        else Check(
+            "rabbitmq.version",
+            "FAIL",
+            f"RabbitMQ {version}",
+            f"upgrade RabbitMQ to {'.'.join(map(str, MIN_RABBITMQ))} or later",
+        )
+    ]
+    if missing:
+        checks.append(
+            Check(
+                "rabbitmq.topology",
+                "FAIL",
+                "missing: " + ", ".join(missing),
+                "start a dispatcher (it declares them) or import deploy/rabbitmq/definitions.json",
+            )
+        )
+    if differing:
+        # Used as they are (an operator's own definitions); policies may do what the
+        # arguments would.
+        checks.append(
+            Check(
+                "rabbitmq.topology",
+                "warn",
+                "declared with other arguments: " + ", ".join(differing),
+                "make sure policies set the delivery limit and dead-lettering, or import the "
+                "generated definitions (python -m dispatcher definitions)",
+            )
+        )
+    if not missing and not differing:
+        checks.append(Check("rabbitmq.topology", "ok", f"namespace {names.ns} as expected"))
+    if dead_letters:
+        checks.append(
+            Check(
+                "rabbitmq.dead_letters",
+                "warn",
+                f"{dead_letters} messages in {names.dead_queue}",
+                "read them (header x-rundispatch-reason) and see docs/operations.md runbooks",
+            )
+        )
+    return checks
+
+
+def check_identities(settings: Settings) -> list[Check]:
+    checks = []
+    try:
+        from dispatcher.crypto import SecretBox
+
+        SecretBox.from_settings(settings)
+        checks.append(Check("identities.secret_keys", "ok", "secret keys load"))
+    except DispatchError as exc:
+        checks.append(
+            Check("identities.secret_keys", "FAIL", str(exc), "set RUNDISPATCH_SECRET_KEYS")
+        )
+    admin = getattr(settings, "broker_admin_url", None)
+    if admin is None:
+        checks.append(
+            Check("identities.registry", "skip", "no per-principal identities configured here")
+        )
+    else:
+        value = admin.get_secret_value() if hasattr(admin, "get_secret_value") else str(admin)
+        checks.append(
+            Check("identities.registry", "ok", f"management API at {_where(value)}")
+            if value
+            else Check(
+                "identities.registry",
+                "warn",
+                "RUNDISPATCH_BROKER_ADMIN_URL is not set: machines cannot be registered",
+                "set it to the RabbitMQ management API URL of an administrator",
+            )
+        )
+    user = urlsplit(settings.amqp_url.get_secret_value()).username or "guest"
+    if user == "guest":
+        checks.append(
+            Check(
+                "identities.broker_user",
+                "warn",
+                "connected to RabbitMQ as 'guest'",
+                "give each dispatcher and each machine its own broker user "
+                "(docs/operations.md, 'Registering machines')",
+            )
+        )
+    else:
+        checks.append(Check("identities.broker_user", "ok", f"broker user {user!r}"))
+    return checks
+
+
+async def diagnose(settings: Settings) -> list[Check]:
+    """Every check, in the order they are shown."""
+    checks = [
+        Check(
+            "versions",
+            "ok",
+            f"rundispatch {__version__}, Python {sys.version.split()[0]}",
+        )
+    ]
+    steps: list[Callable[[Settings], Awaitable[list[Check]]]] = [check_redis, check_rabbitmq]
+    for step in steps:
+        checks += await step(settings)
+    checks += check_identities(settings)
+    return checks
+
+
+def render(checks: list[Check]) -> str:
+    lines = []
+    for check in checks:
+        lines.append(f"{check.status:<5} {check.name:<24} {check.detail}")
+        if check.fix and check.status != "ok":
+            lines.append(f"{'':<5} {'':<24} fix: {check.fix}")
+    failed = sum(check.status == "FAIL" for check in checks)
+    warned = sum(check.status == "warn" for check in checks)
+    lines.append(f"{failed} problems, {warned} warnings")
+    return "\n".join(lines)
+
+
+def as_json(checks: list[Check]) -> list[dict[str, str]]:
+    return [asdict(check) for check in checks]

@@ -1,0 +1,62 @@
+"""The operations commands of ``python -m dispatcher``: ``doctor``, ``definitions``,
+``contract`` and ``secrets rotate`` (the parser is in :mod:`dispatcher.tools.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dispatcher.settings import Settings
+from dispatcher.tools.commands import print_json
+
+
+async def cmd_secrets_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    from dispatcher.adapters.redis.rotation import reseal_all
+    from dispatcher.bootstrap import runtime
+    from dispatcher.crypto import SecretBox
+
+    box = SecretBox.from_settings(settings)
+    async with runtime(settings, amqp=False) as rt:
+        result = await reseal_all(rt.redis, rt.names, box, dry_run=args.dry_run)
+    if args.json:
+        print_json(asdict(result))
+    else:
+        verb = "would re-seal" if args.dry_run else "re-sealed"
+        print(f"{verb} {len(result.resealed)}, already current {result.current}")
+        for label in result.changed_meanwhile:
+            print(f"changed meanwhile (written with the current key): {label}")
+        for label in result.unreadable:
+            print(f"does not open with any configured key: {label}")
+    return 1 if result.unreadable else 0
+
+
+async def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.tools.contract import write
+
+    for path in write(Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+async def cmd_definitions(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.adapters.amqp.definitions import definitions_document, write_definitions
+    from dispatcher.names import Names
+
+    names = Names(settings.namespace)
+    if args.output:
+        write_definitions(Path(args.output), names, args.vhost)
+        print(f"wrote {args.output}")
+    else:
+        print(json.dumps(definitions_document(names, args.vhost), indent=2))
+    return 0
+
+
+async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.tools.doctor import as_json, diagnose, render
+
+    checks = await diagnose(settings)
+    print_json(as_json(checks)) if args.json else print(render(checks))
+    return 1 if any(check.status == "FAIL" for check in checks) else 0

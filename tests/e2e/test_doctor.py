@@ -1,0 +1,103 @@
+"""``python -m dispatcher doctor`` against real services: a private Redis configured as the
+deployment's (AOF, noeviction) and then misconfigured, the real RabbitMQ with the test's
+namespace declared, then with a queue declared otherwise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+import redis
+
+from dispatcher.client import Client
+from dispatcher.names import Names
+from dispatcher.settings import Settings
+from tests.support.privateredis import PrivateRedis, free_port
+from tests.support.processes import REPO, Processes, new_settings
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(private_redis: PrivateRedis) -> Settings:
+    return new_settings(redis_url=private_redis.url)
+
+
+def doctor(procs: Processes, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
+    environment = dict(procs.env)
+    environment.update(env or {})
+    run = [sys.executable, "-m", "dispatcher", "doctor"]
+    text = subprocess.run(run, cwd=REPO, env=environment, capture_output=True, text=True)
+    assert "Traceback" not in text.stdout + text.stderr, text.stderr
+    result = subprocess.run(
+        [*run, "--json"], cwd=REPO, env=environment, capture_output=True, text=True
+    )
+    assert result.returncode == text.returncode, (text.stdout, result.stdout)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    return result.returncode, checks, text.stdout
+
+
+async def test_a_healthy_deployment_passes(
+    client: Client, settings: Settings, procs: Processes
+) -> None:
+    code, checks, text = doctor(procs)
+    assert code == 0, text
+    for name in ("redis.aof", "redis.eviction", "clock", "rabbitmq.topology", "redis.version"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert checks["identities.secret_keys"]["status"] == "ok"
+    assert checks["identities.broker_user"]["status"] == "warn"  # the tests' guest user
+    assert "0 problems" in text
+
+
+async def test_problems_are_named_with_their_fix_and_fail_the_exit_code(
+    client: Client, settings: Settings, procs: Processes, private_redis: PrivateRedis
+) -> None:
+    store = redis.Redis(host="127.0.0.1", port=private_redis.port)
+    store.config_set("appendonly", "no")
+    store.config_set("maxmemory-policy", "allkeys-lru")
+    store.close()
+    names = Names(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(names.signals_queue)
+        await channel.declare_queue(names.signals_queue, durable=True)  # no message TTL
+    code, checks, text = doctor(procs)
+    assert code == 1
+    assert checks["redis.aof"]["status"] == "FAIL"
+    assert "appendonly yes" in checks["redis.aof"]["fix"]
+    assert checks["redis.eviction"]["status"] == "FAIL"
+    assert "allkeys-lru" in checks["redis.eviction"]["detail"]
+    topology = checks["rabbitmq.topology"]
+    assert topology["status"] == "warn" and names.signals_queue in topology["detail"]
+    assert "fix: set 'maxmemory-policy noeviction'" in text
+
+
+def test_unreachable_services_are_failures_not_tracebacks(procs: Processes) -> None:
+    env = {
+        "RUNDISPATCH_REDIS_URL": f"redis://:pw-one@127.0.0.1:{free_port()}/0",
+        "RUNDISPATCH_AMQP_URL": f"amqp://guest:pw-two@127.0.0.1:{free_port()}/",
+        "RUNDISPATCH_SECRET_KEYS": "",
+    }
+    code, checks, text = doctor(procs, env)
+    assert code == 1
+    assert checks["redis"]["status"] == "FAIL" and "RUNDISPATCH_REDIS_URL" in checks["redis"]["fix"]
+    assert checks["rabbitmq"]["status"] == "FAIL"
+    assert checks["identities.secret_keys"]["status"] == "FAIL"
+    assert "pw-one" not in text and "pw-two" not in text
