@@ -31,13 +31,15 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
-from dispatcher.names import Names
+from dispatcher.names import Names, event_of
 
 SCRIPT = r"""#!/bin/sh
 # A flow that witnesses its own execution: $1 witness file, $2 machine id, $3 gate file.
 inputs=$(cat)
 duration=$(printf '%s' "$inputs" | sed -n 's/.*"duration_s": *\([0-9.]*\).*/\1/p')
-printf '%s|%s|%s|%s\n' "$RUNDISPATCH_RUN_ID" "$RUNDISPATCH_RUN_FENCE" "$2" "$(date +%s.%N)" >> "$1"
+run_id=$(printf '%s' "$inputs" | sed -n 's/.*"run_id": *"\([^"]*\)".*/\1/p')
+fence=$(printf '%s' "$inputs" | sed -n 's/.*"fence": *\([0-9]*\).*/\1/p')
+printf '%s|%s|%s|%s\n' "$run_id" "$fence" "$2" "$(date +%s.%N)" >> "$1"
 sync "$1"
 if [ "${duration%%.*}" -ge 1 ] 2>/dev/null; then
   while [ -e "$3" ]; do sleep 0.05; done
@@ -138,7 +140,7 @@ class Bystander:
             self.events.append(
                 Event(
                     message.message_id,
-                    message.routing_key or "",
+                    event_of(message.routing_key or ""),  # run.<status> of run.<status>.<submitter>
                     str(record["run_id"]),
                     str(record["status"]),
                     record.get("machine_id"),
