@@ -13,11 +13,13 @@ The wire format (``encode_*`` / ``decode_*``) is shared with the worker's adapte
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from dispatcher.core.principals import admin_user_of, sender_of
 from dispatcher.metrics.hooks import MetricsHooks
@@ -123,6 +125,9 @@ def encode_outcome(
     }
 
 
+_R = TypeVar("_R")
+
+
 # ---- the dispatcher's side --------------------------------------------------------------------
 class WorkerRequests:
     """Handles batches of ``<ns>.reports``."""
@@ -149,17 +154,23 @@ class WorkerRequests:
         self.clock = clock
 
     async def handle(self, batch: Sequence[Delivery]) -> list[Verdict]:
-        verdicts: list[Verdict] = []
-        for message in batch:
+        """Answer a batch of requests. The batch's starts are recorded in one window and its
+        outcomes in another, and the answers are published together: a worker waits for its
+        answer before it starts a flow, so answering one request after the other would make
+        every worker wait for every other worker's round trips."""
+        verdicts: list[Verdict] = [Ack() for _ in batch]
+        asked: list[tuple[int, _Asked]] = []
+        for index, message in enumerate(batch):
             try:
                 request = json.loads(message.body)
                 op, machine_id = request["op"], str(request["machine_id"])
                 correlation_id = str(request["correlation_id"])
                 if op not in OPS:
                     raise ValueError(op)
-            except (ValueError, KeyError, TypeError):
+                changes = self._changes(op, machine_id, request)
+            except (ValueError, KeyError, TypeError) as exc:
                 self.metrics.dead_letter("schema")
-                verdicts.append(DeadLetter("not a worker request", "schema"))
+                verdicts[index] = DeadLetter(f"not a worker request: {exc!r}"[:200], "schema")
                 continue
             sender = sender_of(self.names, self.admin_user, message.user_id)
             if not sender.speaks_for_machine(machine_id):
@@ -170,39 +181,37 @@ class WorkerRequests:
                 log.warning("refused %s", reason)
                 self.metrics.message_refused("sender")
                 self.metrics.dead_letter("sender")
-                verdicts.append(DeadLetter(reason, "sender"))
+                verdicts[index] = DeadLetter(reason, "sender")
                 continue
-            try:
-                results = await self._answer(op, machine_id, request)
-            except (ValueError, KeyError, TypeError) as exc:
-                self.metrics.dead_letter("schema")
-                verdicts.append(DeadLetter(f"not a worker request: {exc!r}"[:200], "schema"))
-                continue
-            body = json.dumps({"correlation_id": correlation_id, "results": results}).encode()
-            await self.broker.publish_json(
-                "machines", self.names.replies_key(machine_id), body, kind="reply", mandatory=False
+            asked.append((index, _Asked(op, machine_id, correlation_id, request, changes)))
+        answers = await self._answer_all([a for _, a in asked])
+        await asyncio.gather(
+            *(
+                self.broker.publish_json(
+                    "machines",
+                    self.names.replies_key(a.machine_id),
+                    json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
+                    kind="reply",
+                    mandatory=False,
+                )
+                for (_, a), results in zip(asked, answers, strict=True)
             )
-            verdicts.append(Ack())
+        )
         return verdicts
 
-    async def _answer(
-        self, op: str, machine_id: str, request: dict[str, Any]
-    ) -> list[dict[str, Any]]:
-        now = self.clock()
+    def _changes(self, op: str, machine_id: str, request: dict[str, Any]) -> list[Any]:
+        """The transitions a start or finish request asks for (read before anything is done,
+        so that a malformed request is dead-lettered alone)."""
         if op == "start":
             worker_id = str(request["worker_id"])
-            starts = [
+            return [
                 Start(
                     str(s["run_id"]), int(s["fence"]), float(s["deadline"]), machine_id, worker_id
                 )
                 for s in request["starts"]
             ]
-            # The flows start at once; the started events follow (in the outbox already).
-            async with self.lifecycle.window(wait=False) as window:
-                started = await window.start_many(starts, now)
-            return [encode_start_result(r) for r in started]
         if op == "finish":
-            endings = [
+            return [
                 Ending(
                     run_id=str(o["run_id"]),
                     machine_id=machine_id,
@@ -214,11 +223,41 @@ class WorkerRequests:
                 )
                 for o in request["outcomes"]
             ]
-            async with self.lifecycle.window() as window:
-                finished = await window.finish_many(endings, now)
-            return [encode_finish_result(r) for r in finished]
         if op == "states":
-            states = await self.runs.states([str(r) for r in request["run_ids"]])
+            return [str(r) for r in request["run_ids"]]
+        return []
+
+    async def _answer_all(self, asked: Sequence[_Asked]) -> list[list[dict[str, Any]]]:
+        """The answers, in the order asked: every start of the batch in one window (the flows
+        start at once; the started events follow, in the outbox already), every outcome in
+        one window, the queries side by side."""
+        now = self.clock()
+        answers: list[list[dict[str, Any]]] = [[] for _ in asked]
+        starts = [i for i, a in enumerate(asked) if a.op == "start"]
+        if starts:
+            async with self.lifecycle.window(wait=False) as window:
+                started = await window.start_many(
+                    [c for i in starts for c in asked[i].changes], now
+                )
+            for i, start_results in zip(starts, _split(started, asked, starts), strict=True):
+                answers[i] = [encode_start_result(r) for r in start_results]
+        finishes = [i for i, a in enumerate(asked) if a.op == "finish"]
+        if finishes:
+            async with self.lifecycle.window() as window:
+                ended = await window.finish_many(
+                    [c for i in finishes for c in asked[i].changes], now
+                )
+            for i, finish_results in zip(finishes, _split(ended, asked, finishes), strict=True):
+                answers[i] = [encode_finish_result(r) for r in finish_results]
+        queries = [i for i, a in enumerate(asked) if a.op in ("states", "running")]
+        replies = await asyncio.gather(*(self._query(asked[i]) for i in queries))
+        for i, reply in zip(queries, replies, strict=True):
+            answers[i] = reply
+        return answers
+
+    async def _query(self, asked: _Asked) -> list[dict[str, Any]]:
+        if asked.op == "states":
+            states = await self.runs.states(asked.changes)
             return [
                 {
                     "status": s.status and s.status.value,
@@ -227,13 +266,36 @@ class WorkerRequests:
                 }
                 for s in states
             ]
-        assigned = await self.machines.assigned(machine_id)
+        assigned = await self.machines.assigned(asked.machine_id)
         runs = await self.runs.get_many([a.run_id for a in assigned])
         return [
             {"run_id": run.run_id, "fence": run.fence or 0}
             for run in runs
             if run is not None and run.status is RunStatus.running
         ]
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """One accepted request: what it asks and where its answer goes."""
+
+    op: str
+    machine_id: str
+    correlation_id: str
+    request: dict[str, Any]
+    changes: list[Any]
+
+
+def _split(
+    results: Sequence[_R], asked: Sequence[_Asked], indexes: Sequence[int]
+) -> list[list[_R]]:
+    """Cut the results of one window back into the requests they were asked by."""
+    parts, at = [], 0
+    for i in indexes:
+        n = len(asked[i].changes)
+        parts.append(list(results[at : at + n]))
+        at += n
+    return parts
 
 
 def decode_state(data: dict[str, Any]) -> RunState:
