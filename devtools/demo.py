@@ -1,11 +1,14 @@
 """``make demo`` / ``python -m devtools.demo``: the product end to end on this machine.
 
-Starts a local identity provider, applies an example fleet, signs a "connect with sign-in"
-connection in with the device code flow, starts a dispatcher and four simulated machine
-workers, submits a mixed workload (unattended and attended runs, high priority, failures, a
-rejection, a run that waits for a locked session and times out, a sign-in connection whose
-access token is refreshed while the demo runs), shows live progress and ends with a summary.
-Everything lives in a private namespace, removed at the end (``--keep`` keeps it).
+Starts a local identity provider, applies an example fleet, registers its machines and a
+submitter (each gets its own broker identity), signs a "connect with sign-in" connection in
+with the device code flow, starts a dispatcher and four simulated machine workers (each under
+its machine's identity, with no Redis), submits as the submitter a mixed workload (unattended
+and attended runs, high priority, failures, a rejection, a run that waits for a locked session
+and times out, a sign-in connection whose access token is refreshed while the demo runs),
+shows live progress and ends with a summary.
+Everything lives in a private namespace, removed at the end (``--keep`` keeps it); the
+identities are removed at the end in any case.
 """
 
 from __future__ import annotations
@@ -16,99 +19,33 @@ import base64
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
+from devtools.demo_fleet import MACHINES, OWNERS, SUBMITTER, TENANT, fleet, sessions
+from devtools.demo_summary import start_idp, summary
 from devtools.server import AdminClient
 from dispatcher.bootstrap import purge_namespace
 from dispatcher.client import Client
-from dispatcher.models import Run, RunStatus
+from dispatcher.models import RunStatus
 from dispatcher.settings import Settings
+from dispatcher.tools.worker_runtime import worker_broker
 
-TENANT = "11111111-2222-3333-4444-555555555555"
 CLIENT_ID = "rundispatch-demo"
-MACHINES = ["fin-01", "fin-02", "fin-03", "desk-07"]
 TOKEN_LIFETIME_S = 310  # msal refreshes a token with < 5 min left: a refresh every ~10 s
 
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def fleet(tenant: str) -> dict[str, Any]:
-    group = "finance"
-    return {
-        "environment": {"tenant_id": tenant},
-        "groups": [{"group_id": group, "name": "Finance bots"}],
-        "machines": [
-            {
-                "machine_id": "fin-01",
-                "name": "FIN-01",
-                "group_id": group,
-                "os": "windows_server",
-                "join_type": "entra_joined",
-                "max_unattended_runs": 3,
-            },
-            {
-                "machine_id": "fin-02",
-                "name": "FIN-02",
-                "group_id": group,
-                "os": "windows_server",
-                "join_type": "hybrid_joined",
-                "max_unattended_runs": 3,
-            },
-            {
-                "machine_id": "fin-03",
-                "name": "FIN-03",
-                "group_id": group,
-                "os": "windows_client",
-                "join_type": "entra_joined",
-            },
-            {
-                "machine_id": "desk-07",
-                "name": "DESK-07",
-                "os": "windows_client",
-                "join_type": "ad_joined",
-                "allowed_registration_tenants": [tenant],
-            },
-        ],
-        "connections": [
-            *(
-                {
-                    "connection_id": f"fin-svc-{i}",
-                    "owner": "alice@contoso.com",
-                    "kind": "credentials",
-                    "target": {"group_id": group},
-                    "username": f"CONTOSO\\svc-fin{i}",
-                    "password": f"demo-password-{i}",
-                }
-                for i in range(1, 5)
-            ),
-            {
-                "connection_id": "carol-desk",
-                "owner": "carol@contoso.com",
-                "kind": "credentials",
-                "target": {"machine_id": "desk-07"},
-                "username": "CONTOSO\\carol",
-                "password": "demo-password-carol",
-            },
-            {
-                "connection_id": "bob-signin",
-                "owner": "bob@contoso.com",
-                "kind": "sign_in",
-                "target": {"machine_id": "desk-07"},
-                "account": "bob@contoso.com",
-                "tenant_id": tenant,
-            },
-        ],
-    }
 
 
 class Demo:
@@ -119,6 +56,8 @@ class Demo:
         self.env: dict[str, str] = {}
         self.settings: Settings | None = None
         self.idp: AdminClient | None = None
+        self.identities: dict[str, str] = {}  # principal -> its AMQP URL (never printed)
+        self.registered: list[tuple[str, str]] = []  # ("machines" | "submitters", name)
 
     # ---- processes ------------------------------------------------------------------------
     def spawn(
@@ -135,42 +74,6 @@ class Demo:
         log.close()
         self.procs.append(proc)
         return proc
-
-    def start_idp(self) -> tuple[str, str, str]:
-        secret = base64.urlsafe_b64encode(os.urandom(24)).decode()
-        out = self.workdir / "idp.out"
-        with out.open("wb") as handle:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "devtools.idp",
-                    "--port",
-                    "0",
-                    "--cert-dir",
-                    str(self.workdir / "certs"),
-                    "--client-id",
-                    CLIENT_ID,
-                    "--client-secret",
-                    secret,
-                    "--access-token-lifetime",
-                    str(TOKEN_LIFETIME_S),
-                ],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for line in out.read_text().splitlines():
-                if line.startswith("{"):
-                    info = json.loads(line)
-                    return str(info["url"]), str(info["ca_file"]), secret
-            if proc.poll() is not None:
-                raise SystemExit(f"the identity provider stopped:\n{out.read_text()}")
-            time.sleep(0.1)
-        raise SystemExit("the identity provider did not start")
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -196,13 +99,56 @@ class Demo:
             raise SystemExit(f"`dispatcher {' '.join(argv)}` failed:\n{result.stderr}")
         return result.stdout
 
+    def register(self) -> None:
+        """Each machine and the submitter get their own broker identity, as an operator gives
+        them: ``machines register`` / ``submitters register`` (the URLs stay in memory)."""
+        for machine in MACHINES:
+            self.registered.append(("machines", machine))
+            info = json.loads(self.cli("machines", "register", machine, "--json"))
+            self.identities[machine] = str(info["amqp_url"])
+            say(f"   machine {machine}: broker user {info['username']}")
+        self.registered.append(("submitters", SUBMITTER))
+        info = json.loads(
+            self.cli("submitters", "register", SUBMITTER, "--acts-for", ",".join(OWNERS), "--json")
+        )
+        self.identities[SUBMITTER] = str(info["amqp_url"])
+        owners = ", ".join(OWNERS)
+        say(f"   submitter {SUBMITTER}: broker user {info['username']}, acts for {owners}")
+
+    def unregister(self) -> None:
+        """Remove the identities registered (even when the demo stopped half way)."""
+        for kind, name in reversed(self.registered):
+            try:
+                self.cli(kind, "unregister", name)
+            except SystemExit as exc:
+                say(f"   could not unregister {kind[:-1]} {name}: {exc}")
+        if self.registered:
+            say(f"removed the broker identities of {len(self.registered)} principals")
+        self.registered.clear()
+
+    def worker_env(self, machine: str) -> dict[str, str]:
+        """A worker's environment: its machine's own identity, the namespace and its timings;
+        no Redis, no vault key, no identity provider secret."""
+        keep = (
+            "RUNDISPATCH_NAMESPACE",
+            "RUNDISPATCH_HEARTBEAT_INTERVAL_S",
+            "RUNDISPATCH_OFFLINE_AFTER_S",
+            "RUNDISPATCH_METRICS_PORT",
+            "RUNDISPATCH_LOG_LEVEL",
+        )
+        env = {k: v for k, v in self.env.items() if not k.startswith("RUNDISPATCH_") or k in keep}
+        env["RUNDISPATCH_AMQP_URL"] = self.identities[machine]
+        return env
+
     # ---- the story ------------------------------------------------------------------------
     async def run(self) -> int:
         base = Settings.load()
         namespace = f"demo{uuid.uuid4().hex[:8]}"
         say(f"rundispatch demo — namespace {namespace}, work files in {self.workdir}")
         say("1. starting a local identity provider (HTTPS, Entra-shaped)")
-        idp_url, ca_file, client_secret = self.start_idp()
+        idp_url, ca_file, client_secret = start_idp(
+            self.workdir, self.procs, CLIENT_ID, TOKEN_LIFETIME_S
+        )
         self.idp = AdminClient(idp_url, ca_file)
         key = base64.b64encode(os.urandom(32)).decode()
         self.settings = base.model_copy(
@@ -232,6 +178,7 @@ class Demo:
             return await self.story()
         finally:
             self.stop()
+            self.unregister()
             if not self.keep:
                 await purge_namespace(self.settings, MACHINES)
                 say(f"removed namespace {namespace} (run with --keep to keep it)")
@@ -242,6 +189,8 @@ class Demo:
         fleet_file.write_text(json.dumps(fleet(TENANT), indent=2))
         say("2. applying the example fleet: group finance (3 machines), desk-07, 6 connections")
         say("   " + self.cli("apply", str(fleet_file)).strip())
+        say("   registering each machine and the submitter with its own broker identity")
+        self.register()
         say("3. signing in connection bob-signin with the device code flow")
         signer = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -259,16 +208,7 @@ class Demo:
         say("   " + self.cli("connections", "show", "bob-signin").strip().replace("\n", "\n   "))
         say("4. starting a dispatcher and four machine workers (simulated flows)")
         self.spawn("dispatcher", "-m", "dispatcher", "serve")
-        sessions = {
-            "fin-01": [],
-            "fin-02": [],
-            "fin-03": [],
-            "desk-07": [
-                {"user": "bob@contoso.com", "state": "active"},
-                {"user": "CONTOSO\\carol", "state": "locked"},
-            ],
-        }
-        for machine, machine_sessions in sessions.items():
+        for machine, machine_sessions in sessions(carol="locked").items():
             path = self.workdir / f"sessions-{machine}.json"
             path.write_text(json.dumps(machine_sessions))
             self.spawn(
@@ -284,9 +224,18 @@ class Demo:
                 str(path),
                 "--state-dir",
                 str(self.workdir / f"state-{machine}"),
+                env=self.worker_env(machine),
             )
-        async with Client.connect(self.settings) as client:
-            return await self.workload(client)
+        submitter = self.settings.model_copy(
+            update={"amqp_url": SecretStr(self.identities[SUBMITTER])}
+        )
+        async with (
+            Client.connect(self.settings) as reader,
+            worker_broker(submitter, wait_s=30) as broker,
+        ):
+            # Runs are submitted under the submitter's identity (the broker stamps its user id
+            # on each request); their records are read with the operator's.
+            return await self.workload(Client(replace(reader.rt, amqp=broker)), reader)
 
     async def wait_for_device_code(self) -> str:
         assert self.idp is not None
@@ -297,9 +246,9 @@ class Demo:
             await asyncio.sleep(0.1)
         raise SystemExit("the sign-in did not start a device code flow")
 
-    async def workload(self, client: Client) -> int:
+    async def workload(self, client: Client, reader: Client) -> int:
         assert self.idp is not None
-        say("5. submitting a mixed workload over AMQP")
+        say(f"5. submitting a mixed workload over AMQP as submitter {SUBMITTER}")
         self.idp.call("reset_counters")
         ids: dict[str, str] = {}
 
@@ -372,16 +321,10 @@ class Demo:
                 sign_in_runs += 1
             if not unlocked and elapsed >= 9:
                 say(f"   [{elapsed:4.1f}s] carol unlocks her session on desk-07")
-                (self.workdir / "sessions-desk-07.json").write_text(
-                    json.dumps(
-                        [
-                            {"user": "bob@contoso.com", "state": "active"},
-                            {"user": "CONTOSO\\carol", "state": "active"},
-                        ]
-                    )
-                )
+                desk = sessions(carol="active")["desk-07"]
+                (self.workdir / "sessions-desk-07.json").write_text(json.dumps(desk))
                 unlocked = True
-            runs = [r for r in await client.rt.runs.get_many(list(ids)) if r is not None]
+            runs = [r for r in await reader.rt.runs.get_many(list(ids)) if r is not None]
             counts = Counter(r.status.value for r in runs)
             line = "  ".join(f"{s} {counts[s.value]}" for s in RunStatus if counts[s.value])
             say(f"   [{elapsed:4.1f}s] {line or 'waiting for the dispatcher to record the runs'}")
@@ -391,62 +334,16 @@ class Demo:
                 say("   giving up after 120 s")
                 break
             await asyncio.sleep(1.0)
-        await self.summary(client, ids, timing_out, waiting)
+        summary(
+            [r for r in await reader.rt.runs.get_many(list(ids)) if r is not None],
+            ids,
+            self.idp,
+            timing_out=timing_out,
+            waiting=waiting,
+            namespace=reader.settings.namespace,
+            token_lifetime_s=TOKEN_LIFETIME_S,
+        )
         return 0
-
-    async def summary(
-        self, client: Client, ids: dict[str, str], timing_out: str, waiting: str
-    ) -> None:
-        assert self.idp is not None
-        runs: list[Run] = [r for r in await client.rt.runs.get_many(list(ids)) if r is not None]
-        say("\nsummary")
-        by_status = Counter(r.status.value for r in runs)
-        say("  runs by status:   " + ", ".join(f"{k} {v}" for k, v in sorted(by_status.items())))
-        by_machine = Counter(r.machine_id for r in runs if r.machine_id)
-        say("  runs by machine:  " + ", ".join(f"{k} {v}" for k, v in sorted(by_machine.items())))
-        codes = Counter(r.error.code.value for r in runs if r.error)
-        say("  error codes:      " + ", ".join(f"{k} {v}" for k, v in sorted(codes.items())))
-        waits = sorted(
-            (r.dispatched_at - (r.submitted_at or r.queued_at or 0))
-            for r in runs
-            if r.dispatched_at
-        )
-        if waits:
-            p95 = waits[min(len(waits) - 1, int(len(waits) * 0.95))]
-            say(f"  queue wait:       p50 {statistics.median(waits):.2f} s, p95 {p95:.2f} s")
-        token_requests = self.idp.call("counters").get("token", 0)
-        sign_in_ok = sum(
-            1 for r in runs if ids[r.run_id] == "sign-in" and r.status is RunStatus.succeeded
-        )
-        say(
-            f"  sign-in runs:     {sign_in_ok} succeeded; identity provider token requests "
-            f"during the workload: {token_requests} (access tokens live {TOKEN_LIFETIME_S} s, "
-            "refreshed when < 5 min are left)"
-        )
-        first_high = min((r.started_at or 1e18) for r in runs if ids[r.run_id] == "high priority")
-        later_normal = sum(
-            1 for r in runs if ids[r.run_id] == "unattended" and (r.started_at or 0) > first_high
-        )
-        say(
-            f"  priority:         the first high-priority run started ahead of {later_normal} "
-            "earlier normal runs"
-        )
-        timed = next(r for r in runs if r.run_id == timing_out)
-        reasons = (timed.error.detail or {}).get("reasons") if timed.error else None
-        say(
-            f"  {timing_out[:12]}…  {timed.status.value}"
-            f" ({timed.error.code.value if timed.error else '-'}): {reasons}"
-        )
-        other = next(r for r in runs if r.run_id == waiting)
-        waited = (other.started_at or 0) - (other.queued_at or 0)
-        say(
-            f"  {waiting[:12]}…  {other.status.value} after waiting {waited:.1f} s for the "
-            "session to become active"
-        )
-        say(
-            f"\n  try: python -m dispatcher runs show {timing_out}   (with RUNDISPATCH_NAMESPACE="
-            f"{client.settings.namespace} and --keep)"
-        )
 
 
 def main(argv: list[str] | None = None) -> int:

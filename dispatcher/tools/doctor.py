@@ -220,7 +220,7 @@ def check_identities(settings: Settings) -> list[Check]:
                 "warn",
                 "connected to RabbitMQ as 'guest'",
                 "give each dispatcher and each machine its own broker user "
-                "(docs/operations.md, 'Registering machines')",
+                "(docs/operations.md, 'Principals and registration')",
             )
         )
     else:
