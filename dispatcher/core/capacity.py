@@ -6,8 +6,9 @@ every arrival, deadline, cancellation, machine change and slot freed in time ord
 moment, the targets something happened to get a placement pass (``core.simulation.place_pass``,
 the placer's rules), in target order. A slot is free again ``handover_s`` after the run that
 held it finished (the time a real pass takes to notice and hand the next run over), which
-``estimate_handover`` measures in the trace. Ties between machines are broken by a seeded
-generator, so a replay is reproducible.
+``estimate_handover`` measures in the trace. A machine whose first recorded change brings it
+online, with no run handed to it before, is offline until then (``came_online``). Ties between
+machines are broken by a seeded generator, so a replay is reproducible.
 
 Queue wait means time from queued to handed to a machine (the time-out rule's clock); waits are
 reported over the runs that were handed over, time-outs separately.
