@@ -6,8 +6,9 @@ every arrival, deadline, cancellation, machine change and slot freed in time ord
 moment, the targets something happened to get a placement pass (``core.simulation.place_pass``,
 the placer's rules), in target order. A slot is free again ``handover_s`` after the run that
 held it finished (the time a real pass takes to notice and hand the next run over), which
-``estimate_handover`` measures in the trace. Ties between machines are broken by a seeded
-generator, so a replay is reproducible.
+``estimate_handover`` measures in the trace. A machine whose first recorded change brings it
+online, with no run handed to it before, is offline until then (``came_online``). Ties between
+machines are broken by a seeded generator, so a replay is reproducible.
 
 Queue wait means time from queued to handed to a machine (the time-out rule's clock); waits are
 reported over the runs that were handed over, time-outs separately.
@@ -123,6 +124,24 @@ def estimate_handover(records: Iterable[TraceRecord]) -> float:
     return statistics.median(gaps) if gaps else 0.0
 
 
+def came_online(records: Iterable[TraceRecord], changes: Sequence[MachineChange]) -> set[str]:
+    """The machines that were offline until their first recorded change: it brings them
+    online and no recorded run was handed to them before it (a worker starting up). The
+    replay keeps them offline until then instead of taking today's state for all time."""
+    first: dict[str, MachineChange] = {}
+    for change in changes:
+        if change.machine_id not in first or change.at < first[change.machine_id].at:
+            first[change.machine_id] = change
+    served_before = {
+        r.machine_id
+        for r in records
+        if r.machine_id in first
+        and r.dispatched_at is not None
+        and r.dispatched_at < first[r.machine_id].at
+    }
+    return {m for m, change in first.items() if change.online and m not in served_before}
+
+
 def _slot_times(records: Sequence[TraceRecord]) -> dict[str, float]:
     """Per run, its recorded slot time or the median of its flow's (else kind's, else all)."""
     known = [r for r in records if r.slot_time is not None]
@@ -171,6 +190,10 @@ class _Replay:
         self.copies: dict[str, list[str]] = {}  # a machine and its clones follow its changes
         for machine_id in self.machines:
             self.copies.setdefault(clones.get(machine_id, machine_id), []).append(machine_id)
+        for machine_id in came_online(records, changes):
+            for copy_id in self.copies.get(machine_id, ()):
+                view = self.machines[copy_id]
+                self.machines[copy_id] = view.model_copy(update={"online": False})
         targets = sorted({r.target for r in records})
         self.members = {
             t: [v.machine_id for v in _members(self.machines.values(), t)] for t in targets

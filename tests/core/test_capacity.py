@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dispatcher.core.capacity import (
+    came_online,
     estimate_handover,
     percentile,
     replay,
@@ -326,6 +327,29 @@ def test_a_machine_offline_for_a_while_is_replayed_offline() -> None:
         # The clone follows its original: offline too.
         assert outcome["r1"].waited == pytest.approx(9.0)
         assert outcome["r2"].outcome == "timed_out"
+
+
+def test_a_machine_whose_worker_starts_in_the_window_is_replayed_offline_until_then() -> None:
+    # Runs queued at 1 s; the worker's first heartbeat (its first change) comes at 5 s.
+    trace = [arrival("r1", "c0", 1.0, 2.0), arrival("r2", "c0", 1.0, 2.0, deadline_s=3.0)]
+    changes = [MachineChange(5.0, "m0", online=True)]
+    assert came_online(trace, changes) == {"m0"}
+    bigger, clones = resize_fleet(group(1, slots=1), "g:g", 1)
+    for fleet, copies in ((group(1, slots=1), None), (bigger, clones)):
+        outcome = replay(
+            trace, fleet, accounts(1), priority_boost_s=BOOST, changes=changes, clones=copies
+        )
+        assert outcome["r1"].waited == pytest.approx(4.0)  # the clone waits for it too
+        assert outcome["r2"].outcome == "timed_out"
+    # A run handed to the machine before that change shows it was online already (the change
+    # was a session or maintenance one): the replay starts it online.
+    served = replace(arrival("r0", "c0", 0.0, 0.5), machine_id="m0", dispatched_at=0.5)
+    assert came_online([served, *trace], changes) == set()
+    outcome = replay([served, *trace], group(1), accounts(1), priority_boost_s=BOOST,
+                     changes=changes)  # fmt: skip
+    assert outcome["r1"].waited == pytest.approx(0.0)
+    # A first change that takes the machine offline says nothing of before.
+    assert came_online(trace, [MachineChange(5.0, "m0", online=False)]) == set()
 
 
 def test_a_session_that_opens_lets_attended_runs_go() -> None:
