@@ -96,6 +96,26 @@ def admin_user_of(amqp_url: str) -> str:
     return unquote(urlsplit(amqp_url).username or "guest")
 
 
+# A message the dispatcher held through an outage is published again by the dispatcher's own
+# connection, and RabbitMQ lets a connection set no user_id but its own: the copy carries the
+# admin's user_id and, in this header, the user who published the message first ("" for none).
+HELD_FOR_HEADER = "x-rundispatch-held-for"
+
+
+def publisher_of(
+    admin_user: str, user_id: str | None, headers: Mapping[str, Any] | None
+) -> str | None:
+    """The user who first published a delivery. ``HELD_FOR_HEADER`` is believed only on a
+    message the admin identity published (RabbitMQ validated its ``user_id``): anyone else
+    naming another publisher in it is still classified by its own ``user_id``."""
+    if user_id != admin_user or not headers or HELD_FOR_HEADER not in headers:
+        return user_id
+    held_for = headers[HELD_FOR_HEADER]
+    if isinstance(held_for, bytes):
+        held_for = held_for.decode("utf-8", "replace")
+    return held_for if isinstance(held_for, str) and held_for else None
+
+
 def sender_of(names: Names, admin_user: str, user_id: str | None) -> Sender:
     """Classify a delivery's ``user_id`` (RabbitMQ checked it is the publisher's user)."""
     if not user_id:

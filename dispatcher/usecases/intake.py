@@ -24,7 +24,7 @@ from dispatcher.core.deadlines import queue_deadline
 from dispatcher.core.decode import decode
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.ordering import order_score
-from dispatcher.core.principals import Sender, admin_user_of, sender_of
+from dispatcher.core.principals import Sender, admin_user_of, publisher_of, sender_of
 from dispatcher.errors import InvalidMessage, NotFound
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import CancelRequest, ConnectionKind, RunRequest
@@ -131,7 +131,8 @@ class Intake:
         return verdicts
 
     def _sender(self, message: Delivery) -> Sender:
-        return sender_of(self.names, self.admin_user, message.user_id)
+        user = publisher_of(self.admin_user, message.user_id, message.headers)
+        return sender_of(self.names, self.admin_user, user)
 
     async def _record(
         self,

@@ -16,7 +16,7 @@ fakes of the tests implement them too. A use case never imports an adapter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,6 +83,11 @@ class Delivery(Protocol):
     @property
     def user_id(self) -> str | None:
         """The publisher's broker user, validated by RabbitMQ (None when it set none)."""
+        ...
+
+    @property
+    def headers(self) -> Mapping[str, Any] | None:
+        """The message's headers (``core/principals.publisher_of`` reads one of them)."""
         ...
 
 

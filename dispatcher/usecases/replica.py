@@ -20,7 +20,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 
 from dispatcher.core.fleet import FleetSnapshot
-from dispatcher.core.principals import admin_user_of, sender_of
+from dispatcher.core.principals import admin_user_of, publisher_of, sender_of
 from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat, Run
@@ -183,11 +183,12 @@ class Dispatcher:
             if heartbeat.machine_id not in fleet.machines:
                 verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
                 continue
-            sender = sender_of(self.names, self.admin_user, message.user_id)
+            user = publisher_of(self.admin_user, message.user_id, message.headers)
+            sender = sender_of(self.names, self.admin_user, user)
             if not sender.speaks_for_machine(heartbeat.machine_id):
                 reason = (
                     f"a heartbeat for machine {heartbeat.machine_id} from "
-                    f"{sender.describe(message.user_id)}, which may not speak for it"
+                    f"{sender.describe(user)}, which may not speak for it"
                 )
                 log.warning("refused %s", reason)
                 self.metrics.message_refused("sender")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from dispatcher.core.principals import admin_user_of, sender_of
+from dispatcher.core.principals import admin_user_of, publisher_of, sender_of
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import RunError, RunStatus
 from dispatcher.names import Names
@@ -172,11 +172,12 @@ class WorkerRequests:
                 self.metrics.dead_letter("schema")
                 verdicts[index] = DeadLetter(f"not a worker request: {exc!r}"[:200], "schema")
                 continue
-            sender = sender_of(self.names, self.admin_user, message.user_id)
+            user = publisher_of(self.admin_user, message.user_id, message.headers)
+            sender = sender_of(self.names, self.admin_user, user)
             if not sender.speaks_for_machine(machine_id):
                 reason = (
                     f"a {op} request for machine {machine_id} from "
-                    f"{sender.describe(message.user_id)}, which may not speak for it"
+                    f"{sender.describe(user)}, which may not speak for it"
                 )
                 log.warning("refused %s", reason)
                 self.metrics.message_refused("sender")

@@ -431,7 +431,8 @@ def check_witnesses(
             elif ran[0].machine != KILLED_WORKER:
                 problems.append(f"{run_id}: {code} on {KILLED_WORKER}, ran on {ran[0].machine}")
         else:
-            problems.append(f"{run_id}: ended {run.status.value}")
+            why = f" ({run.error.code.value}: {run.error.message[:120]})" if run.error else ""
+            problems.append(f"{run_id}: ended {run.status.value}{why}")
             if ran:
                 problems.append(f"{run_id}: {run.status.value} but executed")
     # At most a slot's worth of runs per kill can be between their start and their flow.

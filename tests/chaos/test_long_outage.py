@@ -13,6 +13,7 @@ import pytest
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.adapters.amqp.consumer import HELD_HEADER
 from dispatcher.adapters.amqp.topology import DELIVERY_LIMIT
+from dispatcher.core.principals import HELD_FOR_HEADER, admin_user_of
 from dispatcher.errors import StoreUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import Ack, Delivery, Verdict
@@ -38,6 +39,7 @@ async def test_an_outage_outlasting_the_delivery_limit_dead_letters_nothing() ->
     outage_over = asyncio.Event()
     handled: dict[bytes, int] = {}
     holds: list[int] = []
+    publishers: set[tuple[str | None, object]] = set()
 
     async def handler(batch: Sequence[Delivery]) -> list[Verdict]:
         nonlocal attempts
@@ -48,6 +50,7 @@ async def test_an_outage_outlasting_the_delivery_limit_dead_letters_nothing() ->
             raise StoreUnavailable("Redis is unavailable: OOM command not allowed")
         for delivery in batch:
             handled[delivery.body] = handled.get(delivery.body, 0) + 1
+            publishers.add((delivery.user_id, delivery.headers.get(HELD_FOR_HEADER)))  # type: ignore[attr-defined]
         return [Ack() for _ in batch]
 
     try:
@@ -63,6 +66,10 @@ async def test_an_outage_outlasting_the_delivery_limit_dead_letters_nothing() ->
         task.cancel()
         assert sorted(handled) == sorted(f"m{i}".encode() for i in range(MESSAGES))
         assert set(handled.values()) == {1}
+        # Still the dispatcher's messages: RabbitMQ took the copies' user_id, and each copy
+        # names who published the message first.
+        admin = admin_user_of(settings.amqp_url.get_secret_value())
+        assert publishers == {(admin, admin)}
         assert outage_states[-1] is False
         dead = await amqp.publisher.declare_queue(names.dead_queue, passive=True)
         assert dead.declaration_result.message_count == 0

@@ -10,10 +10,12 @@ import re
 import pytest
 
 from dispatcher.core.principals import (
+    HELD_FOR_HEADER,
     admin_user_of,
     definitions,
     event_binding_pattern,
     machine_principal,
+    publisher_of,
     sender_of,
     submitter_principal,
 )
@@ -94,6 +96,19 @@ def test_a_password_hash_is_rabbitmq_s_salted_sha256() -> None:
     salt, digest = raw[:4], raw[4:]
     assert digest == hashlib.sha256(salt + b"s3cret").digest()
     assert rabbit_password_hash("s3cret") != rabbit_password_hash("s3cret")  # salted
+
+
+def test_a_held_copy_names_its_first_publisher_only_when_the_admin_published_it() -> None:
+    admin, m1 = "dispatcher/prod", "prod.machine.m1"
+    assert publisher_of(admin, m1, None) == m1
+    assert publisher_of(admin, admin, {}) == admin  # the admin's own message
+    assert publisher_of(admin, admin, {HELD_FOR_HEADER: m1}) == m1
+    assert publisher_of(admin, admin, {HELD_FOR_HEADER: m1.encode()}) == m1
+    assert publisher_of(admin, admin, {HELD_FOR_HEADER: ""}) is None  # first sent without one
+    assert publisher_of(admin, admin, {HELD_FOR_HEADER: 7}) is None
+    # Anyone else's header is ignored: RabbitMQ validated only the user_id.
+    assert publisher_of(admin, m1, {HELD_FOR_HEADER: admin}) == m1
+    assert publisher_of(admin, None, {HELD_FOR_HEADER: admin}) is None
 
 
 def test_who_sent_a_message_comes_from_its_user_id() -> None:

@@ -636,6 +636,7 @@ class FakeDelivery:
     content_type: str | None = "application/json"
     content_encoding: str | None = None
     user_id: str | None = "guest"  # the admin identity of the tests' settings
+    headers: dict[str, Any] | None = None
 
 
 @dataclass

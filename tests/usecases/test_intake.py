@@ -8,8 +8,9 @@ import json
 import pytest
 
 from dispatcher.codes import ErrorCode
+from dispatcher.core.principals import HELD_FOR_HEADER
 from dispatcher.errors import StoreUnavailable
-from dispatcher.models import RunStatus
+from dispatcher.models import Run, RunStatus
 from dispatcher.usecases.ports import Ack, DeadLetter, Retry, Verdict
 from tests.support.builders import credentials, fleet, machine, request_payload, sign_in
 from tests.support.constants import OWNER
@@ -198,3 +199,31 @@ async def test_a_submitter_may_submit_and_cancel_only_for_the_owners_it_acts_for
     assert (await world.run("r1")).status is RunStatus.queued
     assert await send(cancel, names.submitter_user("env1"), "cancel") == Ack()
     assert (await world.run("r1")).status is RunStatus.cancelled
+
+
+async def test_a_request_held_through_an_outage_is_still_its_submitter_s() -> None:
+    """A dispatcher publishes a request again when an outage outlasts its hold: the copy
+    carries the dispatcher's user id and names the first publisher in a header."""
+    world = bots()
+    names = world.names
+    world.fleet.snapshot = dataclasses.replace(
+        world.fleet.snapshot, submitters={"env1": frozenset({OWNER.casefold()})}
+    )
+
+    async def held(run_id: str, first: str, by: str | None = "guest") -> Run:
+        body = json.dumps(unattended(run_id)).encode()
+        headers = {"x-rundispatch-held": 1, HELD_FOR_HEADER: first}
+        delivery = FakeDelivery(body, "submit", user_id=by, headers=headers)
+        assert await world.intake.handle([delivery]) == [Ack()]
+        return await world.run(run_id)
+
+    assert (await held("r1", names.submitter_user("env1"))).status is RunStatus.queued
+    assert (await held("r2", "guest")).status is RunStatus.queued  # the admin's own, held
+    for run_id, first, by in (
+        ("r3", "", "guest"),  # first published with no user id
+        ("r4", names.submitter_user("nobody"), "guest"),
+        ("r5", "guest", names.submitter_user("env2")),  # not a dispatcher's copy: env2's
+    ):
+        run = await held(run_id, first, by)
+        assert run.status is RunStatus.rejected, run_id
+        assert run.error is not None and run.error.code is ErrorCode.ConnectionAccessDenied

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from dispatcher.core.principals import HELD_FOR_HEADER
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.models import Heartbeat
 from dispatcher.usecases.ports import Ack, DeadLetter
@@ -141,6 +142,31 @@ async def test_a_heartbeat_is_accepted_only_from_its_machine_or_the_dispatcher()
     assert world.metrics.named("message_refused") == [("sender",)] * 4
     assert await replica.handle_heartbeats([own, heartbeat(world, "m2")]) == [Ack(), Ack()]
     assert set(world.machines.heartbeats) == {"m1", "m2"}  # its own, and the admin's
+
+
+def held(delivery: FakeDelivery, first_publisher: str, by: str | None = "guest") -> FakeDelivery:
+    """The copy a dispatcher (user ``guest``) publishes again after an outage outlasted its hold."""
+    headers = {"x-rundispatch-held": 1, HELD_FOR_HEADER: first_publisher}
+    return dataclasses.replace(delivery, user_id=by, headers=headers)
+
+
+async def test_a_heartbeat_held_through_an_outage_is_still_its_machine_s() -> None:
+    world = bots()
+    replica = world.dispatcher()
+    names = world.names
+    for forged in (
+        held(heartbeat(world, "m2"), names.machine_user("m1")),  # held, but m1's
+        held(heartbeat(world, "m2"), ""),  # held, first published with no user id
+        # Only the dispatcher's copies are believed: a machine naming m2 in the header is m1.
+        held(heartbeat(world, "m2"), names.machine_user("m2"), by=names.machine_user("m1")),
+        held(heartbeat(world, "m2"), "guest", by=None),
+    ):
+        [verdict] = await replica.handle_heartbeats([forged])
+        assert isinstance(verdict, DeadLetter) and verdict.reason_class == "sender", forged
+    assert world.machines.heartbeats == {}
+    ours = held(heartbeat(world, "m1"), names.machine_user("m1"))
+    assert await replica.handle_heartbeats([ours]) == [Ack()]
+    assert set(world.machines.heartbeats) == {"m1"}
 
 
 async def test_a_machine_s_key_is_pinned_and_another_one_refused_until_registration() -> None:

@@ -254,7 +254,7 @@ class Amqp:
 
         async def republish(message: AbstractIncomingMessage) -> None:
             await self.publisher.default_exchange.publish(
-                held_copy(message), routing_key=queue, mandatory=True
+                held_copy(message, self.user_id), routing_key=queue, mandatory=True
             )
 
         loop = ConsumerLoop(

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
+from dispatcher.core.principals import HELD_FOR_HEADER, publisher_of
 from dispatcher.errors import Unavailable
 from dispatcher.retry import Backoff
 from dispatcher.usecases.ports import Ack, BatchHandler, DeadLetter, Retry, Verdict, retry_for
@@ -152,12 +153,17 @@ async def copy_to_dead_letters(
     )
 
 
-def held_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
-    """The message as published again after an outage (same body and properties; the
-    ``x-rundispatch-held`` header counts the holds)."""
+def held_copy(message: AbstractIncomingMessage, user_id: str) -> aio_pika.Message:
+    """The message as published again after an outage by the connection of user ``user_id``
+    (same body and properties; the ``x-rundispatch-held`` header counts the holds).
+
+    RabbitMQ refuses a ``user_id`` other than the connection's own, so the copy carries
+    ``user_id`` and names the message's first publisher in ``HELD_FOR_HEADER``: the receiver
+    still knows who sent it (``core/principals.publisher_of``)."""
     headers = dict(message.headers or {})
     held = headers.get(HELD_HEADER)
     headers[HELD_HEADER] = (held if isinstance(held, int) else 0) + 1
+    headers[HELD_FOR_HEADER] = publisher_of(user_id, message.user_id, message.headers) or ""
     headers.pop("x-delivery-count", None)
     return aio_pika.Message(
         message.body,
@@ -168,6 +174,7 @@ def held_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
         message_id=message.message_id,
         type=message.type,
         timestamp=message.timestamp,
+        user_id=user_id,
     )
 
 
