@@ -67,8 +67,8 @@ async def connect_cluster(
     quorum queue's leader election: consumers and publishers restored on a queue that has
     no leader yet (its leader's node just died) were seen to stay silent (no deliveries,
     publishes nacked) on RabbitMQ 3.10; with 1 s the product-on-cluster test lost its
-    consumers under load, with 5 s it passes. Raises the last error if no node answers. Keyword arguments (``client_properties``
-    ...) go to every node's connection alike."""
+    consumers under load, with 5 s it passes. Raises the last error if no node answers.
+    Keyword arguments (``client_properties`` ...) go to every node's connection alike."""
     parsed = [
         aio_pika.connection.make_url(url, reconnect_interval=reconnect_interval, **kwargs)
         for url in urls
