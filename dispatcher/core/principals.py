@@ -93,7 +93,7 @@ class Sender:
 
 def admin_user_of(amqp_url: str) -> str:
     """The user name of the dispatcher's broker identity (RabbitMQ's default: guest)."""
-    return unquote(urlsplit(amqp_url).username or "guest")
+    return unquote(urlsplit(amqp_url.split(",", maxsplit=1)[0].strip()).username or "guest")
 
 
 # A message the dispatcher held through an outage is published again by the dispatcher's own

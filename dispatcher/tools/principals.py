@@ -34,8 +34,17 @@ MACHINE_ID = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
 
 
 def principal_url(settings: Settings, username: str, password: str) -> str:
-    """The AMQP URL of a principal: the dispatcher's broker address with its own credentials."""
-    parts = urlsplit(settings.amqp_url.get_secret_value())
+    """The AMQP URL of a principal: the dispatcher's broker address (each node of a cluster's
+    list) with its own credentials."""
+    return ",".join(
+        _with_credentials(url, username, password)
+        for url in settings.amqp_url.get_secret_value().split(",")
+        if url.strip()
+    )
+
+
+def _with_credentials(url: str, username: str, password: str) -> str:
+    parts = urlsplit(url.strip())
     host = parts.hostname or "127.0.0.1"
     netloc = f"{quote(username, safe='')}:{quote(password, safe='')}@{host}"
     netloc += f":{parts.port}" if parts.port else ""

@@ -91,8 +91,12 @@ class Processes:
                 capture_output=True,
                 text=True,
                 timeout=60,
-                check=True,
+                check=False,
             )
+            if result.returncode != 0:
+                raise AssertionError(
+                    f"machines register {machine_id} failed: {result.stdout}{result.stderr}"
+                )
             self.identities[machine_id] = json.loads(result.stdout)["amqp_url"]
         return self.identities[machine_id]
 

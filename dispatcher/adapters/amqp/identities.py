@@ -19,8 +19,9 @@ from dispatcher.names import Names
 
 
 def vhost_of(amqp_url: str) -> str:
-    """The virtual host an AMQP URL names (``/`` when it names none)."""
-    path = urlsplit(amqp_url).path
+    """The virtual host an AMQP URL names (``/`` when it names none); of a cluster's list of
+    node URLs, the first names it (every node serves the same virtual hosts)."""
+    path = urlsplit(amqp_url.split(",", maxsplit=1)[0].strip()).path
     return "/" if path in ("", "/") else path[1:].replace("%2F", "/").replace("%2f", "/")
 
 
