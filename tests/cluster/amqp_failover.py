@@ -8,8 +8,8 @@ its exception through the same callback), which makes it the one hook that sees 
 Everything else (channels reopened, queues re-declared, consumers restored) is aio-pika's own
 robust recovery, unchanged.
 
-This module is written so that the product's AMQP adapter can take it over as is (see
-``tests/cluster/README.md``); the tests here prove it against a real 3-node cluster.
+The connection itself is the product's (``dispatcher/adapters/amqp/cluster.py``); the tests
+here prove it against a real 3-node cluster.
 """
 
 from __future__ import annotations
@@ -28,47 +28,9 @@ from aio_pika.exceptions import (
     DeliveryError,
     PublishError,
 )
-from aio_pika.robust_connection import RobustConnection
-from yarl import URL
 
-
-def split_urls(setting: str) -> list[str]:
-    """``amqp://a:5672/,amqp://b:5672/`` (the shape proposed for RUNDISPATCH_AMQP_URL) as a list.
-
-    A single URL is a list of one: a plain single-node setting keeps working unchanged."""
-    urls = [part.strip() for part in setting.split(",") if part.strip()]
-    if not urls:
-        raise ValueError("no AMQP URL given")
-    return urls
-
-
-class ClusterConnection(RobustConnection):
-    """A robust connection over several nodes: on every close or failed attempt, the next
-    reconnection goes to the next node's URL (round robin)."""
-
-    def __init__(
-        self,
-        url: URL,
-        loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        urls: Sequence[URL] = (),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(url, loop=loop, **kwargs)
-        self.urls = list(urls) or [URL(url)]
-        self._next = 1 % len(self.urls)
-        self.moves = 0  # how many times the connection moved to another node
-
-    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        if not self._close_called and len(self.urls) > 1:
-            self.url = self.urls[self._next]
-            self._next = (self._next + 1) % len(self.urls)
-            self.moves += 1
-        await super()._on_connection_close(closing)
-
-    @property
-    def current_port(self) -> int | None:
-        return self.url.port
+from dispatcher.adapters.amqp.cluster import ClusterConnection
+from dispatcher.adapters.amqp.cluster import connect_cluster as product_connect_cluster
 
 
 async def connect_cluster(
@@ -76,33 +38,14 @@ async def connect_cluster(
     *,
     start: int = 0,
     reconnect_interval: float = 1.0,
-    timeout: float = 5.0,
     **kwargs: Any,
 ) -> ClusterConnection:
-    """Connect to the first node that answers, trying them in order from ``urls[start]``;
-    the connection then follows the cluster. Raises the last error if no node answers.
-
-    ``reconnect_interval`` is aio-pika's pause between attempts (5 s by default there; 1 s
-    here, since moving to a live node should not wait for long). Other keyword arguments
-    (``heartbeat``, ``client_properties``...) go to every node's connection alike."""
-    order = [*urls[start:], *urls[:start]]
-    parsed = [
-        aio_pika.connection.make_url(url, reconnect_interval=reconnect_interval, **kwargs)
-        for url in order
-    ]
-    last: BaseException | None = None
-    for first in range(len(parsed)):
-        rotation = [*parsed[first:], *parsed[:first]]
-        connection = ClusterConnection(rotation[0], urls=rotation)
-        try:
-            await connection.connect(timeout=timeout)
-            return connection
-        except CONNECTION_EXCEPTIONS as exc:
-            last = exc
-            with contextlib.suppress(Exception):
-                await connection.close()
-    assert last is not None
-    raise last
+    """The product's ``connect_cluster``, trying the nodes in order from ``urls[start]`` and
+    with aio-pika's pause between attempts at 1 s: these tests study the broker's own
+    behaviour at a node's death, not the product's longer pause (see its docstring)."""
+    return await product_connect_cluster(
+        [*urls[start:], *urls[:start]], reconnect_interval=reconnect_interval, **kwargs
+    )
 
 
 class ConfirmingPublisher:

@@ -19,25 +19,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as redis_errors
-from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 
-
-class FollowingSentinelConnection(SentinelManagedConnection):
-    """A Sentinel-managed connection that asks the Sentinels for the primary every time it
-    opens a socket, so that a retried command follows a failover."""
-
-    async def _connect(self) -> None:
-        if self.connection_pool.is_master:
-            self.host, self.port = await self.connection_pool.get_master_address()
-        await super()._connect()  # type: ignore[no-untyped-call]
-
-
-class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionPool):
-    """Sentinel discovery (first base) with a bounded pool that waits when all connections are
-    busy (second base), like the product's single-Redis ``BlockingConnectionPool``."""
+from dispatcher.adapters.redis.sentinel import (
+    FollowingSentinelConnection,
+    SentinelBlockingConnectionPool,
+)
 
 
 def sentinel_client(

@@ -23,11 +23,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError, PublishError
 
-from tests.cluster.amqp_failover import (
-    ConfirmingPublisher,
-    connect_cluster,
-    split_urls,
-)
+from dispatcher.adapters.amqp.cluster import split_urls
+from tests.cluster.amqp_failover import ConfirmingPublisher, connect_cluster
 from tests.cluster.conftest import record
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
