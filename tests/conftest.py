@@ -13,6 +13,7 @@ from hypothesis import settings as hypothesis_settings
 
 from dispatcher.client import Client
 from dispatcher.settings import Settings
+from tests.support.privateredis import PrivateRedis
 from tests.support.processes import (
     Processes,
     cleanup,
@@ -78,3 +79,15 @@ def apply_fleet(settings: Settings, tmp_path: Path, procs: Processes):  # type: 
         assert result.returncode == 0, result.stderr
 
     return apply
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own (tests/support/privateredis.py), for tests that stop,
+    break or fill Redis; stopped at the end."""
+    server = PrivateRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

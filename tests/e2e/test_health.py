@@ -21,16 +21,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def amqp_proxy(tmp_path: Path) -> Iterator[ProxyProcess]:
     proxy = ProxyProcess("127.0.0.1:5672", tmp_path)
     proxy.start()

@@ -5,9 +5,6 @@ is never reconfigured."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import redis as sync_redis
 
@@ -23,16 +20,6 @@ from tests.support.privateredis import PrivateRedis, free_port
 from tests.support.processes import new_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def admission(run_id: str) -> Admission:
