@@ -208,7 +208,8 @@ class Client:
         position = await self.rt.runs.position(run) or 0
         lane = lane_of(run.connection_id, run.mode.value, run.priority.value)
         reasons = reasons_payload(await self.rt.runs.lane_reasons(run.target or "", lane))
-        return _predicted(self._entry(run, position, reasons), await self.foresight.predict(run))
+        entry = self._entry(run, position, reasons, time.time())
+        return _predicted(entry, await self.foresight.predict(run))
 
     async def predict(self, run_id: str) -> Prediction | None:
         """The forecast of a queued run: ``start_at``, ``outlook``, ``confidence`` (None: not
@@ -223,7 +224,9 @@ class Client:
         start = time.time() - 86400 if since is None else since
         return await self.foresight.capacity(target, add_machines, start)
 
-    def _entry(self, run: Run, position: int, reasons: dict[str, str]) -> QueueEntry:
+    def _entry(
+        self, run: Run, position: int, reasons: dict[str, str], now: float
+    ) -> QueueEntry:
         return QueueEntry(
             target=run.target or "",
             position=position,
@@ -231,7 +234,7 @@ class Client:
             priority=run.priority.value,
             mode=run.mode.value,
             connection_id=run.connection_id,
-            waited_s=round(time.time() - (run.queued_at or time.time()), 3),
+            waited_s=round(now - (run.queued_at or now), 3),
             queue_deadline=run.queue_deadline,
             reasons=reasons,
         )
@@ -240,6 +243,7 @@ class Client:
         """Queued runs per target, in dispatch order (at most ``limit`` per target)."""
         targets = [target] if target else await self.rt.runs.targets()
         entries: list[QueueEntry] = []
+        now = time.time()  # one instant for the whole listing: waits compare across entries
         for key in targets:
             page = await self.rt.runs.queue_page(key, 0, limit - 1)
             runs = await self.rt.runs.get_many([run_id for run_id, _ in page])
@@ -254,7 +258,7 @@ class Client:
                     reasons_cache[lane] = reasons_payload(
                         await self.rt.runs.lane_reasons(key, lane)
                     )
-                entry = self._entry(run, position, reasons_cache[lane])
+                entry = self._entry(run, position, reasons_cache[lane], now)
                 entries.append(_predicted(entry, predictions.get(run.run_id)))
         return entries
 
