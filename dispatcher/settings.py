@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     # flows finish for ``worker_grace_s``, then stops them (``WorkerStopped``) and reports.
     drain_s: float = Field(default=20.0, gt=0)
     worker_grace_s: float = Field(default=60.0, ge=0)
+    # One live worker per machine (its lease: the exclusive consumer of the machine's replies
+    # queue). A worker whose connection comes back to find the lease held elsewhere stops
+    # after this long: a stale connection of its own is closed by RabbitMQ within its
+    # heartbeat timeout (60 s), another worker's lease is not given back.
+    worker_lease_wait_s: float = Field(default=90.0, gt=0)
 
     # Foresight (docs/forecast.md): what is kept of finished runs for the service model and the
     # capacity replay, how often the forecast chore runs, how deep it plays each queue.

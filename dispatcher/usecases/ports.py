@@ -135,8 +135,10 @@ class Broker(Protocol):
         *,
         batch_size: int,
         prefetch: int | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts.
+        ``exclusive``: the only consumer of the queue (``InExclusiveUse`` if another is)."""
         ...
 
     async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:

@@ -651,7 +651,13 @@ class FakeBroker:
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def consume(
-        self, queue: str, handler: BatchHandler, *, batch_size: int, prefetch: int | None = None
+        self,
+        queue: str,
+        handler: BatchHandler,
+        *,
+        batch_size: int,
+        prefetch: int | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         if self.refuse_consumers > 0:
             self.refuse_consumers -= 1
