@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # this long, retrying; then it publishes the message again to its queue and acks the held
     # delivery, so that an outage of any length never uses up the delivery limit.
     outage_hold_s: float = Field(default=60.0, gt=0)
+    # The dead-letter queue keeps at most this many messages; past it the oldest are dropped.
+    dead_letter_max: int = Field(default=100_000, ge=1)
 
     # Graceful stop (SIGTERM, service stop). A dispatcher stops consuming and finishes the
     # messages in hand within ``drain_s``; a worker stops taking assignments, lets running

@@ -127,7 +127,7 @@ async def check_rabbitmq(settings: Settings) -> list[Check]:
     url = settings.amqp_url.get_secret_value()
     names = Names(settings.namespace)
     try:
-        report = await inspect_namespace(url, names, TIMEOUT_S)
+        report = await inspect_namespace(url, names, TIMEOUT_S, settings.dead_letter_max)
     except BrokerUnavailable as exc:
         return [
             Check(

@@ -34,7 +34,11 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
-from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
+from dispatcher.adapters.amqp.topology import (
+    DEAD_LETTER_MAX,
+    declare_topology,
+    look_up_topology,
+)
 from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable, InExclusiveUse
 from dispatcher.names import Names
@@ -69,11 +73,13 @@ class Amqp:
         hold_s: float | None = None,
         on_outage: OutageHook | None = None,
         declare: bool = True,
+        dead_letter_max: int = DEAD_LETTER_MAX,
     ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
         self.declare = declare
+        self.dead_letter_max = dead_letter_max
         self.names = names
         self.prefetch = prefetch
         self.hold_s = hold_s
@@ -110,7 +116,11 @@ class Amqp:
             )
             if self.declare:
                 self._exchanges = await declare_topology(
-                    self.connection, self._publisher, self.names, cluster=len(urls) > 1
+                    self.connection,
+                    self._publisher,
+                    self.names,
+                    cluster=len(urls) > 1,
+                    dead_letter_max=self.dead_letter_max,
                 )
             else:
                 self._exchanges = await look_up_topology(self._publisher, self.names)
