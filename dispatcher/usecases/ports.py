@@ -151,6 +151,12 @@ class Broker(Protocol):
         ``exclusive``: the only consumer of the queue (``InExclusiveUse`` if another is)."""
         ...
 
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        """Declare ``queue`` exclusive to this connection: a lock that RabbitMQ refuses to any
+        other connection (``InExclusiveUse``) and frees when this one closes; taken again
+        after a reconnection."""
+        ...
+
     async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
         """Cancel every consumer (of ``queues`` only, when given) and finish the deliveries
         received (a graceful stop); False when that took longer than ``timeout_s``."""

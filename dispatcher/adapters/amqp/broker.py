@@ -25,7 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
-from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
+from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource, ChannelNotFoundEntity
 
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
@@ -40,7 +40,7 @@ from dispatcher.adapters.amqp.topology import (
     look_up_topology,
 )
 from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
-from dispatcher.errors import BrokerUnavailable, InExclusiveUse
+from dispatcher.errors import BrokerUnavailable, ConfigurationError, InExclusiveUse
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
@@ -297,6 +297,34 @@ class Amqp:
         self._consumers.append((declared, tag, loop))
         return loop.task
 
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        """Declare ``queue`` exclusive to this connection, on a channel of its own: RabbitMQ
+        answers another connection's declaration with RESOURCE_LOCKED (``InExclusiveUse``)
+        and deletes the queue when this connection closes. The robust channel declares it
+        again after a reconnection; if another connection holds it by then, the reconnection
+        fails and ``exclusive_refused_for`` counts for how long. Unlike an exclusive
+        *consumer*, this works on every queue type and on every node of a cluster (the queue
+        lives on the node of the connection that holds it, and goes with it)."""
+        if self.connection is None:
+            raise RuntimeError("not connected")
+        channel: AbstractChannel | None = None
+        try:
+            channel = await self.connection.channel(publisher_confirms=False)
+            await channel.declare_queue(queue, exclusive=True, durable=False)
+        except ChannelLockedResource as exc:
+            raise InExclusiveUse(f"queue {queue} is held by another connection") from exc
+        except ChannelAccessRefused as exc:  # an identity from before it could declare it
+            raise ConfigurationError(
+                f"this broker identity ({self.user_id}) may not declare {queue}: register the "
+                "machine again (rundispatch machines register) to give it today's permissions"
+            ) from exc
+        except CONSUME_UNREACHABLE as exc:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
+        self._consumer_channels.append(channel)
+
     def is_connected(self) -> bool:
         """Whether the connection to RabbitMQ is up right now (readiness)."""
         connection = self.connection
@@ -310,10 +338,13 @@ class Amqp:
         return 0.0 if since is None else time.monotonic() - since
 
     def _on_close(self, _: object, exc: BaseException | None = None) -> None:
-        # A reconnection whose restored consumers fail closes the connection with the error:
-        # an exclusive consumer that another connection holds now is ACCESS_REFUSED "in
-        # exclusive use" (the robust connection keeps trying every few seconds).
-        refused = isinstance(exc, ChannelAccessRefused) and "exclusive use" in str(exc)
+        # A reconnection whose restored queues or consumers fail closes the connection with
+        # the error: an exclusive queue that another connection holds now is RESOURCE_LOCKED,
+        # an exclusive consumer ACCESS_REFUSED "in exclusive use" (the robust connection keeps
+        # trying every few seconds).
+        refused = isinstance(exc, ChannelLockedResource) or (
+            isinstance(exc, ChannelAccessRefused) and "exclusive use" in str(exc)
+        )
         if refused and self._exclusive_refused_since is None:
             log.warning("reconnected, but an exclusive consumer is held elsewhere: %s", exc)
             self._exclusive_refused_since = time.monotonic()
