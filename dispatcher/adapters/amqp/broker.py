@@ -34,6 +34,7 @@ from dispatcher.adapters.amqp.consumer import (
     held_copy,
 )
 from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
+from dispatcher.adapters.amqp.window import Outgoing, publish_window, supported
 from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
@@ -154,7 +155,38 @@ class Amqp:
         for message in messages:
             if message.kind != "event" and message.routing_key not in self._machine_queues:
                 await self.ensure_machine_queue(message.routing_key)
-        await asyncio.gather(*(self._publish_one(m) for m in messages))
+        channel = await self.publisher.get_underlay_channel()
+        if len(messages) == 1 or not supported(channel):
+            await asyncio.gather(*(self._publish_one(m) for m in messages))
+            return
+        # One write for the whole window (see .window); a returned assignment is published
+        # again alone, after its queue is declared, as _publish_one does.
+        results = await publish_window(channel, [self._outgoing(m) for m in messages])
+        again = []
+        for message, error in zip(messages, results, strict=True):
+            if isinstance(error, PublishError):
+                again.append(message)
+            elif isinstance(error, asyncio.CancelledError):
+                raise ChannelInvalidStateError("the channel closed before the confirms came")
+            elif error is not None:
+                raise error
+        await asyncio.gather(*(self._publish_one(m) for m in again))
+
+    def _outgoing(self, message: OutboxMessage) -> Outgoing:
+        role = "events" if message.kind == "event" else "machines"
+        return Outgoing(
+            self.exchange(role).name,
+            message.routing_key,
+            message.body,
+            aiormq.spec.Basic.Properties(
+                content_type="application/json",
+                delivery_mode=PERSISTENT,
+                message_type=message.kind,
+                message_id=message.id,
+                user_id=self.user_id,
+            ),
+            role != "events",
+        )
 
     async def _publish_one(self, message: OutboxMessage) -> None:
         """Publish with a confirm. Assignments are ``mandatory``: a returned one means the
