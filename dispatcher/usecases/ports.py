@@ -150,6 +150,18 @@ class Broker(Protocol):
         """Publish one persistent JSON message to an exchange of the contract (confirmed)."""
         ...
 
+    async def publish_many_json(
+        self,
+        role: str,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        kind: str,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistent JSON messages ``(routing key, body)`` as one window, the
+        confirms awaited together."""
+        ...
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         """Declare a machine's queue (idempotent)."""
         ...

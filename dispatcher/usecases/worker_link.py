@@ -259,17 +259,17 @@ class WorkerRequests:
     async def _reply(
         self, asked: Sequence[_Asked], answers: Sequence[list[dict[str, Any]]]
     ) -> None:
-        await asyncio.gather(
-            *(
-                self.broker.publish_json(
-                    "machines",
+        await self.broker.publish_many_json(
+            "machines",
+            [
+                (
                     self.names.replies_key(a.machine_id),
                     json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
-                    kind="reply",
-                    mandatory=False,
                 )
                 for a, results in zip(asked, answers, strict=True)
-            )
+            ],
+            kind="reply",
+            mandatory=False,
         )
 
     async def _query(self, asked: _Asked) -> list[dict[str, Any]]:

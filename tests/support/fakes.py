@@ -677,6 +677,17 @@ class FakeBroker:
             raise ConnectionError("the fake broker is down")
         self.published.append((role, routing_key, body, kind))
 
+    async def publish_many_json(
+        self,
+        role: str,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        kind: str,
+        mandatory: bool = True,
+    ) -> None:
+        for routing_key, body in messages:
+            await self.publish_json(role, routing_key, body, kind=kind, mandatory=mandatory)
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         self.machine_queues.add(machine_id)
 

@@ -34,7 +34,13 @@ from dispatcher.adapters.amqp.consumer import (
     held_copy,
 )
 from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
-from dispatcher.adapters.amqp.window import Outgoing, publish_window, supported
+from dispatcher.adapters.amqp.window import (
+    Outgoing,
+    json_properties,
+    publish_window,
+    raise_first,
+    supported,
+)
 from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
@@ -162,14 +168,8 @@ class Amqp:
         # One write for the whole window (see .window); a returned assignment is published
         # again alone, after its queue is declared, as _publish_one does.
         results = await publish_window(channel, [self._outgoing(m) for m in messages])
-        again = []
-        for message, error in zip(messages, results, strict=True):
-            if isinstance(error, PublishError):
-                again.append(message)
-            elif isinstance(error, asyncio.CancelledError):
-                raise ChannelInvalidStateError("the channel closed before the confirms came")
-            elif error is not None:
-                raise error
+        again = [m for m, e in zip(messages, results, strict=True) if isinstance(e, PublishError)]
+        raise_first([e for e in results if not isinstance(e, PublishError)])
         await asyncio.gather(*(self._publish_one(m) for m in again))
 
     def _outgoing(self, message: OutboxMessage) -> Outgoing:
@@ -178,13 +178,7 @@ class Amqp:
             self.exchange(role).name,
             message.routing_key,
             message.body,
-            aiormq.spec.Basic.Properties(
-                content_type="application/json",
-                delivery_mode=PERSISTENT,
-                message_type=message.kind,
-                message_id=message.id,
-                user_id=self.user_id,
-            ),
+            json_properties(message.kind, message.id, self.user_id),
             role != "events",
         )
 
@@ -245,6 +239,36 @@ class Amqp:
         """Publish one persistent JSON message to an exchange of the contract."""
         try:
             await self._publish(role, routing_key, body, kind, mandatory=mandatory)
+        except UNREACHABLE as exc:
+            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
+
+    async def publish_many_json(
+        self,
+        role: str,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        kind: str,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistent JSON messages as one window written at once (see .window)."""
+        try:
+            channel = await self.publisher.get_underlay_channel()
+            if len(messages) < 2 or not supported(channel):
+                await asyncio.gather(
+                    *(self._publish(role, k, b, kind, mandatory=mandatory) for k, b in messages)
+                )
+                return
+            exchange = self.exchange(role).name
+            results = await publish_window(
+                channel,
+                [
+                    Outgoing(
+                        exchange, key, body, json_properties(kind, None, self.user_id), mandatory
+                    )
+                    for key, body in messages
+                ],
+            )
+            raise_first(results)
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
 

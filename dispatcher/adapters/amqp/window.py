@@ -20,6 +20,7 @@ from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
+from aiormq.exceptions import ChannelInvalidStateError
 from pamqp.header import ContentHeader
 
 _STATE = ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "lock")
@@ -72,6 +73,29 @@ async def publish_window(channel: Any, messages: Sequence[Outgoing]) -> list[Bas
         )
     results = await asyncio.gather(*confirms, return_exceptions=True)
     return [r if isinstance(r, BaseException) else None for r in results]
+
+
+def json_properties(
+    kind: str, message_id: str | None, user_id: str | None
+) -> aiormq.spec.Basic.Properties:
+    """A persistent JSON message of the contract, sent as ``user_id``."""
+    return aiormq.spec.Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_type=kind,
+        message_id=message_id,
+        user_id=user_id,
+    )
+
+
+def raise_first(results: Sequence[BaseException | None]) -> None:
+    """Raise the first failure of a window (a channel closed under it as a closed channel:
+    the caller treats it as RabbitMQ unreachable)."""
+    for error in results:
+        if isinstance(error, asyncio.CancelledError):
+            raise ChannelInvalidStateError("the channel closed before the confirms came")
+        if error is not None:
+            raise error
 
 
 def _forget(channel: Any, message_id: str, tag: int) -> Any:
