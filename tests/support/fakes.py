@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -480,9 +480,14 @@ class FakeRunStore:
         return [lane for lane, _ in ordered(self.lane_heads.get(target, {}))]
 
     async def lane_members(
-        self, target: str, lanes: list[str], per_lane: int
+        self, target: str, lanes: list[str], per_lane: int, heads_only: Collection[str] = ()
     ) -> dict[str, list[QueuedHead]]:
-        members = {lane: ordered(self.lanes.get((target, lane), {}))[:per_lane] for lane in lanes}
+        members = {
+            lane: ordered(self.lanes.get((target, lane), {}))[
+                : 1 if lane in heads_only else per_lane
+            ]
+            for lane in lanes
+        }
         return {
             lane: [QueuedHead(run_id, score, lane) for run_id, score in rows]
             for lane, rows in members.items()
