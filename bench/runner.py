@@ -186,6 +186,7 @@ class Bench:
         if self.simulated:
             argv = ["-m", "bench.simfleet", "--machines", ",".join(self.live)]
             argv += ["--counts", str(self.workdir / "simfleet-counts.json")]
+            argv += ["--state-root", str(self.workdir)]
             self.procs.start("worker-simfleet", argv, self.env_for("worker-simfleet"))
             self._ours_workers = True
             return True

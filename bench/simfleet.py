@@ -45,14 +45,22 @@ PREFETCH = 100  # per machine queue, as a worker's (50) with room for the next b
 
 
 class SimFleet:
-    def __init__(self, settings: Settings, machines: list[str], counts_path: str) -> None:
+    def __init__(
+        self, settings: Settings, machines: list[str], counts_path: str, state_root: Path
+    ) -> None:
         self.settings = settings
         self.names = Names(settings.namespace)
         self.machines = machines
         self.counts_path = counts_path
         self.url = settings.amqp_url.get_secret_value()
         self.user = admin_user_of(self.url)
-        self.keys = WorkerKeyPair.generate()
+        # Each machine's key where its real worker keeps it (``--state-dir``): the dispatcher
+        # pins a machine's key at its first heartbeat and refuses heartbeats with another.
+        self.keys: dict[str, WorkerKeyPair] = {}
+        for machine in machines:
+            state = state_root / f"state-{machine}"
+            state.mkdir(parents=True, exist_ok=True)
+            self.keys[machine] = WorkerKeyPair.load_or_create(state / "worker.key")
         self.worker_id = f"simfleet-{os.getpid()}"
         self.ids = itertools.count(1)
         self.pending: dict[str, tuple[str, list[dict[str, Any]]]] = {}
@@ -176,7 +184,7 @@ class SimFleet:
                     machine_id=machine,
                     worker_id=self.worker_id,
                     sent_at=time.time(),
-                    public_key=self.keys.public_key_b64,
+                    public_key=self.keys[machine].public_key_b64,
                     capacity=10,
                 )
                 self.counts["heartbeats"] += 1
@@ -215,9 +223,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.simfleet")
     parser.add_argument("--machines", required=True)
     parser.add_argument("--counts", required=True)
+    parser.add_argument("--state-root", required=True, type=Path)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    fleet = SimFleet(Settings(), args.machines.split(","), args.counts)
+    fleet = SimFleet(Settings(), args.machines.split(","), args.counts, args.state_root)
     asyncio.run(fleet.run())
 
 
