@@ -431,6 +431,8 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
             out["ratio_vs_minimal"] = s["minimal"]["ratio_vs_minimal"]["estimate"]
     if "stack" in s:
         out["stack_msgs_per_s"] = s["stack"]["rate"]["estimate"]
+    elif "saturation" in s:  # the raw-loop drains paired with the saturation drains
+        out["stack_msgs_per_s"] = s["saturation"]["stack_msgs_per_s"]["estimate"]
     if "replicas" in s and "replica_cpu_ratio" in s["replicas"]:
         out["replica_cpu_ratio"] = s["replicas"]["replica_cpu_ratio"]["estimate"]
     if "saturation" in s:

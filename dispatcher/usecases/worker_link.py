@@ -217,31 +217,28 @@ class WorkerRequests:
         return []
 
     async def _answer_all(self, asked: Sequence[_Asked]) -> None:
-        """Answer every request: the batch's starts in one window, its outcomes in another,
-        the queries side by side, each group's answers published as soon as that group is
-        done. A worker waits for its start answer before it runs a flow, so the starts are
-        answered without waiting for the outcomes' window and its confirms (that wait was a
-        round trip of confirms on every start, and most of the start's p99 under load)."""
+        """Answer every request: the batch's starts in one window, then its outcomes in
+        another, then the queries side by side. A worker waits for its start answer before it
+        runs a flow, so the start answers go out as soon as the starts are recorded, while the
+        outcomes' window and its confirms are under way (waiting for them was a round trip of
+        confirms on every start). A failure of the starts stops the batch before the
+        outcomes, as before: the consumer handles the whole batch again."""
         now = self.clock()
         starts = [a for a in asked if a.op == "start"]
         finishes = [a for a in asked if a.op == "finish"]
         queries = [a for a in asked if a.op in ("states", "running")]
-        await asyncio.gather(
-            self._answer_starts(starts, now),
-            self._answer_finishes(finishes, now),
-            *(self._answer_query(a) for a in queries),
-        )
-
-    async def _answer_starts(self, asked: Sequence[_Asked], now: float) -> None:
-        """Every start in one window; the flows start at once, the started events follow
-        (in the outbox already, published in the background)."""
-        if not asked:
-            return
-        async with self.lifecycle.window(wait=False) as window:
-            started = await window.start_many([c for a in asked for c in a.changes], now)
-        await self._reply(
-            asked, [[encode_start_result(r) for r in part] for part in _split(started, asked)]
-        )
+        answered: asyncio.Task[None] | None = None
+        if starts:
+            async with self.lifecycle.window(wait=False) as window:
+                started = await window.start_many([c for a in starts for c in a.changes], now)
+            answers = [[encode_start_result(r) for r in part] for part in _split(started, starts)]
+            answered = asyncio.create_task(self._reply(starts, answers))
+        try:
+            await self._answer_finishes(finishes, now)
+            await asyncio.gather(*(self._answer_query(a) for a in queries))
+        finally:
+            if answered is not None:
+                await answered
 
     async def _answer_finishes(self, asked: Sequence[_Asked], now: float) -> None:
         """Every outcome in one window, answered once its events are confirmed."""
