@@ -189,10 +189,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"replicas: {args.reps} pairs of drains with two and with one dispatcher")
             paired = await scenarios.replicas(bench, args.reps, args.runs)
             sections["replicas"] = {
+                **paired,
+                "gain_interval": paired["gain"],
                 "one": rate_interval([d["rate"] for d in paired["drains_one"]]).estimate,
                 "two": rate_interval([d["rate"] for d in paired["drains_two"]]).estimate,
                 "gain": paired["gain"]["estimate"],
-                **paired,
             }
 
         if "saturation" in want and limits is not None:

@@ -56,7 +56,8 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
                 _ratio(rep["replica_cpu_ratio"], "replica_cpu_ratio"),
             )
         )
-        out.append(("", "  runs/s gain (paired)", "", "", _ratio(rep["gain"], "gain")))
+        gain = rep.get("gain_interval") or rep["gain"]
+        out.append(("", "  runs/s gain (paired)", "", "", _ratio(gain, "gain")))
         out.append(_noise(rep["noise"]))
     sat = s.get("saturation")
     if sat:
