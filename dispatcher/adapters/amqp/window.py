@@ -20,9 +20,19 @@ from typing import Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
-from aiormq.exceptions import ChannelInvalidStateError
+from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 from pamqp.header import ContentHeader
 
+from dispatcher.errors import BrokerUnavailable
+from dispatcher.usecases.results import OutboxMessage
+
+# RabbitMQ cannot be reached (as ``broker.UNREACHABLE``, which imports this module).
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+)
 _STATE = ("delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "lock")
 
 
@@ -75,6 +85,45 @@ async def publish_window(channel: Any, messages: Sequence[Outgoing]) -> list[Bas
     return [r if isinstance(r, BaseException) else None for r in results]
 
 
+async def write_outbox(
+    channel: Any, messages: Sequence[OutboxMessage], exchanges: dict[str, str], user_id: str | None
+) -> list[OutboxMessage]:
+    """An outbox window as one write (events to ``exchanges["events"]``, the rest, mandatory,
+    to ``exchanges["machines"]``); returns the messages RabbitMQ returned (unroutable)."""
+    outgoing = [
+        Outgoing(
+            exchanges["events" if m.kind == "event" else "machines"],
+            m.routing_key,
+            m.body,
+            json_properties(m.kind, m.id, user_id),
+            m.kind != "event",
+        )
+        for m in messages
+    ]
+    results = await publish_window(channel, outgoing)
+    raise_first([e for e in results if not isinstance(e, PublishError)])
+    return [m for m, e in zip(messages, results, strict=True) if isinstance(e, PublishError)]
+
+
+async def write_json(
+    channel: Any,
+    exchange: str,
+    messages: Sequence[tuple[str, bytes]],
+    *,
+    kind: str,
+    user_id: str | None,
+    mandatory: bool,
+) -> None:
+    """JSON messages ``(routing key, body)`` to one exchange as one write; raises the first
+    failure."""
+    properties = [json_properties(kind, None, user_id) for _ in messages]
+    outgoing = [
+        Outgoing(exchange, key, body, props, mandatory)
+        for (key, body), props in zip(messages, properties, strict=True)
+    ]
+    raise_first(await publish_window(channel, outgoing))
+
+
 def json_properties(
     kind: str, message_id: str | None, user_id: str | None
 ) -> aiormq.spec.Basic.Properties:
@@ -104,3 +153,80 @@ def _forget(channel: Any, message_id: str, tag: int) -> Any:
             channel.message_id_delivery_tag.pop(message_id)
 
     return forget
+
+
+class WindowPublishing:
+    """The broker's publishing of whole windows (mixed into ``Amqp``, which defines the
+    methods declared here)."""
+
+    user_id: str
+    _machine_queues: set[str]
+
+    async def _underlay(self) -> Any:
+        raise NotImplementedError
+
+    def exchange(self, role: str) -> Any:
+        raise NotImplementedError
+
+    async def ensure_machine_queue(self, machine_id: str) -> None:
+        raise NotImplementedError
+
+    async def _publish_one(self, message: OutboxMessage) -> None:
+        raise NotImplementedError
+
+    async def _publish(
+        self,
+        role: str,
+        routing_key: str,
+        body: bytes,
+        kind: str,
+        message_id: str | None = None,
+        *,
+        mandatory: bool | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
+        """Publish outbox messages with confirms awaited as one window."""
+        if not messages:
+            return
+        for message in messages:
+            if message.kind != "event" and message.routing_key not in self._machine_queues:
+                await self.ensure_machine_queue(message.routing_key)
+        channel = await self._underlay()
+        if len(messages) == 1 or not supported(channel):
+            await asyncio.gather(*(self._publish_one(m) for m in messages))
+            return
+        # One write for the whole window (see .window); a returned assignment is published
+        # again alone, after its queue is declared, as _publish_one does.
+        names = {role: self.exchange(role).name for role in ("events", "machines")}
+        again = await write_outbox(channel, messages, names, self.user_id)
+        await asyncio.gather(*(self._publish_one(m) for m in again))
+
+    async def publish_many_json(
+        self,
+        role: str,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        kind: str,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistent JSON messages as one window written at once (see .window)."""
+        try:
+            channel = await self._underlay()
+            if len(messages) > 1 and supported(channel):
+                exchange = self.exchange(role).name
+                await write_json(
+                    channel,
+                    exchange,
+                    messages,
+                    kind=kind,
+                    user_id=self.user_id,
+                    mandatory=mandatory,
+                )
+            else:
+                await asyncio.gather(
+                    *(self._publish(role, k, b, kind, mandatory=mandatory) for k, b in messages)
+                )
+        except UNREACHABLE as exc:
+            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
