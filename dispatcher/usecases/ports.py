@@ -150,6 +150,11 @@ class Broker(Protocol):
         """Publish one persistent JSON message to an exchange of the contract (confirmed)."""
         ...
 
+    async def publish_reply(self, machine_id: str, body: bytes) -> None:
+        """Answer a machine's worker on its replies queue (confirmed); a replies queue that is
+        gone is declared again first."""
+        ...
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         """Declare a machine's queue (idempotent)."""
         ...

@@ -7,7 +7,8 @@ replies queue. Workers hold no Redis credentials.
 
 A request is accepted only from the machine's own identity (or the dispatcher's): anything else
 is dead-lettered (``sender``) and counted. ``start`` is idempotent for the worker that started
-the run (``start.lua``), so a worker whose answer was lost asks again and gets ``Started``.
+the run (``start.lua``), so a worker whose answer was lost asks again and gets ``Started``; an
+outcome reported again is answered ``Finished`` again (``_repeated``).
 The wire format (``encode_*`` / ``decode_*``) is shared with the worker's adapter.
 """
 
@@ -54,6 +55,8 @@ from dispatcher.usecases.results import (
 log = logging.getLogger(__name__)
 
 OPS = ("start", "finish", "states", "running")
+# How long an answer may take to publish; a worker waits 15 s for it, then asks again.
+ANSWER_TIMEOUT_S = 10.0
 
 
 # ---- the wire format --------------------------------------------------------------------------
@@ -186,19 +189,29 @@ class WorkerRequests:
                 continue
             asked.append((index, _Asked(op, machine_id, correlation_id, request, changes)))
         answers = await self._answer_all([a for _, a in asked])
-        await asyncio.gather(
+        sent = await asyncio.gather(
             *(
-                self.broker.publish_json(
-                    "machines",
-                    self.names.replies_key(a.machine_id),
+                self._answer(
+                    a.machine_id,
                     json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
-                    kind="reply",
-                    mandatory=False,
                 )
                 for (_, a), results in zip(asked, answers, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
+        for (_, a), outcome in zip(asked, sent, strict=True):
+            if isinstance(outcome, BaseException):
+                # The transitions are recorded: only the answer is lost. The request is acked
+                # all the same; the worker asks again when no answer comes, and a request asked
+                # again is answered as the first was (starts and outcomes are idempotent).
+                log.warning("could not answer %s of machine %s: %r", a.op, a.machine_id, outcome)
         return verdicts
+
+    async def _answer(self, machine_id: str, body: bytes) -> None:
+        """Publish one answer, within ``ANSWER_TIMEOUT_S``: a confirm that never comes (a
+        cluster's node died with the publish in flight) must not stop this consumer."""
+        async with asyncio.timeout(ANSWER_TIMEOUT_S):
+            await self.broker.publish_reply(machine_id, body)
 
     def _changes(self, op: str, machine_id: str, request: dict[str, Any]) -> list[Any]:
         """The transitions a start or finish request asks for (read before anything is done,
@@ -249,7 +262,10 @@ class WorkerRequests:
                     [c for i in finishes for c in asked[i].changes], now
                 )
             for i, finish_results in zip(finishes, _split(ended, asked, finishes), strict=True):
-                answers[i] = [encode_finish_result(r) for r in finish_results]
+                answers[i] = [
+                    encode_finish_result(_repeated(change, result))
+                    for change, result in zip(asked[i].changes, finish_results, strict=True)
+                ]
         queries = [i for i, a in enumerate(asked) if a.op in ("states", "running")]
         replies = await asyncio.gather(*(self._query(asked[i]) for i in queries))
         for i, reply in zip(queries, replies, strict=True):
@@ -297,6 +313,15 @@ def _split(
         parts.append(list(results[at : at + n]))
         at += n
     return parts
+
+
+def _repeated(ending: Ending, result: FinishResult) -> FinishResult:
+    """An outcome reported again (its first answer was lost) is answered as the first was:
+    ``finish.lua`` checked the fence and the machine before it found the run ended already,
+    so a conflict with the very status reported is this outcome, recorded before."""
+    if isinstance(result, Conflict) and result.status is ending.status:
+        return Finished()
+    return result
 
 
 def decode_state(data: dict[str, Any]) -> RunState:

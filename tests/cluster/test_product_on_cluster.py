@@ -90,12 +90,6 @@ async def dead_lettered(settings: Settings, urls: list[str]) -> int:
         return int(queue.declaration_result.message_count or 0)
 
 
-@pytest.mark.skip(
-    reason="known gap: with workers speaking only AMQP, a worker's replies queue (classic, "
-    "on the node that is killed) is lost with its node and the worker's starts and outcomes "
-    "wait for answers that never come; runs after the kill are not finished (see "
-    "docs/operations.md, cluster)"
-)
 async def test_no_run_lost_or_run_twice_when_queue_leaders_die(
     cluster: Any,
     client: Client,

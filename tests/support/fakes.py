@@ -677,6 +677,9 @@ class FakeBroker:
             raise ConnectionError("the fake broker is down")
         self.published.append((role, routing_key, body, kind))
 
+    async def publish_reply(self, machine_id: str, body: bytes) -> None:
+        await self.publish_json("machines", f"{machine_id}.replies", body, kind="reply")
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         self.machine_queues.add(machine_id)
 

@@ -3,9 +3,15 @@
 Fenced starts, outcomes and the two queries go to ``<ns>.reports`` as requests; the dispatcher
 runs the transitions and answers on the machine's replies queue, matched by correlation id
 (``dispatcher/usecases/worker_link.py`` holds both sides of the wire format). An answer that
-does not come in time raises ``BrokerUnavailable``: the intake gives the assignments back to
-RabbitMQ, the reporter tries again; a start asked twice by the same worker answers ``Started``
-again (``start.lua``), and the worker's ledger keeps a run from running twice.
+does not come in time (the request's publish included) raises ``BrokerUnavailable``: the intake
+holds the assignments and asks again, the reporter tries again; a start asked twice by the same
+worker answers ``Started`` again (``start.lua``), an outcome reported twice ``Finished`` again,
+and the worker's ledger keeps a run from running twice.
+
+The answers' queue, ``<ns>.machine.<M>.replies``, is declared by the dispatcher side (this
+identity may configure nothing): a quorum queue on a RabbitMQ cluster, so that it outlives any
+one node; one deleted is declared again by the next answer, and this consumer, cancelled with
+it, is restored by the robust channel (``core/principals.replies_arguments``).
 """
 
 from __future__ import annotations
@@ -109,15 +115,17 @@ class AmqpLink:
         future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
         try:
-            try:
-                await self.broker.publish_json(
-                    "reports", "report", json.dumps(request).encode(), kind=op
-                )
-            except BrokerUnavailable:
-                raise
-            except Exception as exc:  # a channel closing under a connection cut, a return
-                raise BrokerUnavailable(f"{op} could not be sent: {exc!r}") from exc
+            # The publish is inside the time limit too: its confirm may never come (a
+            # cluster's node dies with the publish in flight), and nothing may wait unbounded.
             async with asyncio.timeout(self.reply_timeout_s):
+                try:
+                    await self.broker.publish_json(
+                        "reports", "report", json.dumps(request).encode(), kind=op
+                    )
+                except BrokerUnavailable:
+                    raise
+                except Exception as exc:  # a channel closing under a connection cut, a return
+                    raise BrokerUnavailable(f"{op} could not be sent: {exc!r}") from exc
                 return await future
         except TimeoutError:
             raise BrokerUnavailable(

@@ -24,7 +24,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
@@ -33,8 +33,12 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
-from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
-from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
+from dispatcher.adapters.amqp.topology import (
+    declare_replies_queue,
+    declare_topology,
+    look_up_topology,
+)
+from dispatcher.core.principals import admin_user_of, quorum_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
@@ -50,6 +54,9 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
+
+# How long a publish may wait for its confirm before the publisher channel is replaced.
+CONFIRM_TIMEOUT_S = 10.0
 
 # Opening a consumer's channel on a connection that was just cut raises RuntimeError
 # ("... closed") from aiormq: the same outage.
@@ -72,6 +79,7 @@ class Amqp:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
+        self.cluster = len(split_urls(url)) > 1
         self.declare = declare
         self.names = names
         self.prefetch = prefetch
@@ -79,6 +87,7 @@ class Amqp:
         self.on_outage = on_outage
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
+        self._renewing = asyncio.Lock()
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
@@ -93,7 +102,7 @@ class Amqp:
         properties: dict[str, Any] = {"connection_name": f"rundispatch:{self.names.ns}"}
         urls = split_urls(self.url)
         try:
-            if len(urls) > 1:  # a cluster: follow it from node to node
+            if self.cluster:  # follow it from node to node
                 self.connection = await connect_cluster(urls, client_properties=properties)
             else:
                 self.connection = await aio_pika.connect_robust(
@@ -104,7 +113,7 @@ class Amqp:
             )
             if self.declare:
                 self._exchanges = await declare_topology(
-                    self.connection, self._publisher, self.names, cluster=len(urls) > 1
+                    self.connection, self._publisher, self.names, cluster=self.cluster
                 )
             else:
                 self._exchanges = await look_up_topology(self._publisher, self.names)
@@ -131,7 +140,8 @@ class Amqp:
         return self._exchanges[role]
 
     async def ensure_machine_queue(self, machine_id: str) -> None:
-        """Declare a machine's queue (quorum, bound to the machines exchange by machine id)."""
+        """Declare a machine's queue (quorum, bound to the machines exchange by machine id) and
+        its replies queue (``core/principals.replies_arguments``)."""
         queue = await self.publisher.declare_queue(
             self.names.machine_queue(machine_id),
             durable=True,
@@ -139,13 +149,32 @@ class Amqp:
         )
         if machine_id not in self._machine_queues:
             await queue.bind(self.exchange("machines"), machine_id)
-            replies = await self.publisher.declare_queue(
+            if self.connection is None:
+                raise RuntimeError("not connected")
+            replies = await declare_replies_queue(
+                self.connection,
+                self.publisher,
                 self.names.machine_replies_queue(machine_id),
-                durable=True,
-                arguments=REPLIES_ARGUMENTS,
+                cluster=self.cluster,
             )
             await replies.bind(self.exchange("machines"), self.names.replies_key(machine_id))
             self._machine_queues.add(machine_id)
+
+    async def publish_reply(self, machine_id: str, body: bytes) -> None:
+        """Answer a machine's worker on its replies queue, confirmed. ``mandatory``: an answer
+        RabbitMQ cannot route (the replies queue was deleted) comes back; the queue is declared
+        again and the answer published once more. The worker's consumer, cancelled with the
+        queue, is restored by its robust channel once the queue is back."""
+        key = self.names.replies_key(machine_id)
+        try:
+            await self._publish("machines", key, body, "reply", mandatory=True)
+        except PublishError:
+            log.warning("replies queue of machine %s is gone: declared again", machine_id)
+            self._machine_queues.discard(machine_id)
+            await self.ensure_machine_queue(machine_id)
+            await self._publish("machines", key, body, "reply", mandatory=True)
+        except UNREACHABLE as exc:
+            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
 
     async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         """Publish outbox messages with confirms awaited as one window."""
@@ -190,7 +219,6 @@ class Amqp:
         publish, see bench/README.md).
         """
         exchange = self.exchange(role)
-        channel = cast(aiormq.Channel, await self.publisher.get_underlay_channel())
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
             delivery_mode=PERSISTENT,
@@ -198,14 +226,40 @@ class Amqp:
             message_id=message_id,
             user_id=self.user_id,
         )
-        await channel.basic_publish(
-            body,
-            exchange=exchange.name,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=role != "events" if mandatory is None else mandatory,
-            wait=False,
-        )
+        publisher = self.publisher
+        channel = cast(aiormq.Channel, await publisher.get_underlay_channel())
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT_S):
+                await channel.basic_publish(
+                    body,
+                    exchange=exchange.name,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=role != "events" if mandatory is None else mandatory,
+                    wait=False,
+                )
+        except PublishError:
+            raise  # returned: the caller decides (a machine's queue to declare again)
+        except (DeliveryError, TimeoutError) as exc:
+            await self._renew_publisher(publisher)
+            raise BrokerUnavailable(f"publish not confirmed: {exc!r}") from exc
+
+    async def _renew_publisher(self, stuck: AbstractChannel) -> None:
+        """Replace a publisher channel that RabbitMQ nacks or leaves unconfirmed. On a
+        cluster, a channel that published to a quorum queue while the queue's leader was
+        being elected (its node had just died) was seen (RabbitMQ 3.10) to have every later
+        publish to that queue nacked or never confirmed, while a new channel's publishes were
+        confirmed at once. Publishes in flight on the old channel fail; their callers publish
+        again (every consumer deduplicates)."""
+        async with self._renewing:
+            if self._publisher is not stuck or self.connection is None:
+                return  # renewed already, by another publish that failed with it
+            log.warning("publisher channel nacks or does not confirm: opening a new one")
+            self._publisher = await self.connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            with contextlib.suppress(Exception):
+                await stuck.close()
 
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
