@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from dispatcher.codes import ErrorCode
+from dispatcher.errors import BrokerUnavailable
 from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.usecases.ports import Ack, DeadLetter, Retry
 from dispatcher.usecases.worker_link import WorkerRequests, encode_outcome
@@ -424,3 +425,58 @@ async def test_a_start_or_an_outcome_asked_again_is_answered_as_the_first_time(
     await asyncio.sleep(0)  # the events are published in the background
     assert [e["run_id"] for e in world.publisher.events("run.started")] == ["r1"]
     assert [e["run_id"] for e in world.publisher.events("run.succeeded")] == ["r1"]
+
+
+async def test_an_answer_that_does_not_come_is_asked_again_on_a_new_consumer(
+    machines: MachineFactory,
+) -> None:
+    """A replies consumer that stays silent (restored on a quorum queue with no leader yet):
+    the request times out, the link cancels that consumer, and the request asked again is
+    answered through a new one."""
+    m = machines()
+    world = m.world
+    requests = WorkerRequests(
+        settings=world.settings,
+        broker=world.broker,
+        lifecycle=world.lifecycle,
+        runs=world.store,
+        machines=world.machines,
+        metrics=world.metrics,
+        clock=world.clock,
+    )
+    sender = world.names.machine_user("m1")
+
+    class SilentFirstConsumer:
+        """Answers every request, but nothing reaches the first replies consumer."""
+
+        def __init__(self) -> None:
+            self.handlers: list[Any] = []
+            self.stopped: list[list[str]] = []
+
+        async def consume(self, queue: str, handler: Any, **_: Any) -> asyncio.Task[None]:
+            self.handlers.append(handler)
+            return asyncio.create_task(asyncio.sleep(3600))
+
+        async def stop_consuming(self, timeout_s: float, queues: Any = None) -> bool:
+            self.stopped.append(list(queues or []))
+            return True
+
+        async def publish_json(self, role: str, key: str, body: bytes, **_: Any) -> None:
+            before = len(world.broker.published)
+            await requests.handle([FakeDelivery(body, key, user_id=sender)])
+            if len(self.handlers) > 1:
+                for _, _, answer, kind in world.broker.published[before:]:
+                    if kind == "reply":
+                        await self.handlers[-1]([FakeDelivery(answer, "m1.replies")])
+
+    broker = SilentFirstConsumer()
+    link = AmqpLink(
+        machine_id="m1", worker_id="w1", names=world.names, broker=broker,  # type: ignore[arg-type]
+        reply_timeout_s=0.2,
+    )  # fmt: skip
+    with pytest.raises(BrokerUnavailable, match="no answer"):
+        await link.running_here()
+    assert broker.stopped == [[world.names.machine_replies_queue("m1")]]
+    assert await link.running_here() == []
+    assert len(broker.handlers) == 2
+    await link.aclose()

@@ -17,6 +17,7 @@ it, is restored by the robust channel (``core/principals.replies_arguments``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import secrets
@@ -103,7 +104,7 @@ class AmqpLink:
 
     # ---- requests and replies -------------------------------------------------------------------
     async def _ask(self, op: str, **fields: Any) -> list[dict[str, Any]]:
-        await self._listen()
+        listening = await self._listen()
         correlation_id = f"{self.worker_id}-{self._prefix}-{next(self._ids)}"
         request = {
             "op": op,
@@ -128,15 +129,17 @@ class AmqpLink:
                     raise BrokerUnavailable(f"{op} could not be sent: {exc!r}") from exc
                 return await future
         except TimeoutError:
+            await self._listen_again(listening)
             raise BrokerUnavailable(
                 f"no answer from a dispatcher to {op} within {self.reply_timeout_s:g} s"
             ) from None
         finally:
             self._waiting.pop(correlation_id, None)
 
-    async def _listen(self) -> None:
+    async def _listen(self) -> asyncio.Task[None]:
+        """The consumer of this machine's replies (started at the first request)."""
         if self._replies is not None and not self._replies.done():
-            return
+            return self._replies
         async with self._replies_lock:
             if self._replies is None or self._replies.done():
                 self._replies = await self.broker.consume(
@@ -145,6 +148,21 @@ class AmqpLink:
                     batch_size=100,
                     prefetch=200,
                 )
+            return self._replies
+
+    async def _listen_again(self, stale: asyncio.Task[None]) -> None:
+        """No answer came in time: the next request listens with a new consumer. The old one
+        may be alive but silent (RabbitMQ 3.10 was seen to deliver nothing to a consumer
+        restored on a quorum queue that had no leader yet); what it still holds is answers
+        that nobody waits for any more."""
+        async with self._replies_lock:
+            if self._replies is not stale:
+                return  # renewed already, after another request that timed out
+            self._replies = None
+            queue = self.names.machine_replies_queue(self.machine_id)
+            with contextlib.suppress(Exception):
+                await self.broker.stop_consuming(2.0, queues=[queue])
+            stale.cancel()
 
     async def _on_replies(self, batch: Sequence[Delivery]) -> list[Verdict]:
         for message in batch:
