@@ -15,6 +15,7 @@ The wire format (``encode_*`` / ``decode_*``) is shared with the worker's adapte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -189,16 +190,23 @@ class WorkerRequests:
                 continue
             asked.append((index, _Asked(op, machine_id, correlation_id, request, changes)))
         answers = await self._answer_all([a for _, a in asked])
-        sent = await asyncio.gather(
-            *(
-                self._answer(
-                    a.machine_id,
-                    json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
+        # One time limit for the batch's answers (not a timer per answer: see
+        # adapters/amqp/confirms.py): a confirm that never comes must not stop this consumer.
+        sent: list[BaseException | None] = [TimeoutError()] * len(asked)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                sent = await asyncio.gather(
+                    *(
+                        self.broker.publish_reply(
+                            a.machine_id,
+                            json.dumps(
+                                {"correlation_id": a.correlation_id, "results": results}
+                            ).encode(),
+                        )
+                        for (_, a), results in zip(asked, answers, strict=True)
+                    ),
+                    return_exceptions=True,
                 )
-                for (_, a), results in zip(asked, answers, strict=True)
-            ),
-            return_exceptions=True,
-        )
         for (_, a), outcome in zip(asked, sent, strict=True):
             if isinstance(outcome, BaseException):
                 # The transitions are recorded: only the answer is lost. The request is acked
@@ -206,12 +214,6 @@ class WorkerRequests:
                 # again is answered as the first was (starts and outcomes are idempotent).
                 log.warning("could not answer %s of machine %s: %r", a.op, a.machine_id, outcome)
         return verdicts
-
-    async def _answer(self, machine_id: str, body: bytes) -> None:
-        """Publish one answer, within ``ANSWER_TIMEOUT_S``: a confirm that never comes (a
-        cluster's node died with the publish in flight) must not stop this consumer."""
-        async with asyncio.timeout(ANSWER_TIMEOUT_S):
-            await self.broker.publish_reply(machine_id, body)
 
     def _changes(self, op: str, machine_id: str, request: dict[str, Any]) -> list[Any]:
         """The transitions a start or finish request asks for (read before anything is done,

@@ -27,6 +27,7 @@ from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, P
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
+from dispatcher.adapters.amqp.confirms import ConfirmWatch
 from dispatcher.adapters.amqp.consumer import (
     ConsumerLoop,
     OutageHook,
@@ -54,9 +55,6 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     ConnectionError,
     OSError,
 )
-
-# How long a publish may wait for its confirm before the publisher channel is replaced.
-CONFIRM_TIMEOUT_S = 10.0
 
 # Opening a consumer's channel on a connection that was just cut raises RuntimeError
 # ("... closed") from aiormq: the same outage.
@@ -88,6 +86,7 @@ class Amqp:
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
         self._renewing = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
@@ -123,8 +122,14 @@ class Amqp:
             ) from exc
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
+        if self._watch is None:
+            watch = ConfirmWatch(lambda: self._publisher, self._renew_publisher)
+            self._watch = asyncio.create_task(watch.run(), name="confirm-watch")
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 await self.connection.close()
@@ -229,28 +234,23 @@ class Amqp:
         publisher = self.publisher
         channel = cast(aiormq.Channel, await publisher.get_underlay_channel())
         try:
-            async with asyncio.timeout(CONFIRM_TIMEOUT_S):
-                await channel.basic_publish(
-                    body,
-                    exchange=exchange.name,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=role != "events" if mandatory is None else mandatory,
-                    wait=False,
-                )
+            await channel.basic_publish(
+                body,
+                exchange=exchange.name,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=role != "events" if mandatory is None else mandatory,
+                wait=False,
+            )
         except PublishError:
             raise  # returned: the caller decides (a machine's queue to declare again)
-        except (DeliveryError, TimeoutError) as exc:
+        except DeliveryError as exc:  # nacked (see .confirms)
             await self._renew_publisher(publisher)
-            raise BrokerUnavailable(f"publish not confirmed: {exc!r}") from exc
+            raise BrokerUnavailable(f"publish nacked: {exc!r}") from exc
 
     async def _renew_publisher(self, stuck: AbstractChannel) -> None:
-        """Replace a publisher channel that RabbitMQ nacks or leaves unconfirmed. On a
-        cluster, a channel that published to a quorum queue while the queue's leader was
-        being elected (its node had just died) was seen (RabbitMQ 3.10) to have every later
-        publish to that queue nacked or never confirmed, while a new channel's publishes were
-        confirmed at once. Publishes in flight on the old channel fail; their callers publish
-        again (every consumer deduplicates)."""
+        """Replace a publisher channel that RabbitMQ nacks or leaves unconfirmed (why: see
+        :mod:`.confirms`)."""
         async with self._renewing:
             if self._publisher is not stuck or self.connection is None:
                 return  # renewed already, by another publish that failed with it
