@@ -4,11 +4,11 @@ On a cluster, a channel that published to a quorum queue while the queue's leade
 elected (its node had just died) was seen (RabbitMQ 3.10) to have later publishes nacked or
 never confirmed, while a new channel's publishes were confirmed at once (measured in
 ``tests/cluster/test_rabbitmq_cluster.py``: "channel first used during the election, nacked /
-still nacked after it: True / True"). A nack is seen by the
-publish itself (``broker.Amqp._publish``); a confirm that never comes is seen here, by looking
-at the channel's oldest unconfirmed publish every ``interval_s``, not by a timer per publish
-(a timer costs ~20 µs of CPU here, on every publish of every run). Replacing the channel fails
-the publishes still waiting on it; their callers publish again (every consumer deduplicates).
+still nacked after it: True / True"). A nack is seen by the publish itself
+(``broker.Amqp._publish``); a confirm that never comes is seen here, by looking at the
+channel's oldest unconfirmed publish every ``interval_s``, not by a timer per publish (a timer
+costs ~20 µs of CPU here, on every publish of every run). Replacing the channel fails the
+publishes still waiting on it; their callers publish again (every consumer deduplicates).
 """
 
 from __future__ import annotations
