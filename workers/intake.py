@@ -76,10 +76,16 @@ class AssignmentIntake:
                 continue
             verdict, assignment = self._accept(message.body)
             verdicts.append(verdict)
-            if assignment is not None and any(a.run_id == assignment.run_id for _, a, _ in pending):
-                continue  # the same assignment twice in a batch (a redelivery): start it once
-            if assignment is not None:
+            if assignment is None:
+                continue
+            same = [i for i, (_, a, _) in enumerate(pending) if a.run_id == assignment.run_id]
+            if not same:
                 pending.append((len(verdicts) - 1, assignment, self._open(assignment)))
+            elif assignment.fence > pending[same[0]][1].fence:
+                # An older hand-off and the current one in one batch (the run went back to
+                # its queue and came to this machine again): only the current one can start.
+                pending[same[0]] = (len(verdicts) - 1, assignment, self._open(assignment))
+            # else the same assignment again (a redelivery) or an older one: started once
         if pending:
             await self._start(pending, verdicts)
         return verdicts

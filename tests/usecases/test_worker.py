@@ -173,6 +173,26 @@ async def test_a_stale_assignment_is_refused_by_the_fenced_start(machines: Machi
     assert (await m.world.run("r1")).status is RunStatus.dispatched
 
 
+async def test_an_older_and_the_current_hand_off_in_one_batch_start_the_current_one(
+    machines: MachineFactory,
+) -> None:
+    """Whichever comes first in the batch, the current hand-off is the one started."""
+    m = machines()
+    stale = await m.dispatch("r1", duration_s=0)
+    run = await m.world.run("r1")
+    await m.world.store.requeue(run, reason="machine offline", now=m.world.clock.now)
+    await m.world.place(TARGET)  # handed again, under a new fence
+    [current] = [
+        FakeDelivery(message.body, routing_key="m1", type="assign")
+        for message in m.world.publisher.of_kind("assign")
+    ][-1:]
+    assert json.loads(current.body)["fence"] > json.loads(stale.body)["fence"]
+    assert await m.worker.intake.handle([stale, current, stale]) == [Ack()] * 3
+    assert m.started() == ["r1"]
+    assert (await m.world.run("r1")).status is RunStatus.running
+    assert (await m.finish_one()).outcome.status is RunStatus.succeeded
+
+
 async def test_an_assignment_for_another_machine_or_not_an_assignment_is_dead_lettered(
     machines: MachineFactory,
 ) -> None:
