@@ -147,6 +147,7 @@ async def runtime(
         names,
         prefetch=settings.prefetch,
         hold_s=settings.outage_hold_s,
+        dead_letter_max=settings.dead_letter_max,
     )
     try:
         await _connect(redis, broker if amqp else None, wait_s)

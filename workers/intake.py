@@ -76,16 +76,15 @@ class AssignmentIntake:
                 continue
             verdict, assignment = self._accept(message.body)
             verdicts.append(verdict)
-            if assignment is None:
+            if assignment is not None and any(
+                (a.run_id, a.fence) == (assignment.run_id, assignment.fence) for _, a, _ in pending
+            ):
+                # The same assignment twice in a batch (a redelivery): start it once. Another
+                # fence of the run is another hand-off (the old one waited in the queue while the
+                # run was handed off again): both are asked, only the current one starts.
                 continue
-            same = [i for i, (_, a, _) in enumerate(pending) if a.run_id == assignment.run_id]
-            if not same:
+            if assignment is not None:
                 pending.append((len(verdicts) - 1, assignment, self._open(assignment)))
-            elif assignment.fence > pending[same[0]][1].fence:
-                # An older hand-off and the current one in one batch (the run went back to
-                # its queue and came to this machine again): only the current one can start.
-                pending[same[0]] = (len(verdicts) - 1, assignment, self._open(assignment))
-            # else the same assignment again (a redelivery) or an older one: started once
         if pending:
             await self._start(pending, verdicts)
         return verdicts

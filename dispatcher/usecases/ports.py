@@ -36,6 +36,7 @@ from dispatcher.models import (
 )
 from dispatcher.usecases.changes import (
     Admission,
+    Adoption,
     Claim,
     Ending,
     HandoffFacts,
@@ -58,7 +59,16 @@ from dispatcher.usecases.results import (
 )
 
 # Re-exported: the values the transitions take live in ``changes``.
-__all__ = ["Admission", "Claim", "Ending", "HandoffFacts", "QueueEnding", "Refusal", "Start"]
+__all__ = [
+    "Admission",
+    "Adoption",
+    "Claim",
+    "Ending",
+    "HandoffFacts",
+    "QueueEnding",
+    "Refusal",
+    "Start",
+]
 
 
 # ---- deliveries and verdicts ------------------------------------------------------------------
@@ -135,8 +145,16 @@ class Broker(Protocol):
         *,
         batch_size: int,
         prefetch: int | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts.
+        ``exclusive``: the only consumer of the queue (``InExclusiveUse`` if another is)."""
+        ...
+
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        """Declare ``queue`` exclusive to this connection: a lock that RabbitMQ refuses to any
+        other connection (``InExclusiveUse``) and frees when this one closes; taken again
+        after a reconnection."""
         ...
 
     async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
@@ -188,6 +206,8 @@ class RunTransitions(Protocol):
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]: ...
 
     async def start_many(self, starts: Sequence[Start], now: float) -> list[StartResult]: ...
+
+    async def adopt_many(self, adoptions: Sequence[Adoption], now: float) -> list[StartResult]: ...
 
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]: ...
 

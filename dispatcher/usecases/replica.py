@@ -214,7 +214,7 @@ class Dispatcher:
                 verdicts.append(Ack())
                 continue
             previous, was_offline = await self.machines.record_heartbeat(heartbeat, now)
-            await self.reconciler.heartbeat(heartbeat)
+            await self.reconciler.heartbeat(heartbeat, fleet)
             if (
                 was_offline
                 or previous is None

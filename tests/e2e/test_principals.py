@@ -89,6 +89,15 @@ def publish(exchange: str, key: str) -> Callable[[aio_pika.abc.AbstractChannel],
     return action
 
 
+def hold(queue: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
+    """Declare ``queue`` exclusive to the connection (how a worker takes its machine's lease)."""
+
+    async def action(channel: aio_pika.abc.AbstractChannel) -> None:
+        await channel.declare_queue(queue, exclusive=True)
+
+    return action
+
+
 def bind_events(queue: str, key: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
     async def action(channel: aio_pika.abc.AbstractChannel) -> None:
         declared = await channel.declare_queue(queue, exclusive=True)
@@ -115,12 +124,14 @@ async def test_each_principal_may_do_only_its_job(
     # What each may do (the controls: the refusals below are about permissions, not URLs).
     assert not await refused(b1["amqp_url"], consume(names.machine_queue("b1")))
     assert not await refused(b1["amqp_url"], publish(names.heartbeats_exchange, ""))
+    assert not await refused(b1["amqp_url"], hold(names.machine_lease_queue("b1")))
     assert not await refused(x["amqp_url"], publish(names.requests_exchange, "submit"))
     own = f"{x['queue_prefix']}events"
     assert not await refused(x["amqp_url"], bind_events(own, "run.*.envx"))
 
     # Machine B may not read A's queue, submit runs nor hand out assignments.
     assert await refused(b1["amqp_url"], consume(names.machine_queue("a1")))
+    assert await refused(b1["amqp_url"], hold(names.machine_lease_queue("a1")))
     assert await refused(b1["amqp_url"], publish(names.requests_exchange, "submit"))
     assert await refused(b1["amqp_url"], publish(names.machines_exchange, "a1"))
     assert await refused(b1["amqp_url"], publish(names.events_exchange, "run.succeeded"))
@@ -159,7 +170,9 @@ async def test_a_second_key_for_a_registered_machine_is_refused_until_it_is_regi
     first = await client.wait(await run(), timeout=30)
     assert first.status is RunStatus.succeeded and first.machine_id == "a1"
 
-    # Another process, with a1's credentials, presents another key (its own state directory).
+    # Another process, with a1's credentials, presents another key (its own state directory)
+    # once a1's worker is gone (while it runs, the machine's lease keeps any other out).
+    procs.kill("worker-a1")
     other = ["--state-dir", str(procs.workdir / "other")]
     procs.worker("a1", name="impostor", extra=other)
     listed = await eventually(lambda: _machine(procs, "a1", "key_mismatch"), 20)

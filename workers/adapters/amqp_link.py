@@ -9,9 +9,17 @@ worker answers ``Started`` again (``start.lua``), an outcome reported twice ``Fi
 and the worker's ledger keeps a run from running twice.
 
 The answers' queue, ``<ns>.machine.<M>.replies``, is declared by the dispatcher side (this
-identity may configure nothing): a quorum queue on a RabbitMQ cluster, so that it outlives any
+identity configures only its lease): a quorum queue on a RabbitMQ cluster, so that it outlives any
 one node; one deleted is declared again by the next answer, and this consumer, cancelled with
 it, is restored by the robust channel (``core/principals.replies_arguments``).
+
+The machine's lease (one live worker per machine) is an exclusive queue,
+``<ns>.machine.<id>.lease``, that the worker declares before anything else: RabbitMQ refuses
+it to a second connection (``InExclusiveUse``) and deletes it when the holder's connection
+closes. Not an exclusive *consumer*: RabbitMQ 3.10 ignores ``exclusive`` on a quorum queue
+(the machine's assignments queue, and its replies queue on a cluster). A reconnection takes
+the lease again; if another worker took it meanwhile, ``lease_lost`` says so once
+``lease_wait_s`` has passed (long enough for RabbitMQ to close a stale connection of ours).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import contextlib
 import itertools
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dispatcher.errors import BrokerUnavailable
@@ -38,6 +46,11 @@ from dispatcher.usecases.worker_link import (
 from workers.ports import Outcome, RunningHere, StartRequest
 
 REPLY_TIMEOUT_S = 15.0
+LEASE_WAIT_S = 90.0
+
+
+def _never_refused() -> float:
+    return 0.0
 
 
 class AmqpLink:
@@ -51,17 +64,35 @@ class AmqpLink:
         names: Names,
         broker: Broker,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
+        refused_for: Callable[[], float] = _never_refused,
+        lease_wait_s: float = LEASE_WAIT_S,
     ) -> None:
+        """``refused_for``: for how long the connection has been refused an exclusive consumer
+        back (``Amqp.exclusive_refused_for``)."""
         self.machine_id = machine_id
         self.worker_id = worker_id
         self.names = names
         self.broker = broker
         self.reply_timeout_s = reply_timeout_s
+        self.refused_for = refused_for
+        self.lease_wait_s = lease_wait_s
         self._waiting: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._replies: asyncio.Task[None] | None = None
         self._replies_lock = asyncio.Lock()
+
+    async def lease(self) -> None:
+        await self.broker.hold_exclusive_queue(self.names.machine_lease_queue(self.machine_id))
+        await self._listen()
+
+    async def lease_lost(self) -> str:
+        while self.refused_for() < self.lease_wait_s:  # noqa: ASYNC110 - polled
+            await asyncio.sleep(1.0)
+        return (
+            f"another worker took machine {self.machine_id}'s lease while this worker was "
+            f"disconnected (refused for {self.refused_for():.0f} s); it serves the machine now"
+        )
 
     async def receive(
         self, handler: BatchHandler, *, batch_size: int, prefetch: int

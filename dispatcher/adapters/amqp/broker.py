@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -24,7 +25,12 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
-from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError
+from aiormq.exceptions import (
+    ChannelAccessRefused,
+    ChannelLockedResource,
+    ChannelNotFoundEntity,
+    DeliveryError,
+)
 
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.confirms import ConfirmWatch
@@ -34,13 +40,14 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
+from dispatcher.adapters.amqp.machine_queues import MachineQueues
 from dispatcher.adapters.amqp.topology import (
-    declare_replies_queue,
+    DEAD_LETTER_MAX,
     declare_topology,
     look_up_topology,
 )
-from dispatcher.core.principals import admin_user_of, quorum_arguments
-from dispatcher.errors import BrokerUnavailable
+from dispatcher.core.principals import admin_user_of
+from dispatcher.errors import BrokerUnavailable, ConfigurationError, InExclusiveUse
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
@@ -61,7 +68,7 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 CONSUME_UNREACHABLE: tuple[type[BaseException], ...] = (*UNREACHABLE, RuntimeError)
 
 
-class Amqp:
+class Amqp(MachineQueues):
     """One robust connection, a confirming publisher channel, and consumers."""
 
     def __init__(
@@ -73,12 +80,14 @@ class Amqp:
         hold_s: float | None = None,
         on_outage: OutageHook | None = None,
         declare: bool = True,
+        dead_letter_max: int = DEAD_LETTER_MAX,
     ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
         self.cluster = len(split_urls(url)) > 1
         self.declare = declare
+        self.dead_letter_max = dead_letter_max
         self.names = names
         self.prefetch = prefetch
         self.hold_s = hold_s
@@ -95,6 +104,9 @@ class Amqp:
         self.user_id = admin_user_of(url)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str, ConsumerLoop]] = []
+        # Since when (monotonic) reconnecting fails because an exclusive consumer of ours was
+        # taken by another connection meanwhile; None while not.
+        self._exclusive_refused_since: float | None = None
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
@@ -107,12 +119,18 @@ class Amqp:
                 self.connection = await aio_pika.connect_robust(
                     urls[0], client_properties=properties
                 )
+            self.connection.close_callbacks.add(self._on_close)
+            self.connection.reconnect_callbacks.add(self._on_reconnect)
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             if self.declare:
                 self._exchanges = await declare_topology(
-                    self.connection, self._publisher, self.names, cluster=self.cluster
+                    self.connection,
+                    self._publisher,
+                    self.names,
+                    cluster=self.cluster,
+                    dead_letter_max=self.dead_letter_max,
                 )
             else:
                 self._exchanges = await look_up_topology(self._publisher, self.names)
@@ -143,43 +161,6 @@ class Amqp:
 
     def exchange(self, role: str) -> AbstractExchange:
         return self._exchanges[role]
-
-    async def ensure_machine_queue(self, machine_id: str) -> None:
-        """Declare a machine's queue (quorum, bound to the machines exchange by machine id) and
-        its replies queue (``core/principals.replies_arguments``)."""
-        queue = await self.publisher.declare_queue(
-            self.names.machine_queue(machine_id),
-            durable=True,
-            arguments=quorum_arguments(self.names),
-        )
-        if machine_id not in self._machine_queues:
-            await queue.bind(self.exchange("machines"), machine_id)
-            if self.connection is None:
-                raise RuntimeError("not connected")
-            replies = await declare_replies_queue(
-                self.connection,
-                self.publisher,
-                self.names.machine_replies_queue(machine_id),
-                cluster=self.cluster,
-            )
-            await replies.bind(self.exchange("machines"), self.names.replies_key(machine_id))
-            self._machine_queues.add(machine_id)
-
-    async def publish_reply(self, machine_id: str, body: bytes) -> None:
-        """Answer a machine's worker on its replies queue, confirmed. ``mandatory``: an answer
-        RabbitMQ cannot route (the replies queue was deleted) comes back; the queue is declared
-        again and the answer published once more. The worker's consumer, cancelled with the
-        queue, is restored by its robust channel once the queue is back."""
-        key = self.names.replies_key(machine_id)
-        try:
-            await self._publish("machines", key, body, "reply", mandatory=True)
-        except PublishError:
-            log.warning("replies queue of machine %s is gone: declared again", machine_id)
-            self._machine_queues.discard(machine_id)
-            await self.ensure_machine_queue(machine_id)
-            await self._publish("machines", key, body, "reply", mandatory=True)
-        except UNREACHABLE as exc:
-            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
 
     async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         """Publish outbox messages with confirms awaited as one window."""
@@ -278,11 +259,16 @@ class Amqp:
         batch_size: int,
         prefetch: int | None = None,
         arguments: dict[str, Any] | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         """Consume ``queue`` in batches; the consumer module acts on the handler's verdicts.
 
         ``BrokerUnavailable`` if the connection breaks meanwhile: nothing consumes then (the
         channel is closed), and the caller may try again once the robust connection is back.
+        ``exclusive``: no other consumer may consume the queue while this one does
+        (``InExclusiveUse`` if another does); it is taken again after a reconnection. RabbitMQ
+        3.10 refuses a second exclusive consumer on a classic queue only (a quorum queue
+        accepts it silently), so only classic queues are consumed this way.
         """
         if self.connection is None:
             raise RuntimeError("not connected")
@@ -295,9 +281,15 @@ class Amqp:
             # consumer dead after a reconnection.
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            tag = await declared.consume(inbox.put, no_ack=False, arguments=arguments)
+            tag = await declared.consume(
+                inbox.put, no_ack=False, arguments=arguments, exclusive=exclusive
+            )
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
+        except ChannelAccessRefused as exc:  # RabbitMQ closed the channel
+            if "exclusive use" not in str(exc):
+                raise
+            raise InExclusiveUse(f"queue {queue} is consumed by another connection") from exc
         except CONSUME_UNREACHABLE as exc:
             if channel is not None:
                 with contextlib.suppress(Exception):
@@ -324,10 +316,60 @@ class Amqp:
         self._consumers.append((declared, tag, loop))
         return loop.task
 
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        """Declare ``queue`` exclusive to this connection, on a channel of its own: RabbitMQ
+        answers another connection's declaration with RESOURCE_LOCKED (``InExclusiveUse``)
+        and deletes the queue when this connection closes. The robust channel declares it
+        again after a reconnection; if another connection holds it by then, the reconnection
+        fails and ``exclusive_refused_for`` counts for how long. Unlike an exclusive
+        *consumer*, this works on every queue type and on every node of a cluster (the queue
+        lives on the node of the connection that holds it, and goes with it)."""
+        if self.connection is None:
+            raise RuntimeError("not connected")
+        channel: AbstractChannel | None = None
+        try:
+            channel = await self.connection.channel(publisher_confirms=False)
+            await channel.declare_queue(queue, exclusive=True, durable=False)
+        except ChannelLockedResource as exc:
+            raise InExclusiveUse(f"queue {queue} is held by another connection") from exc
+        except ChannelAccessRefused as exc:  # an identity from before it could declare it
+            raise ConfigurationError(
+                f"this broker identity ({self.user_id}) may not declare {queue}: register the "
+                "machine again (rundispatch machines register) to give it today's permissions"
+            ) from exc
+        except CONSUME_UNREACHABLE as exc:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+            raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
+        self._consumer_channels.append(channel)
+
     def is_connected(self) -> bool:
         """Whether the connection to RabbitMQ is up right now (readiness)."""
         connection = self.connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def exclusive_refused_for(self) -> float:
+        """For how long (seconds) the connection has not come back because RabbitMQ refuses
+        to give an exclusive consumer of ours back (another connection took it meanwhile);
+        0 while not."""
+        since = self._exclusive_refused_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
+        # A reconnection whose restored queues or consumers fail closes the connection with
+        # the error: an exclusive queue that another connection holds now is RESOURCE_LOCKED,
+        # an exclusive consumer ACCESS_REFUSED "in exclusive use" (the robust connection keeps
+        # trying every few seconds).
+        refused = isinstance(exc, ChannelLockedResource) or (
+            isinstance(exc, ChannelAccessRefused) and "exclusive use" in str(exc)
+        )
+        if refused and self._exclusive_refused_since is None:
+            log.warning("reconnected, but an exclusive consumer is held elsewhere: %s", exc)
+            self._exclusive_refused_since = time.monotonic()
+
+    def _on_reconnect(self, *_: object) -> None:
+        self._exclusive_refused_since = None
 
     def consuming(self) -> bool:
         """Whether every consumer started here still runs (readiness)."""
@@ -352,42 +394,6 @@ class Amqp:
                     loop.task.cancel()
             return False
         return True
-
-    def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
-        """RabbitMQ cancels a consumer whose queue is deleted. The robust channel then tries
-        to consume again, but declares the queue passively; the queue itself is declared
-        again here (with its binding), so that consuming resumes."""
-        prefix = self.names.machine_queue("")
-        if not queue.startswith(prefix) or not self.declare or queue.endswith(".replies"):
-            return  # shared queues: every dispatcher declares them; a worker declares nothing
-        machine_id = queue.removeprefix(prefix)
-
-        async def redeclare() -> None:
-            self._machine_queues.discard(machine_id)
-            for _ in range(60):
-                try:
-                    await self.ensure_machine_queue(machine_id)
-                    log.warning("queue %s was deleted under its consumer: declared again", queue)
-                    return
-                except Exception as exc:
-                    log.warning("queue %s not declared again yet: %s", queue, exc)
-                    await asyncio.sleep(1.0)
-
-        def cancelled(_: object) -> None:
-            task = asyncio.get_running_loop().create_task(redeclare())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        async def watch(*_: object) -> None:
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-            underlay.on_consumer_cancel_callbacks.add(cancelled)
-
-        task = asyncio.get_running_loop().create_task(watch())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        reopen = getattr(channel, "reopen_callbacks", None)
-        if reopen is not None:
-            reopen.add(watch)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         await copy_to_dead_letters(self.exchange("dead"), message, reason)
