@@ -145,10 +145,8 @@ class Broker(Protocol):
         *,
         batch_size: int,
         prefetch: int | None = None,
-        exclusive: bool = False,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts.
-        ``exclusive``: the only consumer of the queue (``InExclusiveUse`` if another is)."""
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
         ...
 
     async def hold_exclusive_queue(self, queue: str) -> None:

@@ -695,7 +695,6 @@ class FakeBroker:
         *,
         batch_size: int,
         prefetch: int | None = None,
-        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         if self.refuse_consumers > 0:
             self.refuse_consumers -= 1

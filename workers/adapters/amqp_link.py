@@ -67,8 +67,8 @@ class AmqpLink:
         refused_for: Callable[[], float] = _never_refused,
         lease_wait_s: float = LEASE_WAIT_S,
     ) -> None:
-        """``refused_for``: for how long the connection has been refused an exclusive consumer
-        back (``Amqp.exclusive_refused_for``)."""
+        """``refused_for``: for how long the connection has been refused its lease back
+        (``Amqp.exclusive_refused_for``)."""
         self.machine_id = machine_id
         self.worker_id = worker_id
         self.names = names
