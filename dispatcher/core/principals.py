@@ -34,6 +34,15 @@ DELIVERY_LIMIT = 5
 REPLIES_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
 
 
+def replies_arguments(cluster: bool) -> dict[str, Any]:
+    """A machine's replies queue. On a cluster a quorum queue: a classic queue lives on one
+    node, and when that node dies its worker's fenced starts and outcomes get no answer (the
+    queue cannot even be declared again elsewhere while its node is down). On one node a
+    classic queue: a quorum queue survives nothing more there, and would cost a replicated
+    log write for every answer on the hot path of every run."""
+    return {**REPLIES_ARGUMENTS, "x-queue-type": "quorum"} if cluster else dict(REPLIES_ARGUMENTS)
+
+
 @dataclass(frozen=True)
 class Permissions:
     """RabbitMQ's three regular expressions over resource names, for one virtual host."""
@@ -188,11 +197,14 @@ def definitions(
     vhost: str,
     principals: Iterable[Principal],
     password_hashes: Mapping[str, str],
+    *,
+    cluster: bool = False,
 ) -> dict[str, Any]:
     """A RabbitMQ definitions document (``rabbitmqctl import_definitions`` or the management
     API's ``POST /api/definitions``) with the principals' users, permissions and topic
     permissions, and each machine's queue bound to the machines exchange. ``password_hashes``
-    maps a username to its ``rabbit_password_hashing_sha256`` hash."""
+    maps a username to its ``rabbit_password_hashing_sha256`` hash; ``cluster``: the broker is
+    a cluster (see :func:`replies_arguments`)."""
     users, permissions, topic_permissions, queues, bindings = [], [], [], [], []
     for principal in principals:
         users.append(
@@ -230,7 +242,7 @@ def definitions(
                 (
                     names.machine_replies_queue(machine_id),
                     names.replies_key(machine_id),
-                    REPLIES_ARGUMENTS,
+                    replies_arguments(cluster),
                 ),
             ):
                 queues.append(

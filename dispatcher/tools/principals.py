@@ -162,6 +162,7 @@ async def cmd_submitters_unregister(args: argparse.Namespace, settings: Settings
 async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -> int:
     """Definitions for the fleet's machines and the registered submitters, with new passwords
     (hashed in the file; the URLs go to ``--credentials-out``, readable by its owner only)."""
+    from dispatcher.adapters.amqp.cluster import split_urls
     from dispatcher.adapters.amqp.identities import vhost_of
     from dispatcher.bootstrap import runtime
 
@@ -176,6 +177,7 @@ async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -
         vhost_of(settings.amqp_url.get_secret_value()),
         principals,
         {user: rabbit_password_hash(password) for user, password in passwords.items()},
+        cluster=len(split_urls(settings.amqp_url.get_secret_value())) > 1,
     )
     credentials = {
         p.username: principal_url(settings, p.username, passwords[p.username]) for p in principals

@@ -178,6 +178,11 @@ class Broker(Protocol):
         confirms awaited together."""
         ...
 
+    async def publish_reply(self, machine_id: str, body: bytes) -> None:
+        """Answer a machine's worker on its replies queue (confirmed); a replies queue that is
+        gone is declared again first."""
+        ...
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         """Declare a machine's queue (idempotent)."""
         ...

@@ -7,7 +7,8 @@ replies queue. Workers hold no Redis credentials.
 
 A request is accepted only from the machine's own identity (or the dispatcher's): anything else
 is dead-lettered (``sender``) and counted. ``start`` is idempotent for the worker that started
-the run (``start.lua``), so a worker whose answer was lost asks again and gets ``Started``.
+the run (``start.lua``), so a worker whose answer was lost asks again and gets ``Started``; an
+outcome reported again is answered ``Finished`` again (``_repeated``).
 The wire format (``encode_*`` / ``decode_*``) is shared with the worker's adapter.
 """
 
@@ -54,6 +55,8 @@ from dispatcher.usecases.results import (
 log = logging.getLogger(__name__)
 
 OPS = ("start", "finish", "states", "running")
+# How long an answer may take to publish; a worker waits 15 s for it, then asks again.
+ANSWER_TIMEOUT_S = 10.0
 
 
 # ---- the wire format --------------------------------------------------------------------------
@@ -247,7 +250,14 @@ class WorkerRequests:
         async with self.lifecycle.window() as window:
             ended = await window.finish_many([c for a in asked for c in a.changes], now)
         await self._reply(
-            asked, [[encode_finish_result(r) for r in part] for part in _split(ended, asked)]
+            asked,
+            [
+                [
+                    encode_finish_result(_repeated(c, r))
+                    for c, r in zip(a.changes, part, strict=True)
+                ]
+                for a, part in zip(asked, _split(ended, asked), strict=True)
+            ],
         )
 
     async def _answer_query(self, asked: _Asked) -> None:
@@ -256,18 +266,38 @@ class WorkerRequests:
     async def _reply(
         self, asked: Sequence[_Asked], answers: Sequence[list[dict[str, Any]]]
     ) -> None:
-        await self.broker.publish_many_json(
-            "machines",
-            [
-                (
-                    self.names.replies_key(a.machine_id),
-                    json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
+        """Answer the workers: the answers as one window; if RabbitMQ returns one (a replies
+        queue is gone) or nacks the window, each answer again through ``publish_reply``,
+        which declares a missing replies queue first (a worker ignores an answer it has had
+        already). One time limit for all of it, not a timer per answer (see
+        adapters/amqp/confirms.py): a confirm that never comes must not stop this consumer.
+        A lost answer is logged, not raised: the transitions are recorded, the worker asks
+        again when no answer comes, and a request asked again is answered as the first was
+        (starts and outcomes are idempotent)."""
+        bodies = [
+            (a, json.dumps({"correlation_id": a.correlation_id, "results": r}).encode())
+            for a, r in zip(asked, answers, strict=True)
+        ]
+        try:
+            async with asyncio.timeout(ANSWER_TIMEOUT_S):
+                try:
+                    await self.broker.publish_many_json(
+                        "machines",
+                        [(self.names.replies_key(a.machine_id), body) for a, body in bodies],
+                        kind="reply",
+                    )
+                    return
+                except Exception as exc:  # a return, a nack, a channel closed under it
+                    log.warning("answers sent again one by one: %r", exc)
+                sent = await asyncio.gather(
+                    *(self.broker.publish_reply(a.machine_id, body) for a, body in bodies),
+                    return_exceptions=True,
                 )
-                for a, results in zip(asked, answers, strict=True)
-            ],
-            kind="reply",
-            mandatory=False,
-        )
+        except TimeoutError:
+            sent = [TimeoutError()] * len(bodies)
+        for (a, _), outcome in zip(bodies, sent, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning("could not answer %s of machine %s: %r", a.op, a.machine_id, outcome)
 
     async def _query(self, asked: _Asked) -> list[dict[str, Any]]:
         if asked.op == "states":
@@ -308,6 +338,15 @@ def _split(results: Sequence[_R], asked: Sequence[_Asked]) -> list[list[_R]]:
         parts.append(list(results[at : at + n]))
         at += n
     return parts
+
+
+def _repeated(ending: Ending, result: FinishResult) -> FinishResult:
+    """An outcome reported again (its first answer was lost) is answered as the first was:
+    ``finish.lua`` checked the fence and the machine before it found the run ended already,
+    so a conflict with the very status reported is this outcome, recorded before."""
+    if isinstance(result, Conflict) and result.status is ending.status:
+        return Finished()
+    return result
 
 
 def decode_state(data: dict[str, Any]) -> RunState:

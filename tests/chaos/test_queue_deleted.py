@@ -1,19 +1,28 @@
 """A machine queue deleted under its consumer (RabbitMQ cancels the consumer): the queue is
 declared again, with its binding, and consuming resumes, so later assignments arrive. The
-assignment lost with the queue is the sweeper's (``requeue_unstarted``)."""
+assignment lost with the queue is the sweeper's (``requeue_unstarted``). A machine's replies
+queue deleted under its worker is declared again by the dispatcher's next answer."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import aio_pika
 import pytest
 
 from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.client import Client
+from dispatcher.models import RunStatus
 from dispatcher.names import Names
+from dispatcher.settings import Settings
 from dispatcher.usecases.ports import Ack, Delivery, Verdict
-from tests.support.processes import cleanup, eventually, new_settings
+from tests.support.builders import fleet_document
+from tests.support.constants import OWNER
+from tests.support.e2e import in_status, online
+from tests.support.processes import Processes, cleanup, eventually, new_settings
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(90)]
 
@@ -55,3 +64,47 @@ async def test_a_deleted_machine_queue_is_declared_again_and_consumed() -> None:
     finally:
         await amqp.close()
         await cleanup(settings, machine_ids=["m1"])
+
+
+async def test_a_deleted_replies_queue_is_declared_again_and_runs_still_finish_once(
+    settings: Settings, client: Client, procs: Processes, apply_fleet: Any
+) -> None:
+    """A worker's replies queue deleted under it (RabbitMQ cancels the worker's consumer):
+    the dispatcher's answer comes back unroutable, the queue is declared again (with its
+    binding) and the answer published once more, and the worker's consumer is restored. The
+    run in flight when the queue went and a run submitted after it end once each."""
+    apply_fleet(one_machine())
+    procs.dispatcher()
+    procs.worker("m1")
+    await online(client, "m1", procs=procs)
+    names = Names(settings.namespace)
+
+    async def submit(duration_s: float) -> str:
+        return await client.submit(
+            connection_id="c1", flow_id="f", requested_by=OWNER, mode="unattended",
+            inputs={"duration_s": duration_s},
+        )  # fmt: skip
+
+    first = await submit(3.0)
+    await in_status(client, first, RunStatus.running)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(names.machine_replies_queue("m1"))
+    second = await submit(0.0)
+    for run_id in (first, second):
+        run = await client.wait(run_id, timeout=60)
+        assert run.status is RunStatus.succeeded, run
+    executions = Counter(e["run_id"] for e in procs.executions())
+    assert executions == {first: 1, second: 1}
+    assert "replies queue of machine m1 is gone: declared again" in procs.log_text("dispatcher")
+
+
+def one_machine() -> dict[str, Any]:
+    return fleet_document(
+        machines=[{"machine_id": "m1", "name": "M1", "os": "windows_server",
+                   "max_unattended_runs": 2}],
+        connections=[{"connection_id": "c1", "owner": OWNER, "kind": "credentials",
+                      "target": {"machine_id": "m1"}, "username": "CONTOSO\\svc",
+                      "password": "pw"}],
+    )  # fmt: skip

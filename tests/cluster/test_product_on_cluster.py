@@ -1,7 +1,9 @@
 """The product on a 3-node RabbitMQ cluster: two dispatchers and two workers given every node's
 URL (``RUNDISPATCH_AMQP_URL`` comma-separated) carry a load while the test SIGKILLs the node
 leading the requests queue and a machine queue: every run ends once, none is lost, none runs
-twice, nothing is dead-lettered. Redis is the shared one (a namespace of its own)."""
+twice, nothing is dead-lettered. The workers speak AMQP only: their fenced starts and outcomes
+are answered on their machines' replies queues, quorum queues on a cluster. Redis is the shared
+one (a namespace of its own)."""
 
 from __future__ import annotations
 
@@ -90,12 +92,6 @@ async def dead_lettered(settings: Settings, urls: list[str]) -> int:
         return int(queue.declaration_result.message_count or 0)
 
 
-@pytest.mark.skip(
-    reason="known gap: with workers speaking only AMQP, a worker's replies queue (classic, "
-    "on the node that is killed) is lost with its node and the worker's starts and outcomes "
-    "wait for answers that never come; runs after the kill are not finished (see "
-    "docs/operations.md, cluster)"
-)
 async def test_no_run_lost_or_run_twice_when_queue_leaders_die(
     cluster: Any,
     client: Client,
@@ -136,6 +132,10 @@ async def test_no_run_lost_or_run_twice_when_queue_leaders_die(
         for r, rec in zip(run_ids, records, strict=True)
         if rec is not None and rec.status.terminal and rec.status is not RunStatus.succeeded
     ]
+    replies = [
+        (await asyncio.to_thread(cluster.queue_info, names.machine_replies_queue(m)))["type"]
+        for m in MACHINES
+    ]
     live = [node.amqp_url for node in cluster.nodes if cluster.is_running(node.name)]
     dead = await dead_lettered(settings, live or cluster.urls)
     with capsys.disabled():
@@ -150,4 +150,5 @@ async def test_no_run_lost_or_run_twice_when_queue_leaders_die(
     assert not twice, twice[:10]
     assert not failed, failed[:10]
     assert dead == 0
+    assert replies == ["quorum"] * len(MACHINES)  # a worker's answers outlive any one node
     assert all(executions.get(r, 0) == 1 for r in run_ids)

@@ -95,6 +95,17 @@ def test_the_definitions_document_provisions_users_permissions_and_machine_queue
     assert "pw" not in str(document)
 
 
+def test_a_replies_queue_is_a_quorum_queue_on_a_cluster_and_classic_on_one_node() -> None:
+    """On a cluster a classic replies queue would die with its node, and its worker's starts
+    and outcomes would get no answer; on one node a quorum queue survives nothing more."""
+    machine = machine_principal(NAMES, "m1")
+    hashes = {machine.username: rabbit_password_hash("pw")}
+    for cluster, kind in ((True, "quorum"), (False, None)):
+        _, replies = definitions(NAMES, "/", [machine], hashes, cluster=cluster)["queues"]
+        assert replies["arguments"].get("x-queue-type") == kind
+        assert replies["arguments"]["x-message-ttl"] == 60_000  # unanswered answers expire
+
+
 def test_a_password_hash_is_rabbitmq_s_salted_sha256() -> None:
     raw = base64.b64decode(rabbit_password_hash("s3cret"))
     salt, digest = raw[:4], raw[4:]

@@ -118,6 +118,8 @@ async def test_definitions_import_and_a_dispatcher_runs_against_them(
     assert queues[names.requests_queue]["policy"] == f"{names.ns}.work"
     # A machine queue declared by the processes later is covered by the same policy.
     assert queues[names.machine_queue("m1")]["policy"] == f"{names.ns}.work"
+    # A replies queue is not work: an expired answer is not dead-lettered.
+    assert not queues[names.machine_replies_queue("m1")]["policy"]
     assert queues[names.dead_queue]["policy"] == f"{names.ns}.dead"
     # The processes found the topology and used it as it is: nothing was re-created.
     [requests] = [

@@ -739,6 +739,9 @@ class FakeBroker:
         for routing_key, body in messages:
             await self.publish_json(role, routing_key, body, kind=kind, mandatory=mandatory)
 
+    async def publish_reply(self, machine_id: str, body: bytes) -> None:
+        await self.publish_json("machines", f"{machine_id}.replies", body, kind="reply")
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         self.machine_queues.add(machine_id)
 

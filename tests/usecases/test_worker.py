@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from dispatcher.codes import ErrorCode
+from dispatcher.errors import BrokerUnavailable
 from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.usecases.ports import Ack, DeadLetter, Retry
-from dispatcher.usecases.worker_link import WorkerRequests
+from dispatcher.usecases.worker_link import WorkerRequests, encode_outcome
 from tests.support.builders import credentials, fleet, machine, request_payload
 from tests.support.fakes import FakeDelivery, RecordingMetrics
 from tests.support.world import World
@@ -399,3 +400,101 @@ async def test_over_amqp_the_worker_s_requests_are_answered_and_only_for_its_mac
               "outcomes": []}  # fmt: skip
     [verdict] = await requests.handle([FakeDelivery(json.dumps(forged).encode(), user_id=sender)])
     assert isinstance(verdict, DeadLetter) and verdict.reason_class == "sender"
+
+
+async def test_a_start_or_an_outcome_asked_again_is_answered_as_the_first_time(
+    machines: MachineFactory,
+) -> None:
+    """A worker whose answer was lost (its replies queue gone with a node, a publish never
+    confirmed) asks again: the same fenced start is answered ``started`` again and the same
+    outcome ``finished`` again; the run started once and ended once."""
+    m = machines()
+    world = m.world
+    requests = WorkerRequests(
+        settings=world.settings,
+        broker=world.broker,
+        lifecycle=world.lifecycle,
+        runs=world.store,
+        machines=world.machines,
+        metrics=world.metrics,
+        clock=world.clock,
+    )
+    sender = world.names.machine_user("m1")
+    delivery = await m.dispatch("r1", duration_s=0)
+    fence = json.loads(delivery.body)["fence"]
+    asked = {"machine_id": "m1", "worker_id": "w1", "correlation_id": "c"}
+    start = {
+        **asked,
+        "op": "start",
+        "starts": [{"run_id": "r1", "fence": fence, "deadline": world.clock() + 600}],
+    }
+    outcome = encode_outcome("r1", fence, RunStatus.succeeded, None, {"rows": 1})
+    finish = {**asked, "op": "finish", "outcomes": [outcome]}  # fmt: skip
+    answers = []
+    for request in (start, start, finish, finish):
+        before = len(world.broker.published)
+        body = json.dumps(request).encode()
+        assert await requests.handle([FakeDelivery(body, user_id=sender)]) == [Ack()]
+        [reply] = [b for _, _, b, kind in world.broker.published[before:] if kind == "reply"]
+        answers.append(json.loads(reply)["results"])
+    assert answers == [[{"result": "started"}]] * 2 + [[{"result": "finished"}]] * 2
+    run = await world.run("r1")
+    assert run.status is RunStatus.succeeded and run.outputs == {"rows": 1}
+    await asyncio.sleep(0)  # the events are published in the background
+    assert [e["run_id"] for e in world.publisher.events("run.started")] == ["r1"]
+    assert [e["run_id"] for e in world.publisher.events("run.succeeded")] == ["r1"]
+
+
+async def test_an_answer_that_does_not_come_is_asked_again_on_a_new_consumer(
+    machines: MachineFactory,
+) -> None:
+    """A replies consumer that stays silent (restored on a quorum queue with no leader yet):
+    the request times out, the link cancels that consumer, and the request asked again is
+    answered through a new one."""
+    m = machines()
+    world = m.world
+    requests = WorkerRequests(
+        settings=world.settings,
+        broker=world.broker,
+        lifecycle=world.lifecycle,
+        runs=world.store,
+        machines=world.machines,
+        metrics=world.metrics,
+        clock=world.clock,
+    )
+    sender = world.names.machine_user("m1")
+
+    class SilentFirstConsumer:
+        """Answers every request, but nothing reaches the first replies consumer."""
+
+        def __init__(self) -> None:
+            self.handlers: list[Any] = []
+            self.stopped: list[list[str]] = []
+
+        async def consume(self, queue: str, handler: Any, **_: Any) -> asyncio.Task[None]:
+            self.handlers.append(handler)
+            return asyncio.create_task(asyncio.sleep(3600))
+
+        async def stop_consuming(self, timeout_s: float, queues: Any = None) -> bool:
+            self.stopped.append(list(queues or []))
+            return True
+
+        async def publish_json(self, role: str, key: str, body: bytes, **_: Any) -> None:
+            before = len(world.broker.published)
+            await requests.handle([FakeDelivery(body, key, user_id=sender)])
+            if len(self.handlers) > 1:
+                for _, _, answer, kind in world.broker.published[before:]:
+                    if kind == "reply":
+                        await self.handlers[-1]([FakeDelivery(answer, "m1.replies")])
+
+    broker = SilentFirstConsumer()
+    link = AmqpLink(
+        machine_id="m1", worker_id="w1", names=world.names, broker=broker,  # type: ignore[arg-type]
+        reply_timeout_s=0.2,
+    )  # fmt: skip
+    with pytest.raises(BrokerUnavailable, match="no answer"):
+        await link.running_here()
+    assert broker.stopped == [[world.names.machine_replies_queue("m1")]]
+    assert await link.running_here() == []
+    assert len(broker.handlers) == 2
+    await link.aclose()

@@ -3,9 +3,15 @@
 Fenced starts, outcomes and the two queries go to ``<ns>.reports`` as requests; the dispatcher
 runs the transitions and answers on the machine's replies queue, matched by correlation id
 (``dispatcher/usecases/worker_link.py`` holds both sides of the wire format). An answer that
-does not come in time raises ``BrokerUnavailable``: the intake gives the assignments back to
-RabbitMQ, the reporter tries again; a start asked twice by the same worker answers ``Started``
-again (``start.lua``), and the worker's ledger keeps a run from running twice.
+does not come in time (the request's publish included) raises ``BrokerUnavailable``: the intake
+holds the assignments and asks again, the reporter tries again; a start asked twice by the same
+worker answers ``Started`` again (``start.lua``), an outcome reported twice ``Finished`` again,
+and the worker's ledger keeps a run from running twice.
+
+The answers' queue, ``<ns>.machine.<M>.replies``, is declared by the dispatcher side (this
+identity configures only its lease): a quorum queue on a RabbitMQ cluster, so that it outlives any
+one node; one deleted is declared again by the next answer, and this consumer, cancelled with
+it, is restored by the robust channel (``core/principals.replies_arguments``).
 
 The machine's lease (one live worker per machine) is an exclusive queue,
 ``<ns>.machine.<id>.lease``, that the worker declares before anything else: RabbitMQ refuses
@@ -19,6 +25,7 @@ the lease again; if another worker took it meanwhile, ``lease_lost`` says so onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import secrets
@@ -128,7 +135,7 @@ class AmqpLink:
 
     # ---- requests and replies -------------------------------------------------------------------
     async def _ask(self, op: str, **fields: Any) -> list[dict[str, Any]]:
-        await self._listen()
+        listening = await self._listen()
         correlation_id = f"{self.worker_id}-{self._prefix}-{next(self._ids)}"
         request = {
             "op": op,
@@ -140,26 +147,30 @@ class AmqpLink:
         future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
         try:
-            try:
-                await self.broker.publish_json(
-                    "reports", "report", json.dumps(request).encode(), kind=op
-                )
-            except BrokerUnavailable:
-                raise
-            except Exception as exc:  # a channel closing under a connection cut, a return
-                raise BrokerUnavailable(f"{op} could not be sent: {exc!r}") from exc
+            # The publish is inside the time limit too: its confirm may never come (a
+            # cluster's node dies with the publish in flight), and nothing may wait unbounded.
             async with asyncio.timeout(self.reply_timeout_s):
+                try:
+                    await self.broker.publish_json(
+                        "reports", "report", json.dumps(request).encode(), kind=op
+                    )
+                except BrokerUnavailable:
+                    raise
+                except Exception as exc:  # a channel closing under a connection cut, a return
+                    raise BrokerUnavailable(f"{op} could not be sent: {exc!r}") from exc
                 return await future
         except TimeoutError:
+            await self._listen_again(listening)
             raise BrokerUnavailable(
                 f"no answer from a dispatcher to {op} within {self.reply_timeout_s:g} s"
             ) from None
         finally:
             self._waiting.pop(correlation_id, None)
 
-    async def _listen(self) -> None:
+    async def _listen(self) -> asyncio.Task[None]:
+        """The consumer of this machine's replies (started at the first request)."""
         if self._replies is not None and not self._replies.done():
-            return
+            return self._replies
         async with self._replies_lock:
             if self._replies is None or self._replies.done():
                 self._replies = await self.broker.consume(
@@ -168,6 +179,21 @@ class AmqpLink:
                     batch_size=100,
                     prefetch=200,
                 )
+            return self._replies
+
+    async def _listen_again(self, stale: asyncio.Task[None]) -> None:
+        """No answer came in time: the next request listens with a new consumer. The old one
+        may be alive but silent (RabbitMQ 3.10 was seen to deliver nothing to a consumer
+        restored on a quorum queue that had no leader yet); what it still holds is answers
+        that nobody waits for any more."""
+        async with self._replies_lock:
+            if self._replies is not stale:
+                return  # renewed already, after another request that timed out
+            self._replies = None
+            queue = self.names.machine_replies_queue(self.machine_id)
+            with contextlib.suppress(Exception):
+                await self.broker.stop_consuming(2.0, queues=[queue])
+            stale.cancel()
 
     async def _on_replies(self, batch: Sequence[Delivery]) -> list[Verdict]:
         for message in batch:

@@ -24,22 +24,24 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from dispatcher.adapters.amqp import lease, window
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
+from dispatcher.adapters.amqp.confirms import ConfirmWatch
 from dispatcher.adapters.amqp.consumer import (
     ConsumerLoop,
     OutageHook,
     copy_to_dead_letters,
     held_copy,
 )
+from dispatcher.adapters.amqp.machine_queues import MachineQueues
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
     declare_topology,
     look_up_topology,
 )
-from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
+from dispatcher.core.principals import admin_user_of
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
@@ -61,7 +63,7 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 CONSUME_UNREACHABLE: tuple[type[BaseException], ...] = (*UNREACHABLE, RuntimeError)
 
 
-class Amqp(window.WindowPublishing):
+class Amqp(MachineQueues, window.WindowPublishing):
     """One robust connection, a confirming publisher channel, and consumers."""
 
     def __init__(
@@ -78,6 +80,7 @@ class Amqp(window.WindowPublishing):
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
+        self.cluster = len(split_urls(url)) > 1
         self.declare = declare
         self.dead_letter_max = dead_letter_max
         self.names = names
@@ -86,6 +89,8 @@ class Amqp(window.WindowPublishing):
         self.on_outage = on_outage
         self.connection: AbstractRobustConnection | None = None
         self._publisher: AbstractChannel | None = None
+        self._renewing = asyncio.Lock()
+        self._watch: asyncio.Task[None] | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
         self._consumer_channels: list[AbstractChannel] = []
@@ -101,7 +106,7 @@ class Amqp(window.WindowPublishing):
         properties: dict[str, Any] = {"connection_name": f"rundispatch:{self.names.ns}"}
         urls = split_urls(self.url)
         try:
-            if len(urls) > 1:  # a cluster: follow it from node to node
+            if self.cluster:  # follow it from node to node
                 self.connection = await connect_cluster(urls, client_properties=properties)
             else:
                 self.connection = await aio_pika.connect_robust(
@@ -117,7 +122,7 @@ class Amqp(window.WindowPublishing):
                     self.connection,
                     self._publisher,
                     self.names,
-                    cluster=len(urls) > 1,
+                    cluster=self.cluster,
                     dead_letter_max=self.dead_letter_max,
                 )
             else:
@@ -128,8 +133,14 @@ class Amqp(window.WindowPublishing):
             ) from exc
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
+        if self._watch is None:
+            watch = ConfirmWatch(lambda: self._publisher, self._renew_publisher)
+            self._watch = asyncio.create_task(watch.run(), name="confirm-watch")
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 await self.connection.close()
@@ -146,23 +157,6 @@ class Amqp(window.WindowPublishing):
 
     def exchange(self, role: str) -> AbstractExchange:
         return self._exchanges[role]
-
-    async def ensure_machine_queue(self, machine_id: str) -> None:
-        """Declare a machine's queue (quorum, bound to the machines exchange by machine id)."""
-        queue = await self.publisher.declare_queue(
-            self.names.machine_queue(machine_id),
-            durable=True,
-            arguments=quorum_arguments(self.names),
-        )
-        if machine_id not in self._machine_queues:
-            await queue.bind(self.exchange("machines"), machine_id)
-            replies = await self.publisher.declare_queue(
-                self.names.machine_replies_queue(machine_id),
-                durable=True,
-                arguments=REPLIES_ARGUMENTS,
-            )
-            await replies.bind(self.exchange("machines"), self.names.replies_key(machine_id))
-            self._machine_queues.add(machine_id)
 
     async def _publish_one(self, message: OutboxMessage) -> None:
         """Publish with a confirm. Assignments are ``mandatory``: a returned one means the
@@ -198,7 +192,6 @@ class Amqp(window.WindowPublishing):
         publish, see bench/README.md).
         """
         exchange = self.exchange(role)
-        channel = cast(aiormq.Channel, await self.publisher.get_underlay_channel())
         properties = aiormq.spec.Basic.Properties(
             content_type="application/json",
             delivery_mode=PERSISTENT,
@@ -206,14 +199,35 @@ class Amqp(window.WindowPublishing):
             message_id=message_id,
             user_id=self.user_id,
         )
-        await channel.basic_publish(
-            body,
-            exchange=exchange.name,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=role != "events" if mandatory is None else mandatory,
-            wait=False,
-        )
+        publisher = self.publisher
+        channel = cast(aiormq.Channel, await publisher.get_underlay_channel())
+        try:
+            await channel.basic_publish(
+                body,
+                exchange=exchange.name,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=role != "events" if mandatory is None else mandatory,
+                wait=False,
+            )
+        except PublishError:
+            raise  # returned: the caller decides (a machine's queue to declare again)
+        except DeliveryError as exc:  # nacked (see .confirms)
+            await self._renew_publisher(publisher)
+            raise BrokerUnavailable(f"publish nacked: {exc!r}") from exc
+
+    async def _renew_publisher(self, stuck: AbstractChannel) -> None:
+        """Replace a publisher channel that RabbitMQ nacks or leaves unconfirmed (why: see
+        :mod:`.confirms`)."""
+        async with self._renewing:
+            if self._publisher is not stuck or self.connection is None:
+                return  # renewed already, by another publish that failed with it
+            log.warning("publisher channel nacks or does not confirm: opening a new one")
+            self._publisher = await self.connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            with contextlib.suppress(Exception):
+                await stuck.close()
 
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
@@ -320,42 +334,6 @@ class Amqp(window.WindowPublishing):
                     loop.task.cancel()
             return False
         return True
-
-    def _watch_cancel(self, channel: AbstractChannel, queue: str) -> None:
-        """RabbitMQ cancels a consumer whose queue is deleted. The robust channel then tries
-        to consume again, but declares the queue passively; the queue itself is declared
-        again here (with its binding), so that consuming resumes."""
-        prefix = self.names.machine_queue("")
-        if not queue.startswith(prefix) or not self.declare or queue.endswith(".replies"):
-            return  # shared queues: every dispatcher declares them; a worker declares nothing
-        machine_id = queue.removeprefix(prefix)
-
-        async def redeclare() -> None:
-            self._machine_queues.discard(machine_id)
-            for _ in range(60):
-                try:
-                    await self.ensure_machine_queue(machine_id)
-                    log.warning("queue %s was deleted under its consumer: declared again", queue)
-                    return
-                except Exception as exc:
-                    log.warning("queue %s not declared again yet: %s", queue, exc)
-                    await asyncio.sleep(1.0)
-
-        def cancelled(_: object) -> None:
-            task = asyncio.get_running_loop().create_task(redeclare())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        async def watch(*_: object) -> None:
-            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
-            underlay.on_consumer_cancel_callbacks.add(cancelled)
-
-        task = asyncio.get_running_loop().create_task(watch())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        reopen = getattr(channel, "reopen_callbacks", None)
-        if reopen is not None:
-            reopen.add(watch)
 
     async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         await copy_to_dead_letters(self.exchange("dead"), message, reason)

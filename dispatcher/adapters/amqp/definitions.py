@@ -87,7 +87,8 @@ def topology_definitions(
             {
                 "vhost": vhost,
                 "name": f"{names.ns}.work",
-                "pattern": rf"^{ns}\.(requests|machine\..+)$",
+                # Not the replies queues: an answer nobody took expires, and is no dead letter.
+                "pattern": rf"^{ns}\.(requests|machine\.(?!.*\.replies$).+)$",
                 "apply-to": "queues",  # 3.10 refuses "quorum_queues"
                 "priority": 10,
                 "definition": {

@@ -17,7 +17,7 @@ from aio_pika.abc import (
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from dispatcher.adapters.amqp.cluster import connect_any, split_urls
-from dispatcher.core.principals import DELIVERY_LIMIT, quorum_arguments
+from dispatcher.core.principals import DELIVERY_LIMIT, quorum_arguments, replies_arguments
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_binding
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,20 @@ async def _declare_or_accept(
     return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
+async def declare_replies_queue(
+    connection: AbstractRobustConnection, channel: AbstractChannel, name: str, *, cluster: bool
+) -> AbstractQueue:
+    """A machine's replies queue, of the type the broker calls for (``replies_arguments``).
+    One declared otherwise (by an earlier version, or before the broker became a cluster)
+    holds only answers, and a worker asks again for an answer that does not come: on a
+    cluster it is re-created as a quorum queue, on one node it is used as it is."""
+    arguments = replies_arguments(cluster)
+    if cluster:
+        await _replace_if_declared_otherwise(connection, name, arguments)
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    return await _declare_or_accept(connection, channel, name, arguments)
+
+
 EXCHANGE_ROLES = ("dead", "requests", "events", "machines", "heartbeats", "reports")
 
 
@@ -139,7 +153,7 @@ async def _replace_if_declared_otherwise(
 ) -> None:
     """Re-create a queue of hints that an earlier version declared with other arguments
     (RabbitMQ refuses the new declaration with PRECONDITION_FAILED otherwise). Only for
-    queues whose messages may be lost: the heartbeats' and signals' queues."""
+    queues whose messages may be lost: the heartbeats', signals' and replies queues."""
     probe = await connection.channel()
     try:
         await probe.declare_queue(name, durable=True, arguments=arguments)

@@ -16,11 +16,16 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 from aiormq.abc import ChannelFrame
-from aiormq.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
+from aiormq.exceptions import (
+    AMQPConnectionError,
+    ChannelInvalidStateError,
+    DeliveryError,
+    PublishError,
+)
 from pamqp.header import ContentHeader
 
 from dispatcher.errors import BrokerUnavailable
@@ -162,29 +167,36 @@ class WindowPublishing:
     user_id: str
     _machine_queues: set[str]
 
-    async def _underlay(self) -> Any:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # defined by Amqp and MachineQueues
 
-    def exchange(self, role: str) -> Any:
-        raise NotImplementedError
+        @property
+        def publisher(self) -> Any: ...
 
-    async def ensure_machine_queue(self, machine_id: str) -> None:
-        raise NotImplementedError
+        async def _underlay(self) -> Any: ...
 
-    async def _publish_one(self, message: OutboxMessage) -> None:
-        raise NotImplementedError
+        def exchange(self, role: str) -> Any: ...
 
-    async def _publish(
-        self,
-        role: str,
-        routing_key: str,
-        body: bytes,
-        kind: str,
-        message_id: str | None = None,
-        *,
-        mandatory: bool | None = None,
-    ) -> None:
-        raise NotImplementedError
+        async def ensure_machine_queue(self, machine_id: str) -> None: ...
+
+        async def _renew_publisher(self, stuck: Any) -> None: ...
+
+        async def _publish_one(self, message: OutboxMessage) -> None: ...
+
+        async def _publish(
+            self,
+            role: str,
+            routing_key: str,
+            body: bytes,
+            kind: str,
+            message_id: str | None = None,
+            *,
+            mandatory: bool | None = None,
+        ) -> None: ...
+
+    async def _nacked(self, publisher: Any, exc: DeliveryError) -> BrokerUnavailable:
+        """A window RabbitMQ nacked: its publisher channel is replaced (see .confirms)."""
+        await self._renew_publisher(publisher)
+        return BrokerUnavailable(f"publish nacked: {exc!r}")
 
     async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
         """Publish outbox messages with confirms awaited as one window."""
@@ -193,6 +205,7 @@ class WindowPublishing:
         for message in messages:
             if message.kind != "event" and message.routing_key not in self._machine_queues:
                 await self.ensure_machine_queue(message.routing_key)
+        publisher = self.publisher
         channel = await self._underlay()
         if len(messages) == 1 or not supported(channel):
             await asyncio.gather(*(self._publish_one(m) for m in messages))
@@ -200,7 +213,10 @@ class WindowPublishing:
         # One write for the whole window (see .window); a returned assignment is published
         # again alone, after its queue is declared, as _publish_one does.
         names = {role: self.exchange(role).name for role in ("events", "machines")}
-        again = await write_outbox(channel, messages, names, self.user_id)
+        try:
+            again = await write_outbox(channel, messages, names, self.user_id)
+        except DeliveryError as exc:
+            raise await self._nacked(publisher, exc) from exc
         await asyncio.gather(*(self._publish_one(m) for m in again))
 
     async def publish_many_json(
@@ -212,6 +228,7 @@ class WindowPublishing:
         mandatory: bool = True,
     ) -> None:
         """Publish persistent JSON messages as one window written at once (see .window)."""
+        publisher = self.publisher
         try:
             channel = await self._underlay()
             if len(messages) > 1 and supported(channel):
@@ -228,5 +245,7 @@ class WindowPublishing:
                 await asyncio.gather(
                     *(self._publish(role, k, b, kind, mandatory=mandatory) for k, b in messages)
                 )
+        except DeliveryError as exc:
+            raise await self._nacked(publisher, exc) from exc
         except UNREACHABLE as exc:
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
