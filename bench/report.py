@@ -383,6 +383,8 @@ FINAL_KEYS: tuple[tuple[str, int | None], ...] = (
     ("ratio_vs_minimal", 2),
     ("minimal_runs_per_s", 1),
     ("stack_msgs_per_s", 1),
+    ("ratio_live_fleet_10k", 2),
+    ("heartbeat_cpu_us", 1),
 )
 
 

@@ -147,6 +147,7 @@ async def runtime(
         names,
         prefetch=settings.prefetch,
         hold_s=settings.outage_hold_s,
+        machine_queue_type=settings.machine_queue_type,
     )
     try:
         await _connect(redis, broker if amqp else None, wait_s)

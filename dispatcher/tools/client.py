@@ -224,9 +224,7 @@ class Client:
         start = time.time() - 86400 if since is None else since
         return await self.foresight.capacity(target, add_machines, start)
 
-    def _entry(
-        self, run: Run, position: int, reasons: dict[str, str], now: float
-    ) -> QueueEntry:
+    def _entry(self, run: Run, position: int, reasons: dict[str, str], now: float) -> QueueEntry:
         return QueueEntry(
             target=run.target or "",
             position=position,

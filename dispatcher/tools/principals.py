@@ -182,6 +182,7 @@ async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -
         vhost_of(settings.amqp_url.get_secret_value()),
         principals,
         {user: rabbit_password_hash(password) for user, password in passwords.items()},
+        machine_queue_type=settings.machine_queue_type,
     )
     credentials = {
         p.username: principal_url(settings, p.username, passwords[p.username]) for p in principals

@@ -34,7 +34,11 @@ from dispatcher.adapters.amqp.consumer import (
     held_copy,
 )
 from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
-from dispatcher.core.principals import REPLIES_ARGUMENTS, admin_user_of, quorum_arguments
+from dispatcher.core.principals import (
+    REPLIES_ARGUMENTS,
+    admin_user_of,
+    machine_queue_arguments,
+)
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
@@ -68,11 +72,13 @@ class Amqp:
         hold_s: float | None = None,
         on_outage: OutageHook | None = None,
         declare: bool = True,
+        machine_queue_type: str = "quorum",
     ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
         self.declare = declare
+        self.machine_queue_type = machine_queue_type
         self.names = names
         self.prefetch = prefetch
         self.hold_s = hold_s
@@ -131,11 +137,12 @@ class Amqp:
         return self._exchanges[role]
 
     async def ensure_machine_queue(self, machine_id: str) -> None:
-        """Declare a machine's queue (quorum, bound to the machines exchange by machine id)."""
+        """Declare a machine's queue (``machine_queue_type``, bound to the machines exchange by
+        machine id) and its replies queue."""
         queue = await self.publisher.declare_queue(
             self.names.machine_queue(machine_id),
             durable=True,
-            arguments=quorum_arguments(self.names),
+            arguments=machine_queue_arguments(self.names, self.machine_queue_type),
         )
         if machine_id not in self._machine_queues:
             await queue.bind(self.exchange("machines"), machine_id)
