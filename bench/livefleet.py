@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import statistics
 import subprocess
@@ -184,7 +185,10 @@ class LiveFleet:
         path = self.bench.workdir / "livefleet.json"
         path.write_text(json.dumps(document))
         began = time.perf_counter()
-        apply_document(path, self.bench.env)
+        # Groups of ~500 machines: above the default limit of 50, which is a setting (SPEC).
+        per_group = -(-(self.size - len(self.serving)) // max(1, self.groups - 1))
+        env = dict(self.bench.env, RUNDISPATCH_MAX_GROUP_SIZE=str(max(50, per_group)))
+        apply_document(path, env)
         apply_s = time.perf_counter() - began
         self.log(f"  applied {len(self.machines)} machines in {len(self.groups_of())} groups")
         memory = NodeMemory(self.admin_url)
@@ -217,6 +221,24 @@ class LiveFleet:
         self.bench.procs.start(name, ["-m", "dispatcher", "serve"], env)
         return name
 
+    async def fleet_queues(self) -> list[str]:
+        """The live fleet's machine and replies queues that exist (listed, not guessed: most
+        of them exist only once the machine has sent a heartbeat)."""
+        prefix = self.names.machine_queue("")
+        mine = set(self.machines)
+        async with self._admin() as admin:
+            response = await admin.get(
+                f"/api/queues/{quote(self.vhost, safe='')}", params={"columns": "name"}
+            )
+            response.raise_for_status()
+        found = []
+        for row in response.json():
+            name = str(row["name"])
+            machine_id = name[len(prefix) :].removesuffix(".replies")
+            if name.startswith(prefix) and machine_id in mine:
+                found.append(name)
+        return found
+
     def groups_of(self) -> set[str]:
         return {f"fleet{g:02d}" for g in range(self.groups)}
 
@@ -227,9 +249,7 @@ class LiveFleet:
             self.bench.procs.stop(self.simulator)
         if self.dispatcher is not None:
             self.bench.procs.stop(self.dispatcher)
-        queues = [self.names.machine_queue(m) for m in self.machines]
-        queues += [self.names.machine_replies_queue(m) for m in self.machines]
-        deleted = await delete_many(self.admin_url, self.vhost, queues)
+        deleted = await delete_many(self.admin_url, self.vhost, await self.fleet_queues())
         async with self._admin() as admin:
             await admin.delete(f"/api/users/{quote(self.sim_user, safe='')}")
         self.bench.apply_fleet(self.bench.fleet_small, prune=True)
@@ -265,7 +285,7 @@ class LiveFleet:
         except (OSError, ValueError):
             return {}
 
-    async def settle(self, count: int, since: float, timeout_s: float = 240.0) -> float:
+    async def settle(self, count: int, since: float, timeout_s: float = 600.0) -> float:
         """Until every simulated machine has a heartbeat recorded after ``since``, the
         heartbeats' queue is short, and the machines no longer simulated are marked offline."""
         redis, names = self.bench.redis, self.names
@@ -280,14 +300,28 @@ class LiveFleet:
                 marks = await redis.hmget(names.offline_machines, self.machines[count:])
                 offline = sum(1 for mark in marks if mark is not None)
             backlog = await self.queue_depth(names.heartbeats_queue)
-            if fresh >= count and offline >= silent and backlog < 200:
+            declared = await self.declared_queues() if fresh >= count else 0
+            if fresh >= count and offline >= silent and backlog < 200 and declared >= 2 * count:
                 return time.monotonic() - began
             if time.monotonic() - began > timeout_s:
                 raise RuntimeError(
                     f"the live fleet did not settle: {fresh}/{count} machines heard, "
-                    f"{offline}/{silent} offline, {backlog} heartbeats queued"
+                    f"{offline}/{silent} offline, {backlog} heartbeats queued, "
+                    f"{declared}/{2 * count} machine queues declared"
                 )
             await asyncio.sleep(0.5)
+
+    async def declared_queues(self) -> int:
+        """How many machine and replies queues of the live fleet exist (the dispatcher
+        declares them in the background after each machine's first heartbeat)."""
+        pattern = "^" + re.escape(self.names.machine_queue("")) + "f[sm]-"
+        async with self._admin() as admin:
+            response = await admin.get(
+                f"/api/queues/{quote(self.vhost, safe='')}",
+                params={"page": 1, "page_size": 1, "name": pattern, "use_regex": "true"},
+            )
+            response.raise_for_status()
+            return int(response.json()["filtered_count"])
 
     async def queue_depth(self, queue: str) -> int:
         async with self._admin() as admin:

@@ -253,9 +253,14 @@ class FleetSimulator:
         """Consume the serving machines' queues and replies queues. The dispatcher declares a
         machine's queues at its first heartbeat: until then the consume fails (and closes its
         channel), so it is tried again, as a worker starting before its dispatcher would."""
+        number = 10  # fresh channel numbers: a number the broker just closed may not be reused
         while True:
-            work = cast(aiormq.Channel, await connection.channel(publisher_confirms=False))
-            replies = await connection.channel(publisher_confirms=False)
+            work = cast(
+                aiormq.Channel,
+                await connection.channel(channel_number=number, publisher_confirms=False),
+            )
+            replies = await connection.channel(channel_number=number + 1, publisher_confirms=False)
+            number += 2
             await work.basic_qos(prefetch_count=PREFETCH)
             self.work = work
             try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from dispatcher.codes import ErrorCode
 from dispatcher.logs import fields
@@ -42,17 +42,27 @@ class Reconciler:
 
     async def heartbeat(self, heartbeat: Heartbeat) -> int:
         """Apply what the heartbeat proves and the store does not know; returns how many."""
-        reports = [(r.run_id, r.fence) for r in heartbeat.running] + [
-            (f.run_id, f.fence) for f in heartbeat.finished
-        ]
+        return await self.heartbeats([heartbeat])
+
+    async def heartbeats(self, heartbeats: Sequence[Heartbeat]) -> int:
+        """The same for a batch of heartbeats: one read of the states of every reported run,
+        one window for the repairs (none in the normal case)."""
+        reports: list[tuple[Heartbeat, int, str, int]] = []
+        for heartbeat in heartbeats:
+            reports += [(heartbeat, i, r.run_id, r.fence) for i, r in enumerate(heartbeat.running)]
+            running = len(heartbeat.running)
+            reports += [
+                (heartbeat, running + i, f.run_id, f.fence)
+                for i, f in enumerate(heartbeat.finished)
+            ]
         if not reports:
             return 0
-        states = await self.runs.states([run_id for run_id, _ in reports])
-        machine, now = heartbeat.machine_id, self.clock()
+        states = await self.runs.states([run_id for _, _, run_id, _ in reports])
+        now = self.clock()
         starts: list[Start] = []
         endings: list[Ending] = []
-        running = len(heartbeat.running)
-        for index, ((run_id, fence), state) in enumerate(zip(reports, states, strict=True)):
+        for (heartbeat, index, run_id, fence), state in zip(reports, states, strict=True):
+            machine, running = heartbeat.machine_id, len(heartbeat.running)
             if state.fence != fence or state.machine_id != machine:
                 continue
             if index < running and state.status is RunStatus.dispatched:
@@ -87,6 +97,8 @@ class Reconciler:
                         detail={"reconciled": True},
                     )
                 )
+        if not starts and not endings:
+            return 0  # the normal case: the store knows everything the workers report
         async with self.lifecycle.window() as window:
             started = await window.start_many(starts, now)
             finished = await window.finish_many(endings, now)
