@@ -390,6 +390,7 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     live = s.get("livefleet")
     if live and "ratio" in live:
         out["ratio_live_fleet_10k"] = live["ratio"]["estimate"]
+    if live and "heartbeat_cpu_us" in live:
         out["heartbeat_cpu_us"] = live["heartbeat_cpu_us"]["estimate"]
     usage = (s.get("queue") or {}).get("memory") or (s.get("memory") or {}).get("usage")
     if usage:

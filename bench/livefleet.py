@@ -473,17 +473,22 @@ async def live_fleet_section(
             if n <= size
         ]
         pairs_out: list[dict[str, Any]] = []
-        for _ in range(pairs):
-            pairs_out.append(
-                {
-                    "small": await fleet.phase(small, drain_runs=runs, window_s=window_s),
-                    "large": await fleet.phase(size, drain_runs=runs, window_s=window_s),
-                }
-            )
         out["pairs"] = pairs_out
-        large_cost = [p["large"]["drain"]["dispatcher_us_per_run"] for p in pairs_out]
-        small_cost = [p["small"]["drain"]["dispatcher_us_per_run"] for p in pairs_out]
-        out["ratio"] = paired_ratio(large_cost, small_cost).as_dict()
+        try:
+            for _ in range(pairs):
+                pairs_out.append(
+                    {
+                        "small": await fleet.phase(small, drain_runs=runs, window_s=window_s),
+                        "large": await fleet.phase(size, drain_runs=runs, window_s=window_s),
+                    }
+                )
+        except RuntimeError as exc:  # a drain that did not finish: keep what was measured
+            log(f"  live fleet stopped early: {exc}")
+            out["error"] = str(exc)[:500]
+        if pairs_out:
+            large_cost = [p["large"]["drain"]["dispatcher_us_per_run"] for p in pairs_out]
+            small_cost = [p["small"]["drain"]["dispatcher_us_per_run"] for p in pairs_out]
+            out["ratio"] = paired_ratio(large_cost, small_cost).as_dict()
         beat_costs = [p["large"]["heartbeat_cpu_us"] for p in pairs_out]
         beat_costs += [s["heartbeat_cpu_us"] for s in out["ladder"] if s["live_machines"] == size]
         out["heartbeat_cpu_us"] = rate_interval(beat_costs).as_dict()
