@@ -33,8 +33,6 @@ import json
 import re
 import secrets
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,8 +41,14 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 
-from bench.env import REPO
-from bench.fleet import OWNER, fleet_document, forget_machines
+from bench.fleet import OWNER, forget_machines
+from bench.livefleet_file import (
+    FLEET_CONNECTIONS,
+    apply_document,
+    live_fleet_document,
+    other_ids,
+    serving_ids,
+)
 from bench.procfs import cores, machine_load, sample, wait_quiet
 from bench.producer import prefill
 from bench.queuemem import NodeMemory, delete_many
@@ -54,62 +58,7 @@ from dispatcher.core.principals import admin_user_of
 from dispatcher.crypto import WorkerKeyPair
 from dispatcher.names import Names
 
-SERVE_GROUP = "fleet00"
-SERVE_SLOTS = 10
-FLEET_CONNECTIONS = tuple(f"c-fleet-{i}" for i in range(SERVE_SLOTS))
 POLL_S = 0.1
-
-
-def serving_ids(count: int) -> list[str]:
-    return [f"fs-{i:03d}" for i in range(count)]
-
-
-def other_ids(count: int) -> list[str]:
-    return [f"fm-{i:05d}" for i in range(count)]
-
-
-def live_fleet_document(
-    live: Sequence[str], small: int, size: int, serving: int, groups: int
-) -> dict[str, Any]:
-    """The live fleet, applied beside the bench's own (no pruning): ``serving`` machines in
-    ``fleet00``, the other ``size - serving`` spread over ``groups - 1`` groups."""
-    document: dict[str, Any] = {
-        "environment": fleet_document(live, small)["environment"],
-        "groups": [],
-        "machines": [],
-        "connections": [],
-    }
-    others = other_ids(size - serving)
-    per_group = -(-len(others) // max(1, groups - 1))
-    document["groups"] += [
-        {"group_id": f"fleet{g:02d}", "name": f"fleet{g:02d}"} for g in range(groups)
-    ]
-    document["machines"] += [
-        {
-            "machine_id": machine_id,
-            "name": machine_id,
-            "group_id": SERVE_GROUP,
-            "os": "windows_server",
-            "max_unattended_runs": SERVE_SLOTS,
-        }
-        for machine_id in serving_ids(serving)
-    ]
-    document["machines"] += [
-        {"machine_id": m, "name": m, "group_id": f"fleet{1 + i // per_group:02d}"}
-        for i, m in enumerate(others)
-    ]
-    document["connections"] += [
-        {
-            "connection_id": connection_id,
-            "owner": OWNER,
-            "kind": "credentials",
-            "target": {"group_id": SERVE_GROUP},
-            "username": f"CONTOSO\\svc-fleet-{index}",
-            "password": "bench-password",
-        }
-        for index, connection_id in enumerate(FLEET_CONNECTIONS)
-    ]
-    return document
 
 
 class LiveFleet:
@@ -424,17 +373,6 @@ class LiveFleet:
             f"{result['dispatcher_us_per_run']} µs/run ({result['dispatcher_cores']:.2f} cores)"
         )
         return result
-
-
-def apply_document(path: Path, env: dict[str, str]) -> None:
-    """``dispatcher apply --no-signal`` of a fleet file (the machines' queues are declared by
-    the dispatcher at each machine's first heartbeat)."""
-    argv = [sys.executable, "-m", "dispatcher", "apply", str(path), "--no-signal"]
-    done = subprocess.run(
-        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"apply failed: {done.stderr or done.stdout}")
 
 
 def _at_mark(points: list[tuple[int, Any]], mark: float) -> tuple[int, Any]:
