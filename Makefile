@@ -40,7 +40,7 @@ coverage: test
 ## under 85 % killed (docs/testing.md has the last score and explains each survivor)
 mutation: $(STAMP)
 	rm -rf mutants
-	$(SERVICES) -- env HYPOTHESIS_PROFILE=dev $(VENV)/bin/mutmut run --max-children 2
+	$(SERVICES) -- env HYPOTHESIS_PROFILE=mutation $(VENV)/bin/mutmut run --max-children 2
 	$(PY) -m tests.support.mutation_score --floor 85
 
 ## test-cluster: only the cluster tests (their own 3-node RabbitMQ cluster and Redis Sentinel

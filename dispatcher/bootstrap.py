@@ -148,6 +148,7 @@ async def runtime(
         prefetch=settings.prefetch,
         hold_s=settings.outage_hold_s,
         machine_queue_type=settings.machine_queue_type,
+        dead_letter_max=settings.dead_letter_max,
     )
     try:
         await _connect(redis, broker if amqp else None, wait_s)

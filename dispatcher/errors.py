@@ -10,7 +10,8 @@ raises on purpose is one of these.
     │   ├── NotFound                an unknown run, machine, connection ... (CLI / client)
     │   ├── ConfigurationError      bad settings or fleet file
     │   ├── SealedDataError         a sealed secret that does not open (key, context, tampering)
-    │   └── SignInFailed            a sign-in gave no tokens for the connection's account
+    │   ├── SignInFailed            a sign-in gave no tokens for the connection's account
+    │   └── InExclusiveUse          another consumer holds a queue exclusively (a machine's lease)
     └── TransientError              retry later
         ├── Unavailable             a service cannot be reached: hold the work, try again
         │   ├── StoreUnavailable    Redis
@@ -78,6 +79,11 @@ class SealedDataError(PermanentError):
 
 class SignInFailed(PermanentError):
     """The sign-in did not produce tokens for the connection's account (nothing was stored)."""
+
+
+class InExclusiveUse(PermanentError):
+    """RabbitMQ refused to consume a queue another connection consumes exclusively: for a
+    machine's replies queue, another worker serves that machine (it holds the lease)."""
 
 
 class Unavailable(TransientError):

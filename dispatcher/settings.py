@@ -80,12 +80,19 @@ class Settings(BaseSettings):
     # this long, retrying; then it publishes the message again to its queue and acks the held
     # delivery, so that an outage of any length never uses up the delivery limit.
     outage_hold_s: float = Field(default=60.0, gt=0)
+    # The dead-letter queue keeps at most this many messages; past it the oldest are dropped.
+    dead_letter_max: int = Field(default=100_000, ge=1)
 
     # Graceful stop (SIGTERM, service stop). A dispatcher stops consuming and finishes the
     # messages in hand within ``drain_s``; a worker stops taking assignments, lets running
     # flows finish for ``worker_grace_s``, then stops them (``WorkerStopped``) and reports.
     drain_s: float = Field(default=20.0, gt=0)
     worker_grace_s: float = Field(default=60.0, ge=0)
+    # One live worker per machine (its lease: the exclusive consumer of the machine's replies
+    # queue). A worker whose connection comes back to find the lease held elsewhere stops
+    # after this long: a stale connection of its own is closed by RabbitMQ within its
+    # heartbeat timeout (60 s), another worker's lease is not given back.
+    worker_lease_wait_s: float = Field(default=90.0, gt=0)
 
     # Foresight (docs/forecast.md): what is kept of finished runs for the service model and the
     # capacity replay, how often the forecast chore runs, how deep it plays each queue.

@@ -20,11 +20,16 @@ from tests.support.processes import (
     new_settings,
 )
 
-# Hypothesis profiles, explicit: ``dev`` (the default), ``ci`` (under CI: more examples) and
-# ``thorough`` (by hand: HYPOTHESIS_PROFILE=thorough). Every profile prints the reproduction
+# Hypothesis profiles, explicit: ``dev`` (the default), ``ci`` (under CI: more examples),
+# ``mutation`` (``make mutation``: fewer examples, derandomized so that whether a mutant is
+# killed does not depend on the draw, and a score can be reproduced) and ``thorough`` (by hand:
+# HYPOTHESIS_PROFILE=thorough). Every profile prints the reproduction
 # blob of a failure (``@reproduce_failure``), so a failure seen once can be replayed.
 hypothesis_settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True)
 hypothesis_settings.register_profile("ci", max_examples=400, deadline=None, print_blob=True)
+hypothesis_settings.register_profile(
+    "mutation", max_examples=100, deadline=None, print_blob=True, derandomize=True
+)
 hypothesis_settings.register_profile("thorough", max_examples=5000, deadline=None, print_blob=True)
 hypothesis_settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dispatcher.bootstrap import STARTUP_WAIT_S, UNREACHABLE
 from dispatcher.crypto import WorkerKeyPair
-from dispatcher.errors import ConfigurationError, DispatchError
+from dispatcher.errors import ConfigurationError, DispatchError, InExclusiveUse
 from dispatcher.logs import bind, configure, scrub
 from dispatcher.metrics import NullWorkerMetrics, WorkerHooks
 from dispatcher.metrics.health import HealthServer
@@ -27,6 +27,10 @@ from workers.sessions import SessionsFile
 from workers.worker import MachineWorker, new_worker_id
 
 log = logging.getLogger(__name__)
+
+# Exit codes: 2 bad settings or files, 3 RabbitMQ unreachable, 4 another worker serves the
+# machine (it holds the machine's lease), 130 interrupted.
+LEASE_HELD = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +146,8 @@ async def _serve(
             worker_id=worker_id,
             names=Names(settings.namespace),
             broker=broker,
+            refused_for=broker.exclusive_refused_for,
+            lease_wait_s=settings.worker_lease_wait_s,
         )
         worker = MachineWorker(
             settings=settings,
@@ -158,7 +164,17 @@ async def _serve(
         await worker.start()
         if health is not None:
             health.probes.check = worker_readiness(broker, worker.consuming)
-        await stopper.wait()
+        stop = asyncio.create_task(stopper.wait(), name="stop-signal")
+        lost = asyncio.create_task(link.lease_lost(), name="lease")
+        await asyncio.wait((stop, lost), return_when=asyncio.FIRST_COMPLETED)
+        lease_lost = lost.done() and not stop.done()
+        for task in (stop, lost):
+            task.cancel()
+        if lease_lost:
+            reason = lost.result()
+            await worker.give_up(reason)
+            worker.ledger.close()
+            raise InExclusiveUse(reason)
         log.info("stopping: running flows get up to %g s to finish", settings.worker_grace_s)
         await worker.drain(settings.worker_grace_s, settings.drain_s)
         worker.ledger.close()
@@ -179,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     except UNREACHABLE as exc:
         print(f"error: cannot reach RabbitMQ: {scrub(str(exc))}", file=sys.stderr)
         return 3
+    except InExclusiveUse as exc:
+        print(f"error: {scrub(str(exc))}", file=sys.stderr)
+        return LEASE_HELD
     except DispatchError as exc:  # a bad key file, settings, command map ...
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -87,13 +87,15 @@ class Heartbeats:
             log.debug("run states not checked: %s", exc)
             return
         for item, state in zip(items, states, strict=True):
-            # "dispatched" under our fence is a start the store lost: the dispatcher repairs it
-            # from this worker's heartbeat, so the flow goes on. The machine counts too: after
-            # lost writes the run may be another machine's now, even under the same fence.
-            ours = (
+            # "dispatched" (to us or under another hand-off) or "queued" is a start, or a claim
+            # and a start, the store lost: the dispatcher records the run running here from
+            # this worker's heartbeat, so the flow goes on. Running is ours only under our
+            # fence on this machine: after lost writes another machine may run it now.
+            repaired = state.status in (RunStatus.queued, RunStatus.dispatched)
+            ours = repaired or (
                 state.fence == item.assignment.fence
                 and state.machine_id == self.machine_id
-                and state.status in (RunStatus.running, RunStatus.dispatched)
+                and state.status is RunStatus.running
             )
             if item.cancel_reason is None and not ours:
                 status = state.status.value if state.status else None

@@ -76,8 +76,13 @@ class AssignmentIntake:
                 continue
             verdict, assignment = self._accept(message.body)
             verdicts.append(verdict)
-            if assignment is not None and any(a.run_id == assignment.run_id for _, a, _ in pending):
-                continue  # the same assignment twice in a batch (a redelivery): start it once
+            if assignment is not None and any(
+                (a.run_id, a.fence) == (assignment.run_id, assignment.fence) for _, a, _ in pending
+            ):
+                # The same assignment twice in a batch (a redelivery): start it once. Another
+                # fence of the run is another hand-off (the old one waited in the queue while the
+                # run was handed off again): both are asked, only the current one starts.
+                continue
             if assignment is not None:
                 pending.append((len(verdicts) - 1, assignment, self._open(assignment)))
         if pending:

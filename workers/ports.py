@@ -1,5 +1,6 @@
 """The worker's one port to the dispatcher side: everything a machine worker asks of it.
 
+    lease      become the machine's only worker (first: a second worker is refused)
     receive    its machine's assignments (and cancels), in batches, answered with verdicts
     start      fenced starts of a batch of assignments: only the current hand-off may start
     report     the outcomes of a batch of runs (fence-checked)
@@ -54,6 +55,15 @@ class RunningHere:
 
 class DispatcherLink(Protocol):
     """The dispatcher side, as one machine's worker sees it."""
+
+    async def lease(self) -> None:
+        """Become the machine's only live worker before asking anything else;
+        ``InExclusiveUse`` when another worker serves it (held until the link closes)."""
+        ...
+
+    async def lease_lost(self) -> str:
+        """Return, with why, once another worker holds the lease (after a reconnection)."""
+        ...
 
     async def receive(
         self, handler: BatchHandler, *, batch_size: int, prefetch: int

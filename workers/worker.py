@@ -10,6 +10,10 @@ dispatcher side goes through one port, ``workers.ports.DispatcherLink``.
 
 A run that was started is never started again: after a crash, the run is reported failed
 (``WorkerRestarted``) instead.
+
+One live worker per machine: a worker takes the machine's lease (``DispatcherLink.lease``)
+before anything else, so a second worker started for the same machine stops there
+(``InExclusiveUse``) instead of reporting the first one's running runs as cut short.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import TypeVar
 
 from dispatcher.codes import ErrorCode
 from dispatcher.crypto import WorkerKeyPair
-from dispatcher.errors import Unavailable
+from dispatcher.errors import InExclusiveUse, Unavailable
 from dispatcher.logs import fields
 from dispatcher.metrics.hooks import NullWorkerMetrics, WorkerHooks
 from dispatcher.models import RunError, RunStatus
@@ -134,7 +138,23 @@ class MachineWorker:
                 on_retry=waiting,
             )
 
-        # The first heartbeat also makes the dispatcher declare this machine's queues.
+        async def lease() -> None:
+            try:
+                await self.link.lease()
+            except Unavailable:
+                # No queues yet (the dispatcher declares them at the machine's first
+                # heartbeat), so no worker holds the lease either: heartbeat, then try again.
+                await self.heartbeats.send()
+                raise
+            except InExclusiveUse as exc:
+                raise InExclusiveUse(
+                    f"another worker already serves machine {self.machine_id} (it holds the "
+                    f"machine's lease: {exc}); stop it first, or give this one another machine"
+                ) from exc
+
+        # The lease first: a second worker stops here, before its heartbeat or its reconcile
+        # could touch the runs of the worker that serves the machine.
+        await when_available(lease)
         await self.heartbeats.send()
         await when_available(self.reconcile)
         receive = functools.partial(
@@ -179,6 +199,16 @@ class MachineWorker:
             await asyncio.sleep(0.05)
         if self.runs.running:
             log.warning("%d outcomes not reported before stopping", len(self.runs.running))
+        await self.stop()
+
+    async def give_up(self, reason: str) -> None:
+        """Another worker serves the machine now (it took the lease while this one was
+        disconnected, and reported this one's runs as cut short): stop every flow at once,
+        report nothing, stop."""
+        self.draining = True
+        log.error("%s; stopping %d flows and this worker", reason, len(self.runs.running))
+        for run_id in list(self.runs.running):
+            self.runs.stop(run_id, reason, ErrorCode.WorkerStopped)
         await self.stop()
 
     async def stop(self) -> None:

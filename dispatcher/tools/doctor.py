@@ -127,7 +127,7 @@ async def check_rabbitmq(settings: Settings) -> list[Check]:
     url = settings.amqp_url.get_secret_value()
     names = Names(settings.namespace)
     try:
-        report = await inspect_namespace(url, names, TIMEOUT_S)
+        report = await inspect_namespace(url, names, TIMEOUT_S, settings.dead_letter_max)
     except BrokerUnavailable as exc:
         return [
             Check(
@@ -173,12 +173,17 @@ async def check_rabbitmq(settings: Settings) -> list[Check]:
     if not missing and not differing:
         checks.append(Check("rabbitmq.topology", "ok", f"namespace {names.ns} as expected"))
     if dead_letters:
+        bound = settings.dead_letter_max
+        # Past its bound the queue drops its oldest dead letters: say so before it does.
+        near = dead_letters >= 0.9 * bound
         checks.append(
             Check(
                 "rabbitmq.dead_letters",
-                "warn",
-                f"{dead_letters} messages in {names.dead_queue}",
-                "read them (header x-rundispatch-reason) and see docs/operations.md runbooks",
+                "FAIL" if near else "warn",
+                f"{dead_letters} messages in {names.dead_queue}"
+                + (f", {dead_letters / bound:.0%} of its bound of {bound}" if near else ""),
+                "read them (header x-rundispatch-reason) and see docs/operations.md runbooks"
+                + ("; then drain the queue: past the bound the oldest are dropped" if near else ""),
             )
         )
     return checks

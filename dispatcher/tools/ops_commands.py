@@ -47,10 +47,11 @@ async def cmd_definitions(args: argparse.Namespace, settings: Settings) -> int:
 
     names = Names(settings.namespace)
     if args.output:
-        write_definitions(Path(args.output), names, args.vhost)
+        write_definitions(Path(args.output), names, args.vhost, settings.dead_letter_max)
         print(f"wrote {args.output}")
     else:
-        print(json.dumps(definitions_document(names, args.vhost), indent=2))
+        document = definitions_document(names, args.vhost, dead_letter_max=settings.dead_letter_max)
+        print(json.dumps(document, indent=2))
     return 0
 
 

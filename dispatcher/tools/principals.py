@@ -128,8 +128,7 @@ async def cmd_submitters_register(args: argparse.Namespace, settings: Settings) 
     async with runtime(settings, amqp=False) as rt:
         async with _identities(settings) as identities:
             await identities.put(principal, password)
-        await rt.redis.hset(names.submitters, args.name, json.dumps(owners))
-        await rt.redis.incr(names.fleet_version)  # every dispatcher reloads its submitters
+        await rt.fleet.put_submitter(args.name, owners)
     url = principal_url(settings, principal.username, password)
     _print(
         args,
@@ -153,8 +152,7 @@ async def cmd_submitters_unregister(args: argparse.Namespace, settings: Settings
     async with runtime(settings, amqp=False) as rt:
         async with _identities(settings) as identities:
             existed = await identities.delete(names.submitter_user(args.name))
-        await rt.redis.hdel(names.submitters, args.name)
-        await rt.redis.incr(names.fleet_version)
+        await rt.fleet.remove_submitter(args.name)
     if not existed:
         raise NotFound(f"submitter {args.name} has no broker identity")
     print(f"submitter {args.name} unregistered")
@@ -170,12 +168,8 @@ async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -
     names = Names(settings.namespace)
     async with runtime(settings, amqp=False) as rt:
         fleet = await rt.fleet.load(force=True)
-        submitters = {
-            (k.decode() if isinstance(k, bytes) else k): v
-            for k, v in (await rt.redis.hgetall(names.submitters)).items()
-        }
     principals: list[Principal] = [machine_principal(names, m) for m in sorted(fleet.machines)]
-    principals += [submitter_principal(names, s) for s in sorted(submitters)]
+    principals += [submitter_principal(names, s) for s in sorted(fleet.submitters)]
     passwords = {p.username: new_password() for p in principals}
     document = definitions(
         names,

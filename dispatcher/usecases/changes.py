@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispatcher.codes import ErrorCode
-from dispatcher.models import ConnectionKind, QueuedHead, RunError, RunRequest, RunStatus
+from dispatcher.models import ConnectionKind, QueuedHead, Run, RunError, RunRequest, RunStatus
 from dispatcher.names import NO_SUBMITTER
 
 
@@ -74,6 +74,20 @@ class Start:
     run_deadline: float
     machine_id: str
     worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """A run a worker reports running under ``fence`` while the store lost its claim and
+    start (it holds the run queued, or dispatched under another hand-off): the worker's report
+    wins, the run becomes running on ``machine_id`` (``user``: its session user, for the slot)."""
+
+    run: Run
+    fence: int
+    run_deadline: float
+    machine_id: str
+    worker_id: str
+    user: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from dispatcher.core.placement import Waiting
 from dispatcher.models import Priority, Run
 from dispatcher.usecases.ports import (
     Admission,
+    Adoption,
     Claim,
     Ending,
     HandoffFacts,
@@ -84,6 +85,11 @@ class Window:
         if not starts:
             return []
         return self._keep_all(await self._store.start_many(starts, now))
+
+    async def adopt_many(self, adoptions: Sequence[Adoption], now: float) -> list[StartResult]:
+        if not adoptions:
+            return []
+        return self._keep_all(await self._store.adopt_many(adoptions, now))
 
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]:
         if not endings:

@@ -37,6 +37,7 @@ from dispatcher.models import (
 )
 from dispatcher.usecases.changes import (
     Admission,
+    Adoption,
     Claim,
     Ending,
     HandoffFacts,
@@ -59,7 +60,16 @@ from dispatcher.usecases.results import (
 )
 
 # Re-exported: the values the transitions take live in ``changes``.
-__all__ = ["Admission", "Claim", "Ending", "HandoffFacts", "QueueEnding", "Refusal", "Start"]
+__all__ = [
+    "Admission",
+    "Adoption",
+    "Claim",
+    "Ending",
+    "HandoffFacts",
+    "QueueEnding",
+    "Refusal",
+    "Start",
+]
 
 
 # ---- deliveries and verdicts ------------------------------------------------------------------
@@ -136,8 +146,10 @@ class Broker(Protocol):
         *,
         batch_size: int,
         prefetch: int | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts.
+        ``exclusive``: the only consumer of the queue (``InExclusiveUse`` if another is)."""
         ...
 
     async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
@@ -184,6 +196,8 @@ class RunTransitions(Protocol):
     async def claim_many(self, claims: Sequence[Claim], now: float) -> list[ClaimResult]: ...
 
     async def start_many(self, starts: Sequence[Start], now: float) -> list[StartResult]: ...
+
+    async def adopt_many(self, adoptions: Sequence[Adoption], now: float) -> list[StartResult]: ...
 
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]: ...
 

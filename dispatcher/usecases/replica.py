@@ -225,7 +225,7 @@ class Dispatcher:
         recorded = [
             h for h, o in zip(accepted, outcomes, strict=True) if isinstance(o, BeatRecorded)
         ]
-        await self.reconciler.heartbeats(recorded)
+        await self.reconciler.heartbeats(recorded, fleet)
         heard = [
             (heartbeat.machine_id, heartbeat.sessions)
             for heartbeat, outcome in zip(accepted, outcomes, strict=True)

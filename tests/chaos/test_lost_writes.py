@@ -1,10 +1,14 @@
 """Redis losing its last writes (a host crash inside AOF's window, a failover to a lagging
 replica): the dispatcher repairs the lost start or outcome from what the worker reports, and
-never moves a run that belongs to another token."""
+never moves a run that belongs to another token; when the claim was lost too (the run is back
+in its queue), the worker's report wins: the run is recorded running where it runs, and it
+runs exactly once."""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,12 +21,15 @@ from tests.support.builders import (
     fleet_document,
 )
 from tests.support.constants import OWNER
+from tests.support.e2e import acli, in_status
 from tests.support.processes import (
     Processes,
     eventually,
 )
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(120)]
+
+GATED_FLOW = f"{sys.executable} {Path(__file__).parents[1] / 'e2e' / 'gated_flow.py'}"
 
 
 def fleet() -> dict[str, Any]:
@@ -108,3 +115,82 @@ async def _later_heartbeat(client: Client, names: Names, after: float) -> bool:
     """True once m1 heartbeated again after ``after`` (the reconciler has seen the state)."""
     score = await client.rt.redis.zscore(names.heartbeat_index, "m1")
     return score is not None and float(score) > after
+
+
+@pytest.mark.parametrize("held", ["queued", "handed-off-again"])
+async def test_a_lost_claim_and_start_are_repaired_and_the_run_runs_once(
+    client: Client,
+    settings: Settings,
+    procs: Processes,
+    apply_fleet: Any,
+    tmp_path: Path,
+    held: str,
+) -> None:
+    """queued: the machine is in maintenance, so the run waits in its queue until the
+    worker's heartbeat; handed-off-again: the run is claimed again at once (for the same
+    machine, under a new fence) and the worker refuses the new assignment (it ran it)."""
+    # The fence counter lost the claim's increment too, in the first case.
+    document = fleet()
+    document["machines"][0]["max_unattended_runs"] = 1
+    apply_fleet(document)
+    procs.dispatcher()
+    procs.worker("m1", executor="command", extra=["--command", GATED_FLOW])
+    names = Names(settings.namespace)
+    release = tmp_path / "release"
+    run_id = await client.submit(
+        connection_id="c1",
+        flow_id="f",
+        requested_by=OWNER,
+        mode="unattended",
+        inputs={"release_file": str(release)},
+    )
+    running = await in_status(client, run_id, RunStatus.running, timeout=30)
+    assert running.fence is not None
+    if held == "queued":
+        await acli(procs, "machines", "maintenance", "m1", "on")
+    await lose_claim_and_start(client, names, run_id, running.fence, rollback=held == "queued")
+
+    repaired = await eventually(lambda: _adopted(client, run_id, running.fence), timeout=20)
+    assert repaired.machine_id == "m1"
+    assert any((e.detail or {}).get("reconciled") for e in repaired.timeline)
+    assert await client.rt.redis.hget(names.machine_assigned("m1"), run_id) is not None
+    assert int(await client.rt.redis.get(names.fence) or 0) >= running.fence
+    release.touch()
+    final = await client.wait(run_id, timeout=30)
+    assert final.status is RunStatus.succeeded, final.error
+    assert final.fence == running.fence
+    assert [e["run_id"] for e in procs.executions()] == [run_id]
+    assert await client.rt.redis.hget(names.machine_assigned("m1"), run_id) is None
+
+
+async def lose_claim_and_start(
+    client: Client, names: Names, run_id: str, fence: int, *, rollback: bool
+) -> None:
+    """What Redis holds if it lost the claim and the start of a running run: the run back in
+    its queue at its old place, no machine or fence, the machine's slot free (``rollback``:
+    and the fence counter back to before the claim)."""
+    redis = client.rt.redis
+    run = await client.rt.runs.get(run_id)
+    assert run is not None and run.target is not None
+    key = names.run(run_id)
+    score, lane, deadline = await redis.hmget(key, ["_score", "_lane", "queue_deadline"])
+    lane = lane.decode().strip('"')
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(key, "status", '"queued"')
+        pipe.hdel(key, "machine_id", "fence", "dispatched_at", "started_at", "_worker")
+        pipe.hdel(names.machine_assigned("m1"), run_id)
+        pipe.zrem(names.running_deadlines, run_id)
+        pipe.zadd(names.queue(run.target), {run_id: float(score)})
+        pipe.zadd(names.lane(run.target, lane), {run_id: float(score)})
+        pipe.zadd(names.lanes(run.target), {lane: float(score)})
+        pipe.zadd(names.queue_deadlines, {run_id: float(deadline)})
+        pipe.sadd(names.targets, run.target)
+        if rollback:
+            pipe.set(names.fence, fence - 1)
+        await pipe.execute()
+
+
+async def _adopted(client: Client, run_id: str, fence: int) -> Any:
+    run = await client.rt.runs.get(run_id)
+    ok = run is not None and run.status is RunStatus.running and run.fence == fence
+    return run if ok else None

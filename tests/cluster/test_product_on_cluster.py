@@ -125,7 +125,7 @@ async def test_no_run_lost_or_run_twice_when_queue_leaders_die(
         if leader != list(dict.fromkeys(leaders))[-1]:
             await asyncio.to_thread(cluster.start_node, leader)  # keep a quorum of nodes
     await submitting
-    records = await drain(client, run_ids, 240.0)
+    records = await drain(client, run_ids, 60.0)
     executions = Counter(e["run_id"] for e in procs.executions())
     lost = [
         r for r, rec in zip(run_ids, records, strict=True) if rec is None or not rec.status.terminal

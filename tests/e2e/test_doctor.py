@@ -77,6 +77,26 @@ async def test_problems_are_named_with_their_fix_and_fail_the_exit_code(
     assert "fix: set 'maxmemory-policy noeviction'" in text
 
 
+async def test_a_dead_letter_queue_near_its_bound_fails(
+    client: Client, settings: Settings, procs: Processes
+) -> None:
+    names = Names(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        dead = await channel.get_exchange(names.dead_exchange)
+        for index in range(4):
+            await dead.publish(aio_pika.Message(f"dead-{index}".encode()), routing_key="")
+    _, checks, _ = doctor(procs)
+    assert checks["rabbitmq.dead_letters"]["status"] == "warn"  # 4 of 100,000
+    code, checks, _ = doctor(procs, {"RUNDISPATCH_DEAD_LETTER_MAX": "4"})
+    assert code == 1
+    dead_letters = checks["rabbitmq.dead_letters"]
+    assert dead_letters["status"] == "FAIL"
+    assert "100% of its bound of 4" in dead_letters["detail"]
+    assert "the oldest are dropped" in dead_letters["fix"]
+
+
 def test_unreachable_services_are_failures_not_tracebacks(procs: Processes) -> None:
     env = {
         "RUNDISPATCH_REDIS_URL": f"redis://:pw-one@127.0.0.1:{free_port()}/0",

@@ -159,7 +159,9 @@ async def test_a_second_key_for_a_registered_machine_is_refused_until_it_is_regi
     first = await client.wait(await run(), timeout=30)
     assert first.status is RunStatus.succeeded and first.machine_id == "a1"
 
-    # Another process, with a1's credentials, presents another key (its own state directory).
+    # Another process, with a1's credentials, presents another key (its own state directory)
+    # once a1's worker is gone (while it runs, the machine's lease keeps any other out).
+    procs.kill("worker-a1")
     other = ["--state-dir", str(procs.workdir / "other")]
     procs.worker("a1", name="impostor", extra=other)
     listed = await eventually(lambda: _machine(procs, "a1", "key_mismatch"), 20)

@@ -37,6 +37,7 @@ from dispatcher.models import (
 from dispatcher.names import Names
 from dispatcher.usecases.ports import (
     Admission,
+    Adoption,
     Claim,
     Ending,
     HandoffFacts,
@@ -325,6 +326,42 @@ async def hand_off_scenario(store: Store, seen: Trace) -> None:
     seen(await reads.finished_since(RunStatus.failed, NOW, NOW + 10))
 
 
+async def adoption_scenario(store: Store, seen: Trace) -> None:
+    """Workers report runs whose claim and start the store lost (adopt.lua)."""
+    t, reads, machines = store.transitions, store.reads, store.machines
+    for run_id, connection in (("r1", "c1"), ("r2", "c2")):
+        await t.admit(admission(run_id, connection=connection))
+    queued = await reads.get("r1")
+    assert queued is not None
+    adopt = Adoption(queued, 5, NOW + HOUR, "m1", "worker-1", "CONTOSO\\Svc1")
+    [adopted] = seen(await t.adopt_many([adopt], NOW + 1))
+    assert isinstance(adopted, Started)
+    assert [m.routing_key for m in adopted.messages] == ["run.started.-"]
+    seen(await reads.get("r1"))
+    seen(await reads.queue_page("g:bots", 0, -1))
+    assert [a.run_id for a in seen(await machines.assigned("m1"))] == ["r1"]  # slot taken
+    again = seen(await t.adopt_many([adopt], NOW + 2))
+    assert again == [Refused(status=RunStatus.running, fence=5)]
+    # No later hand-off re-uses the fence the worker reported.
+    [facts] = seen(await t.reserve_handoffs(["r2"]))
+    assert facts is not None and facts.fence == 6
+    taken = (await t.claim_many([claim("r2", connection="c2", user="CONTOSO\\Svc2", slots=2,
+                                       fence=6)], NOW + 3))[0]  # fmt: skip
+    assert isinstance(taken, Claimed)
+    # m2 runs r2 under a fence issued before the loss: its report wins over m1's hand-off.
+    handed = await reads.get("r2")
+    assert handed is not None
+    other = Adoption(handed, 3, NOW + HOUR, "m2", "worker-2", "CONTOSO\\Svc2")
+    assert isinstance(seen(await t.adopt_many([other], NOW + 4))[0], Started)
+    assert [a.run_id for a in seen(await machines.assigned("m1"))] == ["r1"]
+    assert [a.run_id for a in seen(await machines.assigned("m2"))] == ["r2"]
+    assert seen(await t.start_many([start("r2", 6)], NOW + 5)) == [
+        Refused(status=RunStatus.running, fence=3)
+    ]
+    seen(await reads.get("r2"))
+    seen(sorted(await reads.overdue_running(NOW + 30 * 24 * HOUR)))
+
+
 async def queue_scenario(store: Store, seen: Trace) -> None:
     t, reads = store.transitions, store.reads
     await t.admit(admission("r1", deadline=NOW + 10))
@@ -486,6 +523,7 @@ SCENARIOS: dict[str, Scenario] = {
     "timeline": timeline_scenario,
     "retention": retention_scenario,
     "hand-off": hand_off_scenario,
+    "adoption": adoption_scenario,
     "queue": queue_scenario,
     "reasons": reasons_scenario,
 }

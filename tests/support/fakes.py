@@ -39,6 +39,7 @@ from dispatcher.models import (
 from dispatcher.names import NO_SUBMITTER, event_of
 from dispatcher.usecases.ports import (
     Admission,
+    Adoption,
     BatchHandler,
     BeatRecorded,
     Claim,
@@ -311,6 +312,42 @@ class FakeRunStore:
             start.run_id, codec.timeline_entry("started", now, {"machine_id": start.machine_id})
         )
         return Started(messages=(self._event(start.run_id, "started"),))
+
+    async def adopt_many(self, adoptions: Sequence[Adoption], now: float) -> list[StartResult]:
+        self._check()
+        return [self._adopt(adoption, now) for adoption in adoptions]
+
+    def _adopt(self, adoption: Adoption, now: float) -> StartResult:
+        """As adopt.lua: a run that lost its claim and start becomes running on the reporter."""
+        run_id, machine_id, fence = adoption.run.run_id, adoption.machine_id, adoption.fence
+        stored = self.runs.get(run_id, {})
+        status = stored.get("status")
+        here = stored.get("machine_id") == f'"{machine_id}"' and stored.get("fence") == str(fence)
+        if status == '"queued"':
+            self._unqueue(run_id, adoption.run.target or "", stored["_lane"][1:-1])
+        elif status == '"dispatched"' and not here:
+            held = (stored.get("machine_id") or '""')[1:-1]
+            self.assigned.get(held, {}).pop(run_id, None)
+        else:
+            return Refused(
+                status=codec.status_of(status), fence=codec.fence_of(stored.get("fence"))
+            )
+        stored.update(
+            status='"running"',
+            machine_id=f'"{machine_id}"',
+            fence=str(fence),
+            started_at=repr(now),
+            _worker=f'"{adoption.worker_id}"',
+        )
+        stored.setdefault("dispatched_at", repr(now))
+        self.assigned.setdefault(machine_id, {})[run_id] = codec.encode_assigned(
+            adoption.run.mode.value, fence, adoption.user.casefold()
+        )
+        self.running[run_id] = adoption.run_deadline
+        self.fence = max(self.fence, fence)
+        detail = {"machine_id": machine_id, "reconciled": True}
+        self._timeline(run_id, codec.timeline_entry("started", now, detail))
+        return Started(messages=(self._event(run_id, "started"),))
 
     def _index_finished(self, status: str, run_id: str, now: float) -> None:
         """As ``index_finished`` in common.lua: add, and drop up to 100 entries past retention."""
@@ -674,7 +711,13 @@ class FakeBroker:
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def consume(
-        self, queue: str, handler: BatchHandler, *, batch_size: int, prefetch: int | None = None
+        self,
+        queue: str,
+        handler: BatchHandler,
+        *,
+        batch_size: int,
+        prefetch: int | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         if self.refuse_consumers > 0:
             self.refuse_consumers -= 1

@@ -172,6 +172,24 @@ async def test_a_stale_assignment_is_refused_by_the_fenced_start(machines: Machi
     assert (await m.world.run("r1")).status is RunStatus.dispatched
 
 
+async def test_a_stale_and_the_current_assignment_in_one_batch_start_the_run_once(
+    machines: MachineFactory,
+) -> None:
+    m = machines()
+    stale = await m.dispatch("r1", duration_s=0)
+    run = await m.world.run("r1")
+    await m.world.store.requeue(run, reason="machine offline", now=m.world.clock.now)
+    await m.world.place(TARGET)  # handed again, under a new fence
+    [current] = [
+        FakeDelivery(message.body, routing_key="m1", type="assign")
+        for message in m.world.publisher.of_kind("assign")
+    ][-1:]
+    assert await m.worker.intake.handle([stale, current]) == [Ack(), Ack()]
+    assert m.started() == ["r1"]
+    started = await m.world.run("r1")
+    assert started.status is RunStatus.running and started.fence == run.fence + 1
+
+
 async def test_an_assignment_for_another_machine_or_not_an_assignment_is_dead_lettered(
     machines: MachineFactory,
 ) -> None:

@@ -6,6 +6,13 @@ runs the transitions and answers on the machine's replies queue, matched by corr
 does not come in time raises ``BrokerUnavailable``: the intake gives the assignments back to
 RabbitMQ, the reporter tries again; a start asked twice by the same worker answers ``Started``
 again (``start.lua``), and the worker's ledger keeps a run from running twice.
+
+The machine's lease (one live worker per machine) is the exclusive consumer of its replies
+queue, a classic queue (RabbitMQ 3.10 ignores ``exclusive`` on a quorum queue such as the
+machine's assignments queue): a second worker is refused (``InExclusiveUse``) before it asks
+anything, and RabbitMQ frees the lease when the holder's connection closes. A reconnection
+takes it again; if another worker took it meanwhile, ``lease_lost`` says so once
+``lease_wait_s`` has passed (long enough for RabbitMQ to close a stale connection of ours).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import asyncio
 import itertools
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dispatcher.errors import BrokerUnavailable
@@ -31,6 +38,11 @@ from dispatcher.usecases.worker_link import (
 from workers.ports import Outcome, RunningHere, StartRequest
 
 REPLY_TIMEOUT_S = 15.0
+LEASE_WAIT_S = 90.0
+
+
+def _never_refused() -> float:
+    return 0.0
 
 
 class AmqpLink:
@@ -44,17 +56,34 @@ class AmqpLink:
         names: Names,
         broker: Broker,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
+        refused_for: Callable[[], float] = _never_refused,
+        lease_wait_s: float = LEASE_WAIT_S,
     ) -> None:
+        """``refused_for``: for how long the connection has been refused an exclusive consumer
+        back (``Amqp.exclusive_refused_for``)."""
         self.machine_id = machine_id
         self.worker_id = worker_id
         self.names = names
         self.broker = broker
         self.reply_timeout_s = reply_timeout_s
+        self.refused_for = refused_for
+        self.lease_wait_s = lease_wait_s
         self._waiting: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
         self._replies: asyncio.Task[None] | None = None
         self._replies_lock = asyncio.Lock()
+
+    async def lease(self) -> None:
+        await self._listen()
+
+    async def lease_lost(self) -> str:
+        while self.refused_for() < self.lease_wait_s:  # noqa: ASYNC110 - polled
+            await asyncio.sleep(1.0)
+        return (
+            f"another worker took machine {self.machine_id}'s lease while this worker was "
+            f"disconnected (refused for {self.refused_for():.0f} s); it serves the machine now"
+        )
 
     async def receive(
         self, handler: BatchHandler, *, batch_size: int, prefetch: int
@@ -136,6 +165,7 @@ class AmqpLink:
                     self._on_replies,
                     batch_size=100,
                     prefetch=200,
+                    exclusive=True,  # the machine's lease
                 )
 
     async def _on_replies(self, batch: Sequence[Delivery]) -> list[Verdict]:

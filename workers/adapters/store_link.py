@@ -44,6 +44,13 @@ class StoreLink:
         self.machines = machines
         self.clock = clock
 
+    async def lease(self) -> None:
+        """In-process: the test world runs one worker per machine."""
+
+    async def lease_lost(self) -> str:
+        await asyncio.Event().wait()  # never: nothing else takes the lease in-process
+        return ""
+
     async def receive(
         self, handler: BatchHandler, *, batch_size: int, prefetch: int
     ) -> asyncio.Task[None]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -24,7 +25,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
-from aiormq.exceptions import ChannelNotFoundEntity
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
@@ -33,13 +34,17 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
-from dispatcher.adapters.amqp.topology import declare_topology, look_up_topology
+from dispatcher.adapters.amqp.topology import (
+    DEAD_LETTER_MAX,
+    declare_topology,
+    look_up_topology,
+)
 from dispatcher.core.principals import (
     REPLIES_ARGUMENTS,
     admin_user_of,
     machine_queue_arguments,
 )
-from dispatcher.errors import BrokerUnavailable
+from dispatcher.errors import BrokerUnavailable, InExclusiveUse
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
@@ -73,12 +78,14 @@ class Amqp:
         on_outage: OutageHook | None = None,
         declare: bool = True,
         machine_queue_type: str = "quorum",
+        dead_letter_max: int = DEAD_LETTER_MAX,
     ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
         tools); a machine's worker only looks it up (its identity may configure nothing)."""
         self.url = url
         self.declare = declare
         self.machine_queue_type = machine_queue_type
+        self.dead_letter_max = dead_letter_max
         self.names = names
         self.prefetch = prefetch
         self.hold_s = hold_s
@@ -93,6 +100,9 @@ class Amqp:
         self.user_id = admin_user_of(url)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str, ConsumerLoop]] = []
+        # Since when (monotonic) reconnecting fails because an exclusive consumer of ours was
+        # taken by another connection meanwhile; None while not.
+        self._exclusive_refused_since: float | None = None
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
@@ -105,12 +115,18 @@ class Amqp:
                 self.connection = await aio_pika.connect_robust(
                     urls[0], client_properties=properties
                 )
+            self.connection.close_callbacks.add(self._on_close)
+            self.connection.reconnect_callbacks.add(self._on_reconnect)
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             if self.declare:
                 self._exchanges = await declare_topology(
-                    self.connection, self._publisher, self.names, cluster=len(urls) > 1
+                    self.connection,
+                    self._publisher,
+                    self.names,
+                    cluster=len(urls) > 1,
+                    dead_letter_max=self.dead_letter_max,
                 )
             else:
                 self._exchanges = await look_up_topology(self._publisher, self.names)
@@ -231,11 +247,16 @@ class Amqp:
         batch_size: int,
         prefetch: int | None = None,
         arguments: dict[str, Any] | None = None,
+        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         """Consume ``queue`` in batches; the consumer module acts on the handler's verdicts.
 
         ``BrokerUnavailable`` if the connection breaks meanwhile: nothing consumes then (the
         channel is closed), and the caller may try again once the robust connection is back.
+        ``exclusive``: no other consumer may consume the queue while this one does
+        (``InExclusiveUse`` if another does); it is taken again after a reconnection. RabbitMQ
+        3.10 refuses a second exclusive consumer on a classic queue only (a quorum queue
+        accepts it silently), so only classic queues are consumed this way.
         """
         if self.connection is None:
             raise RuntimeError("not connected")
@@ -248,9 +269,15 @@ class Amqp:
             # consumer dead after a reconnection.
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            tag = await declared.consume(inbox.put, no_ack=False, arguments=arguments)
+            tag = await declared.consume(
+                inbox.put, no_ack=False, arguments=arguments, exclusive=exclusive
+            )
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
+        except ChannelAccessRefused as exc:  # RabbitMQ closed the channel
+            if "exclusive use" not in str(exc):
+                raise
+            raise InExclusiveUse(f"queue {queue} is consumed by another connection") from exc
         except CONSUME_UNREACHABLE as exc:
             if channel is not None:
                 with contextlib.suppress(Exception):
@@ -281,6 +308,25 @@ class Amqp:
         """Whether the connection to RabbitMQ is up right now (readiness)."""
         connection = self.connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    def exclusive_refused_for(self) -> float:
+        """For how long (seconds) the connection has not come back because RabbitMQ refuses
+        to give an exclusive consumer of ours back (another connection took it meanwhile);
+        0 while not."""
+        since = self._exclusive_refused_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
+        # A reconnection whose restored consumers fail closes the connection with the error:
+        # an exclusive consumer that another connection holds now is ACCESS_REFUSED "in
+        # exclusive use" (the robust connection keeps trying every few seconds).
+        refused = isinstance(exc, ChannelAccessRefused) and "exclusive use" in str(exc)
+        if refused and self._exclusive_refused_since is None:
+            log.warning("reconnected, but an exclusive consumer is held elsewhere: %s", exc)
+            self._exclusive_refused_since = time.monotonic()
+
+    def _on_reconnect(self, *_: object) -> None:
+        self._exclusive_refused_since = None
 
     def consuming(self) -> bool:
         """Whether every consumer started here still runs (readiness)."""

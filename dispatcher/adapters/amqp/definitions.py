@@ -20,21 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.adapters.amqp.topology import (
+    DEAD_LETTER_MAX,
     DELIVERY_LIMIT,
     HEARTBEATS_ARGUMENTS,
     SIGNALS_ARGUMENTS,
+    dead_letter_arguments,
     quorum_arguments,
 )
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
 
-# Dead letters are kept for inspection, up to this many (the oldest go first).
-DEAD_LETTER_MAX = 100_000
 TOPOLOGY_KEYS = ("vhosts", "policies", "queues", "exchanges", "bindings")
 KEPT_KEYS = ("users", "permissions", "topic_permissions")
 
 
-def topology_definitions(names: Names, vhost: str = "/") -> dict[str, Any]:
-    """The namespace's exchanges, shared queues, bindings and policies, for ``vhost``."""
+def topology_definitions(
+    names: Names, vhost: str = "/", dead_letter_max: int = DEAD_LETTER_MAX
+) -> dict[str, Any]:
+    """The namespace's exchanges, shared queues, bindings and policies, for ``vhost``. The
+    dead-letter queue's bound is both an argument (as the processes declare it) and a policy
+    (which also bounds a dead-letter queue declared before it had one)."""
     ns = re.escape(names.ns)
 
     def exchange(name: str, kind: str) -> dict[str, Any]:
@@ -97,12 +101,12 @@ def topology_definitions(names: Names, vhost: str = "/") -> dict[str, Any]:
                 "pattern": rf"^{re.escape(names.dead_queue)}$",
                 "apply-to": "queues",
                 "priority": 10,
-                "definition": {"max-length": DEAD_LETTER_MAX, "overflow": "drop-head"},
+                "definition": {"max-length": dead_letter_max, "overflow": "drop-head"},
             },
         ],
         "queues": [
             queue(names.requests_queue, quorum_arguments(names)),
-            queue(names.dead_queue, {"x-queue-type": "quorum"}),
+            queue(names.dead_queue, dead_letter_arguments(dead_letter_max)),
             queue(names.heartbeats_queue, HEARTBEATS_ARGUMENTS),
             queue(names.signals_queue, SIGNALS_ARGUMENTS),
         ],
@@ -118,19 +122,23 @@ def topology_definitions(names: Names, vhost: str = "/") -> dict[str, Any]:
 
 
 def definitions_document(
-    names: Names, vhost: str = "/", existing: dict[str, Any] | None = None
+    names: Names,
+    vhost: str = "/",
+    existing: dict[str, Any] | None = None,
+    dead_letter_max: int = DEAD_LETTER_MAX,
 ) -> dict[str, Any]:
     """A whole definitions file: the topology, and the users and permissions of ``existing``."""
     document: dict[str, Any] = {key: list((existing or {}).get(key, [])) for key in KEPT_KEYS}
-    document.update(
-        {"parameters": [], "global_parameters": []} | topology_definitions(names, vhost)
-    )
+    topology = topology_definitions(names, vhost, dead_letter_max)
+    document.update({"parameters": [], "global_parameters": []} | topology)
     return {key: document[key] for key in sorted(document)}
 
 
-def write_definitions(path: Path, names: Names, vhost: str = "/") -> dict[str, Any]:
+def write_definitions(
+    path: Path, names: Names, vhost: str = "/", dead_letter_max: int = DEAD_LETTER_MAX
+) -> dict[str, Any]:
     """Write (or rewrite) a definitions file, keeping its users and permissions."""
     existing = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-    document = definitions_document(names, vhost, existing)
+    document = definitions_document(names, vhost, existing, dead_letter_max)
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return document

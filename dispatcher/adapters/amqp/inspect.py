@@ -10,8 +10,10 @@ import aio_pika
 from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from dispatcher.adapters.amqp.topology import (
+    DEAD_LETTER_MAX,
     HEARTBEATS_ARGUMENTS,
     SIGNALS_ARGUMENTS,
+    dead_letter_arguments,
     quorum_arguments,
 )
 from dispatcher.errors import BrokerUnavailable
@@ -26,10 +28,10 @@ class BrokerReport:
     dead_letters: int = 0
 
 
-def expected_queues(names: Names) -> list[tuple[str, dict[str, Any]]]:
+def expected_queues(names: Names, dead_letter_max: int) -> list[tuple[str, dict[str, Any]]]:
     return [
         (names.requests_queue, quorum_arguments(names)),
-        (names.dead_queue, {"x-queue-type": "quorum"}),
+        (names.dead_queue, dead_letter_arguments(dead_letter_max)),
         (names.heartbeats_queue, HEARTBEATS_ARGUMENTS),
         (names.signals_queue, SIGNALS_ARGUMENTS),
     ]
@@ -45,7 +47,9 @@ def expected_exchanges(names: Names) -> list[str]:
     ]
 
 
-async def inspect_namespace(url: str, names: Names, timeout_s: float = 5.0) -> BrokerReport:
+async def inspect_namespace(
+    url: str, names: Names, timeout_s: float = 5.0, dead_letter_max: int = DEAD_LETTER_MAX
+) -> BrokerReport:
     """The server's version, the namespace's missing exchanges and queues, the queues declared
     with other arguments, and the dead letters waiting. ``BrokerUnavailable`` if unreachable."""
     try:
@@ -68,7 +72,7 @@ async def inspect_namespace(url: str, names: Names, timeout_s: float = 5.0) -> B
             finally:
                 if not channel.is_closed:
                     await channel.close()
-        for queue, arguments in expected_queues(names):
+        for queue, arguments in expected_queues(names, dead_letter_max):
             channel = await connection.channel()
             try:
                 declared = await channel.declare_queue(queue, passive=True)

@@ -25,6 +25,15 @@ __all__ = ["DELIVERY_LIMIT", "quorum_arguments"]  # re-exported: defined in core
 
 SIGNALS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
 HEARTBEATS_ARGUMENTS: dict[str, Any] = {"x-message-ttl": 60_000}
+# Dead letters are kept for inspection, up to this many (the ``dead_letter_max`` setting).
+DEAD_LETTER_MAX = 100_000
+
+
+def dead_letter_arguments(limit: int = DEAD_LETTER_MAX) -> dict[str, Any]:
+    """The dead-letter queue: a quorum queue of at most ``limit`` messages; past it the
+    oldest are dropped (``drop-head``): ``reject-publish`` would refuse the copy, and the
+    message would stay unacknowledged in its own queue, blocking it."""
+    return {"x-queue-type": "quorum", "x-max-length": limit, "x-overflow": "drop-head"}
 
 
 def hint_arguments(cluster: bool) -> dict[str, Any]:
@@ -41,9 +50,11 @@ async def declare_topology(
     names: Names,
     *,
     cluster: bool = False,
+    dead_letter_max: int = DEAD_LETTER_MAX,
 ) -> dict[str, AbstractExchange]:
     """Declare every exchange and shared queue of the public contract; the exchanges by role.
-    ``cluster``: the broker is a cluster (see :func:`hint_arguments`)."""
+    ``cluster``: the broker is a cluster (see :func:`hint_arguments`). A dead-letter queue
+    declared before it had a bound is used as it is (a policy bounds it, see operations)."""
     direct, topic, fanout = (
         aio_pika.ExchangeType.DIRECT,
         aio_pika.ExchangeType.TOPIC,
@@ -51,7 +62,7 @@ async def declare_topology(
     )
     dead = await channel.declare_exchange(names.dead_exchange, fanout, durable=True)
     dead_queue = await _declare_or_accept(
-        connection, channel, names.dead_queue, {"x-queue-type": "quorum"}
+        connection, channel, names.dead_queue, dead_letter_arguments(dead_letter_max)
     )
     await dead_queue.bind(dead)
     requests = await channel.declare_exchange(names.requests_exchange, direct, durable=True)

@@ -18,6 +18,7 @@ from dispatcher.models import AssignedRun, Mode, Priority, Run, RunError, RunReq
 from dispatcher.names import NO_SUBMITTER, Names
 from dispatcher.usecases.ports import (
     Admission,
+    Adoption,
     Claim,
     Ending,
     HandoffFacts,
@@ -263,6 +264,32 @@ class Calls:
             timeline_entry("started", now, {"machine_id": start.machine_id}),
             repr(start.run_deadline - now),  # start.lua adds it to Redis's clock
             start.worker_id,
+        ]
+        return keys, args
+
+    def adopt(self, adoption: Adoption, now: float) -> Call:
+        run, names = adoption.run, self.names
+        target, lane, keys = self._queue_keys(run)
+        held = names.machine_assigned(run.machine_id or adoption.machine_id)
+        keys += [
+            names.machine_assigned(adoption.machine_id),
+            held,
+            names.outbox,
+            names.running_deadlines,
+            names.fence,
+        ]
+        detail = {"machine_id": adoption.machine_id, "reconciled": True}
+        args = [
+            run.run_id,
+            adoption.machine_id,
+            adoption.fence,
+            repr(now),
+            timeline_entry("started", now, detail),
+            repr(adoption.run_deadline - now),  # adopt.lua adds it to Redis's clock
+            adoption.worker_id,
+            lane,
+            target,
+            encode_assigned(run.mode.value, adoption.fence, adoption.user.casefold()),
         ]
         return keys, args
 

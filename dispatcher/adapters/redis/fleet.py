@@ -117,6 +117,22 @@ class RedisFleet:
         self._snapshot = snapshot
         return snapshot
 
+    async def put_submitter(self, name: str, acts_for: Sequence[str]) -> None:
+        """Record (or replace) the owners a registered submitter may act for; every process
+        reloads its snapshot."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.names.submitters, name, json.dumps(list(acts_for)))
+        pipe.incr(self.names.fleet_version)
+        await pipe.execute()
+
+    async def remove_submitter(self, name: str) -> bool:
+        """Forget a submitter; False when there was none of that name."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hdel(self.names.submitters, name)
+        pipe.incr(self.names.fleet_version)
+        removed, _ = await pipe.execute()
+        return bool(removed)
+
     def cached(self) -> FleetSnapshot | None:
         return self._snapshot
 

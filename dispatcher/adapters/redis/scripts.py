@@ -29,6 +29,7 @@ SCRIPTS = (
     "reject",
     "claim",
     "start",
+    "adopt",
     "finish",
     "unqueue",
     "requeue",

@@ -21,6 +21,7 @@ from dispatcher.models import Priority, Run
 from dispatcher.names import Names
 from dispatcher.usecases.ports import (
     Admission,
+    Adoption,
     Claim,
     Ending,
     HandoffFacts,
@@ -81,6 +82,12 @@ class RedisTransitions:
     async def start_many(self, starts: Sequence[Start], now: float) -> list[StartResult]:
         """Fenced starts in one round trip: each succeeds for the current hand-off only."""
         raw = await self.scripts.run_many("start", [self.calls.start(s, now) for s in starts])
+        return [replies.start_result(item) for item in raw]
+
+    async def adopt_many(self, adoptions: Sequence[Adoption], now: float) -> list[StartResult]:
+        """Runs workers report running while the store lost their claim and start (see
+        adopt.lua): each becomes running on the reporting machine, in one round trip."""
+        raw = await self.scripts.run_many("adopt", [self.calls.adopt(a, now) for a in adoptions])
         return [replies.start_result(item) for item in raw]
 
     async def finish_many(self, endings: Sequence[Ending], now: float) -> list[FinishResult]:
