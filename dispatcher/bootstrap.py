@@ -45,7 +45,7 @@ from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics
 from dispatcher.metrics.health import HealthServer, Readiness, ReadyCheck, serve_health
 from dispatcher.names import Names
 from dispatcher.process import Stopper
-from dispatcher.retry import Backoff, retry
+from dispatcher.retry import Backoff, when_reachable
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
 from dispatcher.usecases.foresight import Foresight
@@ -119,16 +119,7 @@ async def _connect(redis: Redis, broker: Amqp | None, wait_s: float) -> None:
                 await broker.close()
             raise
 
-    def waiting(exc: BaseException, delay: float) -> None:
-        log.warning("cannot reach Redis or RabbitMQ yet, retrying in %.1f s: %s", delay, exc)
-
-    await retry(
-        once,
-        retry_on=Unavailable,
-        backoff=CONNECT_BACKOFF,
-        deadline=time.monotonic() + wait_s,
-        on_retry=waiting,
-    )
+    await when_reachable(once, wait_s, CONNECT_BACKOFF)
 
 
 @contextlib.asynccontextmanager
@@ -311,7 +302,9 @@ async def _replica(
             rt.amqp.on_outage = exporter.set_store_outage
         tokens, passwords, closers = identity_sources(settings, rt, metrics)
         clock = StoreClock(rt.redis)
-        await clock.sync()
+        # Redis may go away again between the connection and here (a restart): wait for it
+        # as the connection did, instead of exiting.
+        await when_reachable(clock.sync, STARTUP_WAIT_S, CONNECT_BACKOFF)
         clock_task = asyncio.create_task(clock.keep_in_sync(), name="clock")
         dispatcher = build_dispatcher(
             settings, rt, metrics=metrics, tokens=tokens, passwords=passwords, clock=clock

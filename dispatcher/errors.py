@@ -11,7 +11,7 @@ raises on purpose is one of these.
     │   ├── ConfigurationError      bad settings or fleet file
     │   ├── SealedDataError         a sealed secret that does not open (key, context, tampering)
     │   ├── SignInFailed            a sign-in gave no tokens for the connection's account
-    │   └── InExclusiveUse          another consumer holds a queue exclusively (a machine's lease)
+    │   └── InExclusiveUse          another connection holds a lock (a machine's lease)
     └── TransientError              retry later
         ├── Unavailable             a service cannot be reached: hold the work, try again
         │   ├── StoreUnavailable    Redis
@@ -82,8 +82,8 @@ class SignInFailed(PermanentError):
 
 
 class InExclusiveUse(PermanentError):
-    """RabbitMQ refused to consume a queue another connection consumes exclusively: for a
-    machine's replies queue, another worker serves that machine (it holds the lease)."""
+    """RabbitMQ refused a lock (an exclusive queue) that another connection holds: for a
+    machine's lease, another worker serves that machine."""
 
 
 class Unavailable(TransientError):

@@ -70,6 +70,11 @@ class Names:
         """A machine's answers from the dispatcher (fenced starts, reports, queries)."""
         return f"{self.ns}.machine.{machine_id}.replies"
 
+    def machine_lease_queue(self, machine_id: str) -> str:
+        """A machine's lease: an exclusive queue its one live worker declares (RabbitMQ refuses
+        it to a second connection and deletes it when the holder's connection closes)."""
+        return f"{self.ns}.machine.{machine_id}.lease"
+
     def replies_key(self, machine_id: str) -> str:
         """Routing key of a machine's replies on the machines exchange."""
         return f"{machine_id}.replies"

@@ -8,13 +8,17 @@ client waiting for a run, and the identity and vault calls retried within a run'
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+from dispatcher.errors import Unavailable
+
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +70,21 @@ async def retry(
             if on_retry is not None:
                 on_retry(exc, delay)
             await asyncio.sleep(delay)
+
+
+async def when_reachable(
+    operation: Callable[[], Awaitable[T]], wait_s: float, backoff: Backoff
+) -> T:
+    """``operation``, tried again for ``wait_s`` seconds while Redis or RabbitMQ cannot be
+    reached (``Unavailable``): a process starting during a restart waits for it."""
+
+    def waiting(exc: BaseException, delay: float) -> None:
+        log.warning("cannot reach Redis or RabbitMQ yet, retrying in %.1f s: %s", delay, exc)
+
+    return await retry(
+        operation,
+        retry_on=Unavailable,
+        backoff=backoff,
+        deadline=time.monotonic() + wait_s,
+        on_retry=waiting,
+    )

@@ -8,8 +8,9 @@ who provision RabbitMQ themselves. The dispatcher itself is the broker's admin i
 
 - a **machine** reads only its own queues (assignments, and the dispatcher's replies) and
   publishes only its heartbeats, its reports (fenced starts, outcomes, queries) and what it
-  dead-letters; it configures nothing (its queues are declared and bound when it is registered),
-  so it cannot bind another machine's assignments to a queue of its own;
+  dead-letters; it configures only its lease (an exclusive queue nothing is bound to: its
+  other queues are declared and bound when it is registered), so it cannot bind another
+  machine's assignments to a queue of its own;
 - a **submitter** publishes only to the requests exchange, declares, binds and reads only queues
   named ``<ns>.submitter.<name>.*``, and reads only the events of its own runs: the topic
   permission on the events exchange lets it bind only routing keys naming itself.
@@ -136,13 +137,13 @@ def _exactly(*resources: str) -> str:
 
 
 def machine_principal(names: Names, machine_id: str) -> Principal:
-    """A machine: read its queues, publish heartbeats and reports, configure nothing."""
+    """A machine: read its queues, publish heartbeats and reports, configure only its lease."""
     return Principal(
         kind="machine",
         name=machine_id,
         username=names.machine_user(machine_id),
         permissions=Permissions(
-            configure=NOTHING,
+            configure=_exactly(names.machine_lease_queue(machine_id)),
             write=_exactly(names.heartbeats_exchange, names.reports_exchange, names.dead_exchange),
             read=_exactly(names.machine_queue(machine_id), names.machine_replies_queue(machine_id)),
         ),

@@ -146,10 +146,14 @@ class Broker(Protocol):
         *,
         batch_size: int,
         prefetch: int | None = None,
-        exclusive: bool = False,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts.
-        ``exclusive``: the only consumer of the queue (``InExclusiveUse`` if another is)."""
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
+        ...
+
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        """Declare ``queue`` exclusive to this connection: a lock that RabbitMQ refuses to any
+        other connection (``InExclusiveUse``) and frees when this one closes; taken again
+        after a reconnection."""
         ...
 
     async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:

@@ -1,19 +1,19 @@
-"""A machine's lease across a cut connection (the exclusive consumer of its replies queue):
+"""A machine's lease across a cut connection (an exclusive queue the worker declares):
 the worker's connection takes it again when it comes back; if another connection took it
 meanwhile, the worker's link says the lease is lost once ``lease_wait_s`` has passed."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import pytest
+from aiormq.exceptions import ChannelLockedResource, ChannelNotFoundEntity
 
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.errors import InExclusiveUse
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from dispatcher.usecases.ports import Ack, Delivery, Verdict
 from tests.support.faultproxy import FaultProxy
 from tests.support.processes import cleanup, eventually, new_settings
 from workers.adapters.amqp_link import AmqpLink
@@ -38,18 +38,12 @@ async def settings() -> AsyncIterator[Settings]:
     await cleanup(settings, ["m1"])
 
 
-async def ignore(batch: Sequence[Delivery]) -> list[Verdict]:
-    return [Ack() for _ in batch]
-
-
 async def take(names: Names) -> Amqp:
     """Another worker's connection holding m1's lease."""
     other = Amqp(DIRECT, names)
     await other.connect()
     try:
-        await other.consume(
-            names.machine_replies_queue("m1"), ignore, batch_size=10, exclusive=True
-        )
+        await other.hold_exclusive_queue(names.machine_lease_queue("m1"))
     except BaseException:
         await other.close()
         raise
@@ -72,7 +66,7 @@ async def test_the_lease_is_taken_again_after_a_reconnection(
         # Back on a new connection, the holder has its exclusive consumer again, so a second
         # worker is still refused.
         await eventually(lambda: proxy.open_connections >= 1 and holder.is_connected(), 30)
-        await eventually(lambda: _one_consumer(names), timeout=30)
+        await eventually(lambda: _held(names), timeout=30)
         with pytest.raises(InExclusiveUse):
             await take(names)
         assert holder.exclusive_refused_for() == 0
@@ -109,7 +103,7 @@ async def test_a_lease_taken_elsewhere_during_a_disconnection_is_reported_lost(
         await other.close()
         other = None
         await eventually(lambda: holder.exclusive_refused_for() == 0, timeout=30)
-        await eventually(lambda: _one_consumer(names), timeout=30)
+        await eventually(lambda: _held(names), timeout=30)
     finally:
         if other is not None:
             await other.close()
@@ -124,12 +118,18 @@ async def _take_when_free(names: Names) -> Amqp | None:
         return None
 
 
-async def _one_consumer(names: Names) -> bool:
-    """Whether m1's replies queue has one consumer, as RabbitMQ counts them."""
+async def _held(names: Names) -> bool:
+    """Whether m1's lease is held, as RabbitMQ sees it: a passive declaration of the lease
+    queue from another connection is RESOURCE_LOCKED while a connection holds it."""
     probe = Amqp(DIRECT, names)
     await probe.connect()
     try:
-        queue = await probe.publisher.declare_queue(names.machine_replies_queue("m1"), passive=True)
-        return queue.declaration_result.consumer_count == 1
+        channel = await probe.connection.channel()  # type: ignore[union-attr]
+        await channel.declare_queue(names.machine_lease_queue("m1"), passive=True)
+        return False  # declared, but by nobody exclusively: not a lease
+    except ChannelLockedResource:
+        return True
+    except ChannelNotFoundEntity:
+        return False
     finally:
         await probe.close()

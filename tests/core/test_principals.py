@@ -34,7 +34,11 @@ def matches(pattern: str, resource: str) -> bool:
 
 def test_a_machine_reads_only_its_queue_and_writes_only_heartbeats() -> None:
     allowed = machine_principal(NAMES, "m1.fin").permissions
-    assert allowed.configure == "^$"
+    # It configures only its lease: not its own queues, nor another machine's lease.
+    assert matches(allowed.configure, "prod.machine.m1.fin.lease")
+    for other in ("prod.machine.m1.fin", "prod.machine.m1.fin.replies", "prod.machine.m1.lease",
+                  "prod.machine.m1xfin.lease", "prod.machine.m1.fin.leasex"):  # fmt: skip
+        assert not matches(allowed.configure, other), other
     assert matches(allowed.read, "prod.machine.m1.fin")
     assert matches(allowed.read, "prod.machine.m1.fin.replies")
     for other in ("prod.machine.m1", "prod.machine.m1.fin2", "prod.machine.m1xfin", "prod.events",

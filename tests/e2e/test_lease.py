@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
+from dispatcher.adapters.amqp.identities import BrokerIdentities, vhost_of
 from dispatcher.client import Client
+from dispatcher.core.principals import machine_principal
 from dispatcher.models import RunStatus
+from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.e2e.test_run_path import group_fleet
 from tests.support.constants import OWNER
@@ -66,3 +71,26 @@ async def test_a_second_worker_for_a_machine_refuses_to_start_and_the_first_keep
     assert procs.alive("c")
     executions = Counter(e["run_id"] for e in procs.executions())
     assert executions == {run_id: 1, after: 1}
+
+
+async def test_a_machine_identity_without_the_lease_permission_is_told_to_register_again(
+    settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    """An identity created before machines could declare their lease (configure nothing):
+    the worker stops at once with exit code 2 and says what to do, instead of retrying."""
+    apply_fleet(group_fleet(1))
+    url = procs.identity("m1")
+    names = Names(settings.namespace)
+    older = machine_principal(names, "m1")
+    older = replace(older, permissions=replace(older.permissions, configure="^$"))
+    password = unquote(urlsplit(url).password or "")
+    async with BrokerIdentities(
+        settings.broker_admin_url.get_secret_value(), vhost_of(settings.amqp_url.get_secret_value())
+    ) as identities:
+        await identities.put(older, password)
+    worker = procs.worker("m1", name="old")
+    await eventually(lambda: worker.poll() is not None, timeout=60)
+    assert worker.returncode == 2, procs.log_text("old")
+    errors = [line for line in procs.log_text("old").splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "register the machine again" in errors[0], errors
+    assert "Traceback" not in procs.log_text("old")

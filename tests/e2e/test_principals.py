@@ -89,6 +89,15 @@ def publish(exchange: str, key: str) -> Callable[[aio_pika.abc.AbstractChannel],
     return action
 
 
+def hold(queue: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
+    """Declare ``queue`` exclusive to the connection (how a worker takes its machine's lease)."""
+
+    async def action(channel: aio_pika.abc.AbstractChannel) -> None:
+        await channel.declare_queue(queue, exclusive=True)
+
+    return action
+
+
 def bind_events(queue: str, key: str) -> Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]:
     async def action(channel: aio_pika.abc.AbstractChannel) -> None:
         declared = await channel.declare_queue(queue, exclusive=True)
@@ -115,12 +124,14 @@ async def test_each_principal_may_do_only_its_job(
     # What each may do (the controls: the refusals below are about permissions, not URLs).
     assert not await refused(b1["amqp_url"], consume(names.machine_queue("b1")))
     assert not await refused(b1["amqp_url"], publish(names.heartbeats_exchange, ""))
+    assert not await refused(b1["amqp_url"], hold(names.machine_lease_queue("b1")))
     assert not await refused(x["amqp_url"], publish(names.requests_exchange, "submit"))
     own = f"{x['queue_prefix']}events"
     assert not await refused(x["amqp_url"], bind_events(own, "run.*.envx"))
 
     # Machine B may not read A's queue, submit runs nor hand out assignments.
     assert await refused(b1["amqp_url"], consume(names.machine_queue("a1")))
+    assert await refused(b1["amqp_url"], hold(names.machine_lease_queue("a1")))
     assert await refused(b1["amqp_url"], publish(names.requests_exchange, "submit"))
     assert await refused(b1["amqp_url"], publish(names.machines_exchange, "a1"))
     assert await refused(b1["amqp_url"], publish(names.events_exchange, "run.succeeded"))

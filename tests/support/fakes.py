@@ -709,6 +709,7 @@ class FakeBroker:
     down: bool = False
     refuse_consumers: int = 0  # how many consume calls fail (the connection breaks)
     consumers: list[asyncio.Task[None]] = field(default_factory=list)
+    exclusive_queues: set[str] = field(default_factory=set)
 
     async def consume(
         self,
@@ -717,7 +718,6 @@ class FakeBroker:
         *,
         batch_size: int,
         prefetch: int | None = None,
-        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         if self.refuse_consumers > 0:
             self.refuse_consumers -= 1
@@ -726,6 +726,9 @@ class FakeBroker:
         task = asyncio.create_task(asyncio.Event().wait(), name=f"fake-consumer:{queue}")
         self.consumers.append(task)
         return task
+
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        self.exclusive_queues.add(queue)
 
     async def stop_consuming(self, timeout_s: float, queues: Sequence[str] | None = None) -> bool:
         """Nothing is delivered any more (``deliver`` to a stopped queue raises)."""

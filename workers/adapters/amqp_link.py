@@ -7,11 +7,12 @@ does not come in time raises ``BrokerUnavailable``: the intake gives the assignm
 RabbitMQ, the reporter tries again; a start asked twice by the same worker answers ``Started``
 again (``start.lua``), and the worker's ledger keeps a run from running twice.
 
-The machine's lease (one live worker per machine) is the exclusive consumer of its replies
-queue, a classic queue (RabbitMQ 3.10 ignores ``exclusive`` on a quorum queue such as the
-machine's assignments queue): a second worker is refused (``InExclusiveUse``) before it asks
-anything, and RabbitMQ frees the lease when the holder's connection closes. A reconnection
-takes it again; if another worker took it meanwhile, ``lease_lost`` says so once
+The machine's lease (one live worker per machine) is an exclusive queue,
+``<ns>.machine.<id>.lease``, that the worker declares before anything else: RabbitMQ refuses
+it to a second connection (``InExclusiveUse``) and deletes it when the holder's connection
+closes. Not an exclusive *consumer*: RabbitMQ 3.10 ignores ``exclusive`` on a quorum queue
+(the machine's assignments queue, and its replies queue on a cluster). A reconnection takes
+the lease again; if another worker took it meanwhile, ``lease_lost`` says so once
 ``lease_wait_s`` has passed (long enough for RabbitMQ to close a stale connection of ours).
 """
 
@@ -59,8 +60,8 @@ class AmqpLink:
         refused_for: Callable[[], float] = _never_refused,
         lease_wait_s: float = LEASE_WAIT_S,
     ) -> None:
-        """``refused_for``: for how long the connection has been refused an exclusive consumer
-        back (``Amqp.exclusive_refused_for``)."""
+        """``refused_for``: for how long the connection has been refused its lease back
+        (``Amqp.exclusive_refused_for``)."""
         self.machine_id = machine_id
         self.worker_id = worker_id
         self.names = names
@@ -75,6 +76,7 @@ class AmqpLink:
         self._replies_lock = asyncio.Lock()
 
     async def lease(self) -> None:
+        await self.broker.hold_exclusive_queue(self.names.machine_lease_queue(self.machine_id))
         await self._listen()
 
     async def lease_lost(self) -> str:
@@ -165,7 +167,6 @@ class AmqpLink:
                     self._on_replies,
                     batch_size=100,
                     prefetch=200,
-                    exclusive=True,  # the machine's lease
                 )
 
     async def _on_replies(self, batch: Sequence[Delivery]) -> list[Verdict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -25,8 +24,9 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
-from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
+from aiormq.exceptions import ChannelNotFoundEntity
 
+from dispatcher.adapters.amqp import lease
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
     ConsumerLoop,
@@ -44,7 +44,7 @@ from dispatcher.core.principals import (
     admin_user_of,
     machine_queue_arguments,
 )
-from dispatcher.errors import BrokerUnavailable, InExclusiveUse
+from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 from dispatcher.usecases.ports import BatchHandler
 from dispatcher.usecases.results import OutboxMessage
@@ -100,9 +100,7 @@ class Amqp:
         self.user_id = admin_user_of(url)
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: list[tuple[AbstractQueue, str, ConsumerLoop]] = []
-        # Since when (monotonic) reconnecting fails because an exclusive consumer of ours was
-        # taken by another connection meanwhile; None while not.
-        self._exclusive_refused_since: float | None = None
+        self.refusals = lease.Refusals()  # a lock of ours held elsewhere after a reconnection
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
@@ -115,8 +113,8 @@ class Amqp:
                 self.connection = await aio_pika.connect_robust(
                     urls[0], client_properties=properties
                 )
-            self.connection.close_callbacks.add(self._on_close)
-            self.connection.reconnect_callbacks.add(self._on_reconnect)
+            self.connection.close_callbacks.add(self.refusals.on_close)
+            self.connection.reconnect_callbacks.add(self.refusals.on_reconnect)
             self._publisher = await self.connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -247,16 +245,11 @@ class Amqp:
         batch_size: int,
         prefetch: int | None = None,
         arguments: dict[str, Any] | None = None,
-        exclusive: bool = False,
     ) -> asyncio.Task[None]:
         """Consume ``queue`` in batches; the consumer module acts on the handler's verdicts.
 
         ``BrokerUnavailable`` if the connection breaks meanwhile: nothing consumes then (the
         channel is closed), and the caller may try again once the robust connection is back.
-        ``exclusive``: no other consumer may consume the queue while this one does
-        (``InExclusiveUse`` if another does); it is taken again after a reconnection. RabbitMQ
-        3.10 refuses a second exclusive consumer on a classic queue only (a quorum queue
-        accepts it silently), so only classic queues are consumed this way.
         """
         if self.connection is None:
             raise RuntimeError("not connected")
@@ -269,15 +262,9 @@ class Amqp:
             # consumer dead after a reconnection.
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            tag = await declared.consume(
-                inbox.put, no_ack=False, arguments=arguments, exclusive=exclusive
-            )
+            tag = await declared.consume(inbox.put, no_ack=False, arguments=arguments)
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
-        except ChannelAccessRefused as exc:  # RabbitMQ closed the channel
-            if "exclusive use" not in str(exc):
-                raise
-            raise InExclusiveUse(f"queue {queue} is consumed by another connection") from exc
         except CONSUME_UNREACHABLE as exc:
             if channel is not None:
                 with contextlib.suppress(Exception):
@@ -304,29 +291,24 @@ class Amqp:
         self._consumers.append((declared, tag, loop))
         return loop.task
 
+    async def hold_exclusive_queue(self, queue: str) -> None:
+        """Hold ``queue`` as a lock of this connection (``lease.hold``): ``InExclusiveUse``
+        if another holds it; after a reconnection, ``exclusive_refused_for`` counts for how
+        long another connection has held it since."""
+        if self.connection is None:
+            raise RuntimeError("not connected")
+        channel = await lease.hold(self.connection, queue, self.user_id, CONSUME_UNREACHABLE)
+        self._consumer_channels.append(channel)
+
     def is_connected(self) -> bool:
         """Whether the connection to RabbitMQ is up right now (readiness)."""
         connection = self.connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     def exclusive_refused_for(self) -> float:
-        """For how long (seconds) the connection has not come back because RabbitMQ refuses
-        to give an exclusive consumer of ours back (another connection took it meanwhile);
-        0 while not."""
-        since = self._exclusive_refused_since
-        return 0.0 if since is None else time.monotonic() - since
-
-    def _on_close(self, _: object, exc: BaseException | None = None) -> None:
-        # A reconnection whose restored consumers fail closes the connection with the error:
-        # an exclusive consumer that another connection holds now is ACCESS_REFUSED "in
-        # exclusive use" (the robust connection keeps trying every few seconds).
-        refused = isinstance(exc, ChannelAccessRefused) and "exclusive use" in str(exc)
-        if refused and self._exclusive_refused_since is None:
-            log.warning("reconnected, but an exclusive consumer is held elsewhere: %s", exc)
-            self._exclusive_refused_since = time.monotonic()
-
-    def _on_reconnect(self, *_: object) -> None:
-        self._exclusive_refused_since = None
+        """For how long (seconds) reconnecting has failed because another connection holds a
+        lock of ours (``hold_exclusive_queue``); 0 while not."""
+        return self.refusals.refused_for()
 
     def consuming(self) -> bool:
         """Whether every consumer started here still runs (readiness)."""
