@@ -228,11 +228,17 @@ class LiveFleet:
         return Path(self.bench.workdir) / f"{name}.stats.json"
 
     def stats(self) -> dict[str, float]:
+        """The simulator's counts (written every half second, renamed into place)."""
         assert self.simulator is not None
-        try:
-            return dict(json.loads(self.stats_path(self.simulator).read_text()))
-        except (OSError, ValueError):
-            return {}
+        for _ in range(20):
+            try:
+                counts = dict(json.loads(self.stats_path(self.simulator).read_text()))
+            except (OSError, ValueError):
+                counts = {}
+            if "heartbeats" in counts:
+                return counts
+            time.sleep(0.1)  # the simulator has not written its first counts yet
+        raise RuntimeError(f"no counts from {self.simulator}")
 
     async def settle(self, count: int, since: float, timeout_s: float = 600.0) -> float:
         """Until every simulated machine has a heartbeat recorded after ``since``, the

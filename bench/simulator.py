@@ -291,7 +291,10 @@ class FleetSimulator:
             try:
                 while not beating.done():
                     counts = {"at": time.time(), "since": began, **self.counts.as_dict()}
-                    stats.write_text(json.dumps(counts))  # noqa: ASYNC240 (a small local file)
+                    # Written aside and renamed: the bench never reads a half-written file.
+                    partial = stats.with_suffix(".tmp")
+                    partial.write_text(json.dumps(counts))
+                    partial.replace(stats)
                     await asyncio.sleep(0.5)
                 await beating
             finally:
