@@ -24,6 +24,7 @@ class Limits:
         self.rig = Rig(ns=f"{namespace}-min", log=log)
         self.minimal: list[Guarded[dict[str, Any]]] = []
         self.stack: list[Guarded[dict[str, Any]]] = []
+        self.max_repeats = MAX_REPEATS
 
     async def open(self) -> None:
         await self.rig.open()
@@ -38,7 +39,7 @@ class Limits:
         window = await guarded(
             lambda: self.rig.drain_minimal(MinimalConfig(), runs, label),
             lambda r: float(r["others_cores"]),
-            max_repeats=MAX_REPEATS if guard else 0,
+            max_repeats=self.max_repeats if guard else 0,
         )
         self.minimal.append(window)
         return window.result
@@ -48,7 +49,7 @@ class Limits:
         window = await guarded(
             lambda: self.rig.drain_stack(StackConfig(), messages, label),
             lambda r: float(r["others_cores"]),
-            max_repeats=MAX_REPEATS,
+            max_repeats=self.max_repeats,
         )
         self.stack.append(window)
         return window.result

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from bench.limits import limit_rows
+from bench.scenario_rows import scenario_rows
 
 
 def hops() -> dict[str, Any]:
@@ -321,6 +322,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         else:
             out.append(("tokens", "not measured", "", "", tok.get("reason", "")[:60]))
     out += predict_rows(s.get("predict"))
+    out += scenario_rows(s)
     return out
 
 
@@ -383,6 +385,10 @@ FINAL_KEYS: tuple[tuple[str, int | None], ...] = (
     ("ratio_vs_minimal", 2),
     ("minimal_runs_per_s", 1),
     ("stack_msgs_per_s", 1),
+    ("ratio_dispatcher_vs_stack", 2),
+    ("ratio_queue_1m", 2),
+    ("replica_cpu_ratio", 2),
+    ("p99_ms_half_load", 1),
     ("ratio_live_fleet_10k", 2),
     ("heartbeat_cpu_us", 1),
 )

@@ -99,6 +99,8 @@ class Bench:
         self._bl_workers = False
         self._counter = 0
         self.tracing = False  # processes started now count their round trips (bench/trace)
+        # The live machines' workers replaced by one cheap simulator (bench/simfleet.py).
+        self.simulated = False
 
     # ---- set-up and tear-down -------------------------------------------------------------
     async def setup(self) -> None:
@@ -181,6 +183,13 @@ class Bench:
         """Start a simulated worker per live machine (once); True when started now."""
         if self._ours_workers:
             return False
+        if self.simulated:
+            argv = ["-m", "bench.simfleet", "--machines", ",".join(self.live)]
+            argv += ["--counts", str(self.workdir / "simfleet-counts.json")]
+            argv += ["--state-root", str(self.workdir)]
+            self.procs.start("worker-simfleet", argv, self.env_for("worker-simfleet"))
+            self._ours_workers = True
+            return True
         for machine_id in self.live:
             name = f"worker-{machine_id}"
             self.procs.start(
@@ -214,6 +223,14 @@ class Bench:
         self._bl_workers = True
         return True
 
+    def sim_counts(self) -> dict[str, int]:
+        """The simulated fleet's requests so far (start, finish), as it last wrote them."""
+        path = self.workdir / "simfleet-counts.json"
+        if not path.exists():
+            return {"start": 0, "finish": 0}
+        counts: dict[str, int] = json.loads(path.read_text())
+        return counts
+
     async def ensure_workers(self, kind: str) -> None:
         started = self.start_ours_workers() if kind == "ours" else self.start_baseline_workers()
         if started:
@@ -231,12 +248,16 @@ class Bench:
         await self.redis.aclose()
         queues = [self.names.machine_queue(m) for m in (*self.live, *self.static)]
         queues += [self.names.machine_replies_queue(m) for m in (*self.live, *self.static)]
+        queues.append(self.names.reports_queue)
         queues += self.bnames.queues(self.live)
         return await cleanup(self.settings, queues=queues, exchanges=self.bnames.exchanges())
 
     def apply_fleet(self, total: int, prune: bool = False) -> float:
         path = self.workdir / f"fleet-{total}.json"
         path.write_text(json.dumps(fleet_document(self.live, total)))
+        return self.apply_document(path, prune)
+
+    def apply_document(self, path: Path, prune: bool = False) -> float:
         argv = [sys.executable, "-m", "dispatcher", "apply", str(path), "--no-signal"]
         began = time.perf_counter()
         result = subprocess.run(
@@ -552,6 +573,10 @@ class Bench:
             "started_p50_first_fifth_ms": round(percentile(early, 50), 1),
             "started_p50_last_fifth_ms": round(percentile(late, 50), 1),
             "stages": stages,
+            # Raw samples for pooling over windows (bench.stats.LatencyPool); the caller
+            # takes them out before the result is written.
+            "_started_ms": begun,
+            "_measured_s": max(0.0, duration - warmup),
             # Runs on the machines (dispatched or running) every 0.25 s, of 10 per machine.
             "slots_used_mean": round(statistics.mean(slots), 1) if slots else None,
             "slots_used_max": max(slots, default=None),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import heapq
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dispatcher.codes import ErrorCode
@@ -63,11 +63,13 @@ def plan_pass(
     per_lane: int = PREFETCH_PER_LANE,
     max_placements: int = MAX_PLACEMENTS,
     rng: random.Random | None = None,
+    heads_only: Collection[str] = (),
 ) -> Plan:
     """Walk the lane heads in queue order, placing each on the local state if it fits.
 
-    ``lanes``: the first runs of each lane (at most ``per_lane``), in lane order; ``views``:
-    the target's machines by id. Neither is changed.
+    ``lanes``: the first runs of each lane (at most ``per_lane``; only the head of the lanes
+    in ``heads_only``), in lane order; ``views``: the target's machines by id. Neither is
+    changed.
     """
     state = dict(views)
     heap = [(members[0].score, members[0].run_id, lane, 0) for lane, members in lanes.items()]
@@ -94,7 +96,7 @@ def plan_pass(
         if index + 1 < len(lanes[lane]):
             following = lanes[lane][index + 1]
             heapq.heappush(heap, (following.score, following.run_id, lane, index + 1))
-        elif len(lanes[lane]) == per_lane:
+        elif len(lanes[lane]) == (1 if lane in heads_only else per_lane):
             again = True  # the lane may have more runs than were read
     return Plan(plan.placements, plan.waiting, again or bool(heap))
 

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from dispatcher.codes import ErrorCode
 from dispatcher.core.placement import Placement, Waiting, plan_pass, runs_per_lane
 from dispatcher.core.selection import slots_of
 from dispatcher.crypto import handoff_binding
@@ -68,6 +69,12 @@ class Placer:
         self._wakeup = asyncio.Event()
         self._retry_handles: dict[str, asyncio.TimerHandle] = {}
         self._reasons_seen: dict[tuple[str, str], tuple[dict[str, str], float]] = {}
+        # The lanes whose head waited in the target's last pass for something else than a
+        # free slot (a session, a machine online): only their head is read next time. Nothing
+        # behind a waiting head is placed before it, and with a deep backlog in many lanes,
+        # reading their runs made every pass cost more. (A lane waiting for slots is read
+        # whole: slots free up all the time, and a head placed alone would cost a pass more.)
+        self._blocked: dict[str, set[str]] = {}
 
     def request(self, *targets: str) -> None:
         """Ask for a pass over each target (coalesced with passes already asked for)."""
@@ -126,11 +133,17 @@ class Placer:
             for view in await self.machines.views(machines, now, self.settings.offline_after_s)
         }
         per_lane = runs_per_lane(views.values())
-        lanes = await self.runs.lane_members(target, lane_names, per_lane)
+        blocked = self._blocked.get(target, set())
+        lanes = await self.runs.lane_members(target, lane_names, per_lane, heads_only=blocked)
         if not lanes:
             return 0
-        plan = plan_pass(fleet.connections, lanes, views, per_lane=per_lane)
+        plan = plan_pass(fleet.connections, lanes, views, per_lane=per_lane, heads_only=blocked)
         waiting = dict(plan.waiting)
+        self._blocked[target] = {
+            lane
+            for lane, (_, reasons) in waiting.items()
+            if ErrorCode.NoFreeSlot.value not in reasons.values()
+        }
         async with self.lifecycle.window() as window:
             placed, lost_races, failed = await self._hand_off(
                 window, target, plan.placements, waiting, now

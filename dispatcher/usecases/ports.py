@@ -16,7 +16,7 @@ fakes of the tests implement them too. A use case never imports an adapter.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -167,6 +167,18 @@ class Broker(Protocol):
         """Publish one persistent JSON message to an exchange of the contract (confirmed)."""
         ...
 
+    async def publish_many_json(
+        self,
+        role: str,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        kind: str,
+        mandatory: bool = True,
+    ) -> None:
+        """Publish persistent JSON messages ``(routing key, body)`` as one window, the
+        confirms awaited together."""
+        ...
+
     async def ensure_machine_queue(self, machine_id: str) -> None:
         """Declare a machine's queue (idempotent)."""
         ...
@@ -254,8 +266,10 @@ class RunReads(Protocol):
     async def lane_names(self, target: str) -> list[str]: ...
 
     async def lane_members(
-        self, target: str, lanes: list[str], per_lane: int
-    ) -> dict[str, list[QueuedHead]]: ...
+        self, target: str, lanes: list[str], per_lane: int, heads_only: Collection[str] = ()
+    ) -> dict[str, list[QueuedHead]]:
+        """The first ``per_lane`` runs of each lane (only the first of ``heads_only``)."""
+        ...
 
     async def due_deadlines(self, now: float, limit: int = 500) -> list[str]: ...
 

@@ -155,7 +155,7 @@ class WorkerRequests:
 
     async def handle(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """Answer a batch of requests. The batch's starts are recorded in one window and its
-        outcomes in another, and the answers are published together: a worker waits for its
+        outcomes in another, each group answered as soon as it is done: a worker waits for its
         answer before it starts a flow, so answering one request after the other would make
         every worker wait for every other worker's round trips."""
         verdicts: list[Verdict] = [Ack() for _ in batch]
@@ -185,19 +185,7 @@ class WorkerRequests:
                 verdicts[index] = DeadLetter(reason, "sender")
                 continue
             asked.append((index, _Asked(op, machine_id, correlation_id, request, changes)))
-        answers = await self._answer_all([a for _, a in asked])
-        await asyncio.gather(
-            *(
-                self.broker.publish_json(
-                    "machines",
-                    self.names.replies_key(a.machine_id),
-                    json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
-                    kind="reply",
-                    mandatory=False,
-                )
-                for (_, a), results in zip(asked, answers, strict=True)
-            )
-        )
+        await self._answer_all([a for _, a in asked])
         return verdicts
 
     def _changes(self, op: str, machine_id: str, request: dict[str, Any]) -> list[Any]:
@@ -228,33 +216,58 @@ class WorkerRequests:
             return [str(r) for r in request["run_ids"]]
         return []
 
-    async def _answer_all(self, asked: Sequence[_Asked]) -> list[list[dict[str, Any]]]:
-        """The answers, in the order asked: every start of the batch in one window (the flows
-        start at once; the started events follow, in the outbox already), every outcome in
-        one window, the queries side by side."""
+    async def _answer_all(self, asked: Sequence[_Asked]) -> None:
+        """Answer every request: the batch's starts in one window, then its outcomes in
+        another, then the queries side by side. A worker waits for its start answer before it
+        runs a flow, so the start answers go out as soon as the starts are recorded, while the
+        outcomes' window and its confirms are under way (waiting for them was a round trip of
+        confirms on every start). A failure of the starts stops the batch before the
+        outcomes, as before: the consumer handles the whole batch again."""
         now = self.clock()
-        answers: list[list[dict[str, Any]]] = [[] for _ in asked]
-        starts = [i for i, a in enumerate(asked) if a.op == "start"]
+        starts = [a for a in asked if a.op == "start"]
+        finishes = [a for a in asked if a.op == "finish"]
+        queries = [a for a in asked if a.op in ("states", "running")]
+        answered: asyncio.Task[None] | None = None
         if starts:
             async with self.lifecycle.window(wait=False) as window:
-                started = await window.start_many(
-                    [c for i in starts for c in asked[i].changes], now
+                started = await window.start_many([c for a in starts for c in a.changes], now)
+            answers = [[encode_start_result(r) for r in part] for part in _split(started, starts)]
+            answered = asyncio.create_task(self._reply(starts, answers))
+        try:
+            await self._answer_finishes(finishes, now)
+            await asyncio.gather(*(self._answer_query(a) for a in queries))
+        finally:
+            if answered is not None:
+                await answered
+
+    async def _answer_finishes(self, asked: Sequence[_Asked], now: float) -> None:
+        """Every outcome in one window, answered once its events are confirmed."""
+        if not asked:
+            return
+        async with self.lifecycle.window() as window:
+            ended = await window.finish_many([c for a in asked for c in a.changes], now)
+        await self._reply(
+            asked, [[encode_finish_result(r) for r in part] for part in _split(ended, asked)]
+        )
+
+    async def _answer_query(self, asked: _Asked) -> None:
+        await self._reply([asked], [await self._query(asked)])
+
+    async def _reply(
+        self, asked: Sequence[_Asked], answers: Sequence[list[dict[str, Any]]]
+    ) -> None:
+        await self.broker.publish_many_json(
+            "machines",
+            [
+                (
+                    self.names.replies_key(a.machine_id),
+                    json.dumps({"correlation_id": a.correlation_id, "results": results}).encode(),
                 )
-            for i, start_results in zip(starts, _split(started, asked, starts), strict=True):
-                answers[i] = [encode_start_result(r) for r in start_results]
-        finishes = [i for i, a in enumerate(asked) if a.op == "finish"]
-        if finishes:
-            async with self.lifecycle.window() as window:
-                ended = await window.finish_many(
-                    [c for i in finishes for c in asked[i].changes], now
-                )
-            for i, finish_results in zip(finishes, _split(ended, asked, finishes), strict=True):
-                answers[i] = [encode_finish_result(r) for r in finish_results]
-        queries = [i for i, a in enumerate(asked) if a.op in ("states", "running")]
-        replies = await asyncio.gather(*(self._query(asked[i]) for i in queries))
-        for i, reply in zip(queries, replies, strict=True):
-            answers[i] = reply
-        return answers
+                for a, results in zip(asked, answers, strict=True)
+            ],
+            kind="reply",
+            mandatory=False,
+        )
 
     async def _query(self, asked: _Asked) -> list[dict[str, Any]]:
         if asked.op == "states":
@@ -287,13 +300,11 @@ class _Asked:
     changes: list[Any]
 
 
-def _split(
-    results: Sequence[_R], asked: Sequence[_Asked], indexes: Sequence[int]
-) -> list[list[_R]]:
+def _split(results: Sequence[_R], asked: Sequence[_Asked]) -> list[list[_R]]:
     """Cut the results of one window back into the requests they were asked by."""
     parts, at = [], 0
-    for i in indexes:
-        n = len(asked[i].changes)
+    for a in asked:
+        n = len(a.changes)
         parts.append(list(results[at : at + n]))
         at += n
     return parts

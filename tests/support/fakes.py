@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -521,9 +521,14 @@ class FakeRunStore:
         return [lane for lane, _ in ordered(self.lane_heads.get(target, {}))]
 
     async def lane_members(
-        self, target: str, lanes: list[str], per_lane: int
+        self, target: str, lanes: list[str], per_lane: int, heads_only: Collection[str] = ()
     ) -> dict[str, list[QueuedHead]]:
-        members = {lane: ordered(self.lanes.get((target, lane), {}))[:per_lane] for lane in lanes}
+        members = {
+            lane: ordered(self.lanes.get((target, lane), {}))[
+                : 1 if lane in heads_only else per_lane
+            ]
+            for lane in lanes
+        }
         return {
             lane: [QueuedHead(run_id, score, lane) for run_id, score in rows]
             for lane, rows in members.items()
@@ -745,6 +750,17 @@ class FakeBroker:
         if self.down:
             raise ConnectionError("the fake broker is down")
         self.published.append((role, routing_key, body, kind))
+
+    async def publish_many_json(
+        self,
+        role: str,
+        messages: Sequence[tuple[str, bytes]],
+        *,
+        kind: str,
+        mandatory: bool = True,
+    ) -> None:
+        for routing_key, body in messages:
+            await self.publish_json(role, routing_key, body, kind=kind, mandatory=mandatory)
 
     async def ensure_machine_queue(self, machine_id: str) -> None:
         self.machine_queues.add(machine_id)

@@ -203,6 +203,32 @@ async def test_a_pass_that_read_a_full_lane_asks_for_another_and_one_that_did_no
     assert asked == [GROUP]
 
 
+async def test_a_lane_waiting_for_a_session_is_read_by_its_head_until_it_moves() -> None:
+    world = bots(machine("m1", group_id="bots", slots=3))
+    await world.heartbeat("m1")  # nobody signed in: the attended runs wait
+    for run_id in ("a1", "a2", "a3"):
+        await queue(world, run_id, "att")
+    read: list[tuple[int, set[str]]] = []
+    members = world.placer.runs.lane_members
+
+    async def spy(target: str, lanes: list[str], per_lane: int, heads_only: object = ()):  # type: ignore[no-untyped-def]
+        found = await members(target, lanes, per_lane, heads_only)  # type: ignore[arg-type]
+        read.append((sum(len(m) for m in found.values()), set(heads_only)))  # type: ignore[call-overload]
+        return found
+
+    world.placer.runs.lane_members = spy  # type: ignore[method-assign]
+    assert await world.place(GROUP) == 0
+    assert await world.place(GROUP) == 0
+    assert read == [(3, set()), (1, {"att|attended|normal"})]  # the second pass: the head only
+    asked: list[str] = []
+    world.placer.request = lambda *targets: asked.extend(targets)  # type: ignore[method-assign]
+    await world.heartbeat("m1", session(ALICE_WIN, "active"))
+    assert await world.place(GROUP) == 1  # the head, read alone, goes; another pass is asked
+    assert asked == [GROUP]
+    assert (await world.run("a1")).status is RunStatus.dispatched
+    assert read[-1] == (1, {"att|attended|normal"})
+
+
 async def test_a_pass_places_at_most_its_cap_and_asks_for_another() -> None:
     from dispatcher.core import placement as core_placement
 

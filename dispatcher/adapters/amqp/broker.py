@@ -26,7 +26,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from dispatcher.adapters.amqp import lease
+from dispatcher.adapters.amqp import lease, window
 from dispatcher.adapters.amqp.cluster import connect_cluster, split_urls
 from dispatcher.adapters.amqp.consumer import (
     ConsumerLoop,
@@ -65,7 +65,7 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 CONSUME_UNREACHABLE: tuple[type[BaseException], ...] = (*UNREACHABLE, RuntimeError)
 
 
-class Amqp:
+class Amqp(window.WindowPublishing):
     """One robust connection, a confirming publisher channel, and consumers."""
 
     def __init__(
@@ -147,6 +147,9 @@ class Amqp:
             raise RuntimeError("not connected")
         return self._publisher
 
+    async def _underlay(self) -> Any:
+        return await self.publisher.get_underlay_channel()
+
     def exchange(self, role: str) -> AbstractExchange:
         return self._exchanges[role]
 
@@ -167,15 +170,6 @@ class Amqp:
             )
             await replies.bind(self.exchange("machines"), self.names.replies_key(machine_id))
             self._machine_queues.add(machine_id)
-
-    async def publish_outbox(self, messages: Sequence[OutboxMessage]) -> None:
-        """Publish outbox messages with confirms awaited as one window."""
-        if not messages:
-            return
-        for message in messages:
-            if message.kind != "event" and message.routing_key not in self._machine_queues:
-                await self.ensure_machine_queue(message.routing_key)
-        await asyncio.gather(*(self._publish_one(m) for m in messages))
 
     async def _publish_one(self, message: OutboxMessage) -> None:
         """Publish with a confirm. Assignments are ``mandatory``: a returned one means the

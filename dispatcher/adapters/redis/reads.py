@@ -5,7 +5,7 @@ deadlines. None of them locks: a decision made on them is checked again by the t
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -92,14 +92,16 @@ class RedisRunReads:
         return [text(lane) for lane in await self.redis.zrange(self.names.lanes(target), 0, -1)]
 
     async def lane_members(
-        self, target: str, lanes: list[str], per_lane: int
+        self, target: str, lanes: list[str], per_lane: int, heads_only: Collection[str] = ()
     ) -> dict[str, list[QueuedHead]]:
-        """The first ``per_lane`` runs of each of a target's ``lanes`` (one round trip)."""
+        """The first ``per_lane`` runs of each of a target's ``lanes`` (one round trip); only
+        the first of the lanes in ``heads_only``."""
         if not lanes:
             return {}
         pipe = self.redis.pipeline(transaction=False)
         for lane in lanes:
-            pipe.zrange(self.names.lane(target, lane), 0, per_lane - 1, withscores=True)
+            last = 0 if lane in heads_only else per_lane - 1
+            pipe.zrange(self.names.lane(target, lane), 0, last, withscores=True)
         members = await pipe.execute()
         return {
             lane: [QueuedHead(text(m[0]), float(m[1]), lane) for m in rows]

@@ -1,0 +1,98 @@
+"""Table rows of the paired sections (``bench/scenarios.py``) and of the pooled latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Row = tuple[str, str, str, str, str]
+
+
+def _ratio(r: dict[str, Any], name: str) -> str:
+    span = f" [{r['low']:.2f}-{r['high']:.2f}]" if r.get("low") is not None else ""
+    return f"{name} {r['estimate']:.2f}{span} ({r['n']} pairs)"
+
+
+def _noise(n: dict[str, Any]) -> Row:
+    kept = n["kept_others_cores"]
+    return (
+        "",
+        "  other tenants' cores (min-max)",
+        f"{min(kept):.2f}-{max(kept):.2f}",
+        "",
+        f"{n['repeats']} window(s) repeated (> 0.3 cores), {n['still_noisy']} still noisy",
+    )
+
+
+def scenario_rows(s: dict[str, Any]) -> list[Row]:
+    out: list[Row] = []
+    lat = s.get("latency") or {}
+    pooled = lat.get("pooled")
+    if pooled:
+        o, b = pooled["ours"], pooled["baseline"]
+
+        def ms(v: float | None) -> str:
+            return "inf" if v is None else f"{v:.1f}"
+
+        out.append(
+            (
+                "latency",
+                "pooled submit->started p50 / p99 ms",
+                f"{ms(o['p50_ms'])} / {ms(o['p99_ms'])}",
+                f"{ms(b['p50_ms'])} / {ms(b['p99_ms'])}",
+                f"{o['seconds']:.0f} s / {b['seconds']:.0f} s pooled, misses {o['misses']} / "
+                f"{b['misses']}",
+            )
+        )
+    rep = s.get("replicas")
+    if rep and "replica_cpu_ratio" in rep:
+        one = sorted(d["dispatcher_us_per_run"] for d in rep["drains_one"])
+        two = sorted(d["dispatcher_us_per_run"] for d in rep["drains_two"])
+        out.append(
+            (
+                "replicas",
+                "dispatcher CPU µs/run, 1 vs 2 (medians)",
+                f"{one[len(one) // 2]:,}",
+                f"{two[len(two) // 2]:,}",
+                _ratio(rep["replica_cpu_ratio"], "replica_cpu_ratio"),
+            )
+        )
+        gain = rep.get("gain_interval") or rep["gain"]
+        out.append(("", "  runs/s gain (paired)", "", "", _ratio(gain, "gain")))
+        out.append(_noise(rep["noise"]))
+    sat = s.get("saturation")
+    if sat:
+        out.append(
+            (
+                "saturation",
+                "dispatcher msgs/s (simulated fleet) vs raw loop",
+                f"{sat['msgs_per_s']['estimate']:,.0f}",
+                f"{sat['stack_msgs_per_s']['estimate']:,.0f}",
+                _ratio(sat["ratio_dispatcher_vs_stack"], "ratio_dispatcher_vs_stack"),
+            )
+        )
+        out.append(
+            (
+                "",
+                "  runs/s; msgs per run; dispatcher µs/msg",
+                f"{sat['runs_per_s']['estimate']:,.0f}",
+                f"{sat['msgs_per_run']:.2f}",
+                f"{sat['dispatcher_us_per_msg']:,} µs/msg",
+            )
+        )
+        out.append(_noise(sat["noise"]))
+    deep = s.get("deepqueue")
+    if deep:
+        large = sorted(d["dispatcher_us_per_run"] for d in deep["drains_large"])
+        small = sorted(d["dispatcher_us_per_run"] for d in deep["drains_small"])
+        out.append(
+            (
+                "deep queue",
+                f"dispatcher µs/run, 10 vs {deep['queued']:,} in target",
+                f"{small[len(small) // 2]:,}",
+                f"{large[len(large) // 2]:,}",
+                _ratio(deep["ratio_queue_1m"], "ratio_queue_1m"),
+            )
+        )
+        out.append(("", "  runs/s large / small (paired)", "", "", _ratio(deep["rate_ratio"], "")))
+        out.append(_noise(deep["noise"]))
+    return out
