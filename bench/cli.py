@@ -41,6 +41,7 @@ SECTIONS = (
     "predict",
     "saturation",
     "deepqueue",
+    "livefleet",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -67,6 +68,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=None, help="drains per throughput figure")
     parser.add_argument("--queued", type=int, default=100_000, help="waiting runs (scale)")
     parser.add_argument("--fleet", type=int, default=1000, help="machines (scale)")
+    parser.add_argument(
+        "--live-fleet",
+        type=int,
+        default=10_000,
+        help="live machines of the livefleet section (one simulator process speaks for them)",
+    )
+    parser.add_argument(
+        "--machine-queues",
+        choices=("classic", "quorum"),
+        default="classic",
+        help="machine queue type of the livefleet section (bench/README.md explains why classic)",
+    )
     parser.add_argument(
         "--pairs",
         type=int,
@@ -233,6 +246,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "drain": big,
             }
 
+        if "livefleet" in want:
+            from bench.livefleet import live_fleet_section
+
+            log(f"live fleet: {args.live_fleet} machines heartbeating through one simulator")
+            sections["livefleet"] = await live_fleet_section(
+                bench,
+                log,
+                size=args.live_fleet,
+                runs=args.runs,
+                pairs=args.pairs,
+                window_s=6.0 if args.quick else 10.0,
+                queue_type=args.machine_queues,
+            )
+
         if "predict" in want:
             from bench.predict import predict_section
 
@@ -318,6 +345,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "queued": args.queued,
             "fleet": args.fleet,
             "deep": args.deep,
+            "live_fleet": args.live_fleet,
             "pairs": args.pairs,
             "minimal_runs": args.minimal_runs,
             "stack_messages": args.stack_messages,
@@ -423,6 +451,11 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
         out["ratio_queue_scale"] = s["queue"]["ratio"]
     if "fleet" in s:
         out["ratio_fleet_scale"] = s["fleet"]["ratio"]
+    live = s.get("livefleet")
+    if live and "ratio" in live:
+        out["ratio_live_fleet_10k"] = live["ratio"]["estimate"]
+    if live and "heartbeat_cpu_us" in live:
+        out["heartbeat_cpu_us"] = live["heartbeat_cpu_us"]["estimate"]
     usage = (s.get("queue") or {}).get("memory") or (s.get("memory") or {}).get("usage")
     if usage:
         out["redis_bytes_per_queued_run"] = usage["bytes_per_queued_run"]

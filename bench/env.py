@@ -151,6 +151,7 @@ async def cleanup(
         names.dead_queue,
         names.heartbeats_queue,
         names.signals_queue,
+        names.reports_queue,
         *queues,
     ]
     all_exchanges = [
@@ -159,6 +160,7 @@ async def cleanup(
         names.dead_exchange,
         names.machines_exchange,
         names.heartbeats_exchange,
+        names.reports_exchange,
         *exchanges,
     ]
     deleted_queues = 0

@@ -389,6 +389,8 @@ FINAL_KEYS: tuple[tuple[str, int | None], ...] = (
     ("ratio_queue_1m", 2),
     ("replica_cpu_ratio", 2),
     ("p99_ms_half_load", 1),
+    ("ratio_live_fleet_10k", 2),
+    ("heartbeat_cpu_us", 1),
 )
 
 

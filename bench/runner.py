@@ -246,8 +246,8 @@ class Bench:
             with contextlib.suppress(Exception):
                 await self.bl_connection.close()
         await self.redis.aclose()
-        queues = [self.names.machine_queue(m) for m in self.live]
-        queues += [self.names.machine_replies_queue(m) for m in self.live]
+        queues = [self.names.machine_queue(m) for m in (*self.live, *self.static)]
+        queues += [self.names.machine_replies_queue(m) for m in (*self.live, *self.static)]
         queues.append(self.names.reports_queue)
         queues += self.bnames.queues(self.live)
         return await cleanup(self.settings, queues=queues, exchanges=self.bnames.exchanges())

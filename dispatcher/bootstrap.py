@@ -131,13 +131,13 @@ async def runtime(
     ``wait_s``: how long to keep trying while they cannot be reached (a service starting
     during a Redis restart waits for it; a CLI command fails at once).
     """
-    names = Names(settings.namespace)
-    redis = make_redis(settings)
+    names, redis = Names(settings.namespace), make_redis(settings)
     broker = Amqp(
         settings.amqp_url.get_secret_value(),
         names,
         prefetch=settings.prefetch,
         hold_s=settings.outage_hold_s,
+        machine_queue_type=settings.machine_queue_type,
         dead_letter_max=settings.dead_letter_max,
     )
     try:

@@ -107,6 +107,11 @@ class Settings(BaseSettings):
 
     # Throughput knobs.
     prefetch: int = Field(default=200, ge=1)
+    # Each machine's assignment queue: quorum (replicated, with a delivery limit) or classic
+    # (durable, a third of the broker memory; for fleets of thousands of machines per node:
+    # bench/README.md "Machine queues: quorum or classic"). A queue keeps the type it was
+    # declared with: changing this needs the machines' queues deleted (nothing queued in them).
+    machine_queue_type: Literal["quorum", "classic"] = "quorum"
     batch_size: int = Field(default=100, ge=1)
 
     # Secrets at rest: base64 32-byte keys, "kid:key,kid:key"; the first one encrypts.

@@ -199,6 +199,7 @@ def definitions(
     password_hashes: Mapping[str, str],
     *,
     cluster: bool = False,
+    machine_queue_type: str = "quorum",
 ) -> dict[str, Any]:
     """A RabbitMQ definitions document (``rabbitmqctl import_definitions`` or the management
     API's ``POST /api/definitions``) with the principals' users, permissions and topic
@@ -238,7 +239,11 @@ def definitions(
         if principal.kind == "machine":
             machine_id = principal.name
             for queue, key, arguments in (
-                (names.machine_queue(machine_id), machine_id, quorum_arguments(names)),
+                (
+                    names.machine_queue(machine_id),
+                    machine_id,
+                    machine_queue_arguments(names, machine_queue_type),
+                ),
                 (
                     names.machine_replies_queue(machine_id),
                     names.replies_key(machine_id),
@@ -283,6 +288,16 @@ def definitions(
         "queues": queues,
         "bindings": bindings,
     }
+
+
+def machine_queue_arguments(names: Names, queue_type: str = "quorum") -> dict[str, Any]:
+    """A machine's assignment queue: quorum (``quorum_arguments``) or durable classic,
+    dead-lettering to the namespace's dead exchange either way. A classic queue has no
+    delivery limit: an assignment a worker never gets to start is redelivered until the
+    unstarted-run sweep gives the run to another fence, which the worker then refuses."""
+    if queue_type == "classic":
+        return {"x-queue-type": "classic", "x-dead-letter-exchange": names.dead_exchange}
+    return quorum_arguments(names)
 
 
 def quorum_arguments(names: Names) -> dict[str, Any]:

@@ -56,6 +56,30 @@ class Heartbeat(Strict):
     capacity: int = 1
 
 
+class LiveRecord(BaseModel):
+    """What the store keeps of a machine's last heartbeat: what placement and change detection
+    read, nothing else. When it was received is the heartbeat index's score, and ``running`` /
+    ``finished`` serve reconciliation when the heartbeat arrives, so most heartbeats leave the
+    record as it was and the store writes only the timestamp. ``extra="ignore"``: a whole
+    heartbeat, as stored before this record existed, reads as one."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    worker_id: str
+    sessions: tuple[Session, ...] = ()
+    public_key: str | None = None
+    capacity: int = 1
+
+    @classmethod
+    def of(cls, heartbeat: Heartbeat) -> LiveRecord:
+        return cls(
+            worker_id=heartbeat.worker_id,
+            sessions=heartbeat.sessions,
+            public_key=heartbeat.public_key,
+            capacity=heartbeat.capacity,
+        )
+
+
 class AssignedRun(BaseModel):
     """A run the dispatcher has handed to a machine (dispatched or running); ``user`` is
     case-folded."""

@@ -178,6 +178,7 @@ async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -
         principals,
         {user: rabbit_password_hash(password) for user, password in passwords.items()},
         cluster=len(split_urls(settings.amqp_url.get_secret_value())) > 1,
+        machine_queue_type=settings.machine_queue_type,
     )
     credentials = {
         p.username: principal_url(settings, p.username, passwords[p.username]) for p in principals

@@ -195,6 +195,31 @@ class Foresight:
         except Exception as exc:
             log.warning("machine change of %s not traced: %s", machine_id, exc)
 
+    async def keep_heartbeat_changes(
+        self, heard: Sequence[tuple[str, Sequence[Session]]], at: float
+    ) -> None:
+        """Machines a batch of heartbeats found back online or with new sessions, kept in one
+        write (a replica starting beside 10,000 machines hears each of them for the first
+        time, one write each would hold up the heartbeats)."""
+        if not heard:
+            return
+        try:
+            fleet = await self.fleet.load()
+            changes = [
+                MachineChange(
+                    at=at,
+                    machine_id=machine_id,
+                    online=True,
+                    maintenance=fleet.machines[machine_id].maintenance,
+                    sessions=tuple((session.user, session.state) for session in sessions),
+                )
+                for machine_id, sessions in heard
+                if machine_id in fleet.machines
+            ]
+            await self.traces.record_changes(changes)
+        except Exception as exc:
+            log.warning("%d machine changes not traced: %s", len(heard), exc)
+
     async def model(self, target: str) -> ServiceModel:
         """The target's service model, learnt from its trace (only new records are read)."""
         learnt = self._learnt.get(target)

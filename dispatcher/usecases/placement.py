@@ -98,6 +98,16 @@ class Placer:
             await self._wakeup.wait()
             self._wakeup.clear()
             targets, self._pending = self._pending, set()
+            if len(targets) > 1:
+                # Only targets with queued runs need a pass: a live fleet asks for passes over
+                # every machine that comes back online or changes sessions, and one round of
+                # thousands of empty passes (two round trips each) held up the targets that
+                # had runs to place until it ended. A run queued meanwhile asks again.
+                try:
+                    queued = set(await self.runs.targets())
+                except Exception:
+                    queued = targets  # the passes themselves will report the outage
+                targets &= queued
             for target in sorted(targets):
                 try:
                     await self.place(target)

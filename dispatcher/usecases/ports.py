@@ -27,6 +27,7 @@ from dispatcher.models import (
     AssignedRun,
     Connection,
     Heartbeat,
+    LiveRecord,
     Machine,
     MachineView,
     Priority,
@@ -285,13 +286,34 @@ class RunReads(Protocol):
 
 
 # ---- machines, fleet, leases ------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeyRefused:
+    """The heartbeat's public key is not the one pinned since the machine's registration: the
+    machine is marked ``KeyMismatch`` and nothing else is recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class BeatRecorded:
+    """A heartbeat recorded. ``changed``: its live record (worker, sessions, key, capacity)
+    differs from the stored one, or there was none; ``previous`` is the record it replaced
+    (None when unchanged or first)."""
+
+    was_offline: bool
+    changed: bool
+    previous: LiveRecord | None = None
+
+
+HeartbeatOutcome = KeyRefused | BeatRecorded
+
+
 class MachineState(Protocol):
     """Live machine state: heartbeats, what runs on each machine, offline marks."""
 
-    async def record_heartbeat(
-        self, heartbeat: Heartbeat, received_at: float
-    ) -> tuple[Heartbeat | None, bool]:
-        """Store a heartbeat; return the previous one and whether the machine was offline."""
+    async def record_heartbeats(
+        self, heartbeats: Sequence[Heartbeat], received_at: float
+    ) -> list[HeartbeatOutcome]:
+        """Pin each heartbeat's key (at the first heartbeat since registration) and record it,
+        the batch in one round trip; one outcome per heartbeat, in order."""
         ...
 
     async def pin_key(self, machine_id: str, public_key: str, now: float) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from dispatcher.codes import ErrorCode
 from dispatcher.core.fleet import FleetSnapshot
@@ -48,20 +48,32 @@ class Reconciler:
     async def heartbeat(self, heartbeat: Heartbeat, fleet: FleetSnapshot | None = None) -> int:
         """Apply what the heartbeat proves and the store does not know; returns how many.
         ``fleet``: the session users of adopted runs (their machine slot)."""
-        reports = [(r.run_id, r.fence) for r in heartbeat.running] + [
-            (f.run_id, f.fence) for f in heartbeat.finished
-        ]
+        return await self.heartbeats([heartbeat], fleet)
+
+    async def heartbeats(
+        self, heartbeats: Sequence[Heartbeat], fleet: FleetSnapshot | None = None
+    ) -> int:
+        """The same for a batch of heartbeats: one read of the states of every reported run,
+        one window for the repairs (none in the normal case)."""
+        reports: list[tuple[Heartbeat, int, str, int]] = []
+        for heartbeat in heartbeats:
+            reports += [(heartbeat, i, r.run_id, r.fence) for i, r in enumerate(heartbeat.running)]
+            running = len(heartbeat.running)
+            reports += [
+                (heartbeat, running + i, f.run_id, f.fence)
+                for i, f in enumerate(heartbeat.finished)
+            ]
         if not reports:
             return 0
-        states = await self.runs.states([run_id for run_id, _ in reports])
-        machine, now = heartbeat.machine_id, self.clock()
+        states = await self.runs.states([run_id for _, _, run_id, _ in reports])
+        now = self.clock()
         starts: list[Start] = []
         endings: list[Ending] = []
-        lost_claims: list[tuple[str, int]] = []
-        running = len(heartbeat.running)
-        for index, ((run_id, fence), state) in enumerate(zip(reports, states, strict=True)):
+        lost_claims: dict[str, tuple[Heartbeat, list[tuple[str, int]]]] = {}
+        for (heartbeat, index, run_id, fence), state in zip(reports, states, strict=True):
+            machine, running = heartbeat.machine_id, len(heartbeat.running)
             if index < running and _lost_claim(state, machine, fence):
-                lost_claims.append((run_id, fence))
+                lost_claims.setdefault(machine, (heartbeat, []))[1].append((run_id, fence))
                 continue
             if state.fence != fence or state.machine_id != machine:
                 continue
@@ -97,7 +109,11 @@ class Reconciler:
                         detail={"reconciled": True},
                     )
                 )
-        adoptions = await self._adoptions(heartbeat, lost_claims, fleet, now)
+        adoptions: list[Adoption] = []
+        for heartbeat, claims in lost_claims.values():
+            adoptions += await self._adoptions(heartbeat, list(dict.fromkeys(claims)), fleet, now)
+        if not starts and not endings and not adoptions:
+            return 0  # the normal case: the store knows everything the workers report
         async with self.lifecycle.window() as window:
             started = await window.start_many(starts, now)
             adopted = await window.adopt_many(adoptions, now)

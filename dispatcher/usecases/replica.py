@@ -34,10 +34,13 @@ from dispatcher.usecases.placement import Placer
 from dispatcher.usecases.ports import (
     Ack,
     BatchHandler,
+    BeatRecorded,
     Broker,
     DeadLetter,
     Delivery,
     FleetSource,
+    HeartbeatOutcome,
+    KeyRefused,
     MachineState,
     RunReads,
     Verdict,
@@ -53,6 +56,9 @@ T = TypeVar("T")
 START_WAIT_S = 120.0
 START_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
 
+
+# Heartbeats handled (recorded, reconciled) per batch; twice as many delivered ahead.
+HEARTBEAT_BATCH = 1000
 
 # What an unknown target is counted as (the metrics' ``other``).
 OTHER_TARGET = "other"
@@ -96,6 +102,8 @@ class Dispatcher:
         self.replica_id = replica_id
         self.worker_requests = worker_requests
         self._queues_declared: set[str] = set()
+        self._undeclared: dict[str, None] = {}  # machines whose queues to declare, in order
+        self._declaring: asyncio.Task[None] | None = None
         self.foresight = foresight
         self.clock = clock
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,6 +126,16 @@ class Dispatcher:
             consumers.append((names.reports_queue, self.worker_requests.handle))
         for queue, handler in consumers:
             consume = functools.partial(self.broker.consume, queue, handler, batch_size=size)
+            if queue == names.heartbeats_queue:
+                # A batch of heartbeats costs a few round trips whatever its size: at 10,000
+                # machines (2,000 a second) batches of 100 left the replica waiting on them.
+                consume = functools.partial(
+                    self.broker.consume,
+                    queue,
+                    handler,
+                    batch_size=HEARTBEAT_BATCH,
+                    prefetch=2 * HEARTBEAT_BATCH,
+                )
             self._tasks.append(await self._when_available(consume))
         self._tasks += [
             asyncio.create_task(self.placer.run_forever(), name="placer"),
@@ -160,29 +178,35 @@ class Dispatcher:
         return bool(tasks) and not self.draining and not any(t.done() for t in tasks)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._declaring] if self._declaring else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.lifecycle.aclose()
 
     # ---- reactions ----------------------------------------------------------------------------
     async def handle_heartbeats(self, batch: Sequence[Delivery]) -> list[Verdict]:
-        """Record machines' live state; place runs where a machine can now take more."""
+        """Record machines' live state; place runs where a machine can now take more.
+
+        The batch is recorded in one store call and reconciled in one read: at 10,000
+        machines a replica receives thousands of heartbeats a second, most of which only
+        prove a machine alive (see bench/README.md, "live fleet")."""
         verdicts: list[Verdict] = []
         fleet = await self.fleet.load()
         now = self.clock()
+        accepted: list[Heartbeat] = []
         for message in batch:
+            verdicts.append(Ack())
             try:
                 heartbeat = Heartbeat.model_validate_json(message.body)
             except ValidationError as exc:
                 self.metrics.dead_letter("heartbeat")
-                verdicts.append(
-                    DeadLetter(f"not a heartbeat: {exc.error_count()} errors", "heartbeat")
+                verdicts[-1] = DeadLetter(
+                    f"not a heartbeat: {exc.error_count()} errors", "heartbeat"
                 )
                 continue
             if heartbeat.machine_id not in fleet.machines:
-                verdicts.append(Ack())  # a worker for a machine not (yet) in the fleet
-                continue
+                continue  # a worker for a machine not (yet) in the fleet: acked
             user = publisher_of(self.admin_user, message.user_id, message.headers)
             sender = sender_of(self.names, self.admin_user, user)
             if not sender.speaks_for_machine(heartbeat.machine_id):
@@ -193,16 +217,54 @@ class Dispatcher:
                 log.warning("refused %s", reason)
                 self.metrics.message_refused("sender")
                 self.metrics.dead_letter("sender")
-                verdicts.append(DeadLetter(reason, "sender"))
+                verdicts[-1] = DeadLetter(reason, "sender")
                 continue
-            if heartbeat.machine_id not in self._queues_declared:
-                # A worker may configure nothing: its queues are declared here (and when it is
-                # registered or the fleet is applied).
-                await self.broker.ensure_machine_queue(heartbeat.machine_id)
-                self._queues_declared.add(heartbeat.machine_id)
-            if heartbeat.public_key and not await self.machines.pin_key(
-                heartbeat.machine_id, heartbeat.public_key, now
-            ):
+            self._declare_queues_of(heartbeat.machine_id)
+            accepted.append(heartbeat)
+        outcomes = await self.machines.record_heartbeats(accepted, now)
+        recorded = [
+            h for h, o in zip(accepted, outcomes, strict=True) if isinstance(o, BeatRecorded)
+        ]
+        await self.reconciler.heartbeats(recorded, fleet)
+        heard = [
+            (heartbeat.machine_id, heartbeat.sessions)
+            for heartbeat, outcome in zip(accepted, outcomes, strict=True)
+            if self._react(heartbeat, outcome, fleet)
+        ]
+        if self.foresight is not None:
+            await self.foresight.keep_heartbeat_changes(heard, now)
+        return verdicts
+
+    def _declare_queues_of(self, machine_id: str) -> None:
+        """A worker may configure nothing: its queues are declared by the dispatcher at its
+        first heartbeat (and when it is registered or the fleet is applied). In the background,
+        one machine after the other: a replica starting beside 10,000 machines would otherwise
+        hold every heartbeat behind 40,000 declarations and see its machines go offline. A
+        worker retries until its queues exist, and an assignment declares its queue first."""
+        if machine_id in self._queues_declared or machine_id in self._undeclared:
+            return
+        self._undeclared[machine_id] = None
+        if self._declaring is None or self._declaring.done():
+            self._declaring = asyncio.create_task(self._declare_queues(), name="machine-queues")
+
+    async def _declare_queues(self) -> None:
+        while self._undeclared:
+            machine_id = next(iter(self._undeclared))
+            try:
+                await self.broker.ensure_machine_queue(machine_id)
+            except Exception as exc:  # RabbitMQ away or refusing: try again in a second
+                log.warning("queues of machine %s not declared yet: %s", machine_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            del self._undeclared[machine_id]
+            self._queues_declared.add(machine_id)
+
+    def _react(self, heartbeat: Heartbeat, outcome: HeartbeatOutcome, fleet: FleetSnapshot) -> bool:
+        """A pass for the machine's targets when what placement sees of it changed; True
+        when the machine came back online or its sessions changed (foresight keeps that)."""
+        targets = fleet.targets_of_machine(heartbeat.machine_id)
+        match outcome:
+            case KeyRefused():
                 log.warning(
                     "refused a heartbeat of machine %s (worker %s): its key is not the one "
                     "pinned at registration; register the machine again to accept a new key",
@@ -210,27 +272,21 @@ class Dispatcher:
                     heartbeat.worker_id,
                 )
                 self.metrics.message_refused("key_mismatch")
-                self.placer.request(*fleet.targets_of_machine(heartbeat.machine_id))
-                verdicts.append(Ack())
-                continue
-            previous, was_offline = await self.machines.record_heartbeat(heartbeat, now)
-            await self.reconciler.heartbeat(heartbeat, fleet)
-            if (
-                was_offline
-                or previous is None
-                or previous.sessions != heartbeat.sessions
-                or previous.worker_id != heartbeat.worker_id
-                or previous.public_key != heartbeat.public_key
-            ):
-                self.placer.request(*fleet.targets_of_machine(heartbeat.machine_id))
-            if self.foresight is not None and (
-                was_offline or previous is None or previous.sessions != heartbeat.sessions
-            ):
-                await self.foresight.keep_machine_change(
-                    heartbeat.machine_id, now, online=True, sessions=heartbeat.sessions
-                )
-            verdicts.append(Ack())
-        return verdicts
+                self.placer.request(*targets)
+            case BeatRecorded(was_offline=was_offline, changed=changed, previous=previous):
+                if not (was_offline or changed):
+                    return False
+                sessions_changed = previous is None or previous.sessions != heartbeat.sessions
+                if (
+                    was_offline
+                    or previous is None
+                    or sessions_changed
+                    or previous.worker_id != heartbeat.worker_id
+                    or previous.public_key != heartbeat.public_key
+                ):
+                    self.placer.request(*targets)
+                return was_offline or sessions_changed
+        return False
 
     async def handle_signals(self, batch: Sequence[Delivery]) -> list[Verdict]:
         """A run ended or a machine changed: its machine's targets may place more runs."""

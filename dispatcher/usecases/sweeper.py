@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -64,6 +65,10 @@ class Sweeper:
         self.clock = clock
         self.foresight = foresight
         self._last_resweep = 0.0
+        # Offline machines whose running runs were checked, and when: an offline machine gets
+        # no new runs, so after its first check it is checked again only every resweep
+        # interval (checking 10,000 silent machines every sweep kept a replica busy).
+        self._offline_checked: dict[str, float] = {}
         # Since when this replica could reach Redis without interruption. Heartbeats that
         # arrive while Redis is unreachable cannot be recorded, so for ``offline_after_s``
         # after start-up or an outage no machine is judged on its (stale) last heartbeat.
@@ -139,9 +144,15 @@ class Sweeper:
                 await self._requeue_unstarted(machine_id, now)
                 if self.foresight is not None:
                     await self.foresight.keep_machine_change(machine_id, now, online=False)
+        checked = self._offline_checked
+        for machine_id in [m for m in checked if m not in marks]:
+            del checked[machine_id]  # back online
         for machine_id, since in marks.items():
-            if now - since >= self.settings.running_grace_s:
+            if now - since < self.settings.running_grace_s:
+                continue
+            if now - checked.get(machine_id, -math.inf) >= self.settings.resweep_interval_s:
                 await self._fail_running(machine_id, now)
+                checked[machine_id] = now
 
     async def _runs_on(self, machine_id: str) -> list[Run]:
         assigned = await self.machines.assigned(machine_id)

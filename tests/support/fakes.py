@@ -27,6 +27,7 @@ from dispatcher.models import (
     AssignedRun,
     Connection,
     Heartbeat,
+    LiveRecord,
     Machine,
     MachineView,
     Priority,
@@ -40,10 +41,13 @@ from dispatcher.usecases.ports import (
     Admission,
     Adoption,
     BatchHandler,
+    BeatRecorded,
     Claim,
     Delivery,
     Ending,
     HandoffFacts,
+    HeartbeatOutcome,
+    KeyRefused,
     QueueEnding,
     Refusal,
     Start,
@@ -562,6 +566,25 @@ class FakeMachines:
             return True
         self.mismatches[machine_id] = now
         return False
+
+    async def record_heartbeats(
+        self, heartbeats: Sequence[Heartbeat], received_at: float
+    ) -> list[HeartbeatOutcome]:
+        outcomes: list[HeartbeatOutcome] = []
+        for heartbeat in heartbeats:
+            machine_id = heartbeat.machine_id
+            if heartbeat.public_key and not await self.pin_key(
+                machine_id, heartbeat.public_key, received_at
+            ):
+                outcomes.append(KeyRefused())
+                continue
+            seen = self.heartbeats.get(machine_id)
+            before = LiveRecord.of(seen[0]) if seen else None
+            self.heartbeats[machine_id] = (heartbeat, received_at)
+            was_offline = self.offline.pop(machine_id, None) is not None
+            changed = before != LiveRecord.of(heartbeat)
+            outcomes.append(BeatRecorded(was_offline, changed, before if changed else None))
+        return outcomes
 
     async def record_heartbeat(
         self, heartbeat: Heartbeat, received_at: float

@@ -37,8 +37,12 @@ async def test_passes_are_coalesced_run_in_order_and_a_failed_one_is_asked_again
             done.set()
         return 0
 
+    async def targets() -> list[str]:  # the targets with queued runs ("m:idle" has none)
+        return ["g:broken", "m:a", "m:b", "m:c"]
+
     placer.place = place  # type: ignore[method-assign]
-    placer.request("m:b", "g:broken")
+    placer.runs.targets = targets  # type: ignore[method-assign]
+    placer.request("m:b", "g:broken", "m:idle")
     placer.request("m:a", "m:b")  # coalesced with the pass already asked for
     loop_task = asyncio.create_task(placer.run_forever())
     try:

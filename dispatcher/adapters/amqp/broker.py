@@ -75,6 +75,7 @@ class Amqp(MachineQueues, window.WindowPublishing):
         hold_s: float | None = None,
         on_outage: OutageHook | None = None,
         declare: bool = True,
+        machine_queue_type: str = "quorum",
         dead_letter_max: int = DEAD_LETTER_MAX,
     ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
@@ -82,6 +83,7 @@ class Amqp(MachineQueues, window.WindowPublishing):
         self.url = url
         self.cluster = len(split_urls(url)) > 1
         self.declare = declare
+        self.machine_queue_type = machine_queue_type
         self.dead_letter_max = dead_letter_max
         self.names = names
         self.prefetch = prefetch

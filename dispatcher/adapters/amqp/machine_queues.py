@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from aio_pika.exceptions import PublishError
 
 from dispatcher.adapters.amqp.topology import declare_replies_queue
-from dispatcher.core.principals import quorum_arguments
+from dispatcher.core.principals import machine_queue_arguments
 from dispatcher.names import Names
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ class MachineQueues:
 
     names: Names
     cluster: bool
+    machine_queue_type: str
     declare: bool
     connection: AbstractRobustConnection | None
     _machine_queues: set[str]
@@ -49,12 +50,12 @@ class MachineQueues:
         ) -> None: ...
 
     async def ensure_machine_queue(self, machine_id: str) -> None:
-        """Declare a machine's queue (quorum, bound to the machines exchange by machine id) and
-        its replies queue (``core/principals.replies_arguments``)."""
+        """Declare a machine's queue (``machine_queue_type``, bound to the machines exchange by
+        machine id) and its replies queue (``core/principals.replies_arguments``)."""
         queue = await self.publisher.declare_queue(
             self.names.machine_queue(machine_id),
             durable=True,
-            arguments=quorum_arguments(self.names),
+            arguments=machine_queue_arguments(self.names, self.machine_queue_type),
         )
         if machine_id not in self._machine_queues:
             await queue.bind(self.exchange("machines"), machine_id)

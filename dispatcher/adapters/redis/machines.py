@@ -4,13 +4,36 @@ marks."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from dispatcher.adapters.redis.codec import decode_assigned, text
 from dispatcher.adapters.redis.connection import store_adapter
-from dispatcher.models import AssignedRun, Heartbeat, Machine, MachineView
+from dispatcher.models import AssignedRun, Heartbeat, LiveRecord, Machine, MachineView
 from dispatcher.names import Names
+from dispatcher.usecases.ports import BeatRecorded, HeartbeatOutcome, KeyRefused
+
+HEARTBEATS_SCRIPT = (resources.files("dispatcher.adapters") / "lua" / "heartbeats.lua").read_text()
+
+
+def encode_live_record(heartbeat: Heartbeat) -> str:
+    """The stored live record: compact JSON, the same bytes for the same facts (the script
+    compares it with the stored one to skip the write)."""
+    return LiveRecord.of(heartbeat).model_dump_json(exclude_defaults=True)
+
+
+def decode_beat(raw: Sequence[Any]) -> HeartbeatOutcome:
+    """One heartbeat's three replies of ``heartbeats.lua``."""
+    code, was_offline, previous = text(raw[0]), bool(int(raw[1])), raw[2]
+    if code == "k":
+        return KeyRefused()
+    return BeatRecorded(
+        was_offline=was_offline,
+        changed=code != "s",
+        previous=LiveRecord.model_validate_json(previous) if code == "c" else None,
+    )
 
 
 @store_adapter
@@ -20,18 +43,34 @@ class RedisMachines:
     def __init__(self, redis: aioredis.Redis, names: Names) -> None:
         self.redis = redis
         self.names = names
+        self._heartbeats = redis.register_script(HEARTBEATS_SCRIPT)
 
-    async def record_heartbeat(
-        self, heartbeat: Heartbeat, received_at: float
-    ) -> tuple[Heartbeat | None, bool]:
-        """Store a heartbeat; return the previous one and whether the machine was offline."""
+    async def record_heartbeats(
+        self, heartbeats: Sequence[Heartbeat], received_at: float
+    ) -> list[HeartbeatOutcome]:
+        """Pin keys and record a batch of heartbeats in one script call (``heartbeats.lua``):
+        a heartbeat whose live record did not change writes only its timestamp."""
+        return await self._record(heartbeats, received_at, pin=True)
+
+    async def record_heartbeat(self, heartbeat: Heartbeat, received_at: float) -> HeartbeatOutcome:
+        """One heartbeat recorded without pinning its key (tools and the bench that write a
+        machine's liveness directly)."""
+        return (await self._record([heartbeat], received_at, pin=False))[0]
+
+    async def _record(
+        self, heartbeats: Sequence[Heartbeat], received_at: float, *, pin: bool
+    ) -> list[HeartbeatOutcome]:
+        if not heartbeats:
+            return []
         names = self.names
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.getset(names.machine_live(heartbeat.machine_id), heartbeat.model_dump_json())
-        pipe.zadd(names.heartbeat_index, {heartbeat.machine_id: received_at})
-        pipe.hdel(names.offline_machines, heartbeat.machine_id)
-        previous, _, was_offline = await pipe.execute()
-        return (Heartbeat.model_validate_json(previous) if previous else None), bool(was_offline)
+        keys = [names.heartbeat_index, names.offline_machines, names.pinned_keys]
+        keys += [names.key_mismatches, *(names.machine_live(h.machine_id) for h in heartbeats)]
+        args: list[str] = [repr(received_at)]
+        for heartbeat in heartbeats:
+            key = heartbeat.public_key if pin and heartbeat.public_key else ""
+            args += [heartbeat.machine_id, key, encode_live_record(heartbeat)]
+        raw = await self._heartbeats(keys=keys, args=args)
+        return [decode_beat(raw[i : i + 3]) for i in range(0, len(raw), 3)]
 
     async def pin_key(self, machine_id: str, public_key: str, now: float) -> bool:
         """Pin the key at the first heartbeat since registration; refuse another one."""
@@ -71,7 +110,7 @@ class RedisMachines:
         views = []
         for index, machine in enumerate(machines):
             last_seen, live, assigned = raw[3 * index : 3 * index + 3]
-            heartbeat = Heartbeat.model_validate_json(live) if live else None
+            record = LiveRecord.model_validate_json(live) if live else None
             online = last_seen is not None and now - float(last_seen) <= offline_after_s
             views.append(
                 MachineView(
@@ -80,7 +119,7 @@ class RedisMachines:
                     offline_since=None
                     if online or last_seen is None
                     else float(last_seen) + offline_after_s,
-                    sessions=heartbeat.sessions if heartbeat else (),
+                    sessions=record.sessions if record else (),
                     assigned=tuple(decode_assigned(text(k), text(v)) for k, v in assigned.items()),
                     # Secrets are sealed only to the key pinned since the machine's registration.
                     has_public_key=pinned[index] is not None,
@@ -89,6 +128,34 @@ class RedisMachines:
                 )
             )
         return views
+
+    async def occupancy(
+        self, machines: Sequence[Machine], now: float, offline_after_s: float
+    ) -> list[MachineView]:
+        """Views with only what the machine gauges count (online, the runs assigned), for a
+        whole fleet every few seconds: the heartbeat index in one read, the assigned runs of
+        the online machines only, no live records, keys or validation. At 10,000 machines the
+        full ``views`` took more than half a core (bench/README.md, "live fleet")."""
+        raw = await self.redis.zrangebyscore(
+            self.names.heartbeat_index, now - offline_after_s, "+inf"
+        )
+        online = {text(m) for m in raw}
+        asked = [m for m in machines if m.machine_id in online and not m.maintenance]
+        pipe = self.redis.pipeline(transaction=False)
+        for machine in asked:
+            pipe.hgetall(self.names.machine_assigned(machine.machine_id))
+        assigned = dict(zip((m.machine_id for m in asked), await pipe.execute(), strict=True))
+        return [
+            MachineView.model_construct(
+                machine=machine,
+                online=machine.machine_id in online,
+                assigned=tuple(
+                    decode_assigned(text(k), text(v))
+                    for k, v in assigned.get(machine.machine_id, {}).items()
+                ),
+            )
+            for machine in machines
+        ]
 
     async def stale(self, now: float, offline_after_s: float) -> list[str]:
         """Machines whose last heartbeat is older than ``offline_after_s``."""

@@ -104,7 +104,7 @@ async def queue_state(source: RedisQueueState, offline_after_s: float) -> QueueS
     busy: Counter[str] = Counter()
     free: Counter[str] = Counter()
     all_machines = [fleet.machines[m] for m in sorted(fleet.machines)]
-    for view in await machines.views(all_machines, now, offline_after_s):
+    for view in await machines.occupancy(all_machines, now, offline_after_s):
         group = view.machine.group_id or NO_GROUP
         state = (
             "maintenance" if view.machine.maintenance else "online" if view.online else "offline"

@@ -1,0 +1,126 @@
+"""Recording heartbeats in batches (``MachineState.record_heartbeats``), on the real Redis and on
+the fake: key pinning, what changed, offline marks, and the compact live record that a
+heartbeat proving only that the machine is alive leaves untouched."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dispatcher.adapters.redis.connection import delete_namespace, make_redis
+from dispatcher.adapters.redis.machines import RedisMachines
+from dispatcher.models import (
+    FinishedRef,
+    Heartbeat,
+    LiveRecord,
+    Machine,
+    RunningRef,
+    Session,
+    SessionState,
+)
+from dispatcher.names import Names
+from dispatcher.usecases.ports import BeatRecorded, KeyRefused, MachineState
+from tests.integration.test_store_contract import Trace, open_store
+from tests.support.processes import new_settings
+
+pytestmark = pytest.mark.integration
+
+KEY, OTHER_KEY = "key-of-m1", "another-key"
+ALICE = Session(user="CONTOSO\\alice", state=SessionState.active)
+
+
+def beat(
+    machine_id: str = "m1", *sessions: Session, key: str | None = KEY, **fields: Any
+) -> Heartbeat:
+    fields.setdefault("sent_at", 1000.0)
+    return Heartbeat(
+        machine_id=machine_id, worker_id="w1", sessions=sessions, public_key=key, **fields
+    )
+
+
+async def heartbeat_scenario(machines: MachineState, seen: Trace) -> None:
+    first = seen(await machines.record_heartbeats([beat()], 100.0))
+    assert first == [BeatRecorded(was_offline=False, changed=True, previous=None)]
+    # Only the timestamp, the running runs and the last outcomes differ: nothing changed.
+    same = beat(
+        sent_at=1005.0,
+        running=(RunningRef(run_id="r1", fence=1),),
+        finished=(FinishedRef(run_id="r0", fence=1, status="succeeded"),),
+    )
+    assert seen(await machines.record_heartbeats([same], 105.0)) == [
+        BeatRecorded(was_offline=False, changed=False)
+    ]
+    signed_in = seen(await machines.record_heartbeats([beat("m1", ALICE)], 110.0))
+    assert signed_in == [
+        BeatRecorded(
+            was_offline=False, changed=True, previous=LiveRecord(worker_id="w1", public_key=KEY)
+        )
+    ]
+    # Another key: refused, nothing recorded (the sessions stay Alice's), the machine marked.
+    assert seen(await machines.record_heartbeats([beat(key=OTHER_KEY)], 115.0)) == [KeyRefused()]
+    assert await machines.mark_offline("m1", 120.0)
+    back = seen(await machines.record_heartbeats([beat("m1", ALICE)], 130.0))
+    assert back == [BeatRecorded(was_offline=True, changed=False)]
+    # A batch: a new machine twice (the second sees the first), one without a key.
+    batch = [beat("m2"), beat("m2"), beat("m3", key=None)]
+    assert seen(await machines.record_heartbeats(batch, 140.0)) == [
+        BeatRecorded(was_offline=False, changed=True),
+        BeatRecorded(was_offline=False, changed=False),
+        BeatRecorded(was_offline=False, changed=True),
+    ]
+    fleet = [Machine(machine_id=m, name=m) for m in ("m1", "m2", "m3")]
+    views = {v.machine_id: v for v in await machines.views(fleet, 141.0, offline_after_s=15.0)}
+    seen([v.model_dump(mode="json") for v in views.values()])
+    assert views["m1"].sessions == (ALICE,) and views["m1"].key_mismatch
+    assert views["m1"].public_key == KEY and views["m2"].public_key == KEY
+    assert not views["m3"].has_public_key
+    assert all(v.online for v in views.values())
+
+
+@pytest.mark.parametrize("kind", ["redis", "fake"])
+async def test_heartbeats_are_recorded_in_batches(kind: str) -> None:
+    async with open_store(kind) as store:
+        await heartbeat_scenario(store.machines, Trace())
+
+
+async def test_the_fake_records_heartbeats_as_redis_does() -> None:
+    traces = {}
+    for kind in ("redis", "fake"):
+        async with open_store(kind) as store:
+            seen = Trace()
+            await heartbeat_scenario(store.machines, seen)
+            traces[kind] = seen.items
+    assert traces["redis"] == traces["fake"]
+
+
+async def test_the_live_record_is_compact_and_written_only_when_it_changes() -> None:
+    settings = new_settings()
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    machines = RedisMachines(redis, names)
+    try:
+        await machines.record_heartbeats([beat()], 100.0)
+        stored = await redis.get(names.machine_live("m1"))
+        assert b"sent_at" not in stored and b"machine_id" not in stored
+        # A record an earlier version stored (the whole heartbeat) reads, and is replaced.
+        await redis.set(names.machine_live("m1"), beat("m1", ALICE).model_dump_json())
+        view = (await machines.views([Machine(machine_id="m1", name="m1")], 100.0, 15.0))[0]
+        assert view.sessions == (ALICE,)
+        again = await machines.record_heartbeats([beat("m1", ALICE)], 101.0)
+        assert again == [BeatRecorded(was_offline=False, changed=True, previous=view_record())]
+        # A SET would drop the key's TTL: a TTL that survives proves the record was not written.
+        live = names.machine_live("m1")
+        await redis.expire(live, 1000)
+        await machines.record_heartbeats([beat("m1", ALICE, sent_at=2000.0)], 200.0)
+        assert await redis.ttl(live) > 0
+        assert await redis.zscore(names.heartbeat_index, "m1") == 200.0
+        await machines.record_heartbeats([beat("m1")], 210.0)  # Alice signed out
+        assert await redis.ttl(live) == -1
+    finally:
+        await delete_namespace(redis, names)
+        await redis.aclose()
+
+
+def view_record() -> LiveRecord:
+    return LiveRecord(worker_id="w1", sessions=(ALICE,), public_key=KEY)
