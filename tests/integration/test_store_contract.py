@@ -518,11 +518,25 @@ async def timeline_scenario(store: Store, seen: Trace) -> None:
     assert raw is None or len(raw) <= 16384
 
 
+async def fences_scenario(store: Store, seen: Trace) -> None:
+    """Every reservation gets a fence of its own, in the order reserved: a fence is never
+    handed out twice (one reserved for an unknown run is used up all the same)."""
+    t = store.transitions
+    for run_id in ("r1", "r2", "r3"):
+        await t.admit(admission(run_id))
+    batches = (["r1"], ["r1", "r2"], ["r3", "r1", "r2"], ["r2"], ["nope", "r3"], ["r1"])
+    reserved = [seen(await t.reserve_handoffs(ids)) for ids in batches]
+    fences = [[f.fence if f is not None else None for f in batch] for batch in reserved]
+    assert fences == [[1], [2, 3], [4, 5, 6], [7], [None, 9], [10]]
+    assert [f.flow_id for f in reserved[2] if f is not None] == ["flow-1"] * 3
+
+
 SCENARIOS: dict[str, Scenario] = {
     "admission": admission_scenario,
     "timeline": timeline_scenario,
     "retention": retention_scenario,
     "hand-off": hand_off_scenario,
+    "fences": fences_scenario,
     "adoption": adoption_scenario,
     "queue": queue_scenario,
     "reasons": reasons_scenario,
