@@ -21,11 +21,10 @@ from pydantic import ValidationError
 
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.principals import admin_user_of, publisher_of, sender_of
-from dispatcher.errors import Unavailable
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat, Run
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_of
-from dispatcher.retry import Backoff, retry
+from dispatcher.retry import Backoff, when_reachable
 from dispatcher.settings import Settings
 from dispatcher.usecases.foresight import Foresight
 from dispatcher.usecases.intake import Intake
@@ -147,16 +146,7 @@ class Dispatcher:
         log.info("dispatcher %s serving namespace %s", self.replica_id, names.ns)
 
     async def _when_available(self, step: Callable[[], Awaitable[T]]) -> T:
-        def waiting(exc: BaseException, delay: float) -> None:
-            log.warning("cannot start yet, retrying in %.1f s: %s", delay, exc)
-
-        return await retry(
-            step,
-            retry_on=Unavailable,
-            backoff=START_BACKOFF,
-            deadline=time.monotonic() + START_WAIT_S,
-            on_retry=waiting,
-        )
+        return await when_reachable(step, START_WAIT_S, START_BACKOFF)
 
     async def drain(self, timeout_s: float) -> bool:
         """A graceful stop within ``timeout_s``: stop consuming, finish the messages in hand,

@@ -1,8 +1,9 @@
-"""Issue 6 acceptance: a real load through two dispatchers and four workers while the test breaks
+"""The chaos test: a real load through two dispatchers and four workers while the test breaks
 things: SIGKILLed dispatchers (restarted each time), a worker killed in mid-run, every AMQP
 connection cut through a TCP proxy, the Redis server SIGKILLed and restarted on its AOF, a
 machine queue deleted under its worker (its assignments lost: they go back to the queue after
-``start_timeout_s``), and Redis answering OOM for longer than the consumers' hold.
+``start_timeout_s``), Redis answering OOM for longer than the consumers' hold, and a second
+worker started for a machine that a worker serves (it must refuse to start).
 
 Afterwards every submitted run has exactly one terminal state and exactly one terminal event,
 none ran twice, none is lost. The verdicts come from witnesses the product does not write
@@ -65,6 +66,7 @@ LONG_EVERY = 40
 # longer than the slowest legitimate pause (a held delivery republished, an offline machine's
 # runs failed by the sweeper).
 DRAIN_STALL_S = 60.0
+LEASE_HELD = 4  # a worker's exit code when another worker serves its machine
 DISPATCHERS = ("d1", "d2")
 # The only legitimate failure: a flow cut short by the killed worker (started once, never
 # again; its worker restarts within the liveness window, so the code is WorkerRestarted).
@@ -164,6 +166,7 @@ class Chaos:
         self.started = time.monotonic()
         self.dispatcher_kills = 0
         self.worker_kills = 0
+        self.second_workers_refused = 0
         self.cuts = 0
         self.connections_cut = 0
         self.redis_restarts = 0
@@ -254,6 +257,19 @@ class Chaos:
         finally:
             self.witness.release(machine_id)
             self._killing.discard(name)
+
+    async def start_second_worker(self, machine_id: str) -> None:
+        """Start a second worker for a machine its worker serves (a service installed twice):
+        it must refuse to start (exit code 4, the machine's lease) and touch nothing; a flow
+        it ran would show in the witness file as a second execution."""
+        name = f"second-{machine_id}"
+        self._killing.add(name)  # it is meant to exit: not restarted by the supervisor
+        proc = self.procs.worker(
+            machine_id, executor="command", extra=self.witness.worker_args(machine_id), name=name
+        )
+        await eventually(lambda: proc.poll() is not None, timeout=bound(60))
+        self.second_workers_refused += int(proc.returncode == LEASE_HELD)
+        self.note(f"a second worker for {machine_id} exited with {proc.returncode}")
 
     def arm(self, machine_id: str, long_runs: set[str]) -> None:
         """Remember the long flows the machine began before its gate closes (not held)."""
@@ -517,6 +533,7 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
         await asyncio.sleep(1.0)
         await chaos.delete_machine_queue(settings, "m3")
         await asyncio.sleep(1.5)
+        await chaos.start_second_worker("m1")
         await chaos.redis_out_of_memory(6.0)  # longer than the hold: published again
         await asyncio.sleep(2.0)
         await chaos.kill_dispatcher("d2")
@@ -566,6 +583,7 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
         "faults": {
             "dispatcher_kills": chaos.dispatcher_kills,
             "worker_kills": chaos.worker_kills,
+            "second_workers_refused": chaos.second_workers_refused,
             "amqp_cuts": chaos.cuts,
             "amqp_connections_cut": chaos.connections_cut,
             "redis_restarts": chaos.redis_restarts,
@@ -593,6 +611,7 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
     assert chaos.dispatcher_kills >= 5 and chaos.worker_kills >= 1
     assert chaos.cuts >= 2 and chaos.redis_restarts >= 1
     assert chaos.ooms >= 1 and chaos.queue_deletions >= 1
+    assert chaos.second_workers_refused == 1
     assert not lost, f"{len(lost)} runs lost or stuck: {lost[:10]}"
     assert counts["duplicates"] == 0, [p for p in problems if "executed" in p][:10]
     assert not problems, problems[:20]

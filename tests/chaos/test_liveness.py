@@ -1,4 +1,4 @@
-"""Machine liveness end to end (issue 6): a machine whose worker stops heartbeating.
+"""Machine liveness end to end: a machine whose worker stops heartbeating.
 
 The worker of ``m1`` is frozen (SIGSTOP) while it runs one flow and while three more runs are
 handed to it. Once the dispatcher notices the silence, the runs it never started go back to

@@ -1,4 +1,4 @@
-"""Cancellation and re-drive end to end (issue 6), through the real CLI, AMQP and processes.
+"""Cancellation and re-drive end to end, through the real CLI, AMQP and processes.
 
 * ``python -m dispatcher cancel RUN_ID`` on a queued run: ``cancelled``, out of the queue,
   never executed; on a running run: the worker stops the flow, ``cancelled`` within seconds,

@@ -1,4 +1,4 @@
-"""Hostile input on the requests queue (issue 6): thousands of malformed or hostile messages,
+"""Hostile input on the requests queue: thousands of malformed or hostile messages,
 generated with hypothesis and mixed with valid requests, through the real dispatcher and
 workers. Every bad message is dead-lettered with a reason, every valid one completes, and the
 dispatcher is the same, live process at the end.

@@ -1,4 +1,4 @@
-"""The rule engine (issue 3) end to end: real RabbitMQ and Redis, dispatcher and workers as
+"""The rule engine end to end: real RabbitMQ and Redis, dispatcher and workers as
 processes. Admission codes, session rules, queue deadlines (also across a dispatcher crash),
 priorities, skip-ahead, throttling, queue caps, maintenance."""
 
@@ -53,7 +53,7 @@ from tests.support.slack import bound
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
-SPEC_BOUND_S = bound(2.0)  # "within 2 s" (issue 3), with the slack of tests/support/slack.py
+SPEC_BOUND_S = bound(2.0)  # "within 2 s", with the slack of tests/support/slack.py
 GATED_FLOW = f"{sys.executable} {Path(__file__).with_name('gated_flow.py')}"
 
 
