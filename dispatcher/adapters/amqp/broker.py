@@ -215,8 +215,7 @@ class Amqp(MachineQueues, window.WindowPublishing):
         except PublishError:
             raise  # returned: the caller decides (a machine's queue to declare again)
         except DeliveryError as exc:  # nacked (see .confirms)
-            await self._renew_publisher(publisher)
-            raise BrokerUnavailable(f"publish nacked: {exc!r}") from exc
+            raise await self._nacked(publisher, exc) from exc
 
     async def _renew_publisher(self, stuck: AbstractChannel) -> None:
         """Replace a publisher channel that RabbitMQ nacks or leaves unconfirmed (why: see
