@@ -175,6 +175,13 @@ class Names:
         """Hash machine_id -> time it was declared offline."""
         return f"{self.ns}:offline"
 
+    @property
+    def store_server(self) -> str:
+        """Hash ``server`` (the run id of the Redis server last seen) and ``since`` (when a
+        dispatcher first saw that server, 0 for the first one): a new server means a restart
+        or a failover, after which placement waits for the machines' reports."""
+        return f"{self.ns}:storeserver"
+
     # ---- Redis: runs and queues -------------------------------------------------------------
     def run(self, run_id: str) -> str:
         """Hash: the run record, one JSON fragment per field."""

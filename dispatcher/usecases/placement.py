@@ -6,7 +6,9 @@ and seals each run's secret, claims the runs in one round trip and publishes the
 assignments as one confirmed window (through the lifecycle). A claim that loses a race
 (another replica filled the machine) just asks for another pass. Passes are requested by
 events (a run queued, a slot freed, a heartbeat that changed a machine) and coalesced per
-target.
+target. After Redis restarted or failed over, passes wait until the machines have reported
+what they run (``MachineState.placement_hold_s``): a claim the store lost is repaired from
+those reports before its run could be placed a second time.
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ class Placer:
             await self._wakeup.wait()
             self._wakeup.clear()
             targets, self._pending = self._pending, set()
+            held_s = await self._held_s()
+            if held_s > 0:
+                for target in targets:
+                    self.request_later(target, held_s)
+                continue
             if len(targets) > 1:
                 # Only targets with queued runs need a pass: a live fleet asks for passes over
                 # every machine that comes back online or changes sessions, and one round of
@@ -118,6 +125,17 @@ class Placer:
                         extra=fields(target=target),
                     )
                     self.request_later(target, RETRY_AFTER_S)
+
+    async def _held_s(self) -> float:
+        """How long placement waits after the store restarted or failed over (it may have lost
+        claims of runs that machines still run: their next reports repair them first)."""
+        try:
+            return await self.machines.placement_hold_s(
+                self.clock(), self.settings.heartbeat_interval_s, self.settings.offline_after_s
+            )
+        except Exception as exc:
+            log.warning("placement waits: the store does not answer (%s)", type(exc).__name__)
+            return RETRY_AFTER_S
 
     async def place(self, target: str) -> int:
         """One pass over ``target``; returns how many runs were handed to machines."""

@@ -27,7 +27,6 @@ from dispatcher.models import (
     AssignedRun,
     Connection,
     Heartbeat,
-    LiveRecord,
     Machine,
     MachineView,
     Priority,
@@ -50,6 +49,7 @@ from dispatcher.usecases.results import (
     CancelResult,
     ClaimResult,
     FinishResult,
+    HeartbeatOutcome,
     OutboxMessage,
     RejectResult,
     ReorderResult,
@@ -286,26 +286,6 @@ class RunReads(Protocol):
 
 
 # ---- machines, fleet, leases ------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class KeyRefused:
-    """The heartbeat's public key is not the one pinned since the machine's registration: the
-    machine is marked ``KeyMismatch`` and nothing else is recorded."""
-
-
-@dataclass(frozen=True, slots=True)
-class BeatRecorded:
-    """A heartbeat recorded. ``changed``: its live record (worker, sessions, key, capacity)
-    differs from the stored one, or there was none; ``previous`` is the record it replaced
-    (None when unchanged or first)."""
-
-    was_offline: bool
-    changed: bool
-    previous: LiveRecord | None = None
-
-
-HeartbeatOutcome = KeyRefused | BeatRecorded
-
-
 class MachineState(Protocol):
     """Live machine state: heartbeats, what runs on each machine, offline marks."""
 
@@ -332,6 +312,16 @@ class MachineState(Protocol):
     async def mark_offline(self, machine_id: str, since: float) -> bool: ...
 
     async def assigned(self, machine_id: str) -> list[AssignedRun]: ...
+
+    async def placement_hold_s(
+        self, now: float, heartbeat_interval_s: float, offline_after_s: float
+    ) -> float:
+        """How long placement must still wait because the store restarted or failed over (0:
+        it may go on). Such a store may have lost its last writes, claims included; a run whose
+        claim was lost is back in its queue while a machine runs it. Placement waits until
+        every machine online then has heartbeated since (its report repairs the lost claim),
+        or has gone offline: at most ``offline_after_s`` + ``heartbeat_interval_s``."""
+        ...
 
 
 class FleetSource(Protocol):

@@ -33,18 +33,16 @@ from dispatcher.usecases.placement import Placer
 from dispatcher.usecases.ports import (
     Ack,
     BatchHandler,
-    BeatRecorded,
     Broker,
     DeadLetter,
     Delivery,
     FleetSource,
-    HeartbeatOutcome,
-    KeyRefused,
     MachineState,
     RunReads,
     Verdict,
 )
 from dispatcher.usecases.reconcile import Reconciler
+from dispatcher.usecases.results import BeatRecorded, HeartbeatOutcome, KeyRefused
 from dispatcher.usecases.sweeper import Sweeper
 from dispatcher.usecases.worker_link import WorkerRequests
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dispatcher.codes import ErrorCode
-from dispatcher.models import RunStatus
+from dispatcher.models import LiveRecord, RunStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,3 +171,24 @@ class RunState:
     status: RunStatus | None
     fence: int | None
     machine_id: str | None
+
+
+# ---- heartbeats ---------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeyRefused:
+    """The heartbeat's public key is not the one pinned since the machine's registration: the
+    machine is marked ``KeyMismatch`` and nothing else is recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class BeatRecorded:
+    """A heartbeat recorded. ``changed``: its live record (worker, sessions, key, capacity)
+    differs from the stored one, or there was none; ``previous`` is the record it replaced
+    (None when unchanged or first)."""
+
+    was_offline: bool
+    changed: bool
+    previous: LiveRecord | None = None
+
+
+HeartbeatOutcome = KeyRefused | BeatRecorded

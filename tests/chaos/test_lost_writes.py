@@ -164,7 +164,13 @@ async def test_a_lost_claim_and_start_are_repaired_and_the_run_runs_once(
 
 
 async def lose_claim_and_start(
-    client: Client, names: Names, run_id: str, fence: int, *, rollback: bool
+    client: Client,
+    names: Names,
+    run_id: str,
+    fence: int,
+    *,
+    rollback: bool,
+    machine_id: str = "m1",
 ) -> None:
     """What Redis holds if it lost the claim and the start of a running run: the run back in
     its queue at its old place, no machine or fence, the machine's slot free (``rollback``:
@@ -178,7 +184,7 @@ async def lose_claim_and_start(
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(key, "status", '"queued"')
         pipe.hdel(key, "machine_id", "fence", "dispatched_at", "started_at", "_worker")
-        pipe.hdel(names.machine_assigned("m1"), run_id)
+        pipe.hdel(names.machine_assigned(machine_id), run_id)
         pipe.zrem(names.running_deadlines, run_id)
         pipe.zadd(names.queue(run.target), {run_id: float(score)})
         pipe.zadd(names.lane(run.target, lane), {run_id: float(score)})

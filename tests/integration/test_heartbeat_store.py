@@ -20,7 +20,8 @@ from dispatcher.models import (
     SessionState,
 )
 from dispatcher.names import Names
-from dispatcher.usecases.ports import BeatRecorded, KeyRefused, MachineState
+from dispatcher.usecases.ports import MachineState
+from dispatcher.usecases.results import BeatRecorded, KeyRefused
 from tests.integration.test_store_contract import Trace, open_store
 from tests.support.processes import new_settings
 
@@ -124,3 +125,41 @@ async def test_the_live_record_is_compact_and_written_only_when_it_changes() -> 
 
 def view_record() -> LiveRecord:
     return LiveRecord(worker_id="w1", sessions=(ALICE,), public_key=KEY)
+
+
+async def test_placement_waits_after_another_redis_server_answers() -> None:
+    """A new namespace is no restart; another server (a restart, a failover: simulated by the
+    server recorded being another one) holds placement until every machine online then has
+    heartbeated after the first interval since, or has gone offline, and never longer than
+    ``offline_after_s`` + ``heartbeat_interval_s``."""
+    settings = new_settings()
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    machines = RedisMachines(redis, names)
+    interval, offline = 1.0, 10.0
+    try:
+        await machines.record_heartbeats([beat("m1"), beat("m2"), beat("m3")], 90.0)
+        assert await machines.placement_hold_s(100.0, interval, offline) == 0.0
+        assert await machines.placement_hold_s(101.0, interval, offline) == 0.0
+        await redis.hset(names.store_server, "server", "a-server-before-the-restart")
+        # m3 went silent long ago: it is offline and is not waited for.
+        await machines.record_heartbeats([beat("m1"), beat("m2")], 99.0)
+        assert await machines.placement_hold_s(102.0, interval, offline) == interval
+        assert float(await redis.hget(names.store_server, "since")) == 102.0
+        # A heartbeat in the first interval after the restart may not be reconciled yet.
+        await machines.record_heartbeats([beat("m1"), beat("m2")], 102.5)
+        assert await machines.placement_hold_s(102.6, interval, offline) == interval
+        await machines.record_heartbeats([beat("m1")], 103.5)
+        assert await machines.placement_hold_s(103.6, interval, offline) == interval
+        await machines.record_heartbeats([beat("m2")], 104.0)
+        assert await machines.placement_hold_s(104.1, interval, offline) == 0.0
+        # A machine that never reports again holds placement until it is offline, no longer.
+        await machines.record_heartbeats([beat("m1"), beat("m2"), beat("m4")], 199.0)
+        await redis.hset(names.store_server, "server", "another-one")
+        assert await machines.placement_hold_s(200.0, interval, offline) == interval
+        await machines.record_heartbeats([beat("m1"), beat("m2")], 201.5)
+        assert await machines.placement_hold_s(205.0, interval, offline) == interval
+        assert await machines.placement_hold_s(209.5, interval, offline) == 0.0  # m4 offline
+    finally:
+        await delete_namespace(redis, names)
+        await redis.aclose()

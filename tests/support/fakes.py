@@ -41,13 +41,10 @@ from dispatcher.usecases.ports import (
     Admission,
     Adoption,
     BatchHandler,
-    BeatRecorded,
     Claim,
     Delivery,
     Ending,
     HandoffFacts,
-    HeartbeatOutcome,
-    KeyRefused,
     QueueEnding,
     Refusal,
     Start,
@@ -56,6 +53,7 @@ from dispatcher.usecases.ports import (
 )
 from dispatcher.usecases.results import (
     AdmitResult,
+    BeatRecorded,
     CancelRequested,
     CancelResult,
     Claimed,
@@ -64,6 +62,8 @@ from dispatcher.usecases.results import (
     Duplicate,
     Finished,
     FinishResult,
+    HeartbeatOutcome,
+    KeyRefused,
     Missing,
     NoSlot,
     NotDue,
@@ -632,6 +632,11 @@ class FakeMachines:
     async def assigned(self, machine_id: str) -> list[AssignedRun]:
         values = self.store.assigned.get(machine_id, {})
         return [codec.decode_assigned(run_id, value) for run_id, value in values.items()]
+
+    async def placement_hold_s(
+        self, now: float, heartbeat_interval_s: float, offline_after_s: float
+    ) -> float:
+        return 0.0  # an in-memory store never restarts
 
 
 class FakeFleet:

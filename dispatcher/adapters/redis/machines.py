@@ -3,6 +3,7 @@ marks."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -13,7 +14,9 @@ from dispatcher.adapters.redis.codec import decode_assigned, text
 from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.models import AssignedRun, Heartbeat, LiveRecord, Machine, MachineView
 from dispatcher.names import Names
-from dispatcher.usecases.ports import BeatRecorded, HeartbeatOutcome, KeyRefused
+from dispatcher.usecases.results import BeatRecorded, HeartbeatOutcome, KeyRefused
+
+log = logging.getLogger(__name__)
 
 HEARTBEATS_SCRIPT = (resources.files("dispatcher.adapters") / "lua" / "heartbeats.lua").read_text()
 
@@ -175,3 +178,43 @@ class RedisMachines:
     async def assigned(self, machine_id: str) -> list[AssignedRun]:
         raw = await self.redis.hgetall(self.names.machine_assigned(machine_id))
         return [decode_assigned(text(k), text(v)) for k, v in raw.items()]
+
+    async def placement_hold_s(
+        self, now: float, heartbeat_interval_s: float, offline_after_s: float
+    ) -> float:
+        """The wait after a restart or failover of Redis (``MachineState.placement_hold_s``).
+
+        Redis names each server process (``run_id`` in ``INFO server``): a restarted server or
+        a promoted replica has a new one. The namespace keeps the one last seen and since when
+        (``names.store_server``); the dispatcher that first sees another one records it, and
+        every replica then holds placement until each machine online at that moment has
+        heartbeated after the first interval since (its report has been reconciled: a lost
+        claim is repaired from it). Nothing to compare with (a new namespace) is no restart.
+        """
+        key = self.names.store_server
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.info("server")
+        pipe.hmget(key, ["server", "since"])
+        info, (known, since_raw) = await pipe.execute()
+        server = str(info["run_id"])
+        if known is None:
+            await self.redis.hsetnx(key, "server", server)
+            await self.redis.hsetnx(key, "since", "0")
+            return 0.0
+        since = float(since_raw or 0)
+        if text(known) != server:
+            since = now
+            await self.redis.hset(key, mapping={"server": server, "since": repr(now)})
+            log.warning(
+                "Redis restarted or failed over (another server answers): placement waits until "
+                "every online machine has reported what it runs (at most %.0f s), so that a "
+                "claim Redis lost is repaired before its run could be placed again",
+                offline_after_s + heartbeat_interval_s,
+            )
+        ends = since + offline_after_s + heartbeat_interval_s
+        if now >= ends:
+            return 0.0
+        silent = await self.redis.zcount(
+            self.names.heartbeat_index, now - offline_after_s, f"({since + heartbeat_interval_s!r}"
+        )
+        return min(heartbeat_interval_s, ends - now) if silent else 0.0
