@@ -6,7 +6,8 @@
 #                                                 the cluster tests start their own 3-node
 #                                                 RabbitMQ cluster and Redis Sentinel group
 #                                                 (usually there already: the shared broker and
-#                                                 Redis come from them); and checks
+#                                                 Redis come from them); libfaketime (a
+#                                                 worker with its clock behind); and checks
 #                                                 kubectl/kustomize (tests/deploy renders the
 #                                                 Kubernetes manifests with it)
 #   sh deploy/local/install-tools.sh container    also podman, runc and debootstrap
@@ -36,6 +37,8 @@ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 ||
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 # node + npm: tests/identity/test_oidc_provider.py signs in against a real OpenID provider.
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || missing="$missing nodejs npm"
+# libfaketime: the chaos test runs one worker with its wall clock 120 s behind.
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing="$missing libfaketime"
 if [ -n "$missing" ]; then
   # shellcheck disable=SC2086 # one word per package
   apt_install $missing

@@ -2,14 +2,20 @@
 things: SIGKILLed dispatchers (restarted each time), a worker killed in mid-run, every AMQP
 connection cut through a TCP proxy, the Redis server SIGKILLed and restarted on its AOF, a
 machine queue deleted under its worker (its assignments lost: they go back to the queue after
-``start_timeout_s``), Redis answering OOM for longer than the consumers' hold, and a second
-worker started for a machine that a worker serves (it must refuse to start).
+``start_timeout_s``), Redis answering OOM for longer than the consumers' hold, a second
+worker started for a machine that a worker serves (it must refuse to start), the claim and
+start of a running run lost with Redis's last writes (Redis restarted: the run back in its
+queue while its flow runs), the connection re-applied with another account while runs use it,
+and throughout: one worker whose wall clock is 120 s behind (libfaketime), and flows that fail
+by design (the executor raises, the program does not exist, the outputs are too large).
 
 Afterwards every submitted run has exactly one terminal state and exactly one terminal event,
-none ran twice, none is lost. The verdicts come from witnesses the product does not write
-(``tests/support/witness.py``): the flows record their own executions in files of their own,
-and a bystander queue on the events exchange records every event a subscriber sees. The fault
-counters count effects: connections actually reset, processes alive when they were killed.
+none ran twice, none is lost, the runs that fail by design failed with their own code, and the
+run whose claim was lost ran once, on its machine. The verdicts come from witnesses the product
+does not write (``tests/support/witness.py``): the flows record their own executions in files
+of their own, and a bystander queue on the events exchange records every event a subscriber
+sees. The fault counters count effects: connections actually reset, processes alive when they
+were killed.
 
 Everything goes through private infrastructure where it is broken: the processes and the test's
 own client reach RabbitMQ through a fault proxy (``tests/support/faultproxy.py``) and keep
@@ -39,10 +45,12 @@ from dispatcher.client import Client
 from dispatcher.models import Run, RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
+from tests.chaos.test_lost_writes import lose_claim_and_start
 from tests.support.builders import (
     fleet_document,
 )
 from tests.support.constants import OWNER
+from tests.support.faketime import clock_behind
 from tests.support.faultproxy import ProxyProcess
 from tests.support.privateredis import PrivateRedis
 from tests.support.processes import (
@@ -73,6 +81,22 @@ DISPATCHERS = ("d1", "d2")
 # A MachineLost here would be a live machine wrongly declared lost.
 KILLED_WORKER = "m2"
 CUT_SHORT = {"WorkerRestarted"}
+# This machine's worker runs with its wall clock behind: one clock (Redis's) decides deadlines,
+# so none of its runs may fail DesktopFlowsActionTimeout (or anything else).
+SKEWED_WORKER = "m3"
+CLOCK_BEHIND_S = 120
+# The machine where a running run loses its claim and start with Redis's last writes.
+CLAIM_LOST_ON = "m4"
+# Runs that fail by design, one of each kind in every FAILING_EVERY (never a long run): the
+# flow id, the inputs added, and the code the run must end with.
+FAILING_EVERY = 50
+BY_DESIGN = {
+    7: ("raises", {}, "ExecutorFailed"),  # its argv holds a NUL byte: the executor raises
+    19: ("absent", {}, "FlowFailed"),  # its program does not exist
+    33: ("chaos", {"oversized": True}, "OutputsTooLarge"),  # ~20 KB of outputs, above 4 KB
+}
+COMMAND_MAP = {"raises": ["/bin/sh", "-c", "exit 0\x00"], "absent": ["/nonexistent/flow"]}
+MAX_OUTPUT_BYTES = 4096
 REDIS_DOWN_S = float(os.environ.get("CHAOS_REDIS_DOWN_S", "4"))
 TERMINAL_EVENTS = {s.value for s in RunStatus if s.terminal}
 TERMINAL_KEYS = {f"run.{status}" for status in TERMINAL_EVENTS}
@@ -119,11 +143,12 @@ def settings(private_redis: PrivateRedis, amqp_proxy: ProxyProcess) -> Settings:
         # Assignments lost with a deleted machine queue go back to the queue this soon.
         start_timeout_s=8.0,
         outage_hold_s=2.0,
+        max_output_bytes=MAX_OUTPUT_BYTES,
         log_level="INFO",
     )
 
 
-def chaos_fleet() -> dict[str, Any]:
+def chaos_fleet(username: str = "CONTOSO\\svc-bot") -> dict[str, Any]:
     return fleet_document(
         groups=[{"group_id": "bots", "name": "Chaos bots"}],
         machines=[
@@ -142,8 +167,8 @@ def chaos_fleet() -> dict[str, Any]:
                 "owner": OWNER,
                 "kind": "credentials",
                 "target": {"group_id": "bots"},
-                "username": "CONTOSO\\svc-bot",
-                "password": "s3cret-pw",
+                "username": username,
+                "password": f"pw-of-{username}",
             }
         ],
     )
@@ -158,6 +183,7 @@ class Chaos:
         redis_server: PrivateRedis,
         proxy: ProxyProcess,
         witness: WitnessFlow,
+        workdir: Path,
     ) -> None:
         self.procs = procs
         self.redis = redis_server
@@ -173,6 +199,10 @@ class Chaos:
         self.redis_restarts = 0
         self.ooms = 0
         self.queue_deletions = 0
+        self.claims_lost: list[tuple[str, int]] = []
+        self.connection_reapplied = 0
+        self.command_map = workdir / "command-map.json"
+        self.command_map.write_text(json.dumps(COMMAND_MAP))
         self._redis_was_up = False
         self.unexpected_exits: list[str] = []
         self._killing: set[str] = set()
@@ -187,9 +217,13 @@ class Chaos:
         self.procs.dispatcher(name, "--metrics-port", "0")
 
     def start_worker(self, machine_id: str) -> None:
-        self.procs.worker(
-            machine_id, executor="command", extra=self.witness.worker_args(machine_id)
-        )
+        self.procs.worker(machine_id, executor="command", **self.worker_options(machine_id))
+
+    def worker_options(self, machine_id: str) -> dict[str, Any]:
+        """The witness flow by default, the failing flows by id; one machine's clock behind."""
+        extra = [*self.witness.worker_args(machine_id), "--command-map", str(self.command_map)]
+        skewed = clock_behind(CLOCK_BEHIND_S) if machine_id == SKEWED_WORKER else None
+        return {"extra": extra, "env": skewed}
 
     def start_all(self) -> None:
         for name in DISPATCHERS:
@@ -266,7 +300,7 @@ class Chaos:
         name = f"second-{machine_id}"
         self._killing.add(name)  # it is meant to exit: not restarted by the supervisor
         proc = self.procs.worker(
-            machine_id, executor="command", extra=self.witness.worker_args(machine_id), name=name
+            machine_id, executor="command", name=name, **self.worker_options(machine_id)
         )
         await eventually(lambda: proc.poll() is not None, timeout=bound(60))
         self.second_workers_refused += int(proc.returncode == LEASE_HELD)
@@ -311,6 +345,47 @@ class Chaos:
             client.close()
         self.ooms += 1
 
+    async def hold_a_long_flow(self, machine_id: str, long_runs: set[str]) -> Witnessed:
+        """Close the machine's gate and wait until a long flow has begun there (it waits)."""
+        seen, _ = self.witness.read()
+        before = {w.run_id for w in seen if w.machine == machine_id}
+        self.witness.hold(machine_id)
+        deadline = time.monotonic() + bound(120)
+        while time.monotonic() < deadline:
+            seen, _ = self.witness.read()
+            for w in seen:
+                if w.machine == machine_id and w.run_id in long_runs - before:
+                    self.note(f"{w.run_id} (fence {w.fence}) held running on {machine_id}")
+                    return w
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no long flow began on {machine_id}")
+
+    async def restart_redis_losing_the_claim(self, client: Client, held: Witnessed) -> None:
+        """Redis SIGKILLed and restarted, as if its last writes were lost with it: the held
+        run's claim and start (it is back in its queue, its machine's slot free) while its
+        flow goes on. Its machine's report must repair the claim before any pass places it."""
+        await asyncio.sleep(1.5)  # its start is in the AOF by now
+        await self.kill_redis()
+        await self.start_redis()
+        await lose_claim_and_start(
+            client,
+            client.rt.names,
+            held.run_id,
+            held.fence,
+            rollback=False,
+            machine_id=held.machine,
+        )
+        self.claims_lost.append((held.run_id, held.fence))
+        self.note(f"lost the claim and start of {held.run_id} in Redis")
+        await asyncio.sleep(2.0)
+        self.witness.release(held.machine)
+
+    async def reapply_connection(self, apply_fleet: Any, username: str) -> None:
+        """Apply the fleet again with the connection on another account, runs in flight."""
+        await asyncio.to_thread(apply_fleet, chaos_fleet(username))
+        self.connection_reapplied += 1
+        self.note(f"re-applied the connection with the account {username}")
+
     async def delete_machine_queue(self, settings: Settings, machine_id: str) -> None:
         """Delete a machine's queue under its worker: the assignments in it are lost."""
         connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
@@ -337,13 +412,14 @@ async def submit_all(client: Client, run_ids: list[str], stats: Counter[str]) ->
                 await asyncio.sleep(delay)
             # Mostly short flows; one in LONG_EVERY runs long enough to be caught mid-run.
             duration = rng.uniform(1.0, 2.0) if index % LONG_EVERY == 0 else rng.uniform(0, 0.05)
-            inputs = {"duration_s": round(duration, 3)}
+            flow_id, more, _ = BY_DESIGN.get(index % FAILING_EVERY, ("chaos", {}, None))
+            inputs = {"duration_s": round(duration, 3), **more}
             while True:
                 try:
                     await asyncio.wait_for(
                         client.submit(
                             connection_id="c1",
-                            flow_id="chaos",
+                            flow_id=flow_id,
                             requested_by=OWNER,
                             mode="unattended",
                             inputs=inputs,
@@ -415,6 +491,15 @@ def describe_dead_letter(message: aio_pika.abc.AbstractIncomingMessage) -> dict[
     }
 
 
+def failing_by_design(run_ids: list[str]) -> dict[str, str]:
+    """Each run that fails by design, and the code it must end with."""
+    return {
+        run_id: BY_DESIGN[index % FAILING_EVERY][2]
+        for index, run_id in enumerate(run_ids)
+        if index % FAILING_EVERY in BY_DESIGN
+    }
+
+
 def check_witnesses(
     run_ids: list[str],
     records: list[Run | None],
@@ -422,6 +507,7 @@ def check_witnesses(
     events: dict[str, list[Any]],
     killed_mid_run: list[str],
     worker_kills: int,
+    by_design: dict[str, str],
 ) -> tuple[list[str], dict[str, Any]]:
     """The verdicts, from the witnesses only (the flows' own files, the bystander's events)
     compared with each run's record. Returns the problems and counts for the summary."""
@@ -447,6 +533,8 @@ def check_witnesses(
                 f"{run_id}: event on {terminal[0].machine_id}, record on {run.machine_id}"
             )
         if run.status is RunStatus.succeeded:
+            if run_id in by_design:
+                problems.append(f"{run_id}: succeeded, by design {by_design[run_id]}")
             if len(ran) != 1:
                 problems.append(f"{run_id}: succeeded with {len(ran)} witnessed executions")
             elif (ran[0].machine, ran[0].fence) != (run.machine_id, run.fence):
@@ -454,6 +542,16 @@ def check_witnesses(
                     f"{run_id}: ran on {ran[0].machine} (fence {ran[0].fence}), "
                     f"record says {run.machine_id} (fence {run.fence})"
                 )
+        elif run.status is RunStatus.failed and run_id in by_design:
+            code = run.error.code.value if run.error else "?"
+            if code != by_design[run_id] and not (
+                code in CUT_SHORT and run.machine_id == KILLED_WORKER
+            ):
+                problems.append(f"{run_id}: failed {code}, by design {by_design[run_id]}")
+            # The executor failures never begin the flow; oversized outputs come from one run.
+            executed = 1 if by_design[run_id] == "OutputsTooLarge" else 0
+            if code == by_design[run_id] and len(ran) != executed:
+                problems.append(f"{run_id}: {code} with {len(ran)} witnessed executions")
         elif run.status is RunStatus.failed:
             code = run.error.code.value if run.error else "?"
             if code not in CUT_SHORT or run.machine_id != KILLED_WORKER:
@@ -497,7 +595,7 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
     bystander = Bystander(BROKER_URL, Names(settings.namespace))
     await bystander.start()
     witness = WitnessFlow(tmp_path)
-    chaos = Chaos(procs, private_redis, amqp_proxy, witness)
+    chaos = Chaos(procs, private_redis, amqp_proxy, witness, tmp_path)
     chaos.start_all()
     run_ids = [f"chaos-{i:05d}-{uuid.uuid4().hex[:6]}" for i in range(RUNS)]
     stats: Counter[str] = Counter()
@@ -511,7 +609,10 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
         await chaos.kill_dispatcher("d1")
         await asyncio.sleep(2.5)
         await chaos.cut_amqp()
-        await asyncio.sleep(3.0)
+        held = await chaos.hold_a_long_flow(CLAIM_LOST_ON, long_runs)
+        await chaos.restart_redis_losing_the_claim(client, held)
+        await chaos.reapply_connection(apply_fleet, "CONTOSO\\svc-bot-2")
+        await asyncio.sleep(1.0)
         await chaos.kill_dispatcher("d2")
         await asyncio.sleep(2.5)
         chaos.arm(KILLED_WORKER, long_runs)
@@ -564,9 +665,22 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
         statuses[run.status.value] += 1
         if run.status is RunStatus.failed:
             failed_by_code[run.error.code.value if run.error else "?"] += 1
+    by_design = failing_by_design(run_ids)
     problems, counts = check_witnesses(
-        run_ids, records, witnessed, events, killed_mid_run, chaos.worker_kills
+        run_ids, records, witnessed, events, killed_mid_run, chaos.worker_kills, by_design
     )
+    for run_id, fence in chaos.claims_lost:  # repaired: ran once, on its machine, its fence
+        run = records[run_ids.index(run_id)]
+        ran = [(w.machine, w.fence) for w in witnessed if w.run_id == run_id]
+        if run is None or run.status is not RunStatus.succeeded or ran != [(CLAIM_LOST_ON, fence)]:
+            problems.append(f"{run_id}: its claim lost, ended {run and run.status}, ran {ran}")
+    skewed = [
+        r
+        for r in records
+        if r is not None and r.machine_id == SKEWED_WORKER and r.error
+        if r.error.code.value == "DesktopFlowsActionTimeout"
+    ]
+    problems += [f"{r.run_id}: timed out on the worker whose clock is behind" for r in skewed]
     problems += [f"witness line does not parse: {line}" for line in unparsed]
     problems += [f"event does not parse: {line}" for line in bystander.unreadable]
 
@@ -590,7 +704,14 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
             "redis_restarts": chaos.redis_restarts,
             "redis_ooms": chaos.ooms,
             "machine_queue_deletions": chaos.queue_deletions,
+            "claims_lost": len(chaos.claims_lost),
+            "connection_reapplied": chaos.connection_reapplied,
+            "clock_behind_s": {SKEWED_WORKER: CLOCK_BEHIND_S},
+            "failing_by_design": dict(Counter(by_design.values())),
         },
+        "runs_on_skewed_worker": sum(
+            1 for r in records if r is not None and r.machine_id == SKEWED_WORKER
+        ),
         "publish": dict(stats),
         "unexpected_exits": chaos.unexpected_exits,
         "seconds": round(time.monotonic() - began, 1),
@@ -613,6 +734,8 @@ async def test_no_run_lost_or_run_twice_under_crashes_and_cuts(
     assert chaos.cuts >= 2 and chaos.redis_restarts >= 1
     assert chaos.ooms >= 1 and chaos.queue_deletions >= 1
     assert chaos.second_workers_refused == 1
+    assert len(chaos.claims_lost) == 1 and chaos.connection_reapplied == 1
+    assert summary["runs_on_skewed_worker"] > 100
     assert not lost, f"{len(lost)} runs lost or stuck: {lost[:10]}"
     assert counts["duplicates"] == 0, [p for p in problems if "executed" in p][:10]
     assert not problems, problems[:20]

@@ -133,9 +133,10 @@ class Processes:
         extra: list[str] | None = None,
         name: str | None = None,
         amqp_url: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """A machine worker under its machine's own broker identity (registered on first use;
-        ``amqp_url``: another one), with no Redis URL it could use."""
+        ``amqp_url``: another one), with no Redis URL it could use; ``env``: more variables."""
         argv = [
             "-m",
             "workers",
@@ -153,11 +154,12 @@ class Processes:
             argv += ["--sessions-file", str(path)]
         argv += extra or []
         # Workers speak only AMQP: a Redis URL that points nowhere proves they never use it.
-        env = {
+        variables = {
+            **(env or {}),
             "RUNDISPATCH_REDIS_URL": NOWHERE,
             "RUNDISPATCH_AMQP_URL": amqp_url or self.identity(machine_id),
         }
-        return self._start(name or f"worker-{machine_id}", argv, env)
+        return self._start(name or f"worker-{machine_id}", argv, variables)
 
     def state_dir(self, machine_id: str) -> Path:
         return self.workdir / f"state-{machine_id}"

@@ -10,7 +10,8 @@ timeline). Two witnesses the product does not write:
   when its worker is SIGKILLed a moment later. The machine is the one the test started the
   worker for (an argument of the command), not what the worker says. A flow whose inputs ask
   for ``duration_s`` >= 1 waits while the machine's gate file exists: the test holds long
-  flows with it to kill a worker while they certainly run.
+  flows with it to kill a worker while they certainly run. Inputs with ``"oversized": true``
+  make it print about 20 KB of outputs.
 - ``Bystander``: a queue of the test's own, bound to the events exchange (``run.#``) on a
   direct connection to the broker, that records every event a subscriber would see.
 
@@ -45,7 +46,12 @@ if [ "${duration%%.*}" -ge 1 ] 2>/dev/null; then
   while [ -e "$3" ]; do sleep 0.05; done
 fi
 sleep "${duration:-0}"
-printf '{"witnessed": true}'
+case "$inputs" in
+  *'"oversized": true'*)
+    pad=$(head -c 20000 /dev/zero | tr '\0' x)
+    printf '{"witnessed": true, "pad": "%s"}' "$pad" ;;
+  *) printf '{"witnessed": true}' ;;
+esac
 """
 
 
