@@ -1,5 +1,6 @@
 """The chaos test's verdicts (``check_witnesses``) see each fault they are there to see: a run
-executed twice, on the wrong machine, with two terminal events or none."""
+executed twice, on the wrong machine, with two terminal events or none, a run that fails by
+design ending otherwise."""
 
 from __future__ import annotations
 
@@ -34,8 +35,13 @@ def ended(status: str = "succeeded", machine: str = "m1") -> dict[str, list[Even
     return {"r1": [Event("1-0", f"run.{status}", "r1", status, machine, 3)]}
 
 
-def problems(record: Run, seen: list[Witnessed], events: dict[str, list[Event]]) -> list[str]:
-    return check_witnesses(["r1"], [record], seen, events, [], worker_kills=1)[0]
+def problems(
+    record: Run,
+    seen: list[Witnessed],
+    events: dict[str, list[Event]],
+    by_design: dict[str, str] | None = None,
+) -> list[str]:
+    return check_witnesses(["r1"], [record], seen, events, [], 1, by_design or {})[0]
 
 
 def test_a_run_witnessed_once_where_its_record_says_is_fine() -> None:
@@ -69,3 +75,27 @@ def test_a_worker_restarted_run_is_fine_only_on_the_killed_machine() -> None:
     assert problems(on_killed, seen, ended("failed", KILLED_WORKER)) == []
     elsewhere = run("failed", "m1", **error)
     assert problems(elsewhere, seen, ended("failed")) != []
+
+
+@pytest.mark.parametrize(
+    ("expected", "code", "executions", "ok"),
+    [
+        ("ExecutorFailed", "ExecutorFailed", 0, True),
+        ("ExecutorFailed", "ExecutorFailed", 1, False),  # the executor raised, yet it ran
+        ("OutputsTooLarge", "OutputsTooLarge", 1, True),
+        ("OutputsTooLarge", "OutputsTooLarge", 0, False),
+        ("ExecutorFailed", "FlowFailed", 0, False),  # another code than the one by design
+    ],
+)
+def test_a_run_failing_by_design_must_fail_with_its_code(
+    expected: str, code: str, executions: int, ok: bool
+) -> None:
+    failed = run("failed", **{"error": {"code": code, "message": "x"}})
+    seen = [Witnessed("r1", 3, "m1", 0)] * executions
+    found = problems(failed, seen, ended("failed"), {"r1": expected})
+    assert (found == []) is ok, found
+
+
+def test_a_run_failing_by_design_that_succeeds_is_a_problem() -> None:
+    found = problems(run(), [Witnessed("r1", 3, "m1", 0)], ended(), {"r1": "ExecutorFailed"})
+    assert any("by design ExecutorFailed" in line for line in found), found
