@@ -35,7 +35,6 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
-from dispatcher.adapters.amqp.machine_queues import MachineQueues
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
     declare_topology,
@@ -63,7 +62,7 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 CONSUME_UNREACHABLE: tuple[type[BaseException], ...] = (*UNREACHABLE, RuntimeError)
 
 
-class Amqp(MachineQueues, window.WindowPublishing):
+class Amqp(window.WindowPublishing):
     """One robust connection, a confirming publisher channel, and consumers."""
 
     def __init__(

@@ -28,6 +28,7 @@ from aiormq.exceptions import (
 )
 from pamqp.header import ContentHeader
 
+from dispatcher.adapters.amqp.machine_queues import MachineQueues
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.usecases.results import OutboxMessage
 
@@ -160,38 +161,19 @@ def _forget(channel: Any, message_id: str, tag: int) -> Any:
     return forget
 
 
-class WindowPublishing:
+class WindowPublishing(MachineQueues):
     """The broker's publishing of whole windows (mixed into ``Amqp``, which defines the
-    methods declared here)."""
+    methods declared here; the machine queues' part declares the rest)."""
 
     user_id: str
-    _machine_queues: set[str]
 
-    if TYPE_CHECKING:  # defined by Amqp and MachineQueues
-
-        @property
-        def publisher(self) -> Any: ...
+    if TYPE_CHECKING:  # defined by Amqp
 
         async def _underlay(self) -> Any: ...
-
-        def exchange(self, role: str) -> Any: ...
-
-        async def ensure_machine_queue(self, machine_id: str) -> None: ...
 
         async def _renew_publisher(self, stuck: Any) -> None: ...
 
         async def _publish_one(self, message: OutboxMessage) -> None: ...
-
-        async def _publish(
-            self,
-            role: str,
-            routing_key: str,
-            body: bytes,
-            kind: str,
-            message_id: str | None = None,
-            *,
-            mandatory: bool | None = None,
-        ) -> None: ...
 
     async def _nacked(self, publisher: Any, exc: DeliveryError) -> BrokerUnavailable:
         """A window RabbitMQ nacked: its publisher channel is replaced (see .confirms)."""
