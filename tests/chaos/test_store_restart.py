@@ -12,7 +12,6 @@ lost with the last writes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,6 @@ from tests.support.witness import WitnessFlow
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(180)]
 
 MACHINES = ("m1", "m2")
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
