@@ -145,6 +145,29 @@ async def forget_machines(redis: aioredis.Redis, names: Names, machine_ids: Sequ
 
 
 # ---- waiting runs ---------------------------------------------------------------------------
+def credentials_admission(
+    request: RunRequest, target: str, at: float, settings: Settings
+) -> Admission:
+    """The admission of a credentials run queued on ``target`` at ``at``, as intake makes it
+    (the bench fills queues straight through ``admit.lua``)."""
+    return Admission(
+        request=request,
+        target=target,
+        connection_kind=ConnectionKind.credentials,
+        score=order_score(request.priority, at, settings.priority_boost_s),
+        deadline=queue_deadline(
+            enqueued_at=at,
+            kind=ConnectionKind.credentials,
+            requested_timeout_s=None,
+            default_timeout_s=settings.queue_timeout_s,
+            sign_in_timeout_s=settings.sign_in_queue_timeout_s,
+        ),
+        throttle_limit=settings.throttle_per_minute,
+        queue_cap=settings.queue_cap,
+        now=at,
+    )
+
+
 async def insert_waiting(
     redis: aioredis.Redis, settings: Settings, count: int, start: int = 0, chunk: int = 2000
 ) -> float:
@@ -172,24 +195,8 @@ async def insert_waiting(
                 inputs={"duration_s": 0},
             )
             at = now + i * 1e-6
-            keys, args = calls.admit(
-                Admission(
-                    request=request,
-                    target="m:wait-att" if attended else "g:off",
-                    connection_kind=ConnectionKind.credentials,
-                    score=order_score(request.priority, at, settings.priority_boost_s),
-                    deadline=queue_deadline(
-                        enqueued_at=at,
-                        kind=ConnectionKind.credentials,
-                        requested_timeout_s=None,
-                        default_timeout_s=settings.queue_timeout_s,
-                        sign_in_timeout_s=settings.sign_in_queue_timeout_s,
-                    ),
-                    throttle_limit=settings.throttle_per_minute,
-                    queue_cap=settings.queue_cap,
-                    now=at,
-                )
-            )
+            target = "m:wait-att" if attended else "g:off"
+            keys, args = calls.admit(credentials_admission(request, target, at, settings))
             pipe.evalsha(scripts.sha("admit"), len(keys), *keys, *args)
         results = await pipe.execute()
         outbox_ids = []

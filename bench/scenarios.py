@@ -24,15 +24,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from bench.fleet import LIVE_SLOTS, OWNER, fleet_document
+from bench.fleet import LIVE_SLOTS, OWNER, credentials_admission, fleet_document
 from bench.runner import Bench
 from bench.stats import Guarded, guarded, paired_ratio, rate_interval
 from dispatcher.adapters.redis.codec import Calls
 from dispatcher.adapters.redis.scripts import ScriptRunner
-from dispatcher.core.deadlines import queue_deadline
-from dispatcher.core.ordering import order_score
-from dispatcher.models import ConnectionKind, Mode, RunRequest
-from dispatcher.usecases.ports import Admission
+from dispatcher.models import Mode, RunRequest
 
 MAX_REPEATS = 2
 DEEP_LANES = 100
@@ -162,24 +159,7 @@ class DeepQueue:
                 mode=Mode.attended,
                 inputs={"duration_s": 0},
             )
-            keys, args = calls.admit(
-                Admission(
-                    request=request,
-                    target=DEEP_TARGET,
-                    connection_kind=ConnectionKind.credentials,
-                    score=order_score(request.priority, now, settings.priority_boost_s),
-                    deadline=queue_deadline(
-                        enqueued_at=now,
-                        kind=ConnectionKind.credentials,
-                        requested_timeout_s=None,
-                        default_timeout_s=settings.queue_timeout_s,
-                        sign_in_timeout_s=settings.sign_in_queue_timeout_s,
-                    ),
-                    throttle_limit=settings.throttle_per_minute,
-                    queue_cap=settings.queue_cap,
-                    now=now,
-                )
-            )
+            keys, args = calls.admit(credentials_admission(request, DEEP_TARGET, now, settings))
             templates.append((placeholder, [*keys, *args], len(keys)))
         sha = scripts.sha("admit")
         for first in range(0, total, chunk):
