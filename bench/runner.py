@@ -580,6 +580,8 @@ class Bench:
             # Runs on the machines (dispatched or running) every 0.25 s, of 10 per machine.
             "slots_used_mean": round(statistics.mean(slots), 1) if slots else None,
             "slots_used_max": max(slots, default=None),
+            # Runs still assigned when the window began (left over from earlier windows).
+            "slots_used_first": slots[0] if slots else None,
             "slots_total": 10 * len(self.live),
             "dispatcher_cores": round(cores(first, last, dpids), 3),
             "worker_cores": round(cores(first, last, self.worker_pids(kind)), 3),
