@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import signal
 import time
@@ -32,6 +33,7 @@ from bench.fleet import LIVE_CONNECTIONS
 from dispatcher.adapters.outbox import FORGET_AFTER_S
 from dispatcher.adapters.redis.connection import make_redis
 from dispatcher.core.placement import PREFETCH_PER_LANE
+from dispatcher.core.principals import REPLIES_ARGUMENTS
 from dispatcher.settings import Settings
 
 # The same state changes as the product's scripts, as hashes, a zset and outbox stream
@@ -97,8 +99,19 @@ class BaselineNames:
     def signals(self) -> str:
         return f"{self.ns}.bl.signals"
 
+    @property
+    def reports(self) -> str:
+        return f"{self.ns}.bl.reports"
+
     def machine_queue(self, machine_id: str) -> str:
         return f"{self.ns}.bl.machine.{machine_id}"
+
+    def replies_queue(self, machine_id: str) -> str:
+        return f"{self.ns}.bl.machine.{machine_id}.replies"
+
+    @staticmethod
+    def replies_key(machine_id: str) -> str:
+        return f"{machine_id}.replies"
 
     def key(self, *parts: str) -> str:
         return ":".join((self.ns, "bl", *parts))
@@ -108,10 +121,16 @@ class BaselineNames:
         return self.key("finished")
 
     def queues(self, machine_ids: Sequence[str]) -> list[str]:
-        return [self.requests, self.signals, *(self.machine_queue(m) for m in machine_ids)]
+        return [
+            self.requests,
+            self.signals,
+            self.reports,
+            *(self.machine_queue(m) for m in machine_ids),
+            *(self.replies_queue(m) for m in machine_ids),
+        ]
 
     def exchanges(self) -> list[str]:
-        return [self.requests, self.events, self.machines]
+        return [self.requests, self.events, self.machines, self.reports]
 
 
 def quorum(ns: str) -> dict[str, Any]:
@@ -152,6 +171,18 @@ async def declare_topology(settings: Settings, machine_ids: Sequence[str]) -> No
                 names.machine_queue(machine_id), durable=True, arguments=quorum(names.ns)
             )
             await mq.bind(machines, machine_id)
+            # The product's replies queue on one node: classic, answers expire.
+            replies = await channel.declare_queue(
+                names.replies_queue(machine_id), durable=True, arguments=dict(REPLIES_ARGUMENTS)
+            )
+            await replies.bind(machines, names.replies_key(machine_id))
+        reports = await channel.declare_exchange(
+            names.reports, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        reports_queue = await channel.declare_queue(
+            names.reports, durable=True, arguments=quorum(names.ns)
+        )
+        await reports_queue.bind(reports, "report")
     redis = aioredis.Redis.from_url(settings.redis_url.get_secret_value())
     try:
         pipe = redis.pipeline(transaction=False)
@@ -217,6 +248,7 @@ class Stage:
         self.channel: AbstractChannel | None = None
         self.events: AbstractExchange | None = None
         self.machines: AbstractExchange | None = None
+        self.reports: AbstractExchange | None = None
         self._confirmed: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -239,6 +271,7 @@ class Stage:
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         self.events = await self.channel.get_exchange(self.names.events, ensure=False)
         self.machines = await self.channel.get_exchange(self.names.machines, ensure=False)
+        self.reports = await self.channel.get_exchange(self.names.reports, ensure=False)
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -359,6 +392,53 @@ class BaselineDispatcher(Stage):
         await asyncio.gather(*publishes)
         self.outbox_done([c[0] for c in claimed] + [c[2] for c in claimed])
 
+    async def on_reports(self, batch: list[AbstractIncomingMessage]) -> None:
+        """The workers' fenced starts and outcomes (the product's ``WorkerRequests``): one
+        pipeline of start.lua / finish.lua for every run of the batch, the events and the
+        answers (one per request, on the machine's replies queue) as one confirmed window,
+        one multi-ack."""
+        k = self.names
+        asked = [json.loads(m.body) for m in batch]
+        now = repr(time.time())
+        pipe = self.redis.pipeline(transaction=False)
+        for request in asked:
+            for run_id in request["runs"]:
+                if request["op"] == "start":
+                    pipe.evalsha(self.sha["start"], 2, k.key("run", run_id), k.key("outbox"), now)
+                else:
+                    pipe.evalsha(
+                        self.sha["finish"],
+                        4,
+                        k.key("run", run_id),
+                        k.key("outbox"),
+                        k.finished,
+                        k.key("assigned", request["machine_id"]),
+                        now,
+                        run_id,
+                    )
+        results = iter(await pipe.execute())
+        assert self.events is not None and self.machines is not None
+        publishes: list[Awaitable[Any]] = []
+        outbox = []
+        for request in asked:
+            status = "started" if request["op"] == "start" else "succeeded"
+            for _ in request["runs"]:
+                entry, event = next(results)
+                outbox.append(entry)
+                message = persistent(event, "event")
+                publishes.append(self.events.publish(message, f"run.{status}", mandatory=False))
+            answer = json.dumps({"correlation_id": request["correlation_id"]}).encode()
+            publishes.append(
+                self.machines.publish(
+                    persistent(answer, "reply"),
+                    k.replies_key(request["machine_id"]),
+                    mandatory=True,
+                )
+            )
+        await asyncio.gather(*publishes)
+        self.outbox_done(outbox)
+        await batch[-1].ack(multiple=True)
+
     async def on_signals(self, batch: list[AbstractIncomingMessage]) -> None:
         self._free += len(batch)  # each run.succeeded frees a slot
         self.request_pass()  # the pass the signal asks for
@@ -367,37 +447,49 @@ class BaselineDispatcher(Stage):
 
 # ---- the worker -----------------------------------------------------------------------------
 class BaselineWorker(Stage):
+    """A machine's worker with no Redis rights, as the product's: a batch of assignments is
+    started by one request to the dispatcher and acked once its answer came; the runs'
+    outcomes are reported by another request, off the consumer's path (the product's
+    reporter), answered likewise."""
+
     def __init__(self, settings: Settings, machine_id: str) -> None:
         super().__init__(settings)
         self.machine_id = machine_id
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._ids = itertools.count()
+        self._reports: set[asyncio.Task[None]] = set()
+
+    async def on_replies(self, batch: list[AbstractIncomingMessage]) -> None:
+        for message in batch:
+            future = self._waiting.pop(json.loads(message.body)["correlation_id"], None)
+            if future is not None and not future.done():
+                future.set_result(None)
+        await batch[-1].ack(multiple=True)
+
+    async def ask(self, op: str, run_ids: Sequence[str]) -> None:
+        """One request to the dispatcher, confirmed, and its answer."""
+        assert self.reports is not None
+        correlation_id = f"{self.machine_id}-{next(self._ids)}"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = future
+        body = json.dumps(
+            {
+                "op": op,
+                "machine_id": self.machine_id,
+                "correlation_id": correlation_id,
+                "runs": list(run_ids),
+            }
+        ).encode()
+        await self.reports.publish(persistent(body, op), "report", mandatory=True)
+        await future
 
     async def on_assignments(self, batch: list[AbstractIncomingMessage]) -> None:
-        k = self.names
         ids = [str(json.loads(m.body)["request"]["run_id"]) for m in batch]
-        now = repr(time.time())
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in ids:
-            pipe.evalsha(self.sha["start"], 2, k.key("run", run_id), k.key("outbox"), now)
-        started = await pipe.execute()  # start.lua, one per run
-        await self.publish_events([s[1] for s in started], "started")
-        self.outbox_done([s[0] for s in started])
+        await self.ask("start", ids)  # the fenced starts, recorded by the dispatcher
         await batch[-1].ack(multiple=True)
-        now = repr(time.time())
-        pipe = self.redis.pipeline(transaction=False)
-        for run_id in ids:
-            pipe.evalsha(
-                self.sha["finish"],
-                4,
-                k.key("run", run_id),
-                k.key("outbox"),
-                k.finished,
-                k.key("assigned", self.machine_id),
-                now,
-                run_id,
-            )
-        finished = await pipe.execute()  # finish.lua, one per run
-        await self.publish_events([f[1] for f in finished], "succeeded")
-        self.outbox_done([f[0] for f in finished])
+        task = asyncio.create_task(self.ask("finish", ids))  # zero-length flows: done
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -426,6 +518,15 @@ async def serve(args: argparse.Namespace) -> int:
         tasks.append(
             await consume_batches(
                 stage.connection,
+                stage.names.reports,
+                dispatcher.on_reports,
+                batch=args.batch,
+                prefetch=args.prefetch,
+            )
+        )
+        tasks.append(
+            await consume_batches(
+                stage.connection,
                 stage.names.signals,
                 dispatcher.on_signals,
                 batch=args.batch,
@@ -442,6 +543,15 @@ async def serve(args: argparse.Namespace) -> int:
                 stage.connection,
                 stage.names.machine_queue(args.machine),
                 worker.on_assignments,
+                batch=args.batch,
+                prefetch=args.prefetch,
+            )
+        )
+        tasks.append(
+            await consume_batches(
+                stage.connection,
+                stage.names.replies_queue(args.machine),
+                worker.on_replies,
                 batch=args.batch,
                 prefetch=args.prefetch,
             )

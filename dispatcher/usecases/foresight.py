@@ -81,6 +81,8 @@ def _queued_run(run: Run) -> QueuedRun:
 # A terminal event delivered twice is recorded twice: the runs learnt lately are remembered
 # (per target, the last this many) and a repeat is skipped.
 RECENT_RUNS = 10_000
+# Trace records read and learnt between two turns of the event loop.
+LEARN_CHUNK = 500
 
 
 @dataclass
@@ -226,9 +228,17 @@ class Foresight:
         if learnt is None:
             learnt = _Learnt(ServiceModel(half_life_s=self.settings.forecast_half_life_s))
             self._learnt[target] = learnt
-        records, learnt.last_id = await self.traces.read(target, learnt.last_id)
-        learnt.model.learn(learnt.fresh(records), learnt.finishes)
-        return learnt.model
+        while True:
+            records, learnt.last_id = await self.traces.read(
+                target, learnt.last_id, limit=LEARN_CHUNK
+            )
+            learnt.model.learn(learnt.fresh(records), learnt.finishes)
+            if len(records) < LEARN_CHUNK:
+                return learnt.model
+            # A replica's first forecast reads the whole trace (up to 20,000 records, ~2 s of
+            # parsing and learning here): a chunk at a time, so that placement, intake and the
+            # workers' answers on the same event loop do not wait behind it.
+            await asyncio.sleep(0)
 
     # ---- predictions ----------------------------------------------------------------------
     async def _views(self, target: str, now: float) -> list[MachineView]:

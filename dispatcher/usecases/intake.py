@@ -114,7 +114,10 @@ class Intake:
                 ),
                 return_exceptions=True,
             )
-        targets: set[str] = set()
+            # The runs are queued in the store: placement may take them while the window's
+            # events are being confirmed (waiting for the confirms first added their latency
+            # to every run's time in the queue).
+            self.placer.request(*(r for r in results if isinstance(r, str)))
         for (index, _, _), result in zip(work, results, strict=True):
             if isinstance(result, NotFound):  # a cancel naming no run: bad input, not an outage
                 self.metrics.dead_letter("unknown_run")
@@ -125,9 +128,6 @@ class Intake:
             elif isinstance(result, BaseException):
                 log.warning("request could not be recorded, retrying: %r", result)
                 verdicts[index] = retry_for(result)
-            elif result is not None:
-                targets.add(result)
-        self.placer.request(*targets)
         return verdicts
 
     def _sender(self, message: Delivery) -> Sender:

@@ -54,6 +54,8 @@ class Window:
     def __init__(self, store: RunTransitions) -> None:
         self._store = store
         self.messages: list[OutboxMessage] = []
+        # A window closed with ``wait=False``: its publication, under way (None: none).
+        self.sending: asyncio.Task[bool] | None = None
 
     def _keep(self, result: R) -> R:
         if isinstance(result, Recorded):
@@ -143,6 +145,7 @@ class Lifecycle:
                 task = asyncio.create_task(self.publisher.send(window.messages))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+                window.sending = task
 
     async def aclose(self) -> None:
         """Finish the publisher's work, background windows included (at shutdown)."""

@@ -77,6 +77,8 @@ class Placer:
         # reading their runs made every pass cost more. (A lane waiting for slots is read
         # whole: slots free up all the time, and a head placed alone would cost a pass more.)
         self._blocked: dict[str, set[str]] = {}
+        # The last pass's window, while RabbitMQ confirms it (see ``_pass``).
+        self._sending: asyncio.Task[bool] | None = None
 
     def request(self, *targets: str) -> None:
         """Ask for a pass over each target (coalesced with passes already asked for)."""
@@ -117,7 +119,7 @@ class Placer:
                 targets &= queued
             for target in sorted(targets):
                 try:
-                    await self.place(target)
+                    await self._pass(target, overlap=True)
                 except Exception:
                     log.exception(
                         "placement pass for %s failed; retrying soon",
@@ -125,6 +127,12 @@ class Placer:
                         extra=fields(target=target),
                     )
                     self.request_later(target, RETRY_AFTER_S)
+
+    async def _previous_confirmed(self) -> None:
+        previous, self._sending = self._sending, None
+        if previous is not None:
+            # Shielded: a cancelled pass (shutdown) must not cancel a publication.
+            await asyncio.shield(previous)
 
     async def _held_s(self) -> float:
         """How long placement waits after the store restarted or failed over (it may have lost
@@ -138,7 +146,18 @@ class Placer:
             return RETRY_AFTER_S
 
     async def place(self, target: str) -> int:
-        """One pass over ``target``; returns how many runs were handed to machines."""
+        """One pass over ``target``; returns how many runs were handed to machines (their
+        assignments and events confirmed by RabbitMQ)."""
+        return await self._pass(target, overlap=False)
+
+    async def _pass(self, target: str, *, overlap: bool) -> int:
+        """One pass. ``overlap``: the pass's window is confirmed in the background, and the
+        next pass reads and claims while it is; a pass's window goes out only once the one
+        before it is confirmed (at most two windows in flight). Waiting for each window's
+        confirms before the next pass began put their latency between every run and its
+        placement. The runs are claimed in the store before their window goes out, so the
+        next pass sees their slots taken; a crash before the confirms leaves the messages in
+        the outbox, to the relay."""
         started = time.perf_counter()
         fleet = await self.fleet.load()
         lane_names = await self.runs.lane_names(target)
@@ -162,10 +181,14 @@ class Placer:
             for lane, (_, reasons) in waiting.items()
             if ErrorCode.NoFreeSlot.value not in reasons.values()
         }
-        async with self.lifecycle.window() as window:
+        async with self.lifecycle.window(wait=not overlap) as window:
             placed, lost_races, failed = await self._hand_off(
                 window, target, plan.placements, waiting, now
             )
+            if overlap and window.messages:
+                await self._previous_confirmed()
+        if window.sending is not None:
+            self._sending = window.sending
         await self.lifecycle.record_reasons(target, self._reasons_due(target, waiting, now), now)
         self.metrics.decision_latency(time.perf_counter() - started)
         # A run failed at hand-off left its lane: the run behind it is the new head.

@@ -77,6 +77,21 @@ async def test_records_read_back_in_order_and_incrementally(
     assert await traces.traced_targets() == ["g:finance", "m:m9"]
 
 
+async def test_a_read_with_a_limit_reads_that_many_entries_then_goes_on_from_there(
+    store: tuple[Settings, Redis, Names],
+) -> None:
+    _, redis, names = store
+    traces = RedisTraces(redis, names, retention_s=3600, max_records=5000)
+    await traces.record([record(f"r{i}") for i in range(2500)])  # more than one XRANGE chunk
+    first, last = await traces.read("g:finance", limit=1200)
+    assert [r.run_id for r in first] == [f"r{i}" for i in range(1200)]
+    rest, end = await traces.read("g:finance", last, limit=2000)
+    assert [r.run_id for r in rest] == [f"r{i}" for i in range(1200, 2500)]
+    assert await traces.read("g:finance", end, limit=10) == ([], end)
+    exact, _ = await traces.read("g:finance", limit=1000)  # a limit of exactly one chunk
+    assert len(exact) == 1000
+
+
 async def test_a_target_keeps_at_most_max_records_and_nothing_past_the_retention(
     store: tuple[Settings, Redis, Names],
 ) -> None:

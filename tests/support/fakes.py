@@ -842,10 +842,13 @@ class FakeTraces:
         for record in records:
             self.records.setdefault(record.target, []).append(record)
 
-    async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]:
+    async def read(
+        self, target: str, after: str = "-", limit: int | None = None
+    ) -> tuple[list[TraceRecord], str]:
         records = self.records.get(target, [])
         start = 0 if after == "-" else int(after) + 1
-        return records[start:], str(len(records) - 1) if records else after
+        end = len(records) if limit is None else min(len(records), start + limit)
+        return records[start:end], str(end - 1) if end > start else after
 
     async def traced_targets(self) -> list[str]:
         return sorted(self.records)

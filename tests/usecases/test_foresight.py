@@ -3,6 +3,7 @@ forecast chore's outlooks, and fail-early (only for runs that asked, only on eno
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from dispatcher.codes import ErrorCode
 from dispatcher.core.trace import TraceRecord
 from dispatcher.models import ConnectionKind, Mode, Priority, RunStatus, SessionState
+from dispatcher.usecases.foresight import LEARN_CHUNK
 from dispatcher.usecases.ports import Ack
 from tests.support.builders import credentials, fleet, machine, request_payload, session
 from tests.support.constants import ALICE_WIN
@@ -195,3 +197,30 @@ async def test_a_terminal_event_delivered_twice_is_learnt_once() -> None:
     assert model.samples(ConnectionKind.credentials, world.clock.now) == pytest.approx(3, abs=0.01)
     report = await world.foresight.capacity(GROUP, 0, since=0.0)
     assert report.recorded.runs == 3
+
+
+async def test_a_long_trace_is_learnt_a_chunk_at_a_time_beside_the_rest_of_the_loop() -> None:
+    """A replica's first forecast reads the whole trace: other work on its event loop (intake,
+    placement, the workers' answers) gets turns while it learns, and every record is learnt."""
+    world = bots()
+    history(world, 4 * LEARN_CHUNK + 10)
+    turns = 0
+
+    async def other_work() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(other_work())
+    await asyncio.sleep(0)
+    before = turns
+    model = await world.foresight.model(GROUP)
+    during = turns - before
+    ticker.cancel()
+    assert during >= 4  # one turn at least after each full chunk
+    learnt = await world.foresight.model(GROUP)  # nothing new: the same model, nothing repeated
+    assert learnt is model
+    records = world.traces.records[GROUP]
+    assert world.foresight._learnt[GROUP].last_id == str(len(records) - 1)
+    assert model.samples(ConnectionKind.credentials, records[-1].finished_at) > 0

@@ -4,6 +4,7 @@ pass that fails is asked for again once, later, and the log says which target fa
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import pytest
@@ -29,7 +30,8 @@ async def test_passes_are_coalesced_run_in_order_and_a_failed_one_is_asked_again
     passes: list[str] = []
     done = asyncio.Event()
 
-    async def place(target: str) -> int:
+    async def place(target: str, *, overlap: bool) -> int:
+        assert overlap  # the loop's passes overlap their windows' confirms
         passes.append(target)
         if target == "g:broken":
             raise RuntimeError("the pass broke")
@@ -40,7 +42,7 @@ async def test_passes_are_coalesced_run_in_order_and_a_failed_one_is_asked_again
     async def targets() -> list[str]:  # the targets with queued runs ("m:idle" has none)
         return ["g:broken", "m:a", "m:b", "m:c"]
 
-    placer.place = place  # type: ignore[method-assign]
+    placer._pass = place  # type: ignore[method-assign]
     placer.runs.targets = targets  # type: ignore[method-assign]
     placer.request("m:b", "g:broken", "m:idle")
     placer.request("m:a", "m:b")  # coalesced with the pass already asked for
@@ -155,3 +157,54 @@ async def test_a_pass_reports_how_long_its_decision_took() -> None:
     took = time.perf_counter() - before
     [(latency,)] = w.metrics.named("decision_latency")
     assert 0.0 < latency <= took
+
+
+async def test_a_pass_claims_while_the_last_one_is_confirmed_and_its_window_waits_for_it() -> None:
+    """The loop's passes overlap the confirms of the pass before: the next pass reads and
+    claims while RabbitMQ confirms the last window, and its own window goes out only once that
+    one is confirmed (at most two in flight, in order)."""
+    connections = tuple(
+        credentials(f"c{i}", group_id="bots", username=f"CONTOSO\\svc{i}") for i in (1, 2)
+    )
+    w = World(fleet(machines=(machine("m1", group_id="bots", slots=2),), groups=("bots",),
+                    connections=connections))  # fmt: skip
+    await w.heartbeat("m1")
+    confirm = asyncio.Event()
+    sent = w.publisher.send
+    calls: list[list[str]] = []  # the placement windows given to the publisher
+
+    async def slow_send(messages):  # type: ignore[no-untyped-def]
+        if any(m.kind == "assign" for m in messages):
+            calls.append([m.kind for m in messages])
+            if len(calls) == 1:
+                await confirm.wait()  # the first window's confirms take their time
+        return await sent(messages)
+
+    w.publisher.send = slow_send  # type: ignore[method-assign]
+    loop_task = asyncio.create_task(w.placer.run_forever())
+    try:
+        await w.submit(request_payload(run_id="a1", connection_id="c1", mode="unattended"))
+        w.placer.request("g:bots")  # what intake asks (the world's intake only records it)
+        for _ in range(200):
+            if (await w.run("a1")).status is RunStatus.dispatched and calls:
+                break
+            await asyncio.sleep(0.01)
+        await w.submit(request_payload(run_id="a2", connection_id="c2", mode="unattended"))
+        w.placer.request("g:bots")  # what intake asks (the world's intake only records it)
+        for _ in range(200):
+            if (await w.run("a2")).status is RunStatus.dispatched:
+                break
+            await asyncio.sleep(0.01)
+        # a2 was claimed while a1's window was still unconfirmed; its window waits.
+        assert (await w.run("a2")).status is RunStatus.dispatched
+        assert len(calls) == 1 and not w.publisher.of_kind("assign")
+        confirm.set()
+        for _ in range(200):
+            if len(calls) == 2 and len(w.publisher.of_kind("assign")) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assigned = [json.loads(m.body)["request"]["run_id"] for m in w.publisher.of_kind("assign")]
+        assert assigned == ["a1", "a2"]
+    finally:
+        loop_task.cancel()
+        await asyncio.gather(loop_task, return_exceptions=True)

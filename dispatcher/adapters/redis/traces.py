@@ -89,15 +89,18 @@ class RedisTraces:
             if len(rows) < READ_CHUNK:
                 return changes
 
-    async def read(self, target: str, after: str = "-") -> tuple[list[TraceRecord], str]:
-        """The target's records after stream id ``after`` (``-``: all), and the last id read."""
+    async def read(
+        self, target: str, after: str = "-", limit: int | None = None
+    ) -> tuple[list[TraceRecord], str]:
+        """The target's records after stream id ``after`` (``-``: all), at most ``limit`` entries
+        of them (None: every one), and the last id read."""
         records: list[TraceRecord] = []
         start = after if after == "-" else f"({after}"
         last = after
-        while True:
-            rows: Any = await self.redis.xrange(
-                self.names.trace(target), min=start, count=READ_CHUNK
-            )
+        left = limit
+        while left is None or left > 0:
+            count = READ_CHUNK if left is None else min(READ_CHUNK, left)
+            rows: Any = await self.redis.xrange(self.names.trace(target), min=start, count=count)
             for entry_id, fields in rows:
                 last = text(entry_id)
                 try:
@@ -105,9 +108,12 @@ class RedisTraces:
                     records.append(TraceRecord.from_dict(json.loads(raw)))
                 except (ValueError, TypeError, AttributeError) as exc:
                     log.warning("skipping a trace entry of %s that does not read: %s", target, exc)
-            if len(rows) < READ_CHUNK:
-                return records, last
+            if len(rows) < count:
+                break
+            if left is not None:
+                left -= len(rows)
             start = f"({last}"
+        return records, last
 
     async def traced_targets(self) -> list[str]:
         return sorted(text(t) for t in await self.redis.smembers(self.names.traced))
