@@ -110,6 +110,14 @@ class Names:
         """A submitter may declare and read only queues named with this prefix."""
         return f"{self.ns}.submitter.{submitter}."
 
+    def operator_user(self, operator: str) -> str:
+        """The RabbitMQ user of a registered operator (``operators register``)."""
+        return f"{self.ns}.operator.{operator}"
+
+    def operator_queue_prefix(self, operator: str) -> str:
+        """An operator may declare and read only queues named with this prefix."""
+        return f"{self.ns}.operator.{operator}."
+
     @property
     def signals_queue(self) -> str:
         """Queue bound to the terminal run events: a finished run frees a slot somewhere."""

@@ -4,7 +4,7 @@ permissions, and the definitions file that provisions them (SPEC "Trust: who may
 Pure: names in, permissions out. The management API adapter
 (``adapters/amqp/identities.py``) applies them; ``broker definitions`` writes them for operators
 who provision RabbitMQ themselves. The dispatcher itself is the broker's admin identity
-(``RUNDISPATCH_AMQP_URL``), operators use the admin identity or their own.
+(``RUNDISPATCH_AMQP_URL``); the operators' CLI, which changes the store, uses its settings.
 
 - a **machine** reads only its own queues (assignments, and the dispatcher's replies) and
   publishes only its heartbeats, its reports (fenced starts, outcomes, queries) and what it
@@ -13,7 +13,12 @@ who provision RabbitMQ themselves. The dispatcher itself is the broker's admin i
   machine's assignments to a queue of its own;
 - a **submitter** publishes only to the requests exchange, declares, binds and reads only queues
   named ``<ns>.submitter.<name>.*``, and reads only the events of its own runs: the topic
-  permission on the events exchange lets it bind only routing keys naming itself.
+  permission on the events exchange lets it bind only routing keys naming itself;
+- an **operator** (a person or a tool watching the system) reads every run's events and the
+  dead-letter queue, declares and reads only queues named ``<ns>.operator.<name>.*``, and
+  publishes only to the requests exchange, where the dispatcher takes its cancels of any run and
+  refuses its run requests (an operator acts for no owner). It cannot publish to machines,
+  events or heartbeats, nor read any machine's or the dispatcher's queues.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class TopicPermission:
 class Principal:
     """A broker identity and what it may do."""
 
-    kind: str  # "machine" | "submitter"
+    kind: str  # "machine" | "submitter" | "operator"
     name: str
     username: str
     permissions: Permissions
@@ -76,9 +81,9 @@ class Principal:
 @dataclass(frozen=True)
 class Sender:
     """Who published a message, from its broker-validated ``user_id``: ``admin`` (the
-    dispatcher's own identity, which operators' tools use too), a ``machine`` or a
-    ``submitter`` (with its name), or ``unknown`` (no user id, or no principal of this
-    namespace)."""
+    dispatcher's own identity, which the operators' CLI uses too), a ``machine``, a
+    ``submitter`` or an ``operator`` (with its name), or ``unknown`` (no user id, or no
+    principal of this namespace)."""
 
     kind: str
     name: str = ""
@@ -91,6 +96,11 @@ class Sender:
         if self.kind == "admin":
             return True
         return self.kind == "submitter" and owner.casefold() in submitters.get(self.name, ())
+
+    def may_cancel(self, owner: str, submitters: Mapping[str, frozenset[str]]) -> bool:
+        """Whether it may cancel a run requested by ``owner``: who may submit it, and any
+        operator (stopping runs is an operator's job; submitting them is not)."""
+        return self.kind == "operator" or self.acts_for(owner, submitters)
 
     @property
     def routing_word(self) -> str:
@@ -135,6 +145,7 @@ def sender_of(names: Names, admin_user: str, user_id: str | None) -> Sender:
     for kind, prefix in (
         ("machine", names.machine_user("")),
         ("submitter", names.submitter_user("")),
+        ("operator", names.operator_user("")),
     ):
         if user_id.startswith(prefix) and len(user_id) > len(prefix):
             return Sender(kind, user_id[len(prefix) :])
@@ -159,13 +170,18 @@ def machine_principal(names: Names, machine_id: str) -> Principal:
     )
 
 
-def submitter_principal(names: Names, submitter: str) -> Principal:
-    """A submitter: publish requests, use its own queues, bind only its own runs' events."""
-    if not SUBMITTER_NAME.match(submitter):
+def _checked_name(kind: str, name: str) -> str:
+    if not SUBMITTER_NAME.match(name):
         raise ConfigurationError(
-            f"submitter name {submitter!r} must match {SUBMITTER_NAME.pattern} "
+            f"{kind} name {name!r} must match {SUBMITTER_NAME.pattern} "
             "(it is part of queue names and routing keys)"
         )
+    return name
+
+
+def submitter_principal(names: Names, submitter: str) -> Principal:
+    """A submitter: publish requests, use its own queues, bind only its own runs' events."""
+    _checked_name("submitter", submitter)
     own_queues = re.escape(names.submitter_queue_prefix(submitter)) + ".+"
     return Principal(
         kind="submitter",
@@ -182,6 +198,28 @@ def submitter_principal(names: Names, submitter: str) -> Principal:
                 write=NOTHING,
                 read=event_binding_pattern(submitter),
             ),
+        ),
+    )
+
+
+def operator_principal(names: Names, operator: str) -> Principal:
+    """An operator: read every run's events and the dead letters, use its own queues, publish
+    requests (the dispatcher takes only its cancels)."""
+    _checked_name("operator", operator)
+    own_queues = re.escape(names.operator_queue_prefix(operator)) + ".+"
+    return Principal(
+        kind="operator",
+        name=operator,
+        username=names.operator_user(operator),
+        permissions=Permissions(
+            configure=f"^{own_queues}$",
+            write=f"^({re.escape(names.requests_exchange)}|{own_queues})$",
+            read=(
+                f"^({re.escape(names.events_exchange)}|{re.escape(names.dead_queue)}|{own_queues})$"
+            ),
+        ),
+        topic_permissions=(
+            TopicPermission(exchange=names.events_exchange, write=NOTHING, read=".*"),
         ),
     )
 

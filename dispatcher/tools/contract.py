@@ -95,7 +95,9 @@ def asyncapi(names: Names | None = None) -> dict[str, Any]:
             },
         },
         f"{names.requests_exchange}/cancel": {
-            "description": "Cancel a queued, dispatched or running run.",
+            "description": "Cancel a queued, dispatched or running run. Taken from a "
+            "submitter acting for the run's owner or from an operator (user_id set to its "
+            "broker user); refused, and dead-lettered, from anyone else.",
             "bindings": {"amqp": _exchange(names.requests_exchange, "direct", "cancel")},
             "publish": {
                 "operationId": "cancelRun",
@@ -106,7 +108,8 @@ def asyncapi(names: Names | None = None) -> dict[str, Any]:
     for status in EVENT_STATUSES:
         channels[f"{names.events_exchange}/run.{status}.*"] = {
             "description": f"A run became {status}. Bind a queue of your own to follow runs: "
-            "a submitter binds run.<status>.<its name> (its broker permissions allow no other).",
+            "a submitter binds run.<status>.<its name> (its broker permissions allow no "
+            "other), an operator any key.",
             "bindings": {"amqp": _exchange(names.events_exchange, "topic", f"run.{status}.*")},
             "subscribe": {
                 "operationId": f"run_{status}",

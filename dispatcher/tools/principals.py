@@ -1,10 +1,12 @@
-"""Registration: ``machines register|unregister``, ``submitters register|unregister`` and
-``broker definitions``.
+"""Registration: ``machines register|unregister``, ``submitters register|unregister``,
+``operators register|unregister`` and ``broker definitions``.
 
 Registering a machine creates (or re-creates, rotating its password) the machine's own broker
 identity with the narrowest permissions (``core/principals.py``), declares its queue, and drops
 the worker key pinned for it: the next worker key that heartbeats is pinned. Registering a
-submitter creates its identity and records the owners it may act for.
+submitter creates its identity and records the owners it may act for. Registering an operator
+creates an identity that watches (every run's events, the dead letters) and cancels runs, and
+can do nothing else on the broker.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dispatcher.core.principals import (
     Principal,
     definitions,
     machine_principal,
+    operator_principal,
     submitter_principal,
 )
 from dispatcher.crypto import rabbit_password_hash
@@ -111,6 +114,10 @@ async def cmd_machines_unregister(args: argparse.Namespace, settings: Settings) 
     return 0
 
 
+def _operators(text: str | None) -> list[str]:
+    return sorted({o.strip() for o in (text or "").split(",") if o.strip()})
+
+
 def _owners(text: str) -> list[str]:
     owners = sorted({o.strip() for o in text.split(",") if o.strip()})
     if not owners:
@@ -159,6 +166,40 @@ async def cmd_submitters_unregister(args: argparse.Namespace, settings: Settings
     return 0
 
 
+async def cmd_operators_register(args: argparse.Namespace, settings: Settings) -> int:
+    names = Names(settings.namespace)
+    principal = operator_principal(names, args.name)
+    password = new_password()
+    async with _identities(settings) as identities:
+        await identities.put(principal, password)
+    url = principal_url(settings, principal.username, password)
+    _print(
+        args,
+        {
+            "operator": args.name,
+            "username": principal.username,
+            "amqp_url": url,
+            "queue_prefix": names.operator_queue_prefix(args.name),
+            "events_exchange": names.events_exchange,
+            "dead_queue": names.dead_queue,
+        },
+        f"operator {args.name} registered: it may read every run's events (bind "
+        f"{names.events_exchange} to queues named {names.operator_queue_prefix(args.name)}*), "
+        f"read {names.dead_queue} and cancel runs; it connects with\n  {url}",
+    )
+    return 0
+
+
+async def cmd_operators_unregister(args: argparse.Namespace, settings: Settings) -> int:
+    names = Names(settings.namespace)
+    async with _identities(settings) as identities:
+        existed = await identities.delete(names.operator_user(args.name))
+    if not existed:
+        raise NotFound(f"operator {args.name} has no broker identity")
+    print(f"operator {args.name} unregistered")
+    return 0
+
+
 async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -> int:
     """Definitions for the fleet's machines and the registered submitters, with new passwords
     (hashed in the file; the URLs go to ``--credentials-out``, readable by its owner only)."""
@@ -171,6 +212,7 @@ async def cmd_broker_definitions(args: argparse.Namespace, settings: Settings) -
         fleet = await rt.fleet.load(force=True)
     principals: list[Principal] = [machine_principal(names, m) for m in sorted(fleet.machines)]
     principals += [submitter_principal(names, s) for s in sorted(fleet.submitters)]
+    principals += [operator_principal(names, o) for o in _operators(args.operators)]
     passwords = {p.username: new_password() for p in principals}
     document = definitions(
         names,
@@ -211,6 +253,21 @@ def register(machines: Any, sub: Any, add: Any) -> None:
     p = add("unregister", cmd_submitters_unregister, "remove a submitter", submitters)
     p.add_argument("name")
 
+    operators = add(
+        "operators", cmd_operators_register, "operators (people and tools that watch)", sub
+    ).add_subparsers(dest="operators_command", required=True)
+    p = add(
+        "register",
+        cmd_operators_register,
+        "create or rotate an operator's identity: read every run's events and the dead "
+        "letters, cancel runs; nothing else on the broker",
+        operators,
+    )
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p = add("unregister", cmd_operators_unregister, "remove an operator's identity", operators)
+    p.add_argument("name")
+
     broker = add("broker", cmd_broker_definitions, "broker provisioning", sub).add_subparsers(
         dest="broker_command", required=True
     )
@@ -225,4 +282,9 @@ def register(machines: Any, sub: Any, add: Any) -> None:
         required=True,
         metavar="FILE",
         help="where the new identities' AMQP URLs go (mode 0600)",
+    )
+    p.add_argument(
+        "--operators",
+        metavar="NAME[,NAME]",
+        help="also an identity for each of these operators (operators are not in the fleet)",
     )

@@ -148,7 +148,7 @@ class Intake:
                 run = await self.canceller.runs.get(item.run_id)
                 if run is None:
                     raise NotFound(f"no run {item.run_id}")
-                if not sender.acts_for(run.requested_by, fleet.submitters):
+                if not sender.may_cancel(run.requested_by, fleet.submitters):
                     self.metrics.message_refused("sender")
                     log.warning("refused a cancel of run %s from %s", item.run_id, sender.kind)
                     raise InvalidMessage(

@@ -15,6 +15,7 @@ from dispatcher.core.principals import (
     definitions,
     event_binding_pattern,
     machine_principal,
+    operator_principal,
     publisher_of,
     sender_of,
     submitter_principal,
@@ -72,6 +73,31 @@ def test_a_submitter_uses_only_its_queues_the_requests_and_its_runs_events() -> 
 def test_a_submitter_name_is_one_routing_word(name: str) -> None:
     with pytest.raises(ConfigurationError):
         submitter_principal(NAMES, name)
+    with pytest.raises(ConfigurationError, match="operator name"):
+        operator_principal(NAMES, name)
+
+
+def test_an_operator_watches_every_run_and_the_dead_letters_and_publishes_only_requests() -> None:
+    principal = operator_principal(NAMES, "ops1")
+    allowed = principal.permissions
+    assert (principal.kind, principal.username) == ("operator", "prod.operator.ops1")
+    assert matches(allowed.configure, "prod.operator.ops1.events")
+    for other in ("prod.operator.ops10.events", "prod.operator.ops1.", "prod.events",
+                  "prod.machine.m1", "prod.dead", "prod.requests"):  # fmt: skip
+        assert not matches(allowed.configure, other), other
+    for own in ("prod.events", "prod.dead", "prod.operator.ops1.watch"):
+        assert matches(allowed.read, own), own
+    for other in ("prod.machine.m1", "prod.machine.m1.replies", "prod.requests", "prod.reports",
+                  "prod.heartbeats", "prod.signals", "prod.operator.ops2.watch",
+                  "prod.submitter.env1.events"):  # fmt: skip
+        assert not matches(allowed.read, other), other
+    assert matches(allowed.write, "prod.requests")
+    for other in ("prod.machines", "prod.events", "prod.heartbeats", "prod.reports", "prod.dead"):
+        assert not matches(allowed.write, other), other
+    [topic] = principal.topic_permissions
+    assert (topic.exchange, topic.write) == ("prod.events", "^$")
+    for key in ("run.#", "#", "run.*.env1", "machine.#"):
+        assert matches(topic.read, key), key
 
 
 def test_the_definitions_document_provisions_users_permissions_and_machine_queues() -> None:
@@ -133,7 +159,7 @@ def test_who_sent_a_message_comes_from_its_user_id() -> None:
     classify = [
         (user, sender_of(NAMES, admin, user))
         for user in ("dispatcher/prod", "prod.machine.m1", "prod.submitter.env1",
-                     "other.machine.m1", "prod.machine.", None, "")
+                     "other.machine.m1", "prod.machine.", None, "", "prod.operator.ops1")
     ]  # fmt: skip
     assert [(s.kind, s.name) for _, s in classify] == [
         ("admin", ""),
@@ -143,6 +169,7 @@ def test_who_sent_a_message_comes_from_its_user_id() -> None:
         ("unknown", ""),
         ("unknown", ""),
         ("unknown", ""),
+        ("operator", "ops1"),
     ]
     submitters = {"env1": frozenset({"alice@contoso.com"})}
     machine, submitter = classify[1][1], classify[2][1]
@@ -153,3 +180,11 @@ def test_who_sent_a_message_comes_from_its_user_id() -> None:
     assert not machine.acts_for("alice@contoso.com", submitters)
     assert classify[0][1].acts_for("anyone", {}) and classify[0][1].speaks_for_machine("m9")
     assert (submitter.routing_word, machine.routing_word) == ("env1", "-")
+    # An operator cancels any run, submits none, speaks for no machine.
+    operator = classify[-1][1]
+    assert operator.may_cancel("bob@contoso.com", submitters)
+    assert not operator.acts_for("alice@contoso.com", submitters)
+    assert not operator.speaks_for_machine("m1") and operator.routing_word == "-"
+    assert submitter.may_cancel("alice@contoso.com", submitters)
+    assert not submitter.may_cancel("bob@contoso.com", submitters)
+    assert not machine.may_cancel("alice@contoso.com", submitters)

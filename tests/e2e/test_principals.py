@@ -22,6 +22,7 @@ from aiormq.exceptions import (
 
 from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
+from dispatcher.errors import NotFound
 from dispatcher.models import Heartbeat, RunStatus
 from dispatcher.names import Names, event_binding
 from dispatcher.settings import Settings
@@ -336,12 +337,14 @@ async def test_generated_definitions_provision_the_same_identities(
     document["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
     apply_fleet(document)
     credentials = procs.workdir / "credentials.json"
-    printed = cli(procs, "broker", "definitions", "--credentials-out", str(credentials)).stdout
+    printed = cli(
+        procs, "broker", "definitions", "--credentials-out", str(credentials), "--operators", "ops1"
+    ).stdout
     definitions = json.loads(printed)
     assert credentials.stat().st_mode & 0o777 == 0o600
     urls = json.loads(credentials.read_text())
     assert set(urls) == {names.machine_user("a1"), names.machine_user("b1"),
-                         names.submitter_user("envx")}  # fmt: skip
+                         names.submitter_user("envx"), names.operator_user("ops1")}  # fmt: skip
     assert not any(url.split("@")[0].split(":")[-1] in printed for url in urls.values())
 
     # An operator imports them (here through the management API, as rabbitmqadmin does).
@@ -360,3 +363,95 @@ async def test_generated_definitions_provision_the_same_identities(
     envx = urls[names.submitter_user("envx")]
     assert await refused(envx, consume(names.machine_queue("a1")))
     assert not await refused(envx, publish(names.requests_exchange, "submit"))
+    ops1 = urls[names.operator_user("ops1")]
+    assert await refused(ops1, consume(names.machine_queue("a1")))
+    assert await refused(ops1, publish(names.machines_exchange, "a1"))
+    assert not await refused(ops1, consume(names.dead_queue))
+
+
+async def test_an_operator_watches_every_run_cancels_any_and_submits_none(
+    client: Client, settings: Settings, procs: Processes, apply_fleet: Any
+) -> None:
+    names = Names(settings.namespace)
+    document = two_machines()
+    document["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
+    apply_fleet(document)
+    a1 = cli_json(procs, "machines", "register", "a1")
+    x = cli_json(procs, "submitters", "register", "envx", "--acts-for", OWNER)
+    ops = cli_json(procs, "operators", "register", "ops1")
+    url, user = ops["amqp_url"], names.operator_user("ops1")
+    assert ops["username"] == user and username_of(url) == user
+
+    # The broker refuses it everything but watching and the requests exchange.
+    for machine in ("a1", "b1"):
+        assert await refused(url, consume(names.machine_queue(machine)))
+        assert await refused(url, consume(names.machine_replies_queue(machine)))
+    for queue in (names.requests_queue, names.reports_queue, names.heartbeats_queue):
+        assert await refused(url, consume(queue))
+    assert await refused(url, publish(names.machines_exchange, "a1"))
+    assert await refused(url, publish(names.events_exchange, "run.succeeded.envx"))
+    assert await refused(url, publish(names.heartbeats_exchange, ""))
+    assert await refused(url, publish(names.reports_exchange, "report"))
+    assert await refused(url, bind_events(f"{x['queue_prefix']}spy", "run.#"))  # not its queue
+    assert not await refused(url, consume(names.dead_queue))
+
+    # It follows every run's events, whoever submitted them.
+    watcher = await aio_pika.connect(url)
+    channel = await watcher.channel()
+    events = await channel.declare_queue(f"{ops['queue_prefix']}watch", exclusive=True)
+    await events.bind(names.events_exchange, "run.#")
+    procs.dispatcher()
+
+    def request(run_id: str) -> bytes:
+        return json.dumps(
+            {"run_id": run_id, "flow_id": "invoice", "connection_id": "c1",
+             "requested_by": OWNER, "mode": "unattended"}
+        ).encode()  # fmt: skip
+
+    try:
+        # A run of X waits (its machine is not online yet); the operator cancels it.
+        await publish_as(
+            x["amqp_url"], names.requests_exchange, "submit", request("waits"),
+            username_of(x["amqp_url"]),
+        )  # fmt: skip
+
+        async def waiting() -> bool:
+            try:
+                return (await client.get("waits")).status is RunStatus.queued
+            except NotFound:
+                return False
+
+        await eventually(waiting, 30)
+        cancel = json.dumps({"run_id": "waits", "reason": "operator: wrong flow"}).encode()
+        await publish_as(url, names.requests_exchange, "cancel", cancel, user)
+        cancelled = await client.wait("waits", timeout=30)
+        assert cancelled.status is RunStatus.cancelled
+        # Its own run request is refused: an operator acts for no owner.
+        await publish_as(url, names.requests_exchange, "submit", request("by-ops"), user)
+        denied = await client.wait("by-ops", timeout=30)
+        assert denied.status is RunStatus.rejected and denied.error is not None
+        assert denied.error.code is ErrorCode.ConnectionAccessDenied
+        assert "operator ops1 may not submit runs" in denied.error.message
+        # X's next run runs; the operator sees it through.
+        procs.worker("a1", amqp_url=a1["amqp_url"])
+        await online(client, "a1", procs=procs)
+        await publish_as(
+            x["amqp_url"], names.requests_exchange, "submit", request("by-x"),
+            username_of(x["amqp_url"]),
+        )  # fmt: skip
+        assert (await client.wait("by-x", timeout=30)).status is RunStatus.succeeded
+        seen: list[tuple[str, str]] = []
+
+        async def watched_to_the_end() -> bool:
+            while (message := await events.get(no_ack=True, fail=False)) is not None:
+                seen.append((json.loads(message.body)["run_id"], str(message.routing_key)))
+            return ("by-x", "run.succeeded.envx") in seen
+
+        await eventually(watched_to_the_end, 20)
+    finally:
+        await watcher.close()
+    assert ("waits", "run.cancelled.envx") in seen
+    assert ("by-ops", "run.rejected.-") in seen
+    assert [key for run_id, key in seen if run_id == "by-x"] == [
+        f"run.{status}.envx" for status in ("queued", "dispatched", "started", "succeeded")
+    ]

@@ -83,8 +83,9 @@ class BrokerIdentities:
         return deleted
 
     async def delete_namespace(self, names: Names) -> int:
-        """Delete every machine and submitter identity of the namespace (demos, tests)."""
-        prefixes = (names.machine_user(""), names.submitter_user(""))
+        """Delete every machine, submitter and operator identity of the namespace (demos,
+        tests)."""
+        prefixes = (names.machine_user(""), names.submitter_user(""), names.operator_user(""))
         response = await self._request("GET", "/api/users", None)
         users = [u["name"] for u in response.json() if str(u["name"]).startswith(prefixes)]
         for user in users:
