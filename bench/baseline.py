@@ -320,10 +320,10 @@ class BaselineDispatcher(Stage):
                 run_id,
             )
         admitted = await pipe.execute()  # admit.lua, one per run
+        self.request_pass(ids)  # queued: placement need not wait for the events' confirms
         await self.publish_events([a[1] for a in admitted], "queued")
         self.outbox_done([a[0] for a in admitted])
         await batch[-1].ack(multiple=True)
-        self.request_pass(ids)
 
     def request_pass(self, run_ids: Sequence[str] = ()) -> None:
         """Ask for a placement pass (coalesced with the passes already asked for, as the
@@ -332,6 +332,10 @@ class BaselineDispatcher(Stage):
         self._wakeup.set()
 
     async def place_forever(self) -> None:
+        """Passes one at a time; a pass's window is confirmed while the next pass reads and
+        claims, and goes out once the window before it is confirmed (as the product's
+        ``Placer`` loop does)."""
+        sending: asyncio.Task[Any] | None = None
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
@@ -339,7 +343,9 @@ class BaselineDispatcher(Stage):
             per_lane = max(1, min(PREFETCH_PER_LANE, self._free))
             take = min(self._free, len(self._admitted))
             self._free -= take
-            await self.place([self._admitted.popleft() for _ in range(take)], per_lane)
+            sending = await self.place(
+                [self._admitted.popleft() for _ in range(take)], per_lane, sending
+            )
 
     async def placement_reads(self, per_lane: int) -> None:
         """What a placement pass reads before it decides: the fleet version, the lanes, the
@@ -358,11 +364,14 @@ class BaselineDispatcher(Stage):
             pipe.zrange(k.key("lane"), 0, per_lane - 1, withscores=True)
         await pipe.execute()
 
-    async def place(self, run_ids: list[str], per_lane: int) -> None:
+    async def place(
+        self, run_ids: list[str], per_lane: int, previous: asyncio.Task[Any] | None = None
+    ) -> asyncio.Task[Any] | None:
+        """One pass; returns its window's publication, under way (or ``previous``)."""
         k = self.names
         await self.placement_reads(per_lane)
         if not run_ids:
-            return
+            return previous
         chosen = []
         for _ in run_ids:
             chosen.append(self.machine_ids[self._next % len(self.machine_ids)])
@@ -389,8 +398,15 @@ class BaselineDispatcher(Stage):
             publishes.append(
                 self.machines.publish(persistent(assignment, "assign"), machine_id, mandatory=True)
             )
-        await asyncio.gather(*publishes)
-        self.outbox_done([c[0] for c in claimed] + [c[2] for c in claimed])
+        if previous is not None:
+            await previous
+        done = [c[0] for c in claimed] + [c[2] for c in claimed]
+
+        async def window() -> None:
+            await asyncio.gather(*publishes)
+            self.outbox_done(done)
+
+        return asyncio.create_task(window())
 
     async def on_reports(self, batch: list[AbstractIncomingMessage]) -> None:
         """The workers' fenced starts and outcomes (the product's ``WorkerRequests``): one
