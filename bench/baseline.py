@@ -519,59 +519,28 @@ async def serve(args: argparse.Namespace) -> int:
     if args.role == "dispatcher":
         dispatcher = BaselineDispatcher(settings, args.machines.split(","), args.slots)
         stage = dispatcher
-        await stage.open()
-        assert stage.connection is not None
-        tasks.append(
-            await consume_batches(
-                stage.connection,
-                stage.names.requests,
-                dispatcher.on_requests,
-                batch=args.batch,
-                prefetch=args.prefetch,
-            )
-        )
-        tasks.append(asyncio.create_task(dispatcher.place_forever()))
-        tasks.append(
-            await consume_batches(
-                stage.connection,
-                stage.names.reports,
-                dispatcher.on_reports,
-                batch=args.batch,
-                prefetch=args.prefetch,
-            )
-        )
-        tasks.append(
-            await consume_batches(
-                stage.connection,
-                stage.names.signals,
-                dispatcher.on_signals,
-                batch=args.batch,
-                prefetch=args.prefetch,
-            )
-        )
+        consumers = [
+            (dispatcher.names.requests, dispatcher.on_requests),
+            (dispatcher.names.reports, dispatcher.on_reports),
+            (dispatcher.names.signals, dispatcher.on_signals),
+        ]
     else:
         worker = BaselineWorker(settings, args.machine)
         stage = worker
-        await stage.open()
-        assert stage.connection is not None
+        consumers = [
+            (worker.names.machine_queue(args.machine), worker.on_assignments),
+            (worker.names.replies_queue(args.machine), worker.on_replies),
+        ]
+    await stage.open()
+    assert stage.connection is not None
+    for queue, handler in consumers:
         tasks.append(
             await consume_batches(
-                stage.connection,
-                stage.names.machine_queue(args.machine),
-                worker.on_assignments,
-                batch=args.batch,
-                prefetch=args.prefetch,
+                stage.connection, queue, handler, batch=args.batch, prefetch=args.prefetch
             )
         )
-        tasks.append(
-            await consume_batches(
-                stage.connection,
-                stage.names.replies_queue(args.machine),
-                worker.on_replies,
-                batch=args.batch,
-                prefetch=args.prefetch,
-            )
-        )
+    if args.role == "dispatcher":
+        tasks.append(asyncio.create_task(dispatcher.place_forever()))
     done = asyncio.create_task(stop.wait())
     await asyncio.wait([done, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:

@@ -179,48 +179,60 @@ def _checked_name(kind: str, name: str) -> str:
     return name
 
 
-def submitter_principal(names: Names, submitter: str) -> Principal:
-    """A submitter: publish requests, use its own queues, bind only its own runs' events."""
-    _checked_name("submitter", submitter)
-    own_queues = re.escape(names.submitter_queue_prefix(submitter)) + ".+"
+def _requests_principal(
+    kind: str,
+    name: str,
+    names: Names,
+    *,
+    username: str,
+    queue_prefix: str,
+    readable: tuple[str, ...],
+    events_read: str,
+) -> Principal:
+    """A principal that publishes on the requests exchange, uses only its own queues
+    (``queue_prefix`` then anything), reads ``readable`` and the events exchange, and receives
+    the events whose routing keys match ``events_read`` (a topic permission)."""
+    own_queues = re.escape(queue_prefix) + ".+"
+    resources = "|".join(re.escape(r) for r in (names.events_exchange, *readable))
     return Principal(
-        kind="submitter",
-        name=submitter,
-        username=names.submitter_user(submitter),
+        kind=kind,
+        name=name,
+        username=username,
         permissions=Permissions(
             configure=f"^{own_queues}$",
             write=f"^({re.escape(names.requests_exchange)}|{own_queues})$",
-            read=f"^({re.escape(names.events_exchange)}|{own_queues})$",
+            read=f"^({resources}|{own_queues})$",
         ),
         topic_permissions=(
-            TopicPermission(
-                exchange=names.events_exchange,
-                write=NOTHING,
-                read=event_binding_pattern(submitter),
-            ),
+            TopicPermission(exchange=names.events_exchange, write=NOTHING, read=events_read),
         ),
+    )
+
+
+def submitter_principal(names: Names, submitter: str) -> Principal:
+    """A submitter: publish requests, use its own queues, bind only its own runs' events."""
+    return _requests_principal(
+        "submitter",
+        _checked_name("submitter", submitter),
+        names,
+        username=names.submitter_user(submitter),
+        queue_prefix=names.submitter_queue_prefix(submitter),
+        readable=(),
+        events_read=event_binding_pattern(submitter),
     )
 
 
 def operator_principal(names: Names, operator: str) -> Principal:
     """An operator: read every run's events and the dead letters, use its own queues, publish
     requests (the dispatcher takes only its cancels)."""
-    _checked_name("operator", operator)
-    own_queues = re.escape(names.operator_queue_prefix(operator)) + ".+"
-    return Principal(
-        kind="operator",
-        name=operator,
+    return _requests_principal(
+        "operator",
+        _checked_name("operator", operator),
+        names,
         username=names.operator_user(operator),
-        permissions=Permissions(
-            configure=f"^{own_queues}$",
-            write=f"^({re.escape(names.requests_exchange)}|{own_queues})$",
-            read=(
-                f"^({re.escape(names.events_exchange)}|{re.escape(names.dead_queue)}|{own_queues})$"
-            ),
-        ),
-        topic_permissions=(
-            TopicPermission(exchange=names.events_exchange, write=NOTHING, read=".*"),
-        ),
+        queue_prefix=names.operator_queue_prefix(operator),
+        readable=(names.dead_queue,),
+        events_read=".*",
     )
 
 
