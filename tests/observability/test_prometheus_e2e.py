@@ -69,6 +69,7 @@ from tests.support.processes import (
 )
 from tests.support.promserver import (
     DISPATCHER_JOB,
+    GRAFANA_VARIABLES,
     WORKER_JOB,
     PromServer,
     dashboard_queries,
@@ -343,6 +344,7 @@ async def exercise_and_check(
     worker_ports: dict[str, int],
 ) -> None:
     await asyncio.to_thread(prom.wait_for_targets_up, 30.0)
+    scraped_since = time.monotonic()
     # Both replicas have read the fleet: the time-out counters exist at 0 everywhere before a
     # run times out (whichever replica ends up counting it).
     await asyncio.to_thread(
@@ -484,9 +486,13 @@ async def exercise_and_check(
     }
 
     # ---- every panel query parses and has data -------------------------------------------------
+    # The rate() windows reach back to the first scrape, as an operator looking at the whole
+    # exercise would set them: tokens are refreshed early (sign-in, then once per token), and on
+    # a loaded machine the waves take longer than Grafana's default window of a minute.
+    window_s = math.ceil(time.monotonic() - scraped_since) + 60
     empty, no_value, errors = [], [], []
     panels: dict[str, list[dict[str, Any]]] = {}
-    for query in dashboard_queries():
+    for query in dashboard_queries(values={**GRAFANA_VARIABLES, "__rate_interval": f"{window_s}s"}):
         where = f"{query.dashboard} panel {query.panel_id} {query.panel!r} {query.ref_id}"
         try:
             series = panels[query.panel] = prom.query(query.expr)

@@ -311,8 +311,10 @@ def dashboard_panels(dashboard: Mapping[str, Any]) -> Iterator[Mapping[str, Any]
         yield from panel.get("panels", [])
 
 
-def dashboard_queries(paths: Iterable[Path] = DASHBOARDS) -> list[PanelQuery]:
-    """Every panel query of the given dashboards, variables expanded."""
+def dashboard_queries(
+    paths: Iterable[Path] = DASHBOARDS, values: Mapping[str, str] = GRAFANA_VARIABLES
+) -> list[PanelQuery]:
+    """Every panel query of the given dashboards, variables expanded with ``values``."""
     queries = []
     for path in paths:
         dashboard = json.loads(Path(path).read_text())
@@ -324,7 +326,7 @@ def dashboard_queries(paths: Iterable[Path] = DASHBOARDS) -> list[PanelQuery]:
                         panel_id=panel["id"],
                         panel=panel.get("title", ""),
                         ref_id=target.get("refId", ""),
-                        expr=expand_grafana_variables(target.get("expr", "")),
+                        expr=expand_grafana_variables(target.get("expr", ""), values),
                         raw_expr=target.get("expr", ""),
                     )
                 )
