@@ -16,6 +16,7 @@ from dispatcher.core.admission import tenant_blocked
 from dispatcher.models import (
     Connection,
     ConnectionKind,
+    Machine,
     MachineView,
     Mode,
     OsKind,
@@ -38,10 +39,15 @@ class Selection:
 
 
 def slots_of(view: MachineView) -> int:
+    """Unattended slots of the machine seen."""
+    return machine_slots(view.machine)
+
+
+def machine_slots(machine: Machine) -> int:
     """Unattended slots: a Windows client machine runs one session at a time."""
-    if view.machine.os is OsKind.windows_client:
+    if machine.os is OsKind.windows_client:
         return 1
-    return view.machine.max_unattended_runs
+    return machine.max_unattended_runs
 
 
 def machine_verdict(view: MachineView, connection: Connection, mode: Mode) -> ErrorCode | None:

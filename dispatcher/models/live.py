@@ -4,6 +4,7 @@ machine at one instant."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, Literal, Self
@@ -90,6 +91,15 @@ class AssignedRun(BaseModel):
     mode: Mode
     user: str
     fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class MachineOccupancy:
+    """What the machine gauges count of one machine: online, and its unattended runs."""
+
+    machine: Machine
+    online: bool
+    unattended_in_use: int = 0
 
 
 class MachineView(BaseModel):

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 
+from dispatcher.adapters.redis import machines as machines_module
+from dispatcher.adapters.redis.codec import encode_assigned
 from dispatcher.adapters.redis.connection import delete_namespace, make_redis
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.models import (
@@ -160,6 +162,52 @@ async def test_placement_waits_after_another_redis_server_answers() -> None:
         await machines.record_heartbeats([beat("m1"), beat("m2")], 201.5)
         assert await machines.placement_hold_s(205.0, interval, offline) == interval
         assert await machines.placement_hold_s(209.5, interval, offline) == 0.0  # m4 offline
+    finally:
+        await delete_namespace(redis, names)
+        await redis.aclose()
+
+
+async def test_occupancy_counts_what_the_views_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine gauges' counts (unattended runs counted in Redis, a few machines per script
+    call) agree with the full views, for online, offline and maintenance machines."""
+    monkeypatch.setattr(machines_module, "OCCUPANCY_CHUNK", 2)
+    settings = new_settings()
+    names = Names(settings.namespace)
+    redis = make_redis(settings)
+    machines = RedisMachines(redis, names)
+    fleet = [Machine(machine_id=f"m{i}", name=f"m{i}", max_unattended_runs=3) for i in range(1, 7)]
+    fleet.append(Machine(machine_id="m7", name="m7", maintenance=True))
+    runs = {
+        "m1": [("unattended", "alice"), ("unattended", "bob"), ("attended", "carol")],
+        "m2": [("attended", "dave")],
+        "m4": [("unattended", "erin")],
+        "m5": [("unattended", "frank")],  # offline: not counted
+        "m7": [("unattended", "grace")],  # in maintenance: not counted
+    }
+    try:
+        online = [beat(m.machine_id) for m in fleet if m.machine_id != "m5"]
+        await machines.record_heartbeats([beat("m5")], 50.0)
+        await machines.record_heartbeats(online, 100.0)
+        for machine_id, assigned in runs.items():
+            for index, (mode, user) in enumerate(assigned):
+                value = encode_assigned(mode, index + 1, user)
+                await redis.hset(
+                    names.machine_assigned(machine_id), f"{machine_id}-r{index}", value
+                )
+        counted = await machines.occupancy(fleet, 101.0, offline_after_s=15.0)
+        assert [(o.machine.machine_id, o.online, o.unattended_in_use) for o in counted] == [
+            ("m1", True, 2),
+            ("m2", True, 0),
+            ("m3", True, 0),
+            ("m4", True, 1),
+            ("m5", False, 0),
+            ("m6", True, 0),
+            ("m7", True, 0),
+        ]
+        views = await machines.views(fleet, 101.0, offline_after_s=15.0)
+        for occupancy, view in zip(counted, views, strict=True):
+            if view.online and not view.machine.maintenance:
+                assert occupancy.unattended_in_use == view.unattended_in_use
     finally:
         await delete_namespace(redis, names)
         await redis.aclose()

@@ -15,7 +15,7 @@ from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.adapters.redis.fleet import RedisFleet
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.adapters.redis.traces import RedisTraces
-from dispatcher.core.selection import slots_of
+from dispatcher.core.selection import machine_slots
 from dispatcher.metrics import QueueStateSnapshot, QueueStats, SlotCounts
 from dispatcher.models import ConnectionKind, Mode
 from dispatcher.names import Names
@@ -113,9 +113,10 @@ async def queue_state(source: RedisQueueState, offline_after_s: float) -> QueueS
         for other in ("online", "offline", "maintenance"):
             machine_counts[(group, other)] += 0
         if view.online and not view.machine.maintenance:
-            used = min(view.unattended_in_use, slots_of(view))
+            slots = machine_slots(view.machine)
+            used = min(view.unattended_in_use, slots)
             busy[group] += used
-            free[group] += slots_of(view) - used
+            free[group] += slots - used
         else:
             busy[group] += 0
             free[group] += 0
