@@ -35,6 +35,7 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
+from dispatcher.adapters.amqp.machine_queues import declaring_channels
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
     declare_topology,
@@ -94,6 +95,7 @@ class Amqp(window.WindowPublishing):
         self._watch: asyncio.Task[None] | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._machine_queues: set[str] = set()
+        self._declaring = declaring_channels()
         self._consumer_channels: list[AbstractChannel] = []
         # RabbitMQ checks that a message's user_id is the connection's user: receivers know
         # who sent it (core/principals.sender_of).

@@ -105,24 +105,35 @@ async def _declare_or_accept(
     channel: AbstractChannel,
     name: str,
     arguments: dict[str, Any],
+    probe: AbstractChannel | None = None,
 ) -> AbstractQueue:
     """Declare a shared queue; one that exists with other arguments (an operator declared it
     from other definitions) is used as it is, with a warning, instead of fought over: its
-    messages are not ours to drop. ``python -m dispatcher doctor`` names the difference."""
-    probe = await connection.channel()
+    messages are not ours to drop. ``python -m dispatcher doctor`` names the difference.
+    The declaration is tried on ``probe`` (a refusal closes it), a channel opened for it when
+    none is given; the queue comes back on ``channel``, or on ``probe`` when one was given."""
+    own_probe = probe is None
+    tried = await connection.channel() if probe is None else probe
     try:
-        await probe.declare_queue(name, durable=True, arguments=arguments)
+        queue = await tried.declare_queue(name, durable=True, arguments=arguments)
     except ChannelPreconditionFailed as exc:
         log.warning("queue %s exists with other arguments; using it as it is: %s", name, exc)
         return await channel.declare_queue(name, passive=True)
     finally:
-        if not probe.is_closed:
-            await probe.close()
-    return await channel.declare_queue(name, durable=True, arguments=arguments)
+        if own_probe and not tried.is_closed:
+            await tried.close()
+    if own_probe:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    return queue
 
 
 async def declare_replies_queue(
-    connection: AbstractRobustConnection, channel: AbstractChannel, name: str, *, cluster: bool
+    connection: AbstractRobustConnection,
+    channel: AbstractChannel,
+    name: str,
+    *,
+    cluster: bool,
+    probe: AbstractChannel | None = None,
 ) -> AbstractQueue:
     """A machine's replies queue, of the type the broker calls for (``replies_arguments``).
     One declared otherwise (by an earlier version, or before the broker became a cluster)
@@ -131,8 +142,8 @@ async def declare_replies_queue(
     arguments = replies_arguments(cluster)
     if cluster:
         await _replace_if_declared_otherwise(connection, name, arguments)
-        return await channel.declare_queue(name, durable=True, arguments=arguments)
-    return await _declare_or_accept(connection, channel, name, arguments)
+        return await (probe or channel).declare_queue(name, durable=True, arguments=arguments)
+    return await _declare_or_accept(connection, channel, name, arguments, probe)
 
 
 EXCHANGE_ROLES = ("dead", "requests", "events", "machines", "heartbeats", "reports")

@@ -1,0 +1,61 @@
+"""Declaring machines' queues on the real RabbitMQ through the broker adapter: many machines at
+once over its declaring channels, each machine queue bound by machine id and each replies
+queue by its key; a replies queue an operator declared otherwise is used as it is, and the
+declarations after it go on (the refusal closed a declaring channel: another one is opened)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import pytest
+
+from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.names import Names
+from tests.support.processes import cleanup, new_settings
+
+pytestmark = pytest.mark.integration
+
+MACHINES = [f"m{i}" for i in range(40)]
+
+
+async def test_machines_declared_at_once_and_a_replies_queue_declared_otherwise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = new_settings()
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    amqp = Amqp(url, names, machine_queue_type="classic")
+    other = await aio_pika.connect(url)
+    try:
+        await amqp.connect()
+        channel = await other.channel()
+        # An operator's replies queue for m7 without the product's arguments (no TTL).
+        await channel.declare_queue(names.machine_replies_queue("m7"), durable=True)
+        await asyncio.gather(*(amqp.ensure_machine_queue(m) for m in MACHINES))
+        await amqp.ensure_machine_queue("m7")  # known: one declaration, no new binding
+        for machine_id in MACHINES:
+            await amqp.publish_json("machines", machine_id, machine_id.encode(), kind="assign")
+            await amqp.publish_reply(machine_id, b"answer-" + machine_id.encode())
+        for machine_id in MACHINES:
+            queue = await channel.declare_queue(names.machine_queue(machine_id), passive=True)
+            replies = await channel.declare_queue(
+                names.machine_replies_queue(machine_id), passive=True
+            )
+            assignment = await queue.get(timeout=5)
+            answer = await replies.get(timeout=5)
+            assert (assignment.body, answer.body) == (
+                machine_id.encode(),
+                b"answer-" + machine_id.encode(),
+            )
+            await assignment.ack()
+            await answer.ack()
+        # Declared without arguments again: RabbitMQ would refuse it had m7's queue been
+        # replaced by one with the product's arguments.
+        await channel.declare_queue(names.machine_replies_queue("m7"), durable=True)
+        refused = [r for r in caplog.records if "exists with other arguments" in r.getMessage()]
+        assert [names.machine_replies_queue("m7") in r.getMessage() for r in refused] == [True]
+    finally:
+        await amqp.close()
+        await other.close()
+        await cleanup(settings, MACHINES)
