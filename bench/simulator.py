@@ -109,6 +109,7 @@ class FleetSimulator:
         self._outcomes: dict[str, list[tuple[str, int]]] = {}
         self._flush_scheduled = False
         self._last_tag = 0
+        self._acked = 0
         self.beats: aiormq.Channel | None = None
         self.work: aiormq.Channel | None = None  # the assignments' (and requests') channel
 
@@ -227,7 +228,10 @@ class FleetSimulator:
             ]
             await self.ask(machine_id, "finish", items, outcomes=reported)
             self.counts.finishes += len(items)
-        if assigned and tag:
+        # Flushes overlap (one waits on a publish while the next one runs): a flush acks only
+        # past the last tag acked, since acking a tag twice is a channel error that closes it.
+        if assigned and tag > self._acked:
+            self._acked = tag
             await self.work.basic_ack(tag, multiple=True)
 
     async def ask(
@@ -263,6 +267,7 @@ class FleetSimulator:
             number += 2
             await work.basic_qos(prefetch_count=PREFETCH)
             self.work = work
+            self._last_tag = self._acked = 0  # delivery tags count per channel
             try:
                 for machine_id in sorted(self.serving):
                     await work.basic_consume(
