@@ -34,6 +34,7 @@ import re
 import secrets
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,31 @@ class LiveFleet:
             result["drain"] = await self.drain(drain_runs, pids, dpid)
         return result
 
+    async def stalled(self, prefix: str, count: int) -> str:
+        """What a drain that did not finish left behind: its runs by status, the queues' depths
+        and the end of the dispatcher's and the simulator's logs (for the JSON's ``error``)."""
+        pipe = self.bench.redis.pipeline(transaction=False)
+        for i in range(count):
+            pipe.hget(self.names.run(f"{prefix}{i}"), "status")
+        statuses = Counter(
+            (status.decode() if isinstance(status, bytes) else str(status))
+            for status in await pipe.execute()
+        )
+        depths = {
+            queue: await self.queue_depth(queue)
+            for queue in (self.names.requests_queue, self.names.heartbeats_queue,
+                          self.names.reports_queue, self.names.signals_queue)
+        }  # fmt: skip
+        tails = {
+            name: self.bench.procs.log_tail(name, 1500)
+            for name in (self.dispatcher, self.simulator)
+            if name is not None
+        }
+        self.log(f"  stalled drain: runs {dict(statuses)}, queues {depths}")
+        for name, tail in tails.items():
+            self.log(f"  ---- {name}\n{tail}")
+        return f"runs {dict(statuses)}, queues {depths}"
+
     async def drain(self, count: int, pids: list[int], dpid: int) -> dict[str, Any]:
         """``count`` runs published at once; dispatcher CPU per run between 10 % and 90 %."""
         bench, redis = self.bench, self.bench.redis
@@ -352,7 +378,7 @@ class LiveFleet:
                 if time.monotonic() - began > timeout:
                     raise RuntimeError(
                         f"live fleet drain: only {done}/{count} runs succeeded in {timeout:.0f} s"
-                        f"; failures {await bench.failures()}"
+                        f"; failures {await bench.failures()}; {await self.stalled(prefix, count)}"
                     )
                 assert self.dispatcher is not None and self.simulator is not None
                 bench.procs.check_alive(self.dispatcher, self.simulator)
