@@ -313,6 +313,11 @@ class MachineState(Protocol):
 
     async def assigned(self, machine_id: str) -> list[AssignedRun]: ...
 
+    async def assigned_to(self, machine_ids: Sequence[str]) -> dict[str, list[AssignedRun]]:
+        """The runs assigned to each of ``machine_ids`` that has any (a whole-fleet read: an
+        idle machine costs nothing)."""
+        ...
+
     async def placement_hold_s(
         self, now: float, heartbeat_interval_s: float, offline_after_s: float
     ) -> float:

@@ -168,9 +168,10 @@ async def test_placement_waits_after_another_redis_server_answers() -> None:
 
 
 async def test_occupancy_counts_what_the_views_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The machine gauges' counts (unattended runs counted in Redis, a few machines per script
-    call) agree with the full views, for online, offline and maintenance machines."""
-    monkeypatch.setattr(machines_module, "OCCUPANCY_CHUNK", 2)
+    """The machine gauges' counts (the runs read a few machines per script call) agree with the
+    full views, for online, offline and maintenance machines; the whole-fleet read returns the
+    machines with runs only, each with the runs a read of that machine gives."""
+    monkeypatch.setattr(machines_module, "ASSIGNED_CHUNK", 2)
     settings = new_settings()
     names = Names(settings.namespace)
     redis = make_redis(settings)
@@ -208,6 +209,12 @@ async def test_occupancy_counts_what_the_views_count(monkeypatch: pytest.MonkeyP
         for occupancy, view in zip(counted, views, strict=True):
             if view.online and not view.machine.maintenance:
                 assert occupancy.unattended_in_use == view.unattended_in_use
+        # The whole-fleet read: only the machines with runs, each with all of its runs.
+        ids = [m.machine_id for m in fleet]
+        found = await machines.assigned_to(ids)
+        assert sorted(found) == ["m1", "m2", "m4", "m5", "m7"]
+        for machine_id, assigned_runs in found.items():
+            assert assigned_runs == await machines.assigned(machine_id)
     finally:
         await delete_namespace(redis, names)
         await redis.aclose()

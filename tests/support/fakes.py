@@ -633,6 +633,10 @@ class FakeMachines:
         values = self.store.assigned.get(machine_id, {})
         return [codec.decode_assigned(run_id, value) for run_id, value in values.items()]
 
+    async def assigned_to(self, machine_ids: Sequence[str]) -> dict[str, list[AssignedRun]]:
+        found = {machine_id: await self.assigned(machine_id) for machine_id in machine_ids}
+        return {machine_id: runs for machine_id, runs in found.items() if runs}
+
     async def placement_hold_s(
         self, now: float, heartbeat_interval_s: float, offline_after_s: float
     ) -> float:

@@ -19,6 +19,7 @@ from dispatcher.models import (
     Machine,
     MachineOccupancy,
     MachineView,
+    Mode,
 )
 from dispatcher.names import Names
 from dispatcher.usecases.results import BeatRecorded, HeartbeatOutcome, KeyRefused
@@ -26,10 +27,10 @@ from dispatcher.usecases.results import BeatRecorded, HeartbeatOutcome, KeyRefus
 log = logging.getLogger(__name__)
 
 HEARTBEATS_SCRIPT = (resources.files("dispatcher.adapters") / "lua" / "heartbeats.lua").read_text()
-OCCUPANCY_SCRIPT = (resources.files("dispatcher.adapters") / "lua" / "occupancy.lua").read_text()
-# Machines per ``occupancy.lua`` call: a script holds Redis while it runs, and a thousand
-# machines (about a millisecond) is what one heartbeat batch holds it for already.
-OCCUPANCY_CHUNK = 1000
+ASSIGNED_SCRIPT = (resources.files("dispatcher.adapters") / "lua" / "assigned.lua").read_text()
+# Machines per ``assigned.lua`` call: a script holds Redis while it runs, and a thousand
+# machines (about a millisecond when idle) is what one heartbeat batch holds it for already.
+ASSIGNED_CHUNK = 1000
 
 
 def encode_live_record(heartbeat: Heartbeat) -> str:
@@ -58,7 +59,7 @@ class RedisMachines:
         self.redis = redis
         self.names = names
         self._heartbeats = redis.register_script(HEARTBEATS_SCRIPT)
-        self._occupancy = redis.register_script(OCCUPANCY_SCRIPT)
+        self._assigned = redis.register_script(ASSIGNED_SCRIPT)
 
     async def record_heartbeats(
         self, heartbeats: Sequence[Heartbeat], received_at: float
@@ -148,21 +149,18 @@ class RedisMachines:
         self, machines: Sequence[Machine], now: float, offline_after_s: float
     ) -> list[MachineOccupancy]:
         """What the machine gauges count (online, the unattended runs assigned), for a whole
-        fleet every few seconds: the heartbeat index in one read, then the online machines'
-        unattended runs counted in Redis (``occupancy.lua``, a thousand machines per call),
-        so only the machines running something cost a reply. At 10,000 machines the full
-        ``views`` took more than half a core (bench/README.md, "live fleet")."""
+        fleet every few seconds: the heartbeat index in one read, then the runs of the online
+        machines that have any (:meth:`assigned_to`). At 10,000 machines the full ``views``
+        took more than half a core (bench/README.md, "live fleet")."""
         raw = await self.redis.zrangebyscore(
             self.names.heartbeat_index, now - offline_after_s, "+inf"
         )
         online = {text(m) for m in raw}
         asked = [m.machine_id for m in machines if m.machine_id in online and not m.maintenance]
-        in_use: dict[str, int] = {}
-        for first in range(0, len(asked), OCCUPANCY_CHUNK):
-            chunk = asked[first : first + OCCUPANCY_CHUNK]
-            counts = await self._occupancy(keys=[self.names.machine_assigned(m) for m in chunk])
-            for i in range(0, len(counts), 2):
-                in_use[chunk[int(counts[i]) - 1]] = int(counts[i + 1])
+        in_use = {
+            machine_id: sum(1 for run in runs if run.mode is Mode.unattended)
+            for machine_id, runs in (await self.assigned_to(asked)).items()
+        }
         return [
             MachineOccupancy(
                 machine=machine,
@@ -171,6 +169,24 @@ class RedisMachines:
             )
             for machine in machines
         ]
+
+    async def assigned_to(self, machine_ids: Sequence[str]) -> dict[str, list[AssignedRun]]:
+        """The runs assigned to each of ``machine_ids`` that has any (``assigned.lua``, a
+        thousand machines per call: an idle machine costs no reply)."""
+        found: dict[str, list[AssignedRun]] = {}
+        for first in range(0, len(machine_ids), ASSIGNED_CHUNK):
+            chunk = machine_ids[first : first + ASSIGNED_CHUNK]
+            raw = await self._assigned(keys=[self.names.machine_assigned(m) for m in chunk])
+            at = 0
+            while at < len(raw):
+                machine_id, count = chunk[int(raw[at]) - 1], int(raw[at + 1])
+                items = raw[at + 2 : at + 2 + 2 * count]
+                found[machine_id] = [
+                    decode_assigned(text(items[k]), text(items[k + 1]))
+                    for k in range(0, len(items), 2)
+                ]
+                at += 2 + 2 * count
+        return found
 
     async def stale(self, now: float, offline_after_s: float) -> list[str]:
         """Machines whose last heartbeat is older than ``offline_after_s``."""

@@ -106,20 +106,22 @@ async def queue_state(source: RedisQueueState, offline_after_s: float) -> QueueS
     all_machines = [fleet.machines[m] for m in sorted(fleet.machines)]
     for view in await machines.occupancy(all_machines, now, offline_after_s):
         group = view.machine.group_id or NO_GROUP
-        state = (
-            "maintenance" if view.machine.maintenance else "online" if view.online else "offline"
-        )
-        machine_counts[(group, state)] += 1
-        for other in ("online", "offline", "maintenance"):
-            machine_counts[(group, other)] += 0
-        if view.online and not view.machine.maintenance:
+        if view.machine.maintenance:
+            machine_counts[(group, "maintenance")] += 1
+        elif not view.online:
+            machine_counts[(group, "offline")] += 1
+        else:
+            machine_counts[(group, "online")] += 1
             slots = machine_slots(view.machine)
             used = min(view.unattended_in_use, slots)
             busy[group] += used
             free[group] += slots - used
-        else:
-            busy[group] += 0
-            free[group] += 0
+    # Every group has all its series, at 0 where nothing counts.
+    for group in {group for group, _ in machine_counts}:
+        for state in ("online", "offline", "maintenance"):
+            machine_counts[(group, state)] += 0
+        busy[group] += 0
+        free[group] += 0
     run_labels = frozenset(
         (connection.target.key, connection.kind.value, mode.value)
         for connection in fleet.connections.values()
