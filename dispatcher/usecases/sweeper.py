@@ -147,12 +147,19 @@ class Sweeper:
         checked = self._offline_checked
         for machine_id in [m for m in checked if m not in marks]:
             del checked[machine_id]  # back online
-        for machine_id, since in marks.items():
-            if now - since < self.settings.running_grace_s:
-                continue
-            if now - checked.get(machine_id, -math.inf) >= self.settings.resweep_interval_s:
+        due = [
+            machine_id
+            for machine_id, since in marks.items()
+            if now - since >= self.settings.running_grace_s
+            and now - checked.get(machine_id, -math.inf) >= self.settings.resweep_interval_s
+        ]
+        # Only the machines that still hold runs are looked at one by one: a fleet with
+        # thousands of machines switched off read each of them every resweep.
+        holding = await self.machines.assigned_to(due) if due else {}
+        for machine_id in due:
+            if machine_id in holding:
                 await self._fail_running(machine_id, now)
-                checked[machine_id] = now
+            checked[machine_id] = now
 
     async def _runs_on(self, machine_id: str) -> list[Run]:
         assigned = await self.machines.assigned(machine_id)
