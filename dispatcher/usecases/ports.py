@@ -146,8 +146,11 @@ class Broker(Protocol):
         *,
         batch_size: int,
         prefetch: int | None = None,
+        gather_s: float = 0.0,
     ) -> asyncio.Task[None]:
-        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts."""
+        """Consume ``queue`` in batches; the consumer acts on the handler's verdicts.
+        ``gather_s``: after a batch's first delivery, wait that long for more (for messages
+        whose handling costs mostly per batch and that may wait, such as heartbeats)."""
         ...
 
     async def hold_exclusive_queue(self, queue: str) -> None:

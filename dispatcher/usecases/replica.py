@@ -56,6 +56,10 @@ START_BACKOFF = Backoff(first_s=0.2, max_s=2.0)
 
 # Heartbeats handled (recorded, reconciled) per batch; twice as many delivered ahead.
 HEARTBEAT_BATCH = 1000
+# How long a batch of heartbeats waits for more after its first one: a batch costs about the
+# same whatever its size (one script call, one read, one ack), and a heartbeat 100 ms later
+# changes nothing (a machine is offline after 15 s of silence).
+HEARTBEAT_GATHER_S = 0.1
 # Machines whose queues are declared at once (the broker keeps as many declaring channels).
 DECLARING_AT_ONCE = 8
 
@@ -135,6 +139,7 @@ class Dispatcher:
                     handler,
                     batch_size=HEARTBEAT_BATCH,
                     prefetch=2 * HEARTBEAT_BATCH,
+                    gather_s=HEARTBEAT_GATHER_S,
                 )
             self._tasks.append(await self._when_available(consume))
         self._tasks += [

@@ -732,6 +732,7 @@ class FakeBroker:
         *,
         batch_size: int,
         prefetch: int | None = None,
+        gather_s: float = 0.0,
     ) -> asyncio.Task[None]:
         if self.refuse_consumers > 0:
             self.refuse_consumers -= 1

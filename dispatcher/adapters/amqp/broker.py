@@ -248,6 +248,7 @@ class Amqp(window.WindowPublishing):
         batch_size: int,
         prefetch: int | None = None,
         arguments: dict[str, Any] | None = None,
+        gather_s: float = 0.0,
     ) -> asyncio.Task[None]:
         """Consume ``queue`` in batches; the consumer module acts on the handler's verdicts.
 
@@ -288,6 +289,7 @@ class Amqp(window.WindowPublishing):
             self._dead_letter,
             hold_s=self.hold_s,
             republish=republish,
+            gather_s=gather_s,
             **({"on_outage": self.on_outage} if self.on_outage else {}),
         )
         loop.task = asyncio.create_task(loop.run(), name=f"consume:{queue}")

@@ -179,7 +179,8 @@ def held_copy(message: AbstractIncomingMessage, user_id: str) -> aio_pika.Messag
 
 
 class ConsumerLoop:
-    """The consumer's loop: take what is ready (at most ``batch_size``), decide, settle.
+    """The consumer's loop: take what is ready (at most ``batch_size``, after waiting
+    ``gather_s`` for more when the first delivery comes), decide, settle.
 
     ``drain()`` (after RabbitMQ confirmed the consumer is cancelled, so that nothing more
     arrives): the batch in hand and every delivery already received are decided and settled,
@@ -196,6 +197,7 @@ class ConsumerLoop:
         hold_s: float | None = None,
         republish: Republisher | None = None,
         on_outage: OutageHook = _no_hook,
+        gather_s: float = 0.0,
     ) -> None:
         self.inbox = inbox
         self.handler = handler
@@ -204,6 +206,7 @@ class ConsumerLoop:
         self.hold_s = hold_s
         self.republish = republish
         self.on_outage = on_outage
+        self.gather_s = gather_s
         self.stopping = False
         self.busy = False
         self.task: asyncio.Task[None] | None = None
@@ -214,6 +217,10 @@ class ConsumerLoop:
             first = await inbox.get()
             self.busy = True
             try:
+                if self.gather_s and inbox.qsize() + 1 < self.batch_size and not self.stopping:
+                    # Worth a short wait: more of the batch arrives meanwhile, handled at the
+                    # cost of one batch.
+                    await asyncio.sleep(self.gather_s)
                 batch = [first]
                 while len(batch) < self.batch_size and not inbox.empty():
                     batch.append(inbox.get_nowait())
