@@ -54,6 +54,13 @@ def two_machines() -> dict[str, Any]:
     )
 
 
+def two_machines_and_envx() -> dict[str, Any]:
+    """:func:`two_machines` with submitter ``envx`` acting for the connection's owner."""
+    document = two_machines()
+    document["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
+    return document
+
+
 async def refused(
     url: str, action: Callable[[aio_pika.abc.AbstractChannel], Awaitable[Any]]
 ) -> bool:
@@ -333,9 +340,7 @@ async def test_generated_definitions_provision_the_same_identities(
     client: Client, settings: Settings, procs: Processes, apply_fleet: Any
 ) -> None:
     names = Names(settings.namespace)
-    document = two_machines()
-    document["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
-    apply_fleet(document)
+    apply_fleet(two_machines_and_envx())
     credentials = procs.workdir / "credentials.json"
     printed = cli(
         procs, "broker", "definitions", "--credentials-out", str(credentials), "--operators", "ops1"
@@ -373,9 +378,7 @@ async def test_an_operator_watches_every_run_cancels_any_and_submits_none(
     client: Client, settings: Settings, procs: Processes, apply_fleet: Any
 ) -> None:
     names = Names(settings.namespace)
-    document = two_machines()
-    document["submitters"] = [{"name": "envx", "acts_for": [OWNER]}]
-    apply_fleet(document)
+    apply_fleet(two_machines_and_envx())
     a1 = cli_json(procs, "machines", "register", "a1")
     x = cli_json(procs, "submitters", "register", "envx", "--acts-for", OWNER)
     ops = cli_json(procs, "operators", "register", "ops1")
