@@ -155,15 +155,26 @@ class Sweeper:
         ]
         # Only the machines that still hold runs are looked at one by one: a fleet with
         # thousands of machines switched off read each of them every resweep.
-        holding = await self.machines.assigned_to(due) if due else {}
+        holding = await self._runs_on_each(due) if due else {}
         for machine_id in due:
-            if machine_id in holding:
-                await self._fail_running(machine_id, now)
+            if holding.get(machine_id):
+                await self._fail_running(machine_id, holding[machine_id], now)
             checked[machine_id] = now
 
     async def _runs_on(self, machine_id: str) -> list[Run]:
-        assigned = await self.machines.assigned(machine_id)
-        return [r for r in await self.runs.get_many([a.run_id for a in assigned]) if r]
+        return (await self._runs_on_each([machine_id])).get(machine_id, [])
+
+    async def _runs_on_each(self, machine_ids: list[str]) -> dict[str, list[Run]]:
+        """The runs assigned to each of ``machine_ids`` that holds any, in one read for all of
+        them (idle machines cost nothing): a read per machine was 10,000 round trips every
+        resweep at 10,000 machines (bench/README.md, "live fleet")."""
+        assigned = await self.machines.assigned_to(machine_ids)
+        run_ids = [a.run_id for runs in assigned.values() for a in runs]
+        records = {r.run_id: r for r in await self.runs.get_many(run_ids) if r is not None}
+        return {
+            machine_id: [records[a.run_id] for a in runs if a.run_id in records]
+            for machine_id, runs in assigned.items()
+        }
 
     async def _requeue_unstarted(self, machine_id: str, now: float) -> None:
         requeued: set[str] = set()
@@ -186,20 +197,13 @@ class Sweeper:
         requeued: set[str] = set()
         count = 0
         heard = [m for m in await self.machines.stale(now, 0.0) if m not in marks]
-        # One read for the whole fleet (idle machines cost nothing): a read per machine was
-        # 10,000 round trips every resweep at 10,000 machines (bench/README.md, "live fleet").
-        assigned = await self.machines.assigned_to(heard)
-        held = {(machine_id, a.run_id) for machine_id, runs in assigned.items() for a in runs}
-        by_machine: dict[str, list[Run]] = {}
-        run_ids = [a.run_id for runs in assigned.values() for a in runs]
-        for run in await self.runs.get_many(run_ids):
-            if run is not None and (run.machine_id, run.run_id) in held:
-                by_machine.setdefault(run.machine_id or "", []).append(run)
-        for machine_id, runs in by_machine.items():
+        for machine_id, runs in (await self._runs_on_each(heard)).items():
             late = [
                 run
                 for run in runs
-                if run.status is RunStatus.dispatched and now - (run.dispatched_at or now) > limit
+                if run.status is RunStatus.dispatched
+                and run.machine_id == machine_id
+                and now - (run.dispatched_at or now) > limit
             ]
             if not late:
                 continue
@@ -218,14 +222,14 @@ class Sweeper:
         self.placer.request(*requeued)
         return count
 
-    async def _fail_running(self, machine_id: str, now: float) -> None:
+    async def _fail_running(self, machine_id: str, runs: list[Run], now: float) -> None:
         lost = RunError(
             code=ErrorCode.MachineLost,
             message=f"machine {machine_id} stopped sending heartbeats while the flow ran",
         )
         requeued: set[str] = set()
         async with self.lifecycle.window() as window:
-            for run in await self._runs_on(machine_id):
+            for run in runs:
                 if run.status is RunStatus.dispatched:
                     result = await window.requeue(run, reason="machine offline", now=now)
                     if isinstance(result, Requeued):
