@@ -196,7 +196,8 @@ async def test_occupancy_counts_what_the_views_count(monkeypatch: pytest.MonkeyP
                     names.machine_assigned(machine_id), f"{machine_id}-r{index}", value
                 )
         counted = await machines.occupancy(fleet, 101.0, offline_after_s=15.0)
-        assert [(o.machine.machine_id, o.online, o.unattended_in_use) for o in counted] == [
+        ids = [m.machine_id for m in fleet]
+        assert [(m, counted.is_online(m), counted.unattended_in_use(m)) for m in ids] == [
             ("m1", True, 2),
             ("m2", True, 0),
             ("m3", True, 0),
@@ -206,11 +207,11 @@ async def test_occupancy_counts_what_the_views_count(monkeypatch: pytest.MonkeyP
             ("m7", True, 0),
         ]
         views = await machines.views(fleet, 101.0, offline_after_s=15.0)
-        for occupancy, view in zip(counted, views, strict=True):
+        for view in views:
+            assert counted.is_online(view.machine.machine_id) == view.online
             if view.online and not view.machine.maintenance:
-                assert occupancy.unattended_in_use == view.unattended_in_use
+                assert counted.unattended_in_use(view.machine.machine_id) == view.unattended_in_use
         # The whole-fleet read: only the machines with runs, each with all of its runs.
-        ids = [m.machine_id for m in fleet]
         found = await machines.assigned_to(ids)
         assert sorted(found) == ["m1", "m2", "m4", "m5", "m7"]
         for machine_id, assigned_runs in found.items():

@@ -19,7 +19,6 @@ import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
-    AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
 )
@@ -35,6 +34,7 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
+from dispatcher.adapters.amqp.delivery import AmqpDelivery, LeanQueue
 from dispatcher.adapters.amqp.machine_queues import declaring_channels
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
@@ -264,9 +264,15 @@ class Amqp(window.WindowPublishing):
             # Declared (passively), not just looked up: a robust channel re-creates only the
             # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave this
             # consumer dead after a reconnection.
+            # Deliveries as aiormq parsed them, not as aio-pika's IncomingMessage (delivery.py).
+            channel.QUEUE_CLASS = LeanQueue
             declared = await channel.declare_queue(queue, passive=True)
-            inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-            tag = await declared.consume(inbox.put, no_ack=False, arguments=arguments)
+            inbox: asyncio.Queue[AmqpDelivery] = asyncio.Queue()
+
+            async def receive(message: aiormq.abc.DeliveredMessage) -> None:
+                inbox.put_nowait(AmqpDelivery(message))  # unbounded: the prefetch bounds it
+
+            tag = await declared.consume(receive, no_ack=False, arguments=arguments)  # type: ignore[arg-type]
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
         except CONSUME_UNREACHABLE as exc:
@@ -277,7 +283,7 @@ class Amqp(window.WindowPublishing):
         self._consumer_channels.append(channel)
         self._watch_cancel(channel, queue)
 
-        async def republish(message: AbstractIncomingMessage) -> None:
+        async def republish(message: AmqpDelivery) -> None:
             await self.publisher.default_exchange.publish(
                 held_copy(message, self.user_id), routing_key=queue, mandatory=True
             )
@@ -339,5 +345,5 @@ class Amqp(window.WindowPublishing):
             return False
         return True
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+    async def _dead_letter(self, message: AmqpDelivery, reason: str) -> None:
         await copy_to_dead_letters(self.exchange("dead"), message, reason)

@@ -19,8 +19,9 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange
 
+from dispatcher.adapters.amqp.delivery import AmqpDelivery
 from dispatcher.core.principals import HELD_FOR_HEADER, publisher_of
 from dispatcher.errors import Unavailable
 from dispatcher.retry import Backoff
@@ -36,8 +37,8 @@ HOLD_BACKOFF = Backoff(first_s=0.25, max_s=5.0)
 REASON_HEADER = "x-rundispatch-reason"
 HELD_HEADER = "x-rundispatch-held"
 
-DeadLetterer = Callable[[AbstractIncomingMessage, str], Awaitable[None]]
-Republisher = Callable[[AbstractIncomingMessage], Awaitable[None]]
+DeadLetterer = Callable[[AmqpDelivery, str], Awaitable[None]]
+Republisher = Callable[[AmqpDelivery], Awaitable[None]]
 OutageHook = Callable[[bool], None]
 
 
@@ -47,7 +48,7 @@ def _no_hook(_: bool) -> None:
 
 async def decide(
     handler: BatchHandler,
-    batch: Sequence[AbstractIncomingMessage],
+    batch: Sequence[AmqpDelivery],
     hold_s: float | None = None,
     on_outage: OutageHook = _no_hook,
 ) -> list[Verdict]:
@@ -93,7 +94,7 @@ async def decide(
 
 
 async def settle(
-    batch: Sequence[AbstractIncomingMessage],
+    batch: Sequence[AmqpDelivery],
     verdicts: Sequence[Verdict],
     dead_letter: DeadLetterer,
     republish: Republisher | None = None,
@@ -132,7 +133,7 @@ async def settle(
 
 
 async def copy_to_dead_letters(
-    exchange: AbstractExchange, message: AbstractIncomingMessage, reason: str
+    exchange: AbstractExchange, message: AmqpDelivery, reason: str
 ) -> None:
     """Copy a message to the dead-letter queue with the reason in a header."""
     headers = dict(message.headers or {})
@@ -153,7 +154,7 @@ async def copy_to_dead_letters(
     )
 
 
-def held_copy(message: AbstractIncomingMessage, user_id: str) -> aio_pika.Message:
+def held_copy(message: AmqpDelivery, user_id: str) -> aio_pika.Message:
     """The message as published again after an outage by the connection of user ``user_id``
     (same body and properties; the ``x-rundispatch-held`` header counts the holds).
 
@@ -189,7 +190,7 @@ class ConsumerLoop:
 
     def __init__(
         self,
-        inbox: asyncio.Queue[AbstractIncomingMessage],
+        inbox: asyncio.Queue[AmqpDelivery],
         handler: BatchHandler,
         batch_size: int,
         dead_letter: DeadLetterer,
@@ -241,7 +242,7 @@ class ConsumerLoop:
 
 
 def consume_loop(
-    inbox: asyncio.Queue[AbstractIncomingMessage],
+    inbox: asyncio.Queue[AmqpDelivery],
     handler: BatchHandler,
     batch_size: int,
     dead_letter: DeadLetterer,

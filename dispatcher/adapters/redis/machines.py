@@ -4,7 +4,7 @@ marks."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -14,10 +14,10 @@ from dispatcher.adapters.redis.codec import decode_assigned, text
 from dispatcher.adapters.redis.connection import store_adapter
 from dispatcher.models import (
     AssignedRun,
+    FleetOccupancy,
     Heartbeat,
     LiveRecord,
     Machine,
-    MachineOccupancy,
     MachineView,
     Mode,
 )
@@ -146,8 +146,8 @@ class RedisMachines:
         return views
 
     async def occupancy(
-        self, machines: Sequence[Machine], now: float, offline_after_s: float
-    ) -> list[MachineOccupancy]:
+        self, machines: Iterable[Machine], now: float, offline_after_s: float
+    ) -> FleetOccupancy:
         """What the machine gauges count (online, the unattended runs assigned), for a whole
         fleet every few seconds: the heartbeat index in one read, then the runs of the online
         machines that have any (:meth:`assigned_to`). At 10,000 machines the full ``views``
@@ -155,20 +155,13 @@ class RedisMachines:
         raw = await self.redis.zrangebyscore(
             self.names.heartbeat_index, now - offline_after_s, "+inf"
         )
-        online = {text(m) for m in raw}
+        online = frozenset(text(m) for m in raw)
         asked = [m.machine_id for m in machines if m.machine_id in online and not m.maintenance]
         in_use = {
             machine_id: sum(1 for run in runs if run.mode is Mode.unattended)
             for machine_id, runs in (await self.assigned_to(asked)).items()
         }
-        return [
-            MachineOccupancy(
-                machine=machine,
-                online=machine.machine_id in online,
-                unattended_in_use=in_use.get(machine.machine_id, 0),
-            )
-            for machine in machines
-        ]
+        return FleetOccupancy(online=online, in_use=in_use)
 
     async def assigned_to(self, machine_ids: Sequence[str]) -> dict[str, list[AssignedRun]]:
         """The runs assigned to each of ``machine_ids`` that has any (``assigned.lua``, a

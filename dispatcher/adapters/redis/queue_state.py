@@ -103,17 +103,18 @@ async def queue_state(source: RedisQueueState, offline_after_s: float) -> QueueS
     machine_counts: Counter[tuple[str, str]] = Counter()
     busy: Counter[str] = Counter()
     free: Counter[str] = Counter()
-    all_machines = [fleet.machines[m] for m in sorted(fleet.machines)]
-    for view in await machines.occupancy(all_machines, now, offline_after_s):
-        group = view.machine.group_id or NO_GROUP
-        if view.machine.maintenance:
+    fleet_machines = fleet.machines.values()
+    occupancy = await machines.occupancy(fleet_machines, now, offline_after_s)
+    for machine in fleet_machines:
+        group = machine.group_id or NO_GROUP
+        if machine.maintenance:
             machine_counts[(group, "maintenance")] += 1
-        elif not view.online:
+        elif not occupancy.is_online(machine.machine_id):
             machine_counts[(group, "offline")] += 1
         else:
             machine_counts[(group, "online")] += 1
-            slots = machine_slots(view.machine)
-            used = min(view.unattended_in_use, slots)
+            slots = machine_slots(machine)
+            used = min(occupancy.unattended_in_use(machine.machine_id), slots)
             busy[group] += used
             free[group] += slots - used
     # Every group has all its series, at 0 where nothing counts.
