@@ -44,7 +44,7 @@ from dispatcher.errors import DispatchError, Unavailable
 from dispatcher.metrics import DispatcherMetrics, MetricsHooks, NullMetrics
 from dispatcher.metrics.health import HealthServer, Readiness, ReadyCheck, serve_health
 from dispatcher.names import Names
-from dispatcher.process import Stopper
+from dispatcher.process import Stopper, tune_garbage_collector
 from dispatcher.retry import Backoff, when_reachable
 from dispatcher.settings import Settings
 from dispatcher.usecases.cancel import Canceller
@@ -264,6 +264,7 @@ def build_dispatcher(
 
 async def serve(settings: Settings, metrics_port: int | None = None) -> int:
     """``python -m dispatcher serve``: run one replica until SIGTERM/SIGINT, then drain."""
+    tune_garbage_collector()
     stopper = Stopper()
     try:
         return await _serve(settings, metrics_port, stopper)
