@@ -7,9 +7,7 @@ import gc
 from dispatcher.process import YOUNG_COLLECTION_EVERY, tune_garbage_collector
 
 
-def test_young_objects_are_collected_less_often_the_older_generations_as_before() -> (
-    None
-):
+def test_young_objects_are_collected_less_often_the_older_generations_as_before() -> None:
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
