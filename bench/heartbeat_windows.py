@@ -6,7 +6,9 @@ follows a settle (machines coming back online); here one simulator keeps ``--mac
 machines heartbeating and ``--windows`` windows of ``--window-s`` seconds are measured in a
 row. ``--profile DIR`` also records ``py-spy`` (GIL samples) of the dispatcher during each
 window but the first (``DIR/window-N.txt``; ``bench.profile.summarize_profile`` reads them;
-py-spy pauses the process to sample, so those windows cost a little more).
+py-spy pauses the process to sample, so those windows cost a little more). ``--gc-stats``
+also reports the dispatcher's garbage collections in each window (count and CPU seconds per
+generation, through ``bench/gc_hook/sitecustomize.py``).
 
 ``python -m bench.heartbeat_windows --machines 10000 --windows 6`` prints one JSON line per
 window: heartbeats a second, dispatcher cores and CPU µs per heartbeat, other processes' cores.
@@ -17,8 +19,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,25 @@ def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-async def windows(machines: int, count: int, window_s: float, profile: Path | None) -> None:
+GC_HOOK = Path(__file__).resolve().parent / "gc_hook"
+
+
+def gc_stats(path: Path | None) -> dict[str, list[float]]:
+    """The dispatcher's collections so far per generation: [count, CPU seconds]."""
+    if path is None or not path.exists():
+        return {}
+    generations: dict[str, list[float]] = json.loads(path.read_text())["generations"]
+    return generations
+
+
+async def windows(
+    machines: int, count: int, window_s: float, profile: Path | None, gc_file: Path | None
+) -> None:
+    if gc_file is not None:  # the dispatcher inherits the environment (bench.env.settings_env)
+        os.environ["BENCH_GC_STATS"] = str(gc_file)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(GC_HOOK), os.environ.get("PYTHONPATH")) if p
+        )
     bench = Bench(live=8, fleet_small=10, log=log)
     await bench.setup()
     fleet = LiveFleet(bench, log, size=machines, queue_type="classic")
@@ -51,9 +73,9 @@ async def windows(machines: int, count: int, window_s: float, profile: Path | No
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.DEVNULL,
                 )  # fmt: skip
-            first, stats0 = sample(pids), fleet.stats()
+            first, stats0, gc0 = sample(pids), fleet.stats(), gc_stats(gc_file)
             await asyncio.sleep(window_s)
-            last, stats1 = sample(pids), fleet.stats()
+            last, stats1, gc1 = sample(pids), fleet.stats(), gc_stats(gc_file)
             if spy is not None:
                 await spy.wait()
             beats = (stats1["heartbeats"] - stats0["heartbeats"]) / (stats1["at"] - stats0["at"])
@@ -68,6 +90,11 @@ async def windows(machines: int, count: int, window_s: float, profile: Path | No
                 "profiled": spy is not None,
                 "others_cores": round(max(0.0, busy - cores(first, last, pids)), 2),
             }
+            if gc1:
+                row["gc"] = {
+                    f"gen{g}": [int(n - gc0.get(g, [0, 0])[0]), round(s - gc0.get(g, [0, 0])[1], 3)]
+                    for g, (n, s) in gc1.items()
+                }
             print(json.dumps(row), flush=True)
     finally:
         await fleet.close()
@@ -83,10 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=6, help="windows after the first (6)")
     parser.add_argument("--window-s", type=float, default=10.0)
     parser.add_argument("--profile", type=Path, help="directory for py-spy's GIL samples")
+    parser.add_argument(
+        "--gc-stats",
+        action="store_true",
+        help="report the dispatcher's garbage collections per window ([count, CPU s] a generation)",
+    )
     args = parser.parse_args(argv)
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)
-    asyncio.run(windows(args.machines, args.windows + 1, args.window_s, args.profile))
+    with tempfile.TemporaryDirectory() as tmp:
+        gc_file = Path(tmp) / "gc.json" if args.gc_stats else None
+        asyncio.run(windows(args.machines, args.windows + 1, args.window_s, args.profile, gc_file))
     return 0
 
 
