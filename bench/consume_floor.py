@@ -103,43 +103,33 @@ class Consumer:
 
 async def start(way: str, url: str, queue: str, consumer: Consumer) -> Any:
     """Connect and consume ``queue`` the chosen way; the connection (to close)."""
+
+    async def on_delivered(message: DeliveredMessage) -> None:  # the lean ways
+        consumer.put(AmqpDelivery(message))
+
+    async def on_incoming(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        consumer.put(message)
+
+    async def ack(last: Any) -> None:
+        await last.ack(multiple=True)
+
+    consumer.task = asyncio.create_task(consumer.settle(ack))
     if way == "aiormq":
         raw = await aiormq.connect(url)
         channel = await raw.channel(publisher_confirms=False)
         await channel.basic_qos(prefetch_count=2 * BATCH)
-
-        async def on_raw(message: DeliveredMessage) -> None:
-            consumer.put(AmqpDelivery(message))
-
-        async def ack_raw(last: AmqpDelivery) -> None:
-            await last.ack(multiple=True)
-
-        consumer.task = asyncio.create_task(consumer.settle(ack_raw))
-        await channel.basic_consume(queue, on_raw, no_ack=False)
+        await channel.basic_consume(queue, on_delivered, no_ack=False)
         return raw
     connection = await aio_pika.connect_robust(url)
     robust = await connection.channel(publisher_confirms=False)
     await robust.set_qos(prefetch_count=2 * BATCH)
     if way == "product":
         robust.QUEUE_CLASS = LeanQueue
-    declared = await robust.declare_queue(queue, passive=True)
-
-    async def ack(last: Any) -> None:
-        await last.ack(multiple=True)
-
-    consumer.task = asyncio.create_task(consumer.settle(ack))
-    if way == "product":
-
-        async def on_lean(message: DeliveredMessage) -> None:
-            consumer.put(AmqpDelivery(message))
-
-        await declared.consume(on_lean, no_ack=False)  # type: ignore[arg-type]
+        declared = await robust.declare_queue(queue, passive=True)
+        await declared.consume(on_delivered, no_ack=False)  # type: ignore[arg-type]
     else:
-
-        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            consumer.put(message)
-
-        await declared.consume(on_message, no_ack=False)
+        declared = await robust.declare_queue(queue, passive=True)
+        await declared.consume(on_incoming, no_ack=False)
     return connection
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.livefleet import LiveFleet
-from bench.procfs import cores, machine_load, sample
+from bench.procfs import cores, machine_load
 from bench.runner import Bench
 
 
@@ -73,12 +73,11 @@ async def windows(
                     stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.DEVNULL,
                 )  # fmt: skip
-            first, stats0, gc0 = sample(pids), fleet.stats(), gc_stats(gc_file)
-            await asyncio.sleep(window_s)
-            last, stats1, gc1 = sample(pids), fleet.stats(), gc_stats(gc_file)
+            gc0 = gc_stats(gc_file)
+            beats, first, last = await fleet.heartbeat_window(pids, window_s)
+            gc1 = gc_stats(gc_file)
             if spy is not None:
                 await spy.wait()
-            beats = (stats1["heartbeats"] - stats0["heartbeats"]) / (stats1["at"] - stats0["at"])
             dispatcher = cores(first, last, [dpid])
             busy, _ = machine_load(first, last)
             row: dict[str, Any] = {

@@ -50,7 +50,7 @@ from bench.livefleet_file import (
     other_ids,
     serving_ids,
 )
-from bench.procfs import cores, machine_load, sample, wait_quiet
+from bench.procfs import CpuSample, cores, machine_load, sample, wait_quiet
 from bench.producer import prefill
 from bench.queuemem import NodeMemory, delete_many
 from bench.stats import paired_ratio, rate_interval
@@ -285,6 +285,17 @@ class LiveFleet:
             response = await admin.get(path, params={"columns": "messages"})
             return int(response.json().get("messages") or 0) if response.is_success else 0
 
+    async def heartbeat_window(
+        self, pids: list[int], window_s: float
+    ) -> tuple[float, CpuSample, CpuSample]:
+        """Heartbeats a second the simulator sent during ``window_s``, and the CPU samples of
+        ``pids`` at its start and end."""
+        first, stats0 = sample(pids), self.stats()
+        await asyncio.sleep(window_s)
+        last, stats1 = sample(pids), self.stats()
+        span = max(1e-9, stats1["at"] - stats0["at"])
+        return (stats1["heartbeats"] - stats0["heartbeats"]) / span, first, last
+
     async def phase(self, count: int, *, drain_runs: int, window_s: float) -> dict[str, Any]:
         """Simulate ``count`` live machines; measure heartbeats (and a drain)."""
         assert self.dispatcher is not None
@@ -295,12 +306,7 @@ class LiveFleet:
         quiet = await wait_quiet()
         spid = self.bench.procs.procs[name].pid
         pids = [dpid, spid, *(p for p in (self.bench.rabbit_pid, self.bench.redis_pid) if p)]
-        first, stats0 = sample(pids), self.stats()
-        await asyncio.sleep(window_s)
-        last, stats1 = sample(pids), self.stats()
-        beats = (stats1["heartbeats"] - stats0["heartbeats"]) / max(
-            1e-9, stats1["at"] - stats0["at"]
-        )
+        beats, first, last = await self.heartbeat_window(pids, window_s)
         span = last.at - first.at
         dispatcher_cores = cores(first, last, [dpid])
         busy, steal = machine_load(first, last)

@@ -261,11 +261,11 @@ class Amqp(window.WindowPublishing):
         try:
             channel = await self.connection.channel(publisher_confirms=False)
             await channel.set_qos(prefetch_count=prefetch or self.prefetch)
+            # Deliveries as aiormq parsed them, not as aio-pika's IncomingMessage (delivery.py).
+            channel.QUEUE_CLASS = LeanQueue
             # Declared (passively), not just looked up: a robust channel re-creates only the
             # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave this
             # consumer dead after a reconnection.
-            # Deliveries as aiormq parsed them, not as aio-pika's IncomingMessage (delivery.py).
-            channel.QUEUE_CLASS = LeanQueue
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AmqpDelivery] = asyncio.Queue()
 

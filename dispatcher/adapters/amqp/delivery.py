@@ -51,10 +51,6 @@ class AmqpDelivery:
         return self._message.header.properties.message_id
 
     @property
-    def correlation_id(self) -> str | None:
-        return self._message.header.properties.correlation_id
-
-    @property
     def timestamp(self) -> datetime | None:
         return self._message.header.properties.timestamp
 
@@ -70,10 +66,6 @@ class AmqpDelivery:
     @property
     def routing_key(self) -> str | None:
         return self._message.routing_key
-
-    @property
-    def delivery_tag(self) -> int | None:
-        return self._message.delivery_tag
 
     async def ack(self, multiple: bool = False) -> None:
         """Ack this delivery (and, with ``multiple``, every earlier one of its channel)."""
