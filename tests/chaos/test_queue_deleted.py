@@ -66,6 +66,53 @@ async def test_a_deleted_machine_queue_is_declared_again_and_consumed() -> None:
         await cleanup(settings, machine_ids=["m1"])
 
 
+async def test_a_worker_consumer_resumes_when_its_deleted_queue_comes_back() -> None:
+    """The worker's side: its connection declares nothing, so its consumer, cancelled with
+    the queue, is restored by the robust channel once someone (the dispatcher, at the next
+    heartbeat) declares the queue again; the restored consumer reads assignments in full."""
+    settings = new_settings()
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    dispatcher = Amqp(url, names)
+    worker = Amqp(url, names, declare=False)
+    read: list[tuple[bytes, str | None, str | None, bool]] = []
+
+    async def handler(batch: Sequence[Delivery]) -> list[Verdict]:
+        read.extend((d.body, d.type, d.routing_key, bool(d.user_id)) for d in batch)
+        return [Ack() for _ in batch]
+
+    try:
+        await dispatcher.connect()
+        await worker.connect()
+        await dispatcher.ensure_machine_queue("m1")
+        task = await worker.consume(names.machine_queue("m1"), handler, batch_size=10)
+        await dispatcher.publish_json("machines", "m1", b"before", kind="assign")
+        await eventually(lambda: len(read) == 1, timeout=10)
+        other = await aio_pika.connect(url)
+        async with other:
+            channel = await other.channel()
+            await channel.queue_delete(names.machine_queue("m1"))
+        await asyncio.sleep(2.0)  # the worker's channel probes the missing queue meanwhile
+        again = Amqp(url, names)
+        try:
+            await again.connect()
+            await again.ensure_machine_queue("m1")
+        finally:
+            await again.close()
+        await dispatcher.publish_json("machines", "m1", b"after", kind="assign")
+        await eventually(lambda: len(read) == 2, timeout=30, interval=0.5)
+        assert read == [
+            (b"before", "assign", "m1", True),
+            (b"after", "assign", "m1", True),
+        ]
+        assert not task.done(), "the consumer loop ended"
+        task.cancel()
+    finally:
+        await worker.close()
+        await dispatcher.close()
+        await cleanup(settings, machine_ids=["m1"])
+
+
 async def test_a_deleted_replies_queue_is_declared_again_and_runs_still_finish_once(
     settings: Settings, client: Client, procs: Processes, apply_fleet: Any
 ) -> None:

@@ -23,6 +23,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import AMQPConnectionError, ChannelInvalidStateError, PublishError
+from aio_pika.message import IncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity, DeliveryError
 
 from dispatcher.adapters.amqp import lease, window
@@ -34,7 +35,7 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
-from dispatcher.adapters.amqp.delivery import AmqpDelivery, LeanQueue
+from dispatcher.adapters.amqp.delivery import AmqpDelivery, LeanQueue, delivery_of
 from dispatcher.adapters.amqp.machine_queues import declaring_channels
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
@@ -269,8 +270,8 @@ class Amqp(window.WindowPublishing):
             declared = await channel.declare_queue(queue, passive=True)
             inbox: asyncio.Queue[AmqpDelivery] = asyncio.Queue()
 
-            async def receive(message: aiormq.abc.DeliveredMessage) -> None:
-                inbox.put_nowait(AmqpDelivery(message))  # unbounded: the prefetch bounds it
+            async def receive(message: aiormq.abc.DeliveredMessage | IncomingMessage) -> None:
+                inbox.put_nowait(delivery_of(message))  # unbounded: the prefetch bounds it
 
             tag = await declared.consume(receive, no_ack=False, arguments=arguments)  # type: ignore[arg-type]
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat

@@ -7,6 +7,11 @@ receives 2,000 heartbeats a second, and that wrapping was about a sixth of its C
 ``DeliveredMessage`` itself, wrapped in an :class:`AmqpDelivery` that reads a property only when
 asked. The queue stays aio-pika's robust queue (:class:`LeanQueue`): after a reconnection its
 consumer is restored like any other.
+
+One restore does not come back through :class:`LeanQueue`: when RabbitMQ cancels a consumer
+(its queue was deleted), aio-pika's robust channel consumes again with its own
+``Queue.consume``, which hands the callback an ``IncomingMessage``. :func:`delivery_of` takes
+either, so such a consumer keeps working (at aio-pika's cost) until the next reconnection.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from datetime import datetime
 from typing import Any
 
 from aio_pika.abc import ConsumerTag
+from aio_pika.message import IncomingMessage
 from aio_pika.robust_queue import RobustQueue
 from aiormq.abc import DeliveredMessage
 
-Receiver = Callable[[DeliveredMessage], Coroutine[Any, Any, None]]
+Receiver = Callable[[DeliveredMessage | IncomingMessage], Coroutine[Any, Any, None]]
 
 
 class AmqpDelivery:
@@ -79,6 +85,65 @@ class AmqpDelivery:
         if tag is None:  # only a delivery consumed without acks has none; ours all have one
             raise RuntimeError("a delivery without a delivery tag cannot be settled")
         return tag
+
+
+class RestoredDelivery(AmqpDelivery):
+    """A delivery aio-pika wrapped itself: a consumer it restored after RabbitMQ cancelled it
+    (see the module's docstring) gets these until the next reconnection."""
+
+    __slots__ = ("_incoming",)
+
+    def __init__(self, message: IncomingMessage) -> None:
+        self._incoming = message
+
+    @property
+    def body(self) -> bytes:
+        return self._incoming.body
+
+    @property
+    def content_type(self) -> str | None:
+        return self._incoming.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self._incoming.content_encoding
+
+    @property
+    def headers(self) -> Mapping[str, Any] | None:
+        return self._incoming.headers
+
+    @property
+    def message_id(self) -> str | None:
+        return self._incoming.message_id
+
+    @property
+    def timestamp(self) -> datetime | None:
+        return self._incoming.timestamp
+
+    @property
+    def type(self) -> str | None:
+        return self._incoming.type
+
+    @property
+    def user_id(self) -> str | None:
+        return self._incoming.user_id
+
+    @property
+    def routing_key(self) -> str | None:
+        return self._incoming.routing_key
+
+    async def ack(self, multiple: bool = False) -> None:
+        await self._incoming.ack(multiple=multiple)
+
+    async def nack(self, requeue: bool = True) -> None:
+        await self._incoming.nack(requeue=requeue)
+
+
+def delivery_of(message: DeliveredMessage | IncomingMessage) -> AmqpDelivery:
+    """The delivery a consumer's callback was given, whichever way it was consumed."""
+    if isinstance(message, IncomingMessage):
+        return RestoredDelivery(message)
+    return AmqpDelivery(message)
 
 
 class LeanQueue(RobustQueue):
