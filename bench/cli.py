@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import scenarios
-from bench.env import leftovers
+from bench.env import leftovers, require_rabbitmq_files
 from bench.limits import Limits
 from bench.report import final_line, hops, print_table
 from bench.runner import Bench, median_of
 from bench.stats import LatencyPool, paired_ratio, rate_interval
 from bench.tokens import measure_tokens
+from dispatcher.adapters.amqp.node_files import files_per_machine
+from dispatcher.settings import Settings
 
 SECTIONS = (
     "baseline",
@@ -124,6 +126,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def file_plans(
+    args: argparse.Namespace, want: set[str], settings: Settings
+) -> dict[str, tuple[int, int]]:
+    """RabbitMQ files the sections with thousands of machines need: at least (a quorum
+    queue's from its declaration) and at most (a classic queue's once it stored a message);
+    see ``require_rabbitmq_files``."""
+    plans = {}
+    for section, machines, queue_type in (
+        ("fleet", args.fleet, settings.machine_queue_type),
+        ("livefleet", args.live_fleet, args.machine_queues),
+    ):
+        if section in want:
+            at_most = machines * files_per_machine(queue_type)
+            plans[section] = (at_most if queue_type == "quorum" else 0, at_most)
+    return plans
+
+
 def _quiet_shutdown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """aiormq's channel readers complain when an interrupted run is torn down: drop that."""
     if str(context.get("message", "")).startswith("unhandled exception during asyncio.run()"):
@@ -145,6 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     limits = Limits(bench.settings.namespace, log) if need_limits else None
     failed = True
     try:
+        await require_rabbitmq_files(bench.settings, file_plans(args, want, bench.settings))
         await bench.setup()
         if limits is not None:
             limits.max_repeats = args.max_repeats

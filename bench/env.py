@@ -197,3 +197,38 @@ async def leftovers(settings: Settings) -> int:
         return len([k async for k in redis.scan_iter(match=Names(settings.namespace).pattern())])
     finally:
         await redis.aclose()
+
+
+async def require_rabbitmq_files(settings: Settings, plans: dict[str, tuple[int, int]]) -> None:
+    """Stop before a section whose machine queues would use up RabbitMQ's files for queues.
+
+    ``plans``: the files each section's queues will hold, at least and at most (see
+    ``node_files``: a quorum queue holds its files from its declaration, a classic queue once
+    it stored a message); each section deletes its queues before the next. Past the budget
+    the node stops confirming publishes: the bench would hang in that section instead. Only
+    a warning when just the upper bound does not fit."""
+    from dispatcher.adapters.amqp.node_files import read_node_files
+    from dispatcher.errors import DispatchError
+
+    if not plans:
+        return
+    try:
+        files = await read_node_files(settings.broker_admin_url.get_secret_value())
+    except DispatchError as exc:
+        print(f"RabbitMQ's open-file limit not checked: {exc}", flush=True)
+        return
+    free = files.budget - files.needed
+    for section, (at_least, at_most) in plans.items():
+        text = (
+            f"the {section} section needs ~{at_least if at_least > free else at_most} of "
+            f"RabbitMQ's files for queues, the node has {free} free (open-file limit "
+            f"{files.open_file_limit}, {files.quorum_queues} quorum and "
+            f"{files.classic_queues} classic queues already). Raise the limit and restart "
+            "RabbitMQ (as root: su rabbitmq -s /bin/sh -c 'ulimit -n 65536 && rabbitmq-server "
+            "-detached', or LimitNOFILE= in its systemd unit), or run fewer machines (--fleet, "
+            '--live-fleet); bench/README.md, "RabbitMQ\'s file handles".'
+        )
+        if at_least > free:
+            raise SystemExit(text)
+        if at_most > free:
+            print(f"warning: {text}", flush=True)

@@ -4,7 +4,7 @@ Each check answers ``ok``, ``warn`` (works, but not as recommended) or ``FAIL`` 
 lost, duplicated or stuck), with the fix. The exit code is 1 when anything failed.
 
     versions ─ Redis: reachable, AOF, noeviction, clock skew ─ RabbitMQ: reachable, topology,
-    dead letters ─ identities: the secret keys, the broker user
+    dead letters, files for queues ─ identities: the secret keys, the broker user
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from dispatcher import __version__
+from dispatcher.adapters.amqp.cluster import split_urls
 from dispatcher.adapters.amqp.inspect import inspect_namespace
+from dispatcher.adapters.amqp.node_files import NodeFiles, files_per_machine, read_node_files
 from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import make_redis
-from dispatcher.errors import BrokerUnavailable, DispatchError
+from dispatcher.errors import BrokerUnavailable, ConfigurationError, DispatchError
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 
@@ -33,6 +35,10 @@ MIN_RABBITMQ = (3, 10)
 SKEW_WARN_S = 0.5
 SKEW_FAIL_S = 2.0
 TIMEOUT_S = 5.0
+# Share of RabbitMQ's files for queues in use (adapters/amqp/node_files.py): past the budget
+# the node stops confirming publishes, so this warns early.
+FILES_WARN = 0.7
+FILES_FAIL = 0.9
 REDIS_DOWN: tuple[type[BaseException], ...] = (*REDIS_UNREACHABLE, TimeoutError)
 
 
@@ -189,6 +195,46 @@ async def check_rabbitmq(settings: Settings) -> list[Check]:
     return checks
 
 
+async def check_rabbitmq_files(settings: Settings) -> list[Check]:
+    admin = settings.broker_admin_url.get_secret_value()
+    if not admin:
+        return [Check("rabbitmq.files", "skip", "RUNDISPATCH_BROKER_ADMIN_URL is not set")]
+    try:
+        files = await read_node_files(admin, TIMEOUT_S)
+    except (BrokerUnavailable, ConfigurationError) as exc:
+        return [
+            Check(
+                "rabbitmq.files",
+                "warn",
+                f"cannot read the nodes' open-file limit: {exc}",
+                "enable the rabbitmq_management plugin and set RUNDISPATCH_BROKER_ADMIN_URL",
+            )
+        ]
+    cluster = len(split_urls(settings.amqp_url.get_secret_value())) > 1
+    per_machine = files_per_machine(settings.machine_queue_type, cluster)
+    return [files_check(files, per_machine, settings.machine_queue_type)]
+
+
+def files_check(files: NodeFiles, per_machine: int, machine_queue_type: str) -> Check:
+    """How full RabbitMQ's budget of files for queues is, and how many machines it has room
+    for (``per_machine`` files each)."""
+    used = files.needed / files.budget if files.budget else 1.0
+    status: Status = "FAIL" if used >= FILES_FAIL else "warn" if used >= FILES_WARN else "ok"
+    detail = (
+        f"queues hold up to {files.needed} of the {files.budget} files RabbitMQ keeps for them "
+        f"({files.quorum_queues} quorum queues x3, {files.classic_queues} classic x1; "
+        f"open-file limit {files.open_file_limit}): room for ~{files.room_for(per_machine)} "
+        f"more machines with {machine_queue_type} machine queues"
+    )
+    fix = (
+        "raise RabbitMQ's open-file limit (LimitNOFILE in its systemd unit, or ulimit -n "
+        "before rabbitmq-server; 65536 or more), or use classic machine queues "
+        "(RUNDISPATCH_MACHINE_QUEUE_TYPE=classic): at the limit the node stops confirming "
+        "publishes (docs/operations.md, 'RabbitMQ's open files')"
+    )
+    return Check("rabbitmq.files", status, detail, fix)
+
+
 def check_identities(settings: Settings) -> list[Check]:
     checks = []
     try:
@@ -242,7 +288,11 @@ async def diagnose(settings: Settings) -> list[Check]:
             f"rundispatch {__version__}, Python {sys.version.split()[0]}",
         )
     ]
-    steps: list[Callable[[Settings], Awaitable[list[Check]]]] = [check_redis, check_rabbitmq]
+    steps: list[Callable[[Settings], Awaitable[list[Check]]]] = [
+        check_redis,
+        check_rabbitmq,
+        check_rabbitmq_files,
+    ]
     for step in steps:
         checks += await step(settings)
     checks += check_identities(settings)

@@ -62,3 +62,32 @@ async def test_a_window_arrives_whole_and_a_returned_assignment_is_sent_again() 
     finally:
         await amqp.close()
         await cleanup(settings, machine_ids=list(received))
+
+
+async def test_replies_are_transient_and_assignments_persistent() -> None:
+    """A reply is not written to disk (a worker asks again when none comes; see
+    ``window.TRANSIENT_KINDS``), alone or in a window; an assignment is."""
+    settings = new_settings()
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    amqp = Amqp(url, names)
+    try:
+        await amqp.connect()
+        await amqp.ensure_machine_queue("m1")
+        await amqp.publish_reply("m1", b"alone")
+        await amqp.publish_many_json(
+            "machines", [(names.replies_key("m1"), b"w%d" % i) for i in range(3)], kind="reply"
+        )
+        await amqp.publish_outbox([message(1, "assign", "m1")])
+        other = await aio_pika.connect(url)
+        async with other:
+            channel = await other.channel()
+            modes: dict[bytes, int | None] = {}
+            for queue in (names.machine_replies_queue("m1"), names.machine_queue("m1")):
+                declared = await channel.declare_queue(queue, passive=True)
+                while (got := await declared.get(no_ack=True, fail=False)) is not None:
+                    modes[got.body] = int(got.delivery_mode) if got.delivery_mode else None
+        assert modes == {b"alone": 1, b"w0": 1, b"w1": 1, b"w2": 1, b"1": 2}
+    finally:
+        await amqp.close()
+        await cleanup(settings, machine_ids=["m1"])

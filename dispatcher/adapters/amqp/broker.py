@@ -50,7 +50,6 @@ from dispatcher.usecases.results import OutboxMessage
 
 log = logging.getLogger(__name__)
 
-PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # What "RabbitMQ cannot be reached" looks like from aio-pika and aiormq.
 UNREACHABLE: tuple[type[BaseException], ...] = (
     AMQPConnectionError,
@@ -187,7 +186,8 @@ class Amqp(window.WindowPublishing):
         *,
         mandatory: bool | None = None,
     ) -> None:
-        """One persistent JSON message, confirmed; a returned one raises PublishError.
+        """One JSON message (persistent unless its kind is a reply), confirmed; a returned
+        one raises PublishError.
 
         The hot path of every run (five publishes each): straight to the channel under the
         robust channel, with the properties built here, and no wait for the frame to reach
@@ -196,13 +196,7 @@ class Amqp(window.WindowPublishing):
         publish, see bench/README.md).
         """
         exchange = self.exchange(role)
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=PERSISTENT,
-            message_type=kind,
-            message_id=message_id,
-            user_id=self.user_id,
-        )
+        properties = window.json_properties(kind, message_id, self.user_id)
         publisher = self.publisher
         channel = cast(aiormq.Channel, await publisher.get_underlay_channel())
         try:
@@ -235,7 +229,7 @@ class Amqp(window.WindowPublishing):
     async def publish_json(
         self, role: str, routing_key: str, body: bytes, *, kind: str, mandatory: bool = True
     ) -> None:
-        """Publish one persistent JSON message to an exchange of the contract."""
+        """Publish one JSON message to an exchange of the contract (see ``_publish``)."""
         try:
             await self._publish(role, routing_key, body, kind, mandatory=mandatory)
         except UNREACHABLE as exc:

@@ -130,13 +130,27 @@ async def write_json(
     raise_first(await publish_window(channel, outgoing))
 
 
+# A reply answers a worker waiting for it on a live connection: after a broker restart it is
+# worth nothing (the worker asks again when no answer comes, and a request asked again is
+# answered as the first was), so it is not written to disk. Persistent, every replies queue
+# that ever held one kept a file handle of RabbitMQ's: at 1,000 machines that (with three per
+# quorum queue) used up a node's default limit of 1,024 files, and the node stopped
+# confirming publishes (bench/README.md, "RabbitMQ's file handles").
+TRANSIENT_KINDS = frozenset({"reply"})
+
+
+def delivery_mode_of(kind: str) -> int:
+    """2 (persistent) for every message of the contract but the transient kinds (1)."""
+    return 1 if kind in TRANSIENT_KINDS else 2
+
+
 def json_properties(
     kind: str, message_id: str | None, user_id: str | None
 ) -> aiormq.spec.Basic.Properties:
-    """A persistent JSON message of the contract, sent as ``user_id``."""
+    """A JSON message of the contract (``delivery_mode_of`` its kind), sent as ``user_id``."""
     return aiormq.spec.Basic.Properties(
         content_type="application/json",
-        delivery_mode=2,
+        delivery_mode=delivery_mode_of(kind),
         message_type=kind,
         message_id=message_id,
         user_id=user_id,
@@ -209,7 +223,7 @@ class WindowPublishing(MachineQueues):
         kind: str,
         mandatory: bool = True,
     ) -> None:
-        """Publish persistent JSON messages as one window written at once (see .window)."""
+        """Publish JSON messages as one window written at once (see .window)."""
         publisher = self.publisher
         try:
             channel = await self._underlay()
