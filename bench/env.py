@@ -163,19 +163,9 @@ async def cleanup(
         names.reports_exchange,
         *exchanges,
     ]
-    deleted_queues = 0
+    deleted_queues = await delete_queues(settings, all_queues)
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
     try:
-        for queue in dict.fromkeys(all_queues):
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(queue)
-                deleted_queues += 1
-            except Exception:
-                pass  # never declared
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
         for exchange in dict.fromkeys(all_exchanges):
             channel = await connection.channel()
             try:
@@ -188,6 +178,26 @@ async def cleanup(
     finally:
         await connection.close()
     return {"redis_keys": keys, "queues": deleted_queues}
+
+
+async def delete_queues(settings: Settings, queues: Iterable[str]) -> int:
+    """Delete ``queues`` (those never declared are skipped); how many were deleted."""
+    deleted = 0
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+    try:
+        for queue in dict.fromkeys(queues):
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(queue)
+                deleted += 1
+            except Exception:
+                pass  # never declared
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+    finally:
+        await connection.close()
+    return deleted
 
 
 async def leftovers(settings: Settings) -> int:
