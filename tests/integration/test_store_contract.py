@@ -481,6 +481,18 @@ async def reasons_scenario(store: Store, seen: Trace) -> None:
     assert seen(await t.record_reasons("g:bots", both, NOW + 6)) == 2
     seen(await reads.get("r2"))
     seen(await reads.lane_reasons("g:bots", other))
+    # Reasons worked out while r3 was queued, written after it left the queue: the lane's
+    # reasons change, its timeline does not (it ends with its ending, not with a "waiting").
+    await t.admit(admission("r3", connection="c3"))
+    r3 = await reads.get("r3")
+    assert r3 is not None
+    ending = QueueEnding(
+        RunStatus.timed_out, RunError(code=ErrorCode.NoCandidateMachine, message="deadline")
+    )
+    seen(await t.unqueue(r3, ending, NOW + 7))
+    late = {lane_of("c3", "unattended", "normal"): ("r3", {"m1": "NoFreeSlot"})}
+    assert seen(await t.record_reasons("g:bots", late, NOW + 8)) == 1
+    assert [e.event for e in seen(await reads.get("r3")).timeline] == ["queued", "timed_out"]
     await t.forget_deadline("r1")
     assert seen(await reads.due_deadlines(NOW + 2 * HOUR)) == ["r2"]
 

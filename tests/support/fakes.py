@@ -464,7 +464,7 @@ class FakeRunStore:
                 continue
             changed += 1
             stored[lane] = codec.fragment({"machines": reasons, "since": now})
-            if "tl" in self.runs.get(run_id, {}):
+            if self.runs.get(run_id, {}).get("status") == '"queued"':
                 self._timeline(run_id, codec.timeline_entry("waiting", now, {"reasons": reasons}))
         return changed
 

@@ -43,9 +43,12 @@ def _common() -> str:
 
 
 # Appends a timeline entry to a run (changed why-waiting reasons); no state changes.
+# Why a queued run waits, into its timeline: only while it is still queued. The reasons are
+# worked out before they are written, and meanwhile another replica may have timed the run out
+# or placed it; a "waiting" after its "timed_out" would be a lie.
 NOTE_SCRIPT = (
     _common()
-    + "\nif not redis.call('HGET', KEYS[1], 'tl') then return 0 end "
+    + "\nif redis.call('HGET', KEYS[1], 'status') ~= '\"queued\"' then return 0 end "
     + "append_timeline(KEYS[1], ARGV[1]) return 1"
 )
 TL_MAX_BYTES = 16384  # as in common.lua
