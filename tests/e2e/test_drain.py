@@ -77,7 +77,9 @@ async def test_sigterm_drains_a_dispatcher_under_load_nothing_lost_or_run_twice(
     procs.dispatcher("d2")
     run_ids = first + second
     runs = await asyncio.gather(*(client.wait(r, timeout=120) for r in run_ids))
-    assert Counter(r.status for r in runs) == {RunStatus.succeeded: len(run_ids)}
+    assert Counter(r.status for r in runs) == {RunStatus.succeeded: len(run_ids)}, [
+        (r.run_id, r.status, r.error) for r in runs if r.status is not RunStatus.succeeded
+    ]
     executions = Counter(e["run_id"] for e in procs.executions())
     assert set(executions) == set(run_ids)
     assert max(executions.values()) == 1, [r for r, n in executions.items() if n > 1]
