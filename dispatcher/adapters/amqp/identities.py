@@ -25,21 +25,25 @@ def vhost_of(amqp_url: str) -> str:
     return "/" if path in ("", "/") else path[1:].replace("%2F", "/").replace("%2f", "/")
 
 
+def management_client(admin_url: str, timeout_s: float) -> httpx.AsyncClient:
+    """An HTTP client of the management API at ``admin_url`` (``http://user:password@host:
+    15672``), its credentials as basic auth rather than in the URL."""
+    parts = urlsplit(admin_url)
+    if not parts.scheme.startswith("http") or not parts.hostname:
+        raise ConfigurationError("RUNDISPATCH_BROKER_ADMIN_URL must be an http(s) URL")
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    return httpx.AsyncClient(
+        base_url=base, auth=(parts.username or "", parts.password or ""), timeout=timeout_s
+    )
+
+
 class BrokerIdentities:
     """Users and permissions of one virtual host, through the management API."""
 
     def __init__(self, admin_url: str, vhost: str, timeout_s: float = 10.0) -> None:
-        parts = urlsplit(admin_url)
-        if not parts.scheme.startswith("http") or not parts.hostname:
-            raise ConfigurationError("RUNDISPATCH_BROKER_ADMIN_URL must be an http(s) URL")
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-        base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
         self.vhost = vhost
-        self._client = httpx.AsyncClient(
-            base_url=base,
-            auth=(parts.username or "", parts.password or ""),
-            timeout=timeout_s,
-        )
+        self._client = management_client(admin_url, timeout_s)
 
     async def __aenter__(self) -> BrokerIdentities:
         return self

@@ -14,10 +14,10 @@ file handles").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from dispatcher.adapters.amqp.identities import management_client
 from dispatcher.errors import BrokerUnavailable, ConfigurationError
 
 QUORUM_QUEUE_FILES = 3
@@ -61,14 +61,8 @@ async def read_node_files(admin_url: str, timeout_s: float = 10.0) -> NodeFiles:
 
     ``BrokerUnavailable`` when the API cannot be reached, ``ConfigurationError`` when it
     refuses the credentials of ``admin_url``."""
-    parts = urlsplit(admin_url)
-    if not parts.scheme.startswith("http") or not parts.hostname:
-        raise ConfigurationError("RUNDISPATCH_BROKER_ADMIN_URL must be an http(s) URL")
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-    auth = (parts.username or "", parts.password or "")
     try:
-        async with httpx.AsyncClient(base_url=base, auth=auth, timeout=timeout_s) as client:
+        async with management_client(admin_url, timeout_s) as client:
             nodes = await client.get("/api/nodes", params={"columns": "name,fd_total"})
             queues = await client.get("/api/queues", params={"columns": "type"})
     except httpx.HTTPError as exc:

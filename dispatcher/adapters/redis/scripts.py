@@ -42,8 +42,8 @@ def _common() -> str:
     return (resources.files("dispatcher.adapters") / "lua" / "common.lua").read_text()
 
 
-# Appends a timeline entry to a run (changed why-waiting reasons); no state changes.
-# Why a queued run waits, into its timeline: only while it is still queued. The reasons are
+# Appends a timeline entry (changed why-waiting reasons) to a run, no state changes; only
+# while the run is still queued. The reasons are
 # worked out before they are written, and meanwhile another replica may have timed the run out
 # or placed it; a "waiting" after its "timed_out" would be a lie.
 NOTE_SCRIPT = (
