@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from dispatcher.core.fleet import FleetSnapshot
 from dispatcher.core.principals import admin_user_of, publisher_of, sender_of
+from dispatcher.errors import ConfigurationError
 from dispatcher.metrics.hooks import MetricsHooks
 from dispatcher.models import Heartbeat, Run
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names, event_of
@@ -62,6 +63,9 @@ HEARTBEAT_BATCH = 1000
 HEARTBEAT_GATHER_S = 0.1
 # Machines whose queues are declared at once (the broker keeps as many declaring channels).
 DECLARING_AT_ONCE = 8
+# A machine whose queue the broker refuses as declared (it exists with other arguments) is
+# declared again this much later, not every second: that takes an operator.
+REFUSED_RETRY_S = 60.0
 
 # What an unknown target is counted as (the metrics' ``other``).
 OTHER_TARGET = "other"
@@ -107,6 +111,7 @@ class Dispatcher:
         self._queues_declared: set[str] = set()
         self._undeclared: dict[str, None] = {}  # machines whose queues to declare, in order
         self._declaring_now: set[str] = set()
+        self._refused: set[str] = set()  # machines whose declaration waits for REFUSED_RETRY_S
         self._declaring: asyncio.Task[None] | None = None
         self.foresight = foresight
         self.clock = clock
@@ -242,6 +247,7 @@ class Dispatcher:
             machine_id in self._queues_declared
             or machine_id in self._undeclared
             or machine_id in self._declaring_now
+            or machine_id in self._refused
         ):
             return
         self._undeclared[machine_id] = None
@@ -260,6 +266,18 @@ class Dispatcher:
             self._declaring_now.add(machine_id)
             try:
                 await self.broker.ensure_machine_queue(machine_id)
+            except ConfigurationError as exc:
+                log.error(
+                    "queues of machine %s not declared: %s (trying again in %.0f s)",
+                    machine_id,
+                    exc,
+                    REFUSED_RETRY_S,
+                )
+                self._refused.add(machine_id)
+                asyncio.get_running_loop().call_later(
+                    REFUSED_RETRY_S, self._declare_again, machine_id
+                )
+                continue
             except Exception as exc:  # RabbitMQ away or refusing: try again in a second
                 log.warning("queues of machine %s not declared yet: %s", machine_id, exc)
                 self._undeclared[machine_id] = None
@@ -268,6 +286,11 @@ class Dispatcher:
             finally:
                 self._declaring_now.discard(machine_id)
             self._queues_declared.add(machine_id)
+
+    def _declare_again(self, machine_id: str) -> None:
+        self._refused.discard(machine_id)
+        if not self.draining:
+            self._declare_queues_of(machine_id)
 
     def _react(self, heartbeat: Heartbeat, outcome: HeartbeatOutcome, fleet: FleetSnapshot) -> bool:
         """A pass for the machine's targets when what placement sees of it changed; True

@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 
 from dispatcher.adapters.amqp.broker import Amqp
+from dispatcher.errors import BrokerUnavailable, ConfigurationError
 from dispatcher.names import Names
 from tests.support.processes import cleanup, new_settings
 
@@ -59,3 +60,64 @@ async def test_machines_declared_at_once_and_a_replies_queue_declared_otherwise(
         await amqp.close()
         await other.close()
         await cleanup(settings, MACHINES)
+
+
+def open_channels(amqp: Amqp) -> int:
+    """Channels open on the adapter's connection (aiormq's own count)."""
+    assert amqp.connection is not None and amqp.connection.transport is not None
+    underlay = amqp.connection.transport.connection
+    return sum(1 for channel in underlay.channels.values() if not channel.is_closed)
+
+
+async def test_a_machine_queue_declared_with_another_type_is_refused_clearly_leaking_nothing() -> (
+    None
+):
+    settings = new_settings()
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    # The operator switched machine_queue_type to classic; m1's queue is still a quorum queue.
+    before = Amqp(url, names, machine_queue_type="quorum")
+    amqp = Amqp(url, names, machine_queue_type="classic")
+    try:
+        await before.connect()
+        await before.ensure_machine_queue("m1")
+        await amqp.connect()
+        await amqp.ensure_machine_queue("m2")
+        settled = open_channels(amqp)
+        for _ in range(30):
+            with pytest.raises(ConfigurationError) as refused:
+                await amqp.ensure_machine_queue("m1")
+            assert names.machine_queue("m1") in str(refused.value)
+            assert "RUNDISPATCH_MACHINE_QUEUE_TYPE" in str(refused.value)
+        await asyncio.sleep(1.0)  # a robust channel reopens itself in the background
+        # Every refusal closed a declaring channel: each was closed for good, not reopened
+        # and dropped (2,047 of them and RabbitMQ closes the connection).
+        assert open_channels(amqp) <= settled + 1
+        await amqp.ensure_machine_queue("m3")  # declarations go on
+        await amqp.publish_json("machines", "m3", b"x", kind="assign")
+    finally:
+        await amqp.close()
+        await before.close()
+        await cleanup(settings, ["m1", "m2", "m3"])
+
+
+async def test_a_consumer_of_a_queue_not_declared_yet_leaks_no_channel() -> None:
+    settings = new_settings()
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    amqp = Amqp(url, names)
+    try:
+        await amqp.connect()
+        settled = open_channels(amqp)
+
+        async def handler(batch: object) -> list[object]:
+            return []
+
+        for _ in range(30):  # a worker waiting for the dispatcher to declare its queue
+            with pytest.raises(BrokerUnavailable, match="does not exist yet"):
+                await amqp.consume(names.machine_queue("m1"), handler, batch_size=10)  # type: ignore[arg-type]
+        await asyncio.sleep(1.0)
+        assert open_channels(amqp) <= settled + 1
+    finally:
+        await amqp.close()
+        await cleanup(settings, ["m1"])

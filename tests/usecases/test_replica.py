@@ -3,6 +3,7 @@ signals."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -10,7 +11,9 @@ import pytest
 
 from dispatcher.core.principals import HELD_FOR_HEADER
 from dispatcher.crypto import WorkerKeyPair
+from dispatcher.errors import ConfigurationError
 from dispatcher.models import Heartbeat
+from dispatcher.usecases import replica as replica_module
 from dispatcher.usecases.ports import Ack, DeadLetter
 from tests.support.builders import credentials, fleet, machine, request_payload, session
 from tests.support.constants import ALICE_WIN
@@ -198,3 +201,32 @@ async def test_a_forged_terminal_event_creates_no_label_series() -> None:
     await replica.handle_signals(signals)
     targets = {call[0] for call in world.metrics.named("run_completed")}
     assert targets == {"other"}
+
+
+async def test_a_machine_queue_the_broker_refuses_is_declared_again_a_minute_later(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queue that exists with other arguments takes an operator: it is not tried at every
+    heartbeat nor every second, and does not hold up the other machines' declarations."""
+    monkeypatch.setattr(replica_module, "REFUSED_RETRY_S", 0.5)  # a minute, shortened
+    world = bots()
+    replica = world.dispatcher()
+    tried: list[str] = []
+    declare = world.broker.ensure_machine_queue
+
+    async def ensure(machine_id: str) -> None:
+        tried.append(machine_id)
+        if machine_id == "m1":
+            raise ConfigurationError("queue m1 exists with other arguments")
+        await declare(machine_id)
+
+    world.broker.ensure_machine_queue = ensure  # type: ignore[method-assign]
+    for _ in range(3):  # heartbeats keep coming
+        await replica.handle_heartbeats([heartbeat(world, "m1"), heartbeat(world, "m2")])
+        await asyncio.sleep(0.05)
+    assert sorted(tried) == ["m1", "m2"]
+    assert world.broker.machine_queues == {"m2"}
+    assert "queues of machine m1 not declared: queue m1 exists with other arguments" in caplog.text
+    await asyncio.sleep(0.7)  # the retry is due
+    assert sorted(tried) == ["m1", "m1", "m2"]
+    await replica.stop()

@@ -39,6 +39,7 @@ from dispatcher.adapters.amqp.delivery import AmqpDelivery, LeanQueue, delivery_
 from dispatcher.adapters.amqp.machine_queues import declaring_channels
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
+    close_channel,
     declare_topology,
     look_up_topology,
 )
@@ -269,11 +270,12 @@ class Amqp(window.WindowPublishing):
 
             tag = await declared.consume(receive, no_ack=False, arguments=arguments)  # type: ignore[arg-type]
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
+            if channel is not None:
+                await close_channel(channel)
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
         except CONSUME_UNREACHABLE as exc:
             if channel is not None:
-                with contextlib.suppress(Exception):
-                    await channel.close()
+                await close_channel(channel)
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
         self._watch_cancel(channel, queue)

@@ -10,13 +10,13 @@ that node and is declared again from the next one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 
+from dispatcher.adapters.amqp.topology import close_channel
 from dispatcher.errors import BrokerUnavailable, ConfigurationError, InExclusiveUse
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,19 @@ async def hold(
         channel = await connection.channel(publisher_confirms=False)
         await channel.declare_queue(queue, exclusive=True, durable=False)
     except ChannelLockedResource as exc:
+        if channel is not None:
+            await close_channel(channel)
         raise InExclusiveUse(f"queue {queue} is held by another connection") from exc
     except ChannelAccessRefused as exc:  # an identity from before it could declare it
+        if channel is not None:
+            await close_channel(channel)
         raise ConfigurationError(
             f"this broker identity ({user}) may not declare {queue}: register the machine "
             "again (rundispatch machines register) to give it today's permissions"
         ) from exc
     except unreachable as exc:
         if channel is not None:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await close_channel(channel)
         raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
     return channel
 

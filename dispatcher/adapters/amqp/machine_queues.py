@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, cast
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 from aio_pika.exceptions import PublishError
+from aiormq.exceptions import ChannelPreconditionFailed
 
-from dispatcher.adapters.amqp.topology import declare_replies_queue
+from dispatcher.adapters.amqp.topology import close_channel, declare_replies_queue
 from dispatcher.core.principals import machine_queue_arguments
+from dispatcher.errors import ConfigurationError
 from dispatcher.names import Names
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,26 @@ class MachineQueues:
         """Declare a machine's queue (``machine_queue_type``, bound to the machines exchange by
         machine id) and its replies queue (``core/principals.replies_arguments``): four round
         trips on one of the declaring channels, so that several machines are declared at once
-        (a replica beside 10,000 new machines declares 20,000 queues)."""
+        (a replica beside 10,000 new machines declares 20,000 queues).
+
+        ``ConfigurationError`` when the machine's queue exists with other arguments (declared
+        with another ``machine_queue_type``): declaring it again cannot succeed until an
+        operator deletes it or sets the type back."""
+        name = self.names.machine_queue(machine_id)
         async with self._declaring_channel() as channel:
-            queue = await channel.declare_queue(
-                self.names.machine_queue(machine_id),
-                durable=True,
-                arguments=machine_queue_arguments(self.names, self.machine_queue_type),
-            )
+            try:
+                queue = await channel.declare_queue(
+                    name,
+                    durable=True,
+                    arguments=machine_queue_arguments(self.names, self.machine_queue_type),
+                )
+            except ChannelPreconditionFailed as exc:
+                raise ConfigurationError(
+                    f"queue {name} exists with other arguments than machine_queue_type="
+                    f"{self.machine_queue_type} asks for ({exc.args[0] if exc.args else exc}); "
+                    f"delete it (its worker declares nothing) or set "
+                    f"RUNDISPATCH_MACHINE_QUEUE_TYPE to its type"
+                ) from None
             if machine_id in self._machine_queues:
                 return
             await queue.bind(self.exchange("machines"), machine_id)
@@ -99,13 +114,18 @@ class MachineQueues:
         fleet")."""
         slot = await self._declaring.get()
         try:
-            if slot is None or slot.is_closed:
+            if slot is None:
                 if self.connection is None:
                     raise RuntimeError("not connected")
                 slot = await self.connection.channel()
             yield slot
         finally:
-            self._declaring.put_nowait(slot if slot is not None and not slot.is_closed else None)
+            # Back in the pool first (a slot must not be lost to a cancellation), then a
+            # channel the broker closed is closed for good (``topology.close_channel``).
+            refused = slot is not None and slot.is_closed
+            self._declaring.put_nowait(None if refused else slot)
+            if refused and slot is not None:
+                await close_channel(slot)
 
     async def publish_reply(self, machine_id: str, body: bytes) -> None:
         """Answer a machine's worker on its replies queue, confirmed. ``mandatory``: an answer

@@ -100,6 +100,16 @@ async def declare_topology(
     }
 
 
+async def close_channel(channel: AbstractChannel) -> None:
+    """Close a channel for good, also one the broker closed (a refused declaration, a queue
+    not found). aio-pika's robust channel reopens itself after a close it did not ask for:
+    dropped instead of closed, each one stayed open on the connection. A replica retrying a
+    refused declaration every second reached RabbitMQ's 2,047 channels per connection within
+    minutes, and RabbitMQ then closed the connection (bench/README.md, "Channels")."""
+    with contextlib.suppress(Exception):
+        await channel.close()
+
+
 async def _declare_or_accept(
     connection: AbstractRobustConnection,
     channel: AbstractChannel,
@@ -120,8 +130,8 @@ async def _declare_or_accept(
         log.warning("queue %s exists with other arguments; using it as it is: %s", name, exc)
         return await channel.declare_queue(name, passive=True)
     finally:
-        if own_probe and not tried.is_closed:
-            await tried.close()
+        if own_probe:
+            await close_channel(tried)
     if own_probe:
         return await channel.declare_queue(name, durable=True, arguments=arguments)
     return queue
@@ -171,11 +181,12 @@ async def _replace_if_declared_otherwise(
     except ChannelPreconditionFailed:
         log.warning("queue %s was declared with other arguments; re-creating it", name)
         fresh = await connection.channel()
-        await fresh.queue_delete(name)
-        await fresh.close()
+        try:
+            await fresh.queue_delete(name)
+        finally:
+            await close_channel(fresh)
     finally:
-        if not probe.is_closed:
-            await probe.close()
+        await close_channel(probe)
 
 
 async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> None:
