@@ -32,7 +32,7 @@ from dispatcher.adapters.redis.clock import StoreClock
 from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import Redis, delete_namespace, make_redis, ping
 from dispatcher.adapters.redis.fleet import RedisFleet
-from dispatcher.adapters.redis.leases import RedisLeases, RedisPassTurns
+from dispatcher.adapters.redis.leases import RedisLeases
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.adapters.redis.outbox import RedisOutbox
 from dispatcher.adapters.redis.queue_state import RedisQueueState
@@ -211,7 +211,6 @@ def build_dispatcher(
         lifecycle=lifecycle,
         handoff=handoff,
         metrics=metrics,
-        turns=RedisPassTurns(rt.redis, rt.names, replica_id),
         clock=clock,
     )
     canceller = Canceller(runs=rt.runs, lifecycle=lifecycle, clock=clock)

@@ -273,15 +273,6 @@ class Names:
         """String lease held by the replica that performs a singleton chore (``role``)."""
         return f"{self.ns}:lease:{role}"
 
-    def pass_turn(self, target: str) -> str:
-        """String (short TTL): the replica whose placement pass over ``target`` is under way."""
-        return f"{self.ns}:passturn:{target}"
-
-    def pass_again(self, target: str) -> str:
-        """String (short TTL): another replica asked for a pass over ``target`` during the
-        turn; the holder passes again when its pass ends."""
-        return f"{self.ns}:passagain:{target}"
-
     # ---- Redis: identity ------------------------------------------------------------------------
     def token_cache(self, connection_id: str) -> str:
         """String: the connection's msal token cache, encrypted."""

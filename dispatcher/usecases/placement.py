@@ -9,14 +9,6 @@ events (a run queued, a slot freed, a heartbeat that changed a machine) and coal
 target. After Redis restarted or failed over, passes wait until the machines have reported
 what they run (``MachineState.placement_hold_s``): a claim the store lost is repaired from
 those reports before its run could be placed a second time.
-
-Replicas take turns per target (``PassTurns``): two passes over one target at once plan the
-same heads onto the same slots, both fetch and seal the secrets, and one of them loses every
-claim and asks for yet another pass. A replica whose turn it is not leaves word instead, and
-the replica passing goes again when its pass ends. A turn lasts ``PASS_TURN_S`` at most: a
-replica that dies mid-pass holds up the target's placement that long (the replica that left
-word asks again then), and a pass that takes longer only overlaps the next one, as without
-turns (claims are fenced in the store either way).
 """
 
 from __future__ import annotations
@@ -26,7 +18,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 from dispatcher.codes import ErrorCode
 from dispatcher.core.placement import Placement, Waiting, plan_pass, runs_per_lane
@@ -39,40 +30,18 @@ from dispatcher.models import RunError, RunStatus
 from dispatcher.settings import Settings
 from dispatcher.usecases.handoff import Handoff
 from dispatcher.usecases.lifecycle import Lifecycle, Window
-from dispatcher.usecases.ports import (
-    Claim,
-    FleetSource,
-    MachineState,
-    QueueEnding,
-    RunReads,
-)
+from dispatcher.usecases.ports import Claim, FleetSource, MachineState, QueueEnding, RunReads
 from dispatcher.usecases.results import Claimed, Failed, NoSlot, UserBusy
 
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1.0
-# How long a replica's turn to pass over a target lasts at most (see the module's docstring).
-PASS_TURN_S = 2.0
 # Why-waiting reasons: unchanged ones are checked against the store at most every
 # REASONS_RECHECK_S, and a lane's reasons change at most every REASONS_MIN_INTERVAL_S (when
 # machines fill and free up quickly, heads wait for milliseconds and their reasons flip with
 # every pass; the last ones are still recorded, by a pass asked for when the interval ends).
 REASONS_RECHECK_S = 5.0
 REASONS_MIN_INTERVAL_S = 1.0
-
-
-class PassTurns(Protocol):
-    """Whose turn it is to pass over a target (``adapters/redis/leases.RedisPassTurns``)."""
-
-    async def begin(self, target: str, ttl_s: float) -> bool:
-        """True: this replica passes now (the turn is its own for ``ttl_s``). False: another
-        replica's pass is under way, and it will pass again when it ends."""
-        ...
-
-    async def end(self, target: str, ttl_s: float) -> bool:
-        """Ends this replica's turn; True when another replica asked for a pass meanwhile (the
-        turn is kept: pass again)."""
-        ...
 
 
 class Placer:
@@ -88,11 +57,9 @@ class Placer:
         lifecycle: Lifecycle,
         handoff: Handoff,
         metrics: MetricsHooks,
-        turns: PassTurns | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
-        self.turns = turns
         self.fleet = fleet
         self.runs = runs
         self.machines = machines
@@ -151,11 +118,6 @@ class Placer:
                     queued = targets  # the passes themselves will report the outage
                 targets &= queued
             for target in sorted(targets):
-                if not await self._my_turn(target):
-                    # The replica passing goes again when it ends; this request is asked
-                    # again in case that replica dies first.
-                    self.request_later(target, PASS_TURN_S)
-                    continue
                 try:
                     await self._pass(target, overlap=True)
                 except Exception:
@@ -165,25 +127,6 @@ class Placer:
                         extra=fields(target=target),
                     )
                     self.request_later(target, RETRY_AFTER_S)
-                await self._end_turn(target)
-
-    async def _my_turn(self, target: str) -> bool:
-        if self.turns is None:
-            return True
-        try:
-            return await self.turns.begin(target, PASS_TURN_S)
-        except Exception:
-            return True  # the store is away: the pass itself reports it and retries
-
-    async def _end_turn(self, target: str) -> None:
-        if self.turns is None:
-            return
-        try:
-            asked_again = await self.turns.end(target, PASS_TURN_S)
-        except Exception:
-            return  # the turn lapses by itself
-        if asked_again:
-            self.request(target)
 
     async def _previous_confirmed(self) -> None:
         previous, self._sending = self._sending, None

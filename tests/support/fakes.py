@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -901,40 +901,3 @@ class RecordingMetrics:
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         return [args for call, args in self.calls if call == name]
-
-
-class FakePassTurns:
-    """``PassTurns`` in memory, shared by the placers of one test (the same rules as the Redis
-    scripts; expiry by the test's clock)."""
-
-    def __init__(self, owner: str, clock: Callable[[], float], shared: dict[str, Any]) -> None:
-        self.owner = owner
-        self.clock = clock
-        self.shared = shared  # target -> (holder, until), ("again", target) -> until
-
-    def _live(self, key: Any) -> Any:
-        value = self.shared.get(key)
-        if value is not None and value[-1] <= self.clock():
-            del self.shared[key]
-            return None
-        return value
-
-    async def begin(self, target: str, ttl_s: float) -> bool:
-        turn = self._live(target)
-        if turn is None or turn[0] == self.owner:
-            self.shared[target] = (self.owner, self.clock() + ttl_s)
-            self.shared.pop(("again", target), None)
-            return True
-        self.shared[("again", target)] = (self.clock() + ttl_s,)
-        return False
-
-    async def end(self, target: str, ttl_s: float) -> bool:
-        turn = self._live(target)
-        if turn is None or turn[0] != self.owner:
-            return False
-        if self._live(("again", target)) is not None:
-            del self.shared[("again", target)]
-            self.shared[target] = (self.owner, self.clock() + ttl_s)
-            return True
-        del self.shared[target]
-        return False
