@@ -105,7 +105,8 @@ async def close_channel(channel: AbstractChannel) -> None:
     not found). aio-pika's robust channel reopens itself after a close it did not ask for:
     dropped instead of closed, each one stayed open on the connection. A replica retrying a
     refused declaration every second reached RabbitMQ's 2,047 channels per connection within
-    minutes, and RabbitMQ then closed the connection (bench/README.md, "Channels")."""
+    minutes, and RabbitMQ then closed the connection (bench/README.md, "The whole run, every
+    key on one line")."""
     with contextlib.suppress(Exception):
         await channel.close()
 
