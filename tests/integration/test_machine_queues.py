@@ -13,7 +13,7 @@ import pytest
 from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.errors import BrokerUnavailable, ConfigurationError
 from dispatcher.names import Names
-from tests.support.processes import cleanup, new_settings
+from tests.support.processes import cleanup, connected_amqp, new_settings
 
 pytestmark = pytest.mark.integration
 
@@ -102,12 +102,7 @@ async def test_a_machine_queue_declared_with_another_type_is_refused_clearly_lea
 
 
 async def test_a_consumer_of_a_queue_not_declared_yet_leaks_no_channel() -> None:
-    settings = new_settings()
-    names = Names(settings.namespace)
-    url = settings.amqp_url.get_secret_value()
-    amqp = Amqp(url, names)
-    try:
-        await amqp.connect()
+    async with connected_amqp(["m1"]) as (amqp, names, _):
         settled = open_channels(amqp)
 
         async def handler(batch: object) -> list[object]:
@@ -118,6 +113,3 @@ async def test_a_consumer_of_a_queue_not_declared_yet_leaks_no_channel() -> None
                 await amqp.consume(names.machine_queue("m1"), handler, batch_size=10)  # type: ignore[arg-type]
         await asyncio.sleep(1.0)
         assert open_channels(amqp) <= settled + 1
-    finally:
-        await amqp.close()
-        await cleanup(settings, ["m1"])

@@ -14,7 +14,7 @@ from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.names import Names
 from dispatcher.usecases.ports import Ack, Delivery, Verdict
 from dispatcher.usecases.results import OutboxMessage
-from tests.support.processes import cleanup, eventually, new_settings
+from tests.support.processes import cleanup, connected_amqp, eventually, new_settings
 
 pytestmark = [pytest.mark.timeout(90)]
 
@@ -67,12 +67,7 @@ async def test_a_window_arrives_whole_and_a_returned_assignment_is_sent_again() 
 async def test_replies_are_transient_and_assignments_persistent() -> None:
     """A reply is not written to disk (a worker asks again when none comes; see
     ``window.TRANSIENT_KINDS``), alone or in a window; an assignment is."""
-    settings = new_settings()
-    names = Names(settings.namespace)
-    url = settings.amqp_url.get_secret_value()
-    amqp = Amqp(url, names)
-    try:
-        await amqp.connect()
+    async with connected_amqp(["m1"]) as (amqp, names, url):
         await amqp.ensure_machine_queue("m1")
         await amqp.publish_reply("m1", b"alone")
         await amqp.publish_many_json(
@@ -88,6 +83,3 @@ async def test_replies_are_transient_and_assignments_persistent() -> None:
                 while (got := await declared.get(no_ack=True, fail=False)) is not None:
                     modes[got.body] = int(got.delivery_mode) if got.delivery_mode else None
         assert modes == {b"alone": 1, b"w0": 1, b"w1": 1, b"w2": 1, b"1": 2}
-    finally:
-        await amqp.close()
-        await cleanup(settings, machine_ids=["m1"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -11,12 +12,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dispatcher.adapters.amqp.broker import Amqp
 from dispatcher.bootstrap import purge_namespace
 from dispatcher.models import Session
+from dispatcher.names import Names
 from dispatcher.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +63,25 @@ def settings_env(settings: Settings) -> dict[str, str]:
 async def cleanup(settings: Settings, machine_ids: list[str] | None = None) -> None:
     """Delete every Redis key and AMQP entity of the namespace."""
     await purge_namespace(settings, list(machine_ids or []))
+
+
+@contextlib.asynccontextmanager
+async def connected_amqp(
+    machine_ids: list[str], **options: Any
+) -> AsyncIterator[tuple[Amqp, Names, str]]:
+    """The broker adapter on a new namespace, connected (``options`` go to ``Amqp``); its
+    names and the broker's URL. The namespace (with ``machine_ids``' queues) is deleted
+    afterwards."""
+    settings = new_settings()
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    amqp = Amqp(url, names, **options)
+    try:
+        await amqp.connect()
+        yield amqp, names, url
+    finally:
+        await amqp.close()
+        await cleanup(settings, machine_ids)
 
 
 def sessions_json(sessions: Sequence[Session | dict[str, str]]) -> str:
