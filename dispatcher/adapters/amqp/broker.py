@@ -39,7 +39,7 @@ from dispatcher.adapters.amqp.delivery import AmqpDelivery, LeanQueue, delivery_
 from dispatcher.adapters.amqp.machine_queues import declaring_channels
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
-    close_channel,
+    channel_kept_if_done,
     declare_topology,
     look_up_topology,
 )
@@ -253,29 +253,24 @@ class Amqp(window.WindowPublishing):
         """
         if self.connection is None:
             raise RuntimeError("not connected")
-        channel: AbstractChannel | None = None
+        inbox: asyncio.Queue[AmqpDelivery] = asyncio.Queue()
+
+        async def receive(message: aiormq.abc.DeliveredMessage | IncomingMessage) -> None:
+            inbox.put_nowait(delivery_of(message))  # unbounded: the prefetch bounds it
+
         try:
-            channel = await self.connection.channel(publisher_confirms=False)
-            await channel.set_qos(prefetch_count=prefetch or self.prefetch)
-            # Deliveries as aiormq parsed them, not as aio-pika's IncomingMessage (delivery.py).
-            channel.QUEUE_CLASS = LeanQueue
-            # Declared (passively), not just looked up: a robust channel re-creates only the
-            # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave this
-            # consumer dead after a reconnection.
-            declared = await channel.declare_queue(queue, passive=True)
-            inbox: asyncio.Queue[AmqpDelivery] = asyncio.Queue()
-
-            async def receive(message: aiormq.abc.DeliveredMessage | IncomingMessage) -> None:
-                inbox.put_nowait(delivery_of(message))  # unbounded: the prefetch bounds it
-
-            tag = await declared.consume(receive, no_ack=False, arguments=arguments)  # type: ignore[arg-type]
+            async with channel_kept_if_done(self.connection, publisher_confirms=False) as channel:
+                await channel.set_qos(prefetch_count=prefetch or self.prefetch)
+                # Deliveries as aiormq parsed them, not aio-pika's IncomingMessage (delivery.py).
+                channel.QUEUE_CLASS = LeanQueue
+                # Declared (passively), not just looked up: a robust channel re-creates only the
+                # consumers of queues it declared, so ``get_queue(ensure=False)`` would leave
+                # this consumer dead after a reconnection.
+                declared = await channel.declare_queue(queue, passive=True)
+                tag = await declared.consume(receive, no_ack=False, arguments=arguments)  # type: ignore[arg-type]
         except ChannelNotFoundEntity as exc:  # a machine's queues: declared at its heartbeat
-            if channel is not None:
-                await close_channel(channel)
             raise BrokerUnavailable(f"queue {queue} does not exist yet") from exc
         except CONSUME_UNREACHABLE as exc:
-            if channel is not None:
-                await close_channel(channel)
             raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
         self._consumer_channels.append(channel)
         self._watch_cancel(channel, queue)

@@ -16,7 +16,7 @@ import time
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.exceptions import ChannelAccessRefused, ChannelLockedResource
 
-from dispatcher.adapters.amqp.topology import close_channel
+from dispatcher.adapters.amqp.topology import channel_kept_if_done
 from dispatcher.errors import BrokerUnavailable, ConfigurationError, InExclusiveUse
 
 log = logging.getLogger(__name__)
@@ -31,24 +31,17 @@ async def hold(
     """Declare ``queue`` exclusive to ``connection`` on a channel of its own (the robust
     channel declares it again after a reconnection); the channel to keep. ``InExclusiveUse``
     when another connection holds it."""
-    channel: AbstractChannel | None = None
     try:
-        channel = await connection.channel(publisher_confirms=False)
-        await channel.declare_queue(queue, exclusive=True, durable=False)
+        async with channel_kept_if_done(connection, publisher_confirms=False) as channel:
+            await channel.declare_queue(queue, exclusive=True, durable=False)
     except ChannelLockedResource as exc:
-        if channel is not None:
-            await close_channel(channel)
         raise InExclusiveUse(f"queue {queue} is held by another connection") from exc
     except ChannelAccessRefused as exc:  # an identity from before it could declare it
-        if channel is not None:
-            await close_channel(channel)
         raise ConfigurationError(
             f"this broker identity ({user}) may not declare {queue}: register the machine "
             "again (rundispatch machines register) to give it today's permissions"
         ) from exc
     except unreachable as exc:
-        if channel is not None:
-            await close_channel(channel)
         raise BrokerUnavailable(f"RabbitMQ is unavailable: {exc}") from exc
     return channel
 

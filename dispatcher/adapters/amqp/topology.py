@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -109,6 +110,20 @@ async def close_channel(channel: AbstractChannel) -> None:
     key on one line")."""
     with contextlib.suppress(Exception):
         await channel.close()
+
+
+@contextlib.asynccontextmanager
+async def channel_kept_if_done(
+    connection: AbstractRobustConnection, **options: Any
+) -> AsyncIterator[AbstractChannel]:
+    """A new channel for a block that sets it up (declarations, a consumer): kept when the
+    block completes, closed for good (``close_channel``) when it raises."""
+    channel = await connection.channel(**options)
+    try:
+        yield channel
+    except BaseException:
+        await close_channel(channel)
+        raise
 
 
 async def _declare_or_accept(
