@@ -8,8 +8,8 @@ does), records every drain's dispatcher processes for ``--seconds`` once they ha
 ``--settle`` seconds, and prints, for the drains with one and with two processes, the samples
 per second of drain and the share of the samples in the frames that differ most (socket writes
 of aiormq and of redis-py, placement passes, the consumers). Needs ``py-spy`` in the virtual
-environment (``.venv/bin/pip install py-spy``). Results: bench/README.md, "Replicas: where the
-second replica's CPU goes".
+environment (``.venv/bin/pip install py-spy``). Results: bench/README.md, "Where the second
+replica's CPU goes".
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ HEARTBEAT_GATHER_S = 0.1
 # Machines whose queues are declared at once (the broker keeps as many declaring channels).
 DECLARING_AT_ONCE = 8
 # A machine whose queue the broker refuses as declared (it exists with other arguments) is
-# declared again this much later, not every second: that takes an operator.
+# declared again at its first heartbeat this much later, not every second: that takes an
+# operator.
 REFUSED_RETRY_S = 60.0
 
 # What an unknown target is counted as (the metrics' ``other``).
@@ -111,7 +112,7 @@ class Dispatcher:
         self._queues_declared: set[str] = set()
         self._undeclared: dict[str, None] = {}  # machines whose queues to declare, in order
         self._declaring_now: set[str] = set()
-        self._refused: set[str] = set()  # machines whose declaration waits for REFUSED_RETRY_S
+        self._refused_until: dict[str, float] = {}  # refused machine -> when to try again
         self._declaring: asyncio.Task[None] | None = None
         self.foresight = foresight
         self.clock = clock
@@ -247,7 +248,7 @@ class Dispatcher:
             machine_id in self._queues_declared
             or machine_id in self._undeclared
             or machine_id in self._declaring_now
-            or machine_id in self._refused
+            or self._refused_until.get(machine_id, 0.0) > self.clock()
         ):
             return
         self._undeclared[machine_id] = None
@@ -273,10 +274,7 @@ class Dispatcher:
                     exc,
                     REFUSED_RETRY_S,
                 )
-                self._refused.add(machine_id)
-                asyncio.get_running_loop().call_later(
-                    REFUSED_RETRY_S, self._declare_again, machine_id
-                )
+                self._refused_until[machine_id] = self.clock() + REFUSED_RETRY_S
                 continue
             except Exception as exc:  # RabbitMQ away or refusing: try again in a second
                 log.warning("queues of machine %s not declared yet: %s", machine_id, exc)
@@ -286,11 +284,7 @@ class Dispatcher:
             finally:
                 self._declaring_now.discard(machine_id)
             self._queues_declared.add(machine_id)
-
-    def _declare_again(self, machine_id: str) -> None:
-        self._refused.discard(machine_id)
-        if not self.draining:
-            self._declare_queues_of(machine_id)
+            self._refused_until.pop(machine_id, None)
 
     def _react(self, heartbeat: Heartbeat, outcome: HeartbeatOutcome, fleet: FleetSnapshot) -> bool:
         """A pass for the machine's targets when what placement sees of it changed; True

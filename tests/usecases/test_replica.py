@@ -204,11 +204,10 @@ async def test_a_forged_terminal_event_creates_no_label_series() -> None:
 
 
 async def test_a_machine_queue_the_broker_refuses_is_declared_again_a_minute_later(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A queue that exists with other arguments takes an operator: it is not tried at every
     heartbeat nor every second, and does not hold up the other machines' declarations."""
-    monkeypatch.setattr(replica_module, "REFUSED_RETRY_S", 0.5)  # a minute, shortened
     world = bots()
     replica = world.dispatcher()
     tried: list[str] = []
@@ -227,6 +226,12 @@ async def test_a_machine_queue_the_broker_refuses_is_declared_again_a_minute_lat
     assert sorted(tried) == ["m1", "m2"]
     assert world.broker.machine_queues == {"m2"}
     assert "queues of machine m1 not declared: queue m1 exists with other arguments" in caplog.text
-    await asyncio.sleep(0.7)  # the retry is due
+    world.clock.advance(replica_module.REFUSED_RETRY_S - 1)
+    await replica.handle_heartbeats([heartbeat(world, "m1")])
+    await asyncio.sleep(0.05)
+    assert sorted(tried) == ["m1", "m2"]  # not yet
+    world.clock.advance(1)
+    await replica.handle_heartbeats([heartbeat(world, "m1")])  # the retry is due
+    await asyncio.sleep(0.05)
     assert sorted(tried) == ["m1", "m1", "m2"]
     await replica.stop()
