@@ -1,6 +1,6 @@
 """Liveness: the worker's heartbeat (sessions, running runs, last outcomes, public key), sent
-every interval and as soon as the sessions change; after each, the flows of runs the dispatcher
-no longer holds here are stopped."""
+every interval and as soon as the sessions change; after each, beside the next ones (never
+holding them up), the flows of runs the dispatcher no longer holds here are stopped."""
 
 from __future__ import annotations
 
@@ -49,12 +49,24 @@ class Heartbeats:
     async def beat_forever(self) -> None:
         interval = self.settings.heartbeat_interval_s
         next_beat = time.monotonic() + interval
-        while True:
-            await asyncio.sleep(min(0.2, interval))
-            if self.sessions.changed() or time.monotonic() >= next_beat:
-                await self.send()
-                await self.drop_abandoned()
-                next_beat = time.monotonic() + interval
+        # The check after a heartbeat asks the dispatcher for its runs' states, a round trip
+        # that waits up to the link's reply time-out when an answer is lost (a connection cut
+        # under the dispatcher that was answering). It runs beside the heartbeats, one at a
+        # time, never before the next one: heartbeats held up behind it for longer than
+        # ``offline_after_s`` had the machine declared offline and its running runs failed
+        # MachineLost while its flows ran (seen in tests/chaos/test_chaos.py).
+        checking: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(min(0.2, interval))
+                if self.sessions.changed() or time.monotonic() >= next_beat:
+                    await self.send()
+                    next_beat = time.monotonic() + interval
+                    if checking is None or checking.done():
+                        checking = asyncio.create_task(self.drop_abandoned(), name="check-runs")
+        finally:
+            if checking is not None:
+                checking.cancel()
 
     async def send(self) -> None:
         heartbeat = Heartbeat(

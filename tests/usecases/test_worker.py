@@ -19,6 +19,7 @@ from dispatcher.usecases.ports import Ack, DeadLetter, Retry
 from dispatcher.usecases.worker_link import WorkerRequests, encode_outcome
 from tests.support.builders import credentials, fleet, machine, request_payload
 from tests.support.fakes import FakeDelivery, RecordingMetrics
+from tests.support.processes import eventually
 from tests.support.world import World
 from workers.adapters.amqp_link import AmqpLink
 from workers.adapters.store_link import StoreLink
@@ -313,6 +314,43 @@ async def test_a_heartbeat_tells_the_machine_s_state(machines: MachineFactory) -
     m.world.broker.down = True
     await m.worker.heartbeats.send()
     assert m.metrics.named("heartbeat_failed") == [()]
+    m.worker.runs.stop("r1", "end of test")
+    await m.finish_one()
+
+
+async def test_heartbeats_go_on_while_the_check_of_running_runs_waits_for_an_answer(
+    machines: MachineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer lost under a connection cut holds the check of running runs up to the
+    link's reply time-out; the heartbeats go on meanwhile. Held up behind it for longer than
+    ``offline_after_s``, the machine was declared offline and its running runs failed
+    MachineLost while their flows ran."""
+    m = machines()
+    delivery = await m.dispatch("r1", duration_s=60)
+    await m.worker.intake.handle([delivery])
+    asked: list[list[str]] = []
+
+    async def unanswered(run_ids: list[str]) -> list[Any]:
+        asked.append(list(run_ids))
+        await asyncio.Event().wait()  # the answer never comes
+        return []
+
+    monkeypatch.setattr(m.link, "run_states", unanswered)
+    heartbeats = m.worker.heartbeats
+    heartbeats.settings = heartbeats.settings.model_copy(update={"heartbeat_interval_s": 0.05})
+
+    def sent() -> int:
+        return sum(1 for _, _, _, kind in m.world.broker.published if kind == "heartbeat")
+
+    before = sent()
+    beating = asyncio.create_task(heartbeats.beat_forever())
+    try:
+        await eventually(lambda: asked and sent() >= before + 5, timeout=10)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+    assert asked[0] == ["r1"]
+    assert len(asked) == 1, "a second check started while the first still waited"
     m.worker.runs.stop("r1", "end of test")
     await m.finish_one()
 
