@@ -19,6 +19,9 @@ from workers.sessions import SessionsFile
 
 log = logging.getLogger(__name__)
 
+# A heartbeat's confirm is waited for up to the heartbeat interval, and at least this long.
+MIN_CONFIRM_WAIT_S = 1.0
+
 
 class Heartbeats:
     """Sends the machine's heartbeats; drops abandoned runs."""
@@ -79,9 +82,16 @@ class Heartbeats:
             public_key=self.keys.public_key_b64,
             capacity=self.capacity,
         )
+        # Bounded: a confirm that never comes (a cluster node dies with the publish in flight)
+        # must not stop the heartbeats; the next one is due by then anyway.
+        bound_s = max(self.settings.heartbeat_interval_s, MIN_CONFIRM_WAIT_S)
         try:
-            await self.link.heartbeat(heartbeat)
+            async with asyncio.timeout(bound_s):
+                await self.link.heartbeat(heartbeat)
             self.metrics.heartbeat_sent()
+        except TimeoutError:
+            log.warning("heartbeat not confirmed within %g s; the next one goes on", bound_s)
+            self.metrics.heartbeat_failed()
         except Exception as exc:
             log.warning("heartbeat not sent: %s", exc)
             self.metrics.heartbeat_failed()

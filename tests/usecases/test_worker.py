@@ -355,6 +355,29 @@ async def test_heartbeats_go_on_while_the_check_of_running_runs_waits_for_an_ans
     await m.finish_one()
 
 
+async def test_a_heartbeat_whose_confirm_never_comes_does_not_stop_the_next(
+    machines: MachineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = machines()
+    published: list[Heartbeat] = []
+
+    async def unconfirmed(heartbeat: Heartbeat) -> None:
+        published.append(heartbeat)
+        await asyncio.Event().wait()  # the confirm never comes
+
+    monkeypatch.setattr(m.link, "heartbeat", unconfirmed)
+    heartbeats = m.worker.heartbeats
+    heartbeats.settings = heartbeats.settings.model_copy(update={"heartbeat_interval_s": 0.05})
+    beating = asyncio.create_task(heartbeats.beat_forever())
+    try:
+        await eventually(lambda: len(published) >= 3, timeout=10)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+    assert m.metrics.named("heartbeat_failed")[:2] == [(), ()]
+    assert not m.metrics.named("heartbeat_sent")
+
+
 async def test_an_executor_that_cannot_run_the_flow_is_counted(
     machines: MachineFactory, tmp_path: Path
 ) -> None:
