@@ -46,6 +46,8 @@ SECTIONS = (
     "livefleet",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
+# Each paced window of ``--paced-replicas`` (seconds of load, the first 2 s included).
+PACED_REPLICAS_S = 20.0
 
 
 def log(text: str) -> None:
@@ -103,6 +105,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--deep", type=int, default=1_000_000, help="runs queued in the drained target (deepqueue)"
+    )
+    parser.add_argument(
+        "--paced-replicas",
+        action="store_true",
+        help="replicas: also pairs under a paced load at 50 %% of the reference drain's rate "
+        "(dispatcher CPU per run where the machine is not saturated; ~3 min more)",
     )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
@@ -228,6 +236,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "two": rate_interval([d["rate"] for d in paired["drains_two"]]).estimate,
                 "gain": paired["gain"]["estimate"],
             }
+            if args.paced_replicas:
+                rate = 0.5 * ref_rate
+                log(f"replicas: {args.reps} pairs paced at {rate:.0f} runs/s, two and one")
+                sections["replicas"]["paced"] = await scenarios.replicas_paced(
+                    bench, args.reps, rate, PACED_REPLICAS_S
+                )
 
         if "saturation" in want and limits is not None:
             log(f"saturation: {args.reps} pairs of (dispatcher with a simulated fleet, raw loop)")

@@ -471,12 +471,14 @@ class Bench:
         )
 
     # ---- latency: a paced producer process, an observer on the events exchange --------------
-    async def paced(self, kind: str, rate: float, duration: float, warmup: float = 2.0) -> dict:
+    async def paced(
+        self, kind: str, rate: float, duration: float, warmup: float = 2.0, dispatchers: int = 1
+    ) -> dict:
         await self.ensure_workers(kind)
         quiet = await wait_quiet()
         assert self.bl_connection is not None
         started = time.time()
-        names = self.start_dispatchers(kind)
+        names = self.start_dispatchers(kind, dispatchers)
         dpids = self.pids_of(names)
         if kind == "ours":
             await record_heartbeats(self.machines, self.static)
@@ -584,6 +586,12 @@ class Bench:
             "slots_used_first": slots[0] if slots else None,
             "slots_total": 10 * len(self.live),
             "dispatcher_cores": round(cores(first, last, dpids), 3),
+            # The dispatcher processes' CPU over the window per run the producer sent in it.
+            "dispatcher_us_per_run": round(
+                1e6
+                * sum(last.per_pid.get(p, 0) - first.per_pid.get(p, 0) for p in dpids)
+                / max(1, summary["sent"])
+            ),
             "worker_cores": round(cores(first, last, self.worker_pids(kind)), 3),
             "producer_cores": round(cores(first, last, [producer.pid]), 3),
             "rabbit_cores": round(cores(first, last, [self.rabbit_pid or -1]), 3),

@@ -59,6 +59,20 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
         gain = rep.get("gain_interval") or rep["gain"]
         out.append(("", "  runs/s gain (paired)", "", "", _ratio(gain, "gain")))
         out.append(_noise(rep["noise"]))
+        paced = rep.get("paced")
+        if paced:
+            one = sorted(d["dispatcher_us_per_run"] for d in paced["paced_one"])
+            two = sorted(d["dispatcher_us_per_run"] for d in paced["paced_two"])
+            out.append(
+                (
+                    "",
+                    f"  µs/run paced at {paced['rate']:.0f}/s, 1 vs 2",
+                    f"{one[len(one) // 2]:,}",
+                    f"{two[len(two) // 2]:,}",
+                    _ratio(paced["replica_cpu_ratio_paced"], "paced ratio"),
+                )
+            )
+            out.append(_noise(paced["noise"]))
     sat = s.get("saturation")
     if sat:
         out.append(

@@ -249,6 +249,30 @@ async def deep_queue(bench: Bench, total: int, pairs: int, runs: int) -> dict[st
 
 
 # ---- replicas, paired --------------------------------------------------------------------------
+async def replicas_paced(bench: Bench, pairs: int, rate: float, seconds: float) -> dict:
+    """``pairs`` x (two dispatcher processes, one) under the same paced load (``rate`` runs/s
+    for ``seconds``), each guarded: the dispatcher CPU per run where neither configuration
+    saturates the machine, two / one (paired)."""
+    two: list[Guarded[dict[str, Any]]] = []
+    one: list[Guarded[dict[str, Any]]] = []
+    for _ in range(pairs):
+        two.append(await _window(lambda: bench.paced("ours", rate, seconds, dispatchers=2)))
+        one.append(await _window(lambda: bench.paced("ours", rate, seconds)))
+    for window in two + one:
+        window.result.pop("_started_ms", None)  # latency samples: not this figure's
+    return {
+        "rate": rate,
+        "seconds": seconds,
+        "paced_two": [w.result for w in two],
+        "paced_one": [w.result for w in one],
+        "replica_cpu_ratio_paced": paired_ratio(
+            [w.result["dispatcher_us_per_run"] for w in two],
+            [w.result["dispatcher_us_per_run"] for w in one],
+        ).as_dict(),
+        "noise": noise(two + one),
+    }
+
+
 async def replicas(bench: Bench, pairs: int, runs: int) -> dict[str, Any]:
     two: list[Guarded[dict[str, Any]]] = []
     one: list[Guarded[dict[str, Any]]] = []
