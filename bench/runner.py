@@ -600,10 +600,13 @@ class Bench:
             "others_cores": round(max(0.0, busy - cores(first, last, pids)), 2),
             "busy_before": round(quiet, 2),
         }
+        processes = f" ({dispatchers} dispatchers)" if dispatchers > 1 else ""
         self.log(
-            f"  latency {kind:<9} at {rate:.0f}/s: dispatched p50 {result['dispatched_p50_ms']}"
-            f" / p99 {result['dispatched_p99_ms']} ms, started p50 {result['started_p50_ms']}"
-            f" / p99 {result['started_p99_ms']} ms (missing {result['missing_started']})"
+            f"  latency {kind:<9} at {rate:.0f}/s{processes}: dispatched p50"
+            f" {result['dispatched_p50_ms']} / p99 {result['dispatched_p99_ms']} ms,"
+            f" started p50 {result['started_p50_ms']}"
+            f" / p99 {result['started_p99_ms']} ms (missing {result['missing_started']}),"
+            f" dispatcher {result['dispatcher_us_per_run']:,} µs/run"
         )
         return result
 
