@@ -12,6 +12,15 @@ def _ratio(r: dict[str, Any], name: str) -> str:
     return f"{name} {r['estimate']:.2f}{span} ({r['n']} pairs)"
 
 
+def _medians(
+    section: str, metric: str, first: list[dict[str, Any]], second: list[dict[str, Any]], note: str
+) -> Row:
+    """The dispatcher µs/run medians of two kinds of windows, side by side."""
+    a = sorted(d["dispatcher_us_per_run"] for d in first)
+    b = sorted(d["dispatcher_us_per_run"] for d in second)
+    return (section, metric, f"{a[len(a) // 2]:,}", f"{b[len(b) // 2]:,}", note)
+
+
 def _noise(n: dict[str, Any]) -> Row:
     kept = n["kept_others_cores"]
     return (
@@ -45,14 +54,12 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
         )
     rep = s.get("replicas")
     if rep and "replica_cpu_ratio" in rep:
-        one = sorted(d["dispatcher_us_per_run"] for d in rep["drains_one"])
-        two = sorted(d["dispatcher_us_per_run"] for d in rep["drains_two"])
         out.append(
-            (
+            _medians(
                 "replicas",
                 "dispatcher CPU µs/run, 1 vs 2 (medians)",
-                f"{one[len(one) // 2]:,}",
-                f"{two[len(two) // 2]:,}",
+                rep["drains_one"],
+                rep["drains_two"],
                 _ratio(rep["replica_cpu_ratio"], "replica_cpu_ratio"),
             )
         )
@@ -61,14 +68,12 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
         out.append(_noise(rep["noise"]))
         paced = rep.get("paced")
         if paced:
-            one = sorted(d["dispatcher_us_per_run"] for d in paced["paced_one"])
-            two = sorted(d["dispatcher_us_per_run"] for d in paced["paced_two"])
             out.append(
-                (
+                _medians(
                     "",
                     f"  µs/run paced at {paced['rate']:.0f}/s, 1 vs 2",
-                    f"{one[len(one) // 2]:,}",
-                    f"{two[len(two) // 2]:,}",
+                    paced["paced_one"],
+                    paced["paced_two"],
                     _ratio(paced["replica_cpu_ratio_paced"], "paced ratio"),
                 )
             )
@@ -96,14 +101,12 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
         out.append(_noise(sat["noise"]))
     deep = s.get("deepqueue")
     if deep:
-        large = sorted(d["dispatcher_us_per_run"] for d in deep["drains_large"])
-        small = sorted(d["dispatcher_us_per_run"] for d in deep["drains_small"])
         out.append(
-            (
+            _medians(
                 "deep queue",
                 f"dispatcher µs/run, 10 vs {deep['queued']:,} in target",
-                f"{small[len(small) // 2]:,}",
-                f"{large[len(large) // 2]:,}",
+                deep["drains_small"],
+                deep["drains_large"],
                 _ratio(deep["ratio_queue_1m"], "ratio_queue_1m"),
             )
         )

@@ -249,6 +249,14 @@ async def deep_queue(bench: Bench, total: int, pairs: int, runs: int) -> dict[st
 
 
 # ---- replicas, paired --------------------------------------------------------------------------
+def _cpu_ratio(two: list[Guarded[dict[str, Any]]], one: list[Guarded[dict[str, Any]]]) -> dict:
+    """Dispatcher CPU µs per run, two processes / one, paired."""
+    return paired_ratio(
+        [w.result["dispatcher_us_per_run"] for w in two],
+        [w.result["dispatcher_us_per_run"] for w in one],
+    ).as_dict()
+
+
 async def replicas_paced(bench: Bench, pairs: int, rate: float, seconds: float) -> dict:
     """``pairs`` x (two dispatcher processes, one) under the same paced load (``rate`` runs/s
     for ``seconds``), each guarded: the dispatcher CPU per run where neither configuration
@@ -265,10 +273,7 @@ async def replicas_paced(bench: Bench, pairs: int, rate: float, seconds: float) 
         "seconds": seconds,
         "paced_two": [w.result for w in two],
         "paced_one": [w.result for w in one],
-        "replica_cpu_ratio_paced": paired_ratio(
-            [w.result["dispatcher_us_per_run"] for w in two],
-            [w.result["dispatcher_us_per_run"] for w in one],
-        ).as_dict(),
+        "replica_cpu_ratio_paced": _cpu_ratio(two, one),
         "noise": noise(two + one),
     }
 
@@ -284,10 +289,7 @@ async def replicas(bench: Bench, pairs: int, runs: int) -> dict[str, Any]:
     return {
         "drains_two": [w.result for w in two],
         "drains_one": [w.result for w in one],
-        "replica_cpu_ratio": paired_ratio(
-            [w.result["dispatcher_us_per_run"] for w in two],
-            [w.result["dispatcher_us_per_run"] for w in one],
-        ).as_dict(),
+        "replica_cpu_ratio": _cpu_ratio(two, one),
         "gain": paired_ratio(
             [w.result["rate"] for w in two], [w.result["rate"] for w in one]
         ).as_dict(),
