@@ -50,7 +50,7 @@ from bench.livefleet_file import (
     other_ids,
     serving_ids,
 )
-from bench.procfs import CpuSample, cores, machine_load, sample, wait_quiet
+from bench.procfs import CpuSample, cores, cpu_seconds, machine_load, sample, wait_quiet
 from bench.producer import prefill
 from bench.queuemem import NodeMemory, delete_many
 from bench.stats import paired_ratio, rate_interval
@@ -395,7 +395,7 @@ class LiveFleet:
         high, last = _at_mark(points, 0.9 * count)
         runs = max(1, high - low)
         span = max(1e-9, last.at - first.at)
-        used = last.per_pid.get(dpid, 0.0) - first.per_pid.get(dpid, 0.0)
+        used = cpu_seconds(first, last, [dpid])
         busy, _ = machine_load(first, last)
         result = {
             "runs": count,

@@ -91,10 +91,14 @@ def sample(pids: Iterable[int]) -> CpuSample:
     return CpuSample(time.monotonic(), {p: proc_cpu(p) for p in pids}, busy, steal)
 
 
+def cpu_seconds(first: CpuSample, last: CpuSample, pids: Iterable[int]) -> float:
+    """CPU seconds used by ``pids`` between two samples."""
+    return sum(last.per_pid.get(p, 0.0) - first.per_pid.get(p, 0.0) for p in pids)
+
+
 def cores(first: CpuSample, last: CpuSample, pids: Iterable[int]) -> float:
     """Cores used by ``pids`` between two samples (1.0 = one core busy)."""
-    span = max(1e-9, last.at - first.at)
-    return sum(last.per_pid.get(p, 0.0) - first.per_pid.get(p, 0.0) for p in pids) / span
+    return cpu_seconds(first, last, pids) / max(1e-9, last.at - first.at)
 
 
 def machine_load(first: CpuSample, last: CpuSample) -> tuple[float, float]:

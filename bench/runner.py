@@ -41,6 +41,7 @@ from bench.fleet import (
 from bench.procfs import (
     CpuSample,
     cores,
+    cpu_seconds,
     machine_load,
     pid_listening_on,
     proc_rss,
@@ -441,7 +442,7 @@ class Bench:
             ("worker", wpids),
             ("rabbit", [self.rabbit_pid or -1]),
         ):
-            used = sum(last.per_pid.get(p, 0) - first.per_pid.get(p, 0) for p in group_pids)
+            used = cpu_seconds(first, last, group_pids)
             result[f"{group}_us_per_run"] = round(used / runs * 1e6)
         if self.tracing:
             result["per_run"] = per_run(traced_before, traced_after, names, worker_names, count)
@@ -588,9 +589,7 @@ class Bench:
             "dispatcher_cores": round(cores(first, last, dpids), 3),
             # The dispatcher processes' CPU over the window per run the producer sent in it.
             "dispatcher_us_per_run": round(
-                1e6
-                * sum(last.per_pid.get(p, 0) - first.per_pid.get(p, 0) for p in dpids)
-                / max(1, summary["sent"])
+                1e6 * cpu_seconds(first, last, dpids) / max(1, summary["sent"])
             ),
             "worker_cores": round(cores(first, last, self.worker_pids(kind)), 3),
             "producer_cores": round(cores(first, last, [producer.pid]), 3),

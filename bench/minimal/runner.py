@@ -30,7 +30,14 @@ import redis.asyncio as aioredis
 
 from bench.minimal import amqp
 from bench.minimal.names import MinimalNames, amqp_url, new_namespace, redis_url
-from bench.procfs import CpuSample, machine_load, pid_listening_on, sample, wait_quiet
+from bench.procfs import (
+    CpuSample,
+    cpu_seconds,
+    machine_load,
+    pid_listening_on,
+    sample,
+    wait_quiet,
+)
 from bench.stats import percentile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -242,11 +249,11 @@ class Rig:
         cpu_groups = {**groups, "rabbit": [self.rabbit_pid or -1], "redis": [self.redis_pid or -1]}
         accounted = 0.0
         for group, pids in cpu_groups.items():
-            used = sum(last.per_pid.get(p, 0.0) - first.per_pid.get(p, 0.0) for p in pids)
+            used = cpu_seconds(first, last, pids)
             accounted += used
             result[f"{group}_cores"] = round(used / span, 3)
             result[f"{group}_us_per_msg"] = round(used / moved * 1e6)
-        runner = last.per_pid.get(os.getpid(), 0.0) - first.per_pid.get(os.getpid(), 0.0)
+        runner = cpu_seconds(first, last, [os.getpid()])
         result["runner_cores"] = round(runner / span, 3)
         result["machine_busy"] = round(busy, 2)
         result["steal"] = round(steal, 3)
