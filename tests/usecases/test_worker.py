@@ -318,6 +318,18 @@ async def test_a_heartbeat_tells_the_machine_s_state(machines: MachineFactory) -
     await m.finish_one()
 
 
+async def beat_quickly_until(m: Machine, condition: Callable[[], bool]) -> None:
+    """Run the worker's heartbeat loop every 0.05 s until ``condition`` holds, then stop it."""
+    heartbeats = m.worker.heartbeats
+    heartbeats.settings = heartbeats.settings.model_copy(update={"heartbeat_interval_s": 0.05})
+    beating = asyncio.create_task(heartbeats.beat_forever())
+    try:
+        await eventually(condition, timeout=10)
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+
+
 async def test_heartbeats_go_on_while_the_check_of_running_runs_waits_for_an_answer(
     machines: MachineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,19 +348,12 @@ async def test_heartbeats_go_on_while_the_check_of_running_runs_waits_for_an_ans
         return []
 
     monkeypatch.setattr(m.link, "run_states", unanswered)
-    heartbeats = m.worker.heartbeats
-    heartbeats.settings = heartbeats.settings.model_copy(update={"heartbeat_interval_s": 0.05})
 
     def sent() -> int:
         return sum(1 for _, _, _, kind in m.world.broker.published if kind == "heartbeat")
 
     before = sent()
-    beating = asyncio.create_task(heartbeats.beat_forever())
-    try:
-        await eventually(lambda: asked and sent() >= before + 5, timeout=10)
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
+    await beat_quickly_until(m, lambda: bool(asked) and sent() >= before + 5)
     assert asked[0] == ["r1"]
     assert len(asked) == 1, "a second check started while the first still waited"
     m.worker.runs.stop("r1", "end of test")
@@ -366,14 +371,7 @@ async def test_a_heartbeat_whose_confirm_never_comes_does_not_stop_the_next(
         await asyncio.Event().wait()  # the confirm never comes
 
     monkeypatch.setattr(m.link, "heartbeat", unconfirmed)
-    heartbeats = m.worker.heartbeats
-    heartbeats.settings = heartbeats.settings.model_copy(update={"heartbeat_interval_s": 0.05})
-    beating = asyncio.create_task(heartbeats.beat_forever())
-    try:
-        await eventually(lambda: len(published) >= 3, timeout=10)
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
+    await beat_quickly_until(m, lambda: len(published) >= 3)
     assert m.metrics.named("heartbeat_failed")[:2] == [(), ()]
     assert not m.metrics.named("heartbeat_sent")
 
