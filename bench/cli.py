@@ -112,12 +112,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="replicas: also pairs under a paced load at 50 %% of the reference drain's rate "
         "(dispatcher CPU per run where the machine is not saturated; ~3 min more)",
     )
+    parser.add_argument(
+        "--replicas-modes",
+        default="all,one",
+        help="replicas: the RUNDISPATCH_ACTIVE_REPLICAS modes whose pairs are measured, "
+        "comma-separated (all,one): 'all' gives replica_cpu_ratio, 'one' "
+        "replica_cpu_ratio_one_active (~3 min each)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in (*SECTIONS, "profile")]
     if unknown:
         parser.error(f"unknown section(s): {', '.join(unknown)}")
+    modes = {m.strip() for m in args.replicas_modes.split(",") if m.strip()}
+    if not modes or modes - {"all", "one"}:
+        parser.error(f"--replicas-modes: 'all', 'one' or both, not {args.replicas_modes!r}")
     args.sections = chosen or list(SECTIONS)
     if args.profile and "profile" not in args.sections:
         args.sections.append("profile")
@@ -226,22 +236,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "reps": reps,
             }
 
-        if "replicas" in want and ref_rate:
+        modes = [m.strip() for m in args.replicas_modes.split(",") if m.strip()]
+        if "replicas" in want and ref_rate and "all" in modes:
             log(f"replicas: {args.reps} pairs of drains with two and with one dispatcher")
-            paired = await scenarios.replicas(bench, args.reps, args.runs)
-            sections["replicas"] = {
-                **paired,
-                "gain_interval": paired["gain"],
-                "one": rate_interval([d["rate"] for d in paired["drains_one"]]).estimate,
-                "two": rate_interval([d["rate"] for d in paired["drains_two"]]).estimate,
-                "gain": paired["gain"]["estimate"],
-            }
-            if args.paced_replicas:
-                rate = 0.5 * ref_rate
-                log(f"replicas: {args.reps} pairs paced at {rate:.0f} runs/s, two and one")
-                sections["replicas"]["paced"] = await scenarios.replicas_paced(
-                    bench, args.reps, rate, PACED_REPLICAS_S
-                )
+            sections["replicas"] = replica_pairs(
+                await scenarios.replicas(bench, args.reps, args.runs)
+            )
+        if "replicas" in want and ref_rate and "one" in modes:
+            log(f"replicas, active_replicas=one: {args.reps} pairs of drains, two and one")
+            async with bench.active_replicas("one"):
+                one_active = replica_pairs(await scenarios.replicas(bench, args.reps, args.runs))
+            sections.setdefault("replicas", {})["one_active"] = one_active
+        if "replicas" in want and ref_rate and args.paced_replicas:
+            rate = 0.5 * ref_rate
+            log(f"replicas: {args.reps} pairs paced at {rate:.0f} runs/s, two and one")
+            sections.setdefault("replicas", {})["paced"] = await scenarios.replicas_paced(
+                bench, args.reps, rate, PACED_REPLICAS_S
+            )
 
         if "saturation" in want and limits is not None:
             log(f"saturation: {args.reps} pairs of (dispatcher with a simulated fleet, raw loop)")
@@ -503,6 +514,9 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
         out["stack_msgs_per_s"] = s["saturation"]["stack_msgs_per_s"]["estimate"]
     if "replicas" in s and "replica_cpu_ratio" in s["replicas"]:
         out["replica_cpu_ratio"] = s["replicas"]["replica_cpu_ratio"]["estimate"]
+    if "replicas" in s and "one_active" in s["replicas"]:
+        one_active = s["replicas"]["one_active"]["replica_cpu_ratio"]
+        out["replica_cpu_ratio_one_active"] = one_active["estimate"]
     if "saturation" in s:
         out["ratio_dispatcher_vs_stack"] = s["saturation"]["ratio_dispatcher_vs_stack"]["estimate"]
     if "deepqueue" in s:
@@ -511,6 +525,17 @@ def ratios(report: dict[str, Any]) -> dict[str, Any]:
     if tokens and tokens.get("measured"):
         out["idp_requests_per_expiry"] = tokens["idp_requests_per_expiry_max"]
     return out
+
+
+def replica_pairs(paired: dict[str, Any]) -> dict[str, Any]:
+    """The replicas' pairs with their rates, one and two, and the gain's interval."""
+    return {
+        **paired,
+        "gain_interval": paired["gain"],
+        "one": rate_interval([d["rate"] for d in paired["drains_one"]]).estimate,
+        "two": rate_interval([d["rate"] for d in paired["drains_two"]]).estimate,
+        "gain": paired["gain"]["estimate"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

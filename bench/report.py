@@ -209,7 +209,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
             )
         )
     rep = s.get("replicas")
-    if rep:
+    if rep and "one" in rep:
         out.append(
             (
                 "replicas",
@@ -388,6 +388,7 @@ FINAL_KEYS: tuple[tuple[str, int | None], ...] = (
     ("ratio_dispatcher_vs_stack", 2),
     ("ratio_queue_1m", 2),
     ("replica_cpu_ratio", 2),
+    ("replica_cpu_ratio_one_active", 2),
     ("p99_ms_half_load", 1),
     ("ratio_live_fleet_10k", 2),
     ("heartbeat_cpu_us", 1),

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,33 @@ class Bench:
             self._ours_workers = False
         else:
             self._bl_workers = False
+
+    @contextlib.asynccontextmanager
+    async def active_replicas(self, mode: str) -> AsyncIterator[None]:
+        """Dispatchers started in this block run with ``RUNDISPATCH_ACTIVE_REPLICAS=mode``: the
+        shared queues the replicas consume (empty between drains) are declared again for it,
+        and again with the default after the block."""
+        await self._declare_shared_queues(mode)
+        try:
+            yield
+        finally:
+            await self._declare_shared_queues("all")
+
+    async def _declare_shared_queues(self, mode: str) -> None:
+        self.env["RUNDISPATCH_ACTIVE_REPLICAS"] = mode  # in place: the Procs share this dict
+        connection = await aio_pika.connect(self.settings.amqp_url.get_secret_value())
+        async with connection:
+            for queue, holds_runs in (
+                (self.names.requests_queue, True),
+                (self.names.reports_queue, True),
+                (self.names.heartbeats_queue, False),
+                (self.names.signals_queue, False),
+            ):
+                channel = await connection.channel()
+                # A run left in a queue would be lost: refused (ChannelPreconditionFailed);
+                # heartbeats and signals are hints.
+                await channel.queue_delete(queue, if_empty=holds_runs)
+        await self.declare_product_topology()
 
     async def declare_product_topology(self, timeout: float = 60.0) -> None:
         """The product declares its own exchanges and queues: start a dispatcher once (the code

@@ -78,6 +78,19 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
                 )
             )
             out.append(_noise(paced["noise"]))
+    one_active = (rep or {}).get("one_active")
+    if one_active:
+        out.append(
+            _medians(
+                "",
+                "  active_replicas=one: µs/run, 1 vs 2",
+                one_active["drains_one"],
+                one_active["drains_two"],
+                _ratio(one_active["replica_cpu_ratio"], "replica_cpu_ratio_one_active"),
+            )
+        )
+        out.append(("", "  runs/s gain (paired)", "", "", _ratio(one_active["gain"], "gain")))
+        out.append(_noise(one_active["noise"]))
     sat = s.get("saturation")
     if sat:
         out.append(

@@ -139,6 +139,7 @@ async def runtime(
         hold_s=settings.outage_hold_s,
         machine_queue_type=settings.machine_queue_type,
         dead_letter_max=settings.dead_letter_max,
+        one_active=settings.active_replicas == "one",
     )
     try:
         await _connect(redis, broker if amqp else None, wait_s)

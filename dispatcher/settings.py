@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     # declared with: changing this needs the machines' queues deleted (nothing queued in them).
     machine_queue_type: Literal["quorum", "classic"] = "quorum"
     batch_size: int = Field(default=100, ge=1)
+    # Replicas: "all" consume every shared queue (capacity adds up; each replica's batches are
+    # smaller, so a run costs ~1.2-1.45x the CPU with two); "one" has RabbitMQ deliver each
+    # queue to one replica at a time, the others standing by until its connection closes (a
+    # second replica costs ~nothing, adds no capacity). docs/operations.md, "Replicas". A
+    # queue keeps the arguments it was declared with: switching needs its runs moved (same).
+    active_replicas: Literal["all", "one"] = "all"
 
     # Secrets at rest: base64 32-byte keys, "kid:key,kid:key"; the first one encrypts.
     secret_keys: SecretStr = SecretStr("")

@@ -4,7 +4,8 @@ Each check answers ``ok``, ``warn`` (works, but not as recommended) or ``FAIL`` 
 lost, duplicated or stuck), with the fix. The exit code is 1 when anything failed.
 
     versions ─ Redis: reachable, AOF, noeviction, clock skew ─ RabbitMQ: reachable, topology,
-    dead letters, files for queues ─ identities: the secret keys, the broker user
+    dead letters, files for queues, the replicas consuming ─ identities: the secret keys, the
+    broker user
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from urllib.parse import urlsplit
 
 from dispatcher import __version__
 from dispatcher.adapters.amqp.cluster import split_urls
+from dispatcher.adapters.amqp.consumers import QueueConsumer, read_consumers
+from dispatcher.adapters.amqp.identities import vhost_of
 from dispatcher.adapters.amqp.inspect import inspect_namespace
 from dispatcher.adapters.amqp.node_files import NodeFiles, files_per_machine, read_node_files
 from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
@@ -133,7 +136,14 @@ async def check_rabbitmq(settings: Settings) -> list[Check]:
     url = settings.amqp_url.get_secret_value()
     names = Names(settings.namespace)
     try:
-        report = await inspect_namespace(url, names, TIMEOUT_S, settings.dead_letter_max)
+        report = await inspect_namespace(
+            url,
+            names,
+            TIMEOUT_S,
+            settings.dead_letter_max,
+            cluster=len(split_urls(url)) > 1,
+            one_active=settings.active_replicas == "one",
+        )
     except BrokerUnavailable as exc:
         return [
             Check(
@@ -173,7 +183,8 @@ async def check_rabbitmq(settings: Settings) -> list[Check]:
                 "warn",
                 "declared with other arguments: " + ", ".join(differing),
                 "make sure policies set the delivery limit and dead-lettering, or import the "
-                "generated definitions (python -m dispatcher definitions)",
+                "generated definitions (python -m dispatcher definitions); after a change of "
+                "RUNDISPATCH_ACTIVE_REPLICAS see docs/operations.md, 'Replicas'",
             )
         )
     if not missing and not differing:
@@ -213,6 +224,62 @@ async def check_rabbitmq_files(settings: Settings) -> list[Check]:
     cluster = len(split_urls(settings.amqp_url.get_secret_value())) > 1
     per_machine = files_per_machine(settings.machine_queue_type, cluster)
     return [files_check(files, per_machine, settings.machine_queue_type)]
+
+
+async def check_replicas(settings: Settings) -> list[Check]:
+    """Which replicas consume the shared queues; with ``active_replicas=one``, which one
+    RabbitMQ delivers to and which stand by."""
+    admin = settings.broker_admin_url.get_secret_value()
+    if not admin:
+        return [Check("rabbitmq.replicas", "skip", "RUNDISPATCH_BROKER_ADMIN_URL is not set")]
+    names = Names(settings.namespace)
+    queues = consumed_queues(names)
+    try:
+        consumers = await read_consumers(
+            admin, vhost_of(settings.amqp_url.get_secret_value()), queues, TIMEOUT_S
+        )
+    except (BrokerUnavailable, ConfigurationError) as exc:
+        return [Check("rabbitmq.replicas", "warn", f"cannot read the queues' consumers: {exc}")]
+    return [replicas_check(consumers, settings.active_replicas)]
+
+
+def consumed_queues(names: Names) -> list[str]:
+    """The shared queues every replica consumes."""
+    return [names.requests_queue, names.reports_queue, names.heartbeats_queue, names.signals_queue]
+
+
+def replicas_check(consumers: dict[str, list[QueueConsumer]], active_replicas: str) -> Check:
+    idle = [queue for queue, of_queue in consumers.items() if not of_queue]
+    if idle:
+        return Check(
+            "rabbitmq.replicas",
+            "warn",
+            "no replica consumes " + ", ".join(idle),
+            "start a dispatcher (python -m dispatcher serve); runs wait until one consumes",
+        )
+    replicas = sorted({c.connection for of_queue in consumers.values() for c in of_queue})
+    if active_replicas != "one":
+        return Check("rabbitmq.replicas", "ok", f"{len(replicas)} consuming: {', '.join(replicas)}")
+    active = {
+        queue: sorted(c.connection for c in of_queue if c.active)
+        for queue, of_queue in consumers.items()
+    }
+    leaders = sorted({c for of_queue in active.values() for c in of_queue})
+    standing_by = [r for r in replicas if r not in leaders]
+    detail = (
+        f"active: {', '.join(leaders)}"
+        if len(leaders) == 1
+        else "active per queue: " + "; ".join(f"{q} {', '.join(c)}" for q, c in active.items())
+    ) + f"; standing by: {', '.join(standing_by) or 'none'}"
+    if not standing_by:
+        return Check(
+            "rabbitmq.replicas",
+            "warn",
+            detail,
+            "start a second replica: with active_replicas=one it takes over the queues when "
+            "the active one's connection closes",
+        )
+    return Check("rabbitmq.replicas", "ok", detail)
 
 
 def files_check(files: NodeFiles, per_machine: int, machine_queue_type: str) -> Check:
@@ -292,6 +359,7 @@ async def diagnose(settings: Settings) -> list[Check]:
         check_redis,
         check_rabbitmq,
         check_rabbitmq_files,
+        check_replicas,
     ]
     for step in steps:
         checks += await step(settings)

@@ -42,15 +42,32 @@ async def cmd_contract(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_definitions(args: argparse.Namespace, settings: Settings) -> int:
+    from dispatcher.adapters.amqp.cluster import split_urls
     from dispatcher.adapters.amqp.definitions import definitions_document, write_definitions
     from dispatcher.names import Names
 
     names = Names(settings.namespace)
+    # The queues' arguments as this configuration's processes declare them.
+    cluster = len(split_urls(settings.amqp_url.get_secret_value())) > 1
+    one_active = settings.active_replicas == "one"
     if args.output:
-        write_definitions(Path(args.output), names, args.vhost, settings.dead_letter_max)
+        write_definitions(
+            Path(args.output),
+            names,
+            args.vhost,
+            settings.dead_letter_max,
+            cluster=cluster,
+            one_active=one_active,
+        )
         print(f"wrote {args.output}")
     else:
-        document = definitions_document(names, args.vhost, dead_letter_max=settings.dead_letter_max)
+        document = definitions_document(
+            names,
+            args.vhost,
+            dead_letter_max=settings.dead_letter_max,
+            cluster=cluster,
+            one_active=one_active,
+        )
         print(json.dumps(document, indent=2))
     return 0
 

@@ -17,7 +17,7 @@ from dispatcher.client import Client
 from dispatcher.names import Names
 from dispatcher.settings import Settings
 from tests.support.privateredis import PrivateRedis, free_port
-from tests.support.processes import REPO, Processes, new_settings
+from tests.support.processes import REPO, Processes, eventually, new_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -44,11 +44,18 @@ def doctor(procs: Processes, env: dict[str, str] | None = None) -> tuple[int, di
 async def test_a_healthy_deployment_passes(
     client: Client, settings: Settings, procs: Processes
 ) -> None:
+    assert doctor(procs)[1]["rabbitmq.replicas"]["status"] == "warn"  # no dispatcher yet
+    procs.dispatcher()
+    await eventually(
+        lambda: doctor(procs)[1]["rabbitmq.replicas"]["status"] == "ok", timeout=60, interval=0.5
+    )
     code, checks, text = doctor(procs)
     assert code == 0, text
     for name in ("redis.aof", "redis.eviction", "clock", "rabbitmq.topology", "redis.version",
-                 "rabbitmq.files"):  # fmt: skip
+                 "rabbitmq.files", "rabbitmq.replicas"):  # fmt: skip
         assert checks[name]["status"] == "ok", checks[name]
+    pid = procs.procs["dispatcher"].pid
+    assert checks["rabbitmq.replicas"]["detail"].endswith(f":{pid}"), checks["rabbitmq.replicas"]
     assert checks["identities.secret_keys"]["status"] == "ok"
     assert checks["identities.broker_user"]["status"] == "warn"  # the tests' guest user
     assert "0 problems" in text

@@ -35,6 +35,7 @@ from dispatcher.adapters.amqp.consumer import (
     copy_to_dead_letters,
     held_copy,
 )
+from dispatcher.adapters.amqp.consumers import connection_name
 from dispatcher.adapters.amqp.delivery import AmqpDelivery, LeanQueue, delivery_of
 from dispatcher.adapters.amqp.machine_queues import declaring_channels
 from dispatcher.adapters.amqp.topology import (
@@ -78,14 +79,17 @@ class Amqp(window.WindowPublishing):
         declare: bool = True,
         machine_queue_type: str = "quorum",
         dead_letter_max: int = DEAD_LETTER_MAX,
+        one_active: bool = False,
     ) -> None:
         """``declare``: declare the contract's topology at connection (the dispatcher, the
-        tools); a machine's worker only looks it up (its identity may configure nothing)."""
+        tools); a machine's worker only looks it up (its identity may configure nothing).
+        ``one_active``: the shared queues take one consumer at a time (``active_replicas``)."""
         self.url = url
         self.cluster = len(split_urls(url)) > 1
         self.declare = declare
         self.machine_queue_type = machine_queue_type
         self.dead_letter_max = dead_letter_max
+        self.one_active = one_active
         self.names = names
         self.prefetch = prefetch
         self.hold_s = hold_s
@@ -107,7 +111,7 @@ class Amqp(window.WindowPublishing):
 
     async def connect(self) -> None:
         """Connect, open the publisher channel, declare the contract's topology."""
-        properties: dict[str, Any] = {"connection_name": f"rundispatch:{self.names.ns}"}
+        properties: dict[str, Any] = {"connection_name": connection_name(self.names.ns)}
         urls = split_urls(self.url)
         try:
             if self.cluster:  # follow it from node to node
@@ -128,6 +132,7 @@ class Amqp(window.WindowPublishing):
                     self.names,
                     cluster=self.cluster,
                     dead_letter_max=self.dead_letter_max,
+                    one_active=self.one_active,
                 )
             else:
                 self._exchanges = await look_up_topology(self._publisher, self.names)

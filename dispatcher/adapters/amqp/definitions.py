@@ -22,10 +22,7 @@ from typing import Any
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
     DELIVERY_LIMIT,
-    HEARTBEATS_ARGUMENTS,
-    SIGNALS_ARGUMENTS,
-    dead_letter_arguments,
-    quorum_arguments,
+    shared_queue_arguments,
 )
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
 
@@ -34,11 +31,17 @@ KEPT_KEYS = ("users", "permissions", "topic_permissions")
 
 
 def topology_definitions(
-    names: Names, vhost: str = "/", dead_letter_max: int = DEAD_LETTER_MAX
+    names: Names,
+    vhost: str = "/",
+    dead_letter_max: int = DEAD_LETTER_MAX,
+    *,
+    cluster: bool = False,
+    one_active: bool = False,
 ) -> dict[str, Any]:
-    """The namespace's exchanges, shared queues, bindings and policies, for ``vhost``. The
-    dead-letter queue's bound is both an argument (as the processes declare it) and a policy
-    (which also bounds a dead-letter queue declared before it had one)."""
+    """The namespace's exchanges, shared queues, bindings and policies, for ``vhost``, with
+    the queues' arguments as the processes declare them (``shared_queue_arguments``: a
+    cluster's hint queues, ``active_replicas=one``). The dead-letter queue's bound is both an
+    argument and a policy (which also bounds a dead-letter queue declared before it had one)."""
     ns = re.escape(names.ns)
 
     def exchange(name: str, kind: str) -> dict[str, Any]:
@@ -75,6 +78,7 @@ def topology_definitions(
         binding(names.dead_exchange, names.dead_queue, ""),
         binding(names.requests_exchange, names.requests_queue, "submit"),
         binding(names.requests_exchange, names.requests_queue, "cancel"),
+        binding(names.reports_exchange, names.reports_queue, "report"),
         binding(names.heartbeats_exchange, names.heartbeats_queue, ""),
         *(
             binding(names.events_exchange, names.signals_queue, key)
@@ -88,7 +92,7 @@ def topology_definitions(
                 "vhost": vhost,
                 "name": f"{names.ns}.work",
                 # Not the replies queues: an answer nobody took expires, and is no dead letter.
-                "pattern": rf"^{ns}\.(requests|machine\.(?!.*\.replies$).+)$",
+                "pattern": rf"^{ns}\.(requests|reports|machine\.(?!.*\.replies$).+)$",
                 "apply-to": "queues",  # 3.10 refuses "quorum_queues"
                 "priority": 10,
                 "definition": {
@@ -106,16 +110,17 @@ def topology_definitions(
             },
         ],
         "queues": [
-            queue(names.requests_queue, quorum_arguments(names)),
-            queue(names.dead_queue, dead_letter_arguments(dead_letter_max)),
-            queue(names.heartbeats_queue, HEARTBEATS_ARGUMENTS),
-            queue(names.signals_queue, SIGNALS_ARGUMENTS),
+            queue(name, arguments)
+            for name, arguments in shared_queue_arguments(
+                names, cluster=cluster, dead_letter_max=dead_letter_max, one_active=one_active
+            ).items()
         ],
         "exchanges": [
             exchange(names.requests_exchange, "direct"),
             exchange(names.events_exchange, "topic"),
             exchange(names.machines_exchange, "direct"),
             exchange(names.heartbeats_exchange, "fanout"),
+            exchange(names.reports_exchange, "direct"),
             exchange(names.dead_exchange, "fanout"),
         ],
         "bindings": bindings,
@@ -127,19 +132,32 @@ def definitions_document(
     vhost: str = "/",
     existing: dict[str, Any] | None = None,
     dead_letter_max: int = DEAD_LETTER_MAX,
+    *,
+    cluster: bool = False,
+    one_active: bool = False,
 ) -> dict[str, Any]:
     """A whole definitions file: the topology, and the users and permissions of ``existing``."""
     document: dict[str, Any] = {key: list((existing or {}).get(key, [])) for key in KEPT_KEYS}
-    topology = topology_definitions(names, vhost, dead_letter_max)
+    topology = topology_definitions(
+        names, vhost, dead_letter_max, cluster=cluster, one_active=one_active
+    )
     document.update({"parameters": [], "global_parameters": []} | topology)
     return {key: document[key] for key in sorted(document)}
 
 
 def write_definitions(
-    path: Path, names: Names, vhost: str = "/", dead_letter_max: int = DEAD_LETTER_MAX
+    path: Path,
+    names: Names,
+    vhost: str = "/",
+    dead_letter_max: int = DEAD_LETTER_MAX,
+    *,
+    cluster: bool = False,
+    one_active: bool = False,
 ) -> dict[str, Any]:
     """Write (or rewrite) a definitions file, keeping its users and permissions."""
     existing = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-    document = definitions_document(names, vhost, existing, dead_letter_max)
+    document = definitions_document(
+        names, vhost, existing, dead_letter_max, cluster=cluster, one_active=one_active
+    )
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return document

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
 
 import aio_pika
 from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, ChannelPreconditionFailed
 
-from dispatcher.adapters.amqp.topology import (
-    DEAD_LETTER_MAX,
-    HEARTBEATS_ARGUMENTS,
-    SIGNALS_ARGUMENTS,
-    dead_letter_arguments,
-    quorum_arguments,
-)
+from dispatcher.adapters.amqp.topology import DEAD_LETTER_MAX, shared_queue_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
 
@@ -28,30 +21,33 @@ class BrokerReport:
     dead_letters: int = 0
 
 
-def expected_queues(names: Names, dead_letter_max: int) -> list[tuple[str, dict[str, Any]]]:
-    return [
-        (names.requests_queue, quorum_arguments(names)),
-        (names.dead_queue, dead_letter_arguments(dead_letter_max)),
-        (names.heartbeats_queue, HEARTBEATS_ARGUMENTS),
-        (names.signals_queue, SIGNALS_ARGUMENTS),
-    ]
-
-
 def expected_exchanges(names: Names) -> list[str]:
     return [
         names.requests_exchange,
         names.events_exchange,
         names.machines_exchange,
         names.heartbeats_exchange,
+        names.reports_exchange,
         names.dead_exchange,
     ]
 
 
 async def inspect_namespace(
-    url: str, names: Names, timeout_s: float = 5.0, dead_letter_max: int = DEAD_LETTER_MAX
+    url: str,
+    names: Names,
+    timeout_s: float = 5.0,
+    dead_letter_max: int = DEAD_LETTER_MAX,
+    *,
+    cluster: bool = False,
+    one_active: bool = False,
 ) -> BrokerReport:
     """The server's version, the namespace's missing exchanges and queues, the queues declared
-    with other arguments, and the dead letters waiting. ``BrokerUnavailable`` if unreachable."""
+    with other arguments than this configuration's processes declare them
+    (``shared_queue_arguments``), and the dead letters waiting. ``BrokerUnavailable`` if
+    unreachable."""
+    expected = shared_queue_arguments(
+        names, cluster=cluster, dead_letter_max=dead_letter_max, one_active=one_active
+    )
     try:
         async with asyncio.timeout(timeout_s):
             connection = await aio_pika.connect(url)
@@ -72,7 +68,7 @@ async def inspect_namespace(
             finally:
                 if not channel.is_closed:
                     await channel.close()
-        for queue, arguments in expected_queues(names, dead_letter_max):
+        for queue, arguments in expected.items():
             channel = await connection.channel()
             try:
                 declared = await channel.declare_queue(queue, passive=True)

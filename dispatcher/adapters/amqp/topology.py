@@ -45,6 +45,35 @@ def hint_arguments(cluster: bool) -> dict[str, Any]:
     return {**base, "x-queue-type": "quorum"} if cluster else base
 
 
+# ``active_replicas=one``: RabbitMQ delivers each queue the replicas consume to one consumer
+# at a time and hands it to another only when that one's channel or connection closes. A
+# second replica then costs almost nothing and adds no capacity (bench/README.md, "One
+# active replica"); in the default, every replica consumes every queue.
+ONE_ACTIVE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True}
+
+
+def shared_queue_arguments(
+    names: Names,
+    *,
+    cluster: bool = False,
+    dead_letter_max: int = DEAD_LETTER_MAX,
+    one_active: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Every shared queue of a namespace with the arguments it is declared with: one place
+    for the processes' declarations, the definitions export and ``doctor``'s expectations.
+    ``one_active``: the queues the replicas consume take one consumer at a time
+    (``ONE_ACTIVE_ARGUMENTS``); the dead-letter queue is an operator's, never consumed."""
+    consumed = ONE_ACTIVE_ARGUMENTS if one_active else {}
+    hints = {**hint_arguments(cluster), **consumed}
+    return {
+        names.requests_queue: {**quorum_arguments(names), **consumed},
+        names.dead_queue: dead_letter_arguments(dead_letter_max),
+        names.reports_queue: {**quorum_arguments(names), **consumed},
+        names.heartbeats_queue: hints,
+        names.signals_queue: hints,
+    }
+
+
 async def declare_topology(
     connection: AbstractRobustConnection,
     channel: AbstractChannel,
@@ -52,10 +81,16 @@ async def declare_topology(
     *,
     cluster: bool = False,
     dead_letter_max: int = DEAD_LETTER_MAX,
+    one_active: bool = False,
 ) -> dict[str, AbstractExchange]:
     """Declare every exchange and shared queue of the public contract; the exchanges by role.
-    ``cluster``: the broker is a cluster (see :func:`hint_arguments`). A dead-letter queue
-    declared before it had a bound is used as it is (a policy bounds it, see operations)."""
+    ``cluster``: the broker is a cluster (see :func:`hint_arguments`); ``one_active``: see
+    :data:`ONE_ACTIVE_ARGUMENTS`. A queue that holds runs (requests, the workers' requests)
+    or dead letters and exists with other arguments is used as it is (``doctor`` says so;
+    docs/operations.md, "Changing a queue's arguments"); a queue of hints is re-created."""
+    arguments = shared_queue_arguments(
+        names, cluster=cluster, dead_letter_max=dead_letter_max, one_active=one_active
+    )
     direct, topic, fanout = (
         aio_pika.ExchangeType.DIRECT,
         aio_pika.ExchangeType.TOPIC,
@@ -63,12 +98,12 @@ async def declare_topology(
     )
     dead = await channel.declare_exchange(names.dead_exchange, fanout, durable=True)
     dead_queue = await _declare_or_accept(
-        connection, channel, names.dead_queue, dead_letter_arguments(dead_letter_max)
+        connection, channel, names.dead_queue, arguments[names.dead_queue]
     )
     await dead_queue.bind(dead)
     requests = await channel.declare_exchange(names.requests_exchange, direct, durable=True)
     requests_queue = await _declare_or_accept(
-        connection, channel, names.requests_queue, quorum_arguments(names)
+        connection, channel, names.requests_queue, arguments[names.requests_queue]
     )
     await requests_queue.bind(requests, "submit")
     await requests_queue.bind(requests, "cancel")
@@ -76,19 +111,27 @@ async def declare_topology(
     machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
     heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
     reports = await channel.declare_exchange(names.reports_exchange, direct, durable=True)
-    reports_queue = await channel.declare_queue(
-        names.reports_queue, durable=True, arguments=quorum_arguments(names)
+    reports_queue = await _declare_or_accept(
+        connection, channel, names.reports_queue, arguments[names.reports_queue]
     )
     await reports_queue.bind(reports, "report")
-    hints = hint_arguments(cluster)
-    if cluster:  # a classic queue of an earlier single-node set-up: hints only, replaced
-        await _replace_if_declared_otherwise(connection, names.heartbeats_queue, hints)
-    heartbeats_queue = await _declare_or_accept(connection, channel, names.heartbeats_queue, hints)
+    # Heartbeats and signals are hints (a machine alive, a slot freed): one lost costs at most
+    # the next heartbeat or the periodic re-sweep, so a queue declared otherwise (a classic
+    # queue of an earlier single-node set-up, another ``active_replicas``) is re-created, and
+    # on one node a classic queue's lower latency and cost win over a quorum's.
+    await _replace_if_declared_otherwise(
+        connection, names.heartbeats_queue, arguments[names.heartbeats_queue]
+    )
+    heartbeats_queue = await channel.declare_queue(
+        names.heartbeats_queue, durable=True, arguments=arguments[names.heartbeats_queue]
+    )
     await heartbeats_queue.bind(heartbeats)
-    # Signals are hints (a slot freed, a machine changed): a lost one costs at most the
-    # periodic re-sweep, so a classic queue's lower latency and cost win over a quorum's.
-    await _replace_if_declared_otherwise(connection, names.signals_queue, hints)
-    signals = await channel.declare_queue(names.signals_queue, durable=True, arguments=hints)
+    await _replace_if_declared_otherwise(
+        connection, names.signals_queue, arguments[names.signals_queue]
+    )
+    signals = await channel.declare_queue(
+        names.signals_queue, durable=True, arguments=arguments[names.signals_queue]
+    )
     for key in (*(event_binding(e) for e in TERMINAL_EVENT_KEYS), "machine.#"):
         await signals.bind(events, key)
     return {

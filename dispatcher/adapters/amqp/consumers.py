@@ -1,0 +1,88 @@
+"""Who consumes a namespace's shared queues, read from RabbitMQ's management API: with
+``active_replicas=one``, which replica RabbitMQ delivers to and which ones stand by
+(``doctor``).
+
+A replica's connection is named ``rundispatch:<namespace>:<host>:<pid>``
+(``connection_name``), so that an operator sees the process, not only its address.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from dispatcher.adapters.amqp.identities import management_client
+from dispatcher.errors import BrokerUnavailable, ConfigurationError
+
+
+def connection_name(namespace: str) -> str:
+    """The name this process gives its AMQP connection (shown by RabbitMQ)."""
+    return f"rundispatch:{namespace}:{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConsumer:
+    """One consumer of a queue: its connection's name (its address when the client gave it
+    none) and whether RabbitMQ delivers to it (``False``: waiting, single active consumer)."""
+
+    connection: str
+    active: bool
+
+
+async def read_consumers(
+    admin_url: str, vhost: str, queues: list[str], timeout_s: float = 10.0
+) -> dict[str, list[QueueConsumer]]:
+    """The consumers of each of ``queues`` (none for a queue that does not exist).
+
+    ``BrokerUnavailable`` when the API cannot be reached, ``ConfigurationError`` when it
+    refuses the credentials of ``admin_url``."""
+    escaped = quote(vhost, safe="")
+    try:
+        async with management_client(admin_url, timeout_s) as client:
+            connections = _checked(
+                await client.get(
+                    f"/api/vhosts/{escaped}/connections",
+                    params={"columns": "name,client_properties"},
+                )
+            ).json()
+            details: dict[str, list[dict[str, Any]]] = {}
+            for queue in queues:
+                response = await client.get(f"/api/queues/{escaped}/{quote(queue, safe='')}")
+                found = response.status_code != 404
+                details[queue] = (
+                    _checked(response).json().get("consumer_details", []) if found else []
+                )
+    except httpx.HTTPError as exc:
+        raise BrokerUnavailable(
+            f"the RabbitMQ management API cannot be reached ({type(exc).__name__})"
+        ) from None
+    named = {
+        c["name"]: (c.get("client_properties") or {}).get("connection_name") or c["name"]
+        for c in connections
+    }
+    return {
+        queue: [
+            QueueConsumer(
+                connection=named.get(c["channel_details"]["connection_name"], "?"),
+                active=bool(c.get("active", True)),
+            )
+            for c in of_queue
+        ]
+        for queue, of_queue in details.items()
+    }
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code in (401, 403):
+        raise ConfigurationError(
+            "the RabbitMQ management API refused the credentials of "
+            "RUNDISPATCH_BROKER_ADMIN_URL (a monitoring or administrator user is needed)"
+        )
+    if response.status_code >= 400:
+        raise BrokerUnavailable(f"the RabbitMQ management API answered {response.status_code}")
+    return response
