@@ -176,9 +176,12 @@ class Bench:
                 (self.names.signals_queue, False),
             ):
                 channel = await connection.channel()
-                # A run left in a queue would be lost: refused (ChannelPreconditionFailed);
+                # A run left in a queue would be lost (quorum queues refuse ``if_empty``);
                 # heartbeats and signals are hints.
-                await channel.queue_delete(queue, if_empty=holds_runs)
+                left = (await channel.declare_queue(queue, passive=True)).declaration_result
+                if holds_runs and left.message_count:
+                    raise RuntimeError(f"{queue} holds {left.message_count} messages")
+                await channel.queue_delete(queue)
         await self.declare_product_topology()
 
     async def declare_product_topology(self, timeout: float = 60.0) -> None:

@@ -36,6 +36,7 @@ from dispatcher.tools.ops_commands import (
     cmd_contract,
     cmd_definitions,
     cmd_doctor,
+    cmd_queues_migrate,
     cmd_secrets_rotate,
 )
 
@@ -188,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="write this file (its users and permissions are kept) instead of printing",
     )
+
+    queues = add(
+        "queues",
+        cmd_queues_migrate,
+        "the shared queues: declare them again after a change of their arguments",
+    ).add_subparsers(dest="queues_command", required=True)
+    p = add(
+        "migrate",
+        cmd_queues_migrate,
+        "declare the requests and workers' requests queues again with this configuration's "
+        "arguments (after a change of RUNDISPATCH_ACTIVE_REPLICAS), keeping their messages and "
+        "who sent each; stop every dispatcher replica first (docs/operations.md, 'Replicas')",
+        queues,
+    )
+    p.add_argument("--dry-run", action="store_true", help="only say which queues differ")
+    p.add_argument("--json", action="store_true")
 
     p = add(
         "contract",

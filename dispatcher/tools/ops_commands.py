@@ -78,3 +78,61 @@ async def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     checks = await diagnose(settings)
     print_json(as_json(checks)) if args.json else print(render(checks))
     return 1 if any(check.status == "FAIL" for check in checks) else 0
+
+
+async def cmd_queues_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Declare the queues that hold runs again with this configuration's arguments, keeping
+    their messages (adapters/amqp/migrate.py)."""
+    import sys
+
+    from dispatcher.adapters.amqp.cluster import connect_any, split_urls
+    from dispatcher.adapters.amqp.identities import vhost_of
+    from dispatcher.adapters.amqp.migrate import (
+        Migration,
+        bindings_of,
+        impersonator,
+        migrate_queue,
+        queue_state,
+    )
+    from dispatcher.adapters.amqp.topology import shared_queue_arguments
+    from dispatcher.names import Names
+    from dispatcher.tools.principals import principal_url
+
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    urls = split_urls(url)
+    expected = shared_queue_arguments(
+        names,
+        cluster=len(urls) > 1,
+        dead_letter_max=settings.dead_letter_max,
+        one_active=settings.active_replicas == "one",
+    )
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    results: list[Migration] = []
+    connection = await connect_any(urls)
+    async with connection:
+        if args.dry_run:
+            for queue in bindings_of(names):
+                results.append(
+                    Migration(queue, await queue_state(connection, queue, expected[queue]))
+                )
+        else:
+            admin = settings.broker_admin_url.get_secret_value()
+            as_user = lambda user, password: principal_url(settings, user, password)  # noqa: E731
+            async with impersonator(admin, vhost_of(url), names, as_user) as mover:
+                for queue, binding in bindings_of(names).items():
+                    migration = await migrate_queue(
+                        connection, mover, queue, expected[queue], binding, progress=progress
+                    )
+                    results.append(migration)
+    if args.json:
+        print_json([{"queue": m.queue, "state": m.state.name, "moved": m.moved} for m in results])
+    else:
+        for m in results:
+            print(f"{m.queue}: {m.state}" + (f" ({m.moved} messages moved)" if m.moved else ""))
+        if not args.dry_run:
+            print("the heartbeats and signals queues (hints) are re-created by the dispatchers")
+    return 0

@@ -56,12 +56,14 @@ class BrokerIdentities:
     ) -> None:
         await self._client.aclose()
 
-    async def put(self, principal: Principal, password: str) -> None:
+    async def put(self, principal: Principal, password: str, *, tags: str = "") -> None:
         """Create the principal's user (or replace its password: rotation) and set exactly its
-        permissions and topic permissions (any other topic permission is removed)."""
+        permissions and topic permissions (any other topic permission is removed). ``tags``:
+        RabbitMQ's user tags (none for every principal; ``impersonator`` for the queue
+        migration's mover, adapters/amqp/migrate.py)."""
         user = quote(principal.username, safe="")
         vhost = quote(self.vhost, safe="")
-        await self._call("PUT", f"/api/users/{user}", {"password": password, "tags": ""})
+        await self._call("PUT", f"/api/users/{user}", {"password": password, "tags": tags})
         allowed = principal.permissions
         await self._call(
             "PUT",

@@ -256,6 +256,9 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.heartbeats_queue,
         names.signals_queue,
         names.reports_queue,
+        # Holding queues of a ``queues migrate`` cut short (adapters/amqp/migrate.py).
+        f"{names.requests_queue}.moving",
+        f"{names.reports_queue}.moving",
         *(names.machine_queue(m) for m in machine_ids),
         *(names.machine_replies_queue(m) for m in machine_ids),
     ]
