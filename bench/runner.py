@@ -49,6 +49,8 @@ from bench.procfs import (
     wait_quiet,
 )
 from bench.producer import prefill
+from dispatcher.adapters.amqp.consumers import read_consumers
+from dispatcher.adapters.amqp.identities import vhost_of
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.core.principals import admin_user_of
 from dispatcher.names import Names, event_binding, event_of
@@ -383,14 +385,15 @@ class Bench:
         return counts
 
     async def consumers_of_requests(self) -> int:
-        """Consumers of the product's requests queue (a standby replica's included)."""
-        assert self.bl_connection is not None
-        channel = await self.bl_connection.channel()
-        try:
-            queue = await channel.declare_queue(self.names.requests_queue, passive=True)
-            return queue.declaration_result.consumer_count or 0
-        finally:
-            await channel.close()
+        """Consumers of the product's requests queue, a standby replica's included: from the
+        management API (a queue's declare-ok counts only the active consumer of a queue with
+        a single active consumer)."""
+        consumers = await read_consumers(
+            self.settings.broker_admin_url.get_secret_value(),
+            vhost_of(self.settings.amqp_url.get_secret_value()),
+            [self.names.requests_queue],
+        )
+        return len(consumers[self.names.requests_queue])
 
     # ---- throughput: drain a pre-filled requests queue ---------------------------------------
     async def drain(

@@ -89,7 +89,9 @@ def scenario_rows(s: dict[str, Any]) -> list[Row]:
                 _ratio(one_active["replica_cpu_ratio"], "replica_cpu_ratio_one_active"),
             )
         )
-        out.append(("", "  runs/s gain (paired)", "", "", _ratio(one_active["gain"], "gain")))
+        out.append(
+            ("", "  runs/s gain (paired)", "", "", _ratio(one_active["gain_interval"], "gain"))
+        )
         out.append(_noise(one_active["noise"]))
     sat = s.get("saturation")
     if sat:
