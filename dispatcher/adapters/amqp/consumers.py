@@ -67,14 +67,21 @@ async def read_consumers(
     }
     return {
         queue: [
-            QueueConsumer(
-                connection=named.get(c["channel_details"]["connection_name"], "?"),
-                active=bool(c.get("active", True)),
-            )
+            QueueConsumer(connection=_connection_of(c, named), active=bool(c.get("active", True)))
             for c in of_queue
         ]
         for queue, of_queue in details.items()
     }
+
+
+def _connection_of(consumer: dict[str, Any], named: dict[str, str]) -> str:
+    """The name of a consumer's connection; ``?`` when the API no longer knows its channel
+    (it then lists ``channel_details`` as an empty list, e.g. while a connection closes)."""
+    channel = consumer.get("channel_details")
+    address = channel.get("connection_name") if isinstance(channel, dict) else None
+    if not isinstance(address, str):
+        return "?"
+    return named.get(address, address)
 
 
 def _checked(response: httpx.Response) -> httpx.Response:
