@@ -384,41 +384,75 @@ class Bench:
                 counts[status] = n
         return counts
 
-    async def consumers_of_requests(self) -> int:
-        """Consumers of the product's requests queue, a standby replica's included: from the
-        management API (a queue's declare-ok counts only the active consumer of a queue with
-        a single active consumer)."""
-        consumers = await read_consumers(
-            self.settings.broker_admin_url.get_secret_value(),
-            vhost_of(self.settings.amqp_url.get_secret_value()),
-            [self.names.requests_queue],
-        )
-        return len(consumers[self.names.requests_queue])
+    async def active_consumers(self) -> int:
+        """Consumers RabbitMQ delivers the product's requests to (declare-ok: at once, but a
+        standby of a single-active-consumer queue is not counted)."""
+        assert self.bl_connection is not None
+        channel = await self.bl_connection.channel()
+        try:
+            queue = await channel.declare_queue(self.names.requests_queue, passive=True)
+            return queue.declaration_result.consumer_count or 0
+        finally:
+            await channel.close()
+
+    async def wait_serving(self, names: list[str], dispatchers: int, timeout: float = 60) -> None:
+        """Until the management API lists ``dispatchers`` consumers of the requests queue
+        (a standby's included; its figures lag by up to a few seconds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            consumers = await read_consumers(
+                self.settings.broker_admin_url.get_secret_value(),
+                vhost_of(self.settings.amqp_url.get_secret_value()),
+                [self.names.requests_queue],
+            )
+            if len(consumers[self.names.requests_queue]) >= dispatchers:
+                return
+            self.procs.check_alive(*names)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{dispatchers} dispatchers not serving after {timeout:.0f} s")
+            await asyncio.sleep(0.3)
 
     # ---- throughput: drain a pre-filled requests queue ---------------------------------------
     async def drain(
-        self, kind: str, count: int, *, dispatchers: int = 1, label: str, profile: bool = False
+        self,
+        kind: str,
+        count: int,
+        *,
+        dispatchers: int = 1,
+        label: str,
+        profile: bool = False,
+        serve_first: bool = False,
     ) -> dict[str, Any]:
+        """Drain ``count`` pre-filled runs. ``serve_first``: the dispatchers are started and
+        serving (every one's consumer of the requests queue listed, a standby's included)
+        before the runs are published, so that no start-up falls in the window; otherwise
+        they start on a full queue and the window opens once each has registered its consumer
+        (which a standby of ``active_replicas=one`` does not show: use ``serve_first``)."""
         await self.ensure_workers(kind)
         quiet = await wait_quiet()
         exchange = self.requests_exchange if kind == "ours" else self.bl_exchange
         assert exchange is not None
         self._counter += 1
         prefix = f"{label}-{self._counter}-"
+        key = self.finished_key(kind)
+        base = int(await self.redis.zcard(key))
+        failed_before = await self.failures()
+        names = []
+        if serve_first:
+            names = self.start_dispatchers(kind, dispatchers)
+            await self.wait_serving(names, dispatchers)
         fill_began = time.perf_counter()
         user_id = admin_user_of(self.settings.amqp_url.get_secret_value())
         await prefill(exchange, count, LIVE_CONNECTIONS, OWNER, prefix, user_id)
         fill_s = time.perf_counter() - fill_began
-        key = self.finished_key(kind)
-        base = int(await self.redis.zcard(key))
-        failed_before = await self.failures()
         if kind == "ours":
             await record_heartbeats(self.machines, self.static)
         worker_names = [
             n for n in self.procs.procs if n.startswith("worker-" if kind == "ours" else "blw")
         ]
         traced_before = await self.snapshot(worker_names) if self.tracing else {}
-        names = self.start_dispatchers(kind, dispatchers)
+        if not serve_first:
+            names = self.start_dispatchers(kind, dispatchers)
         dpids = self.pids_of(names)
         wpids = self.worker_pids(kind)
         others = [p for p in (self.rabbit_pid, self.redis_pid) if p]
@@ -432,12 +466,12 @@ class Bench:
         # The window opens once every dispatcher serves (its consumer registered): a replica
         # still importing and connecting while another already drains is start-up, not the
         # CPU per run of two replicas (up to ~0.5 CPU s in a ~5 s window).
-        serving_at: int | None = None if kind == "ours" else 0
+        serving_at: int | None = None if kind == "ours" and not serve_first else 0
         try:
             while True:
                 done = int(await self.redis.zcard(key)) - base
                 points.append((done, sample(pids)))
-                if serving_at is None and await self.consumers_of_requests() >= dispatchers:
+                if serving_at is None and await self.active_consumers() >= dispatchers:
                     serving_at = done
                 if profile and not spies and done >= 0.1 * count:
                     spies.append(self.start_profiler(dpids[0], f"dispatcher-{label}"))

@@ -283,9 +283,15 @@ async def replicas(bench: Bench, pairs: int, runs: int) -> dict[str, Any]:
     one: list[Guarded[dict[str, Any]]] = []
     for _ in range(pairs):
         two.append(
-            await _window(lambda: bench.drain("ours", runs, dispatchers=2, label="replicas-2"))
+            await _window(
+                lambda: bench.drain(
+                    "ours", runs, dispatchers=2, label="replicas-2", serve_first=True
+                )
+            )
         )
-        one.append(await _window(lambda: bench.drain("ours", runs, label="replicas-1")))
+        one.append(
+            await _window(lambda: bench.drain("ours", runs, label="replicas-1", serve_first=True))
+        )
     return {
         "drains_two": [w.result for w in two],
         "drains_one": [w.result for w in one],

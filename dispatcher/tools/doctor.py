@@ -265,13 +265,19 @@ def replicas_check(consumers: dict[str, list[QueueConsumer]], active_replicas: s
         for queue, of_queue in consumers.items()
     }
     leaders = sorted({c for of_queue in active.values() for c in of_queue})
-    standing_by = [r for r in replicas if r not in leaders]
-    detail = (
-        f"active: {', '.join(leaders)}"
-        if len(leaders) == 1
-        else "active per queue: " + "; ".join(f"{q} {', '.join(c)}" for q, c in active.items())
-    ) + f"; standing by: {', '.join(standing_by) or 'none'}"
-    if not standing_by:
+    standing_by = ", ".join(r for r in replicas if r not in leaders) or "none"
+    if len(leaders) > 1:
+        return Check(
+            "rabbitmq.replicas",
+            "warn",
+            "active per queue: "
+            + "; ".join(f"{q} {', '.join(c) or 'none'}" for q, c in active.items())
+            + f"; standing by: {standing_by}",
+            "RabbitMQ gives each queue to its first consumer, and the queues went to different "
+            "replicas (a reconnection): correct, but each replica works; restart all but one",
+        )
+    detail = f"active: {', '.join(leaders) or 'none'}; standing by: {standing_by}"
+    if standing_by == "none":
         return Check(
             "rabbitmq.replicas",
             "warn",
