@@ -57,6 +57,9 @@ from dispatcher.names import Names, event_binding, event_of
 from dispatcher.settings import Settings
 
 POLL_S = 0.1
+# A dispatcher serving before its drain has settled when it uses less than this over SETTLE_S.
+SETTLE_S = 1.0
+SETTLED_CORES = 0.1
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -397,7 +400,8 @@ class Bench:
 
     async def wait_serving(self, names: list[str], dispatchers: int, timeout: float = 60) -> None:
         """Until the management API lists ``dispatchers`` consumers of the requests queue
-        (a standby's included; its figures lag by up to a few seconds)."""
+        (a standby's included; its figures lag by up to a few seconds) and the processes are
+        done starting (below ``SETTLED_CORES`` together)."""
         deadline = time.monotonic() + timeout
         while True:
             consumers = await read_consumers(
@@ -406,11 +410,21 @@ class Bench:
                 [self.names.requests_queue],
             )
             if len(consumers[self.names.requests_queue]) >= dispatchers:
-                return
+                break
             self.procs.check_alive(*names)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{dispatchers} dispatchers not serving after {timeout:.0f} s")
             await asyncio.sleep(0.3)
+        # Then until their start-up work is done: a new replica declares the queues of every
+        # machine it hears (1,000 in the fleet), for a few seconds; in the window it would be
+        # counted as CPU per run, in some windows and not others.
+        pids = self.pids_of(names)
+        while time.monotonic() < deadline:
+            first = sample(pids)
+            await asyncio.sleep(SETTLE_S)
+            if cores(first, sample(pids), pids) < SETTLED_CORES:
+                return
+        raise RuntimeError(f"{dispatchers} dispatchers still busy {timeout:.0f} s after start")
 
     # ---- throughput: drain a pre-filled requests queue ---------------------------------------
     async def drain(
