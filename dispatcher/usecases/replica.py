@@ -48,6 +48,7 @@ from dispatcher.usecases.sweeper import Sweeper
 from dispatcher.usecases.worker_link import WorkerRequests
 
 log = logging.getLogger(__name__)
+SWEEPER_TASK = "sweeper"
 
 T = TypeVar("T")
 # A replica starting while RabbitMQ or Redis restarts waits for them this long.
@@ -150,7 +151,7 @@ class Dispatcher:
             self._tasks.append(await self._when_available(consume))
         self._tasks += [
             asyncio.create_task(self.placer.run_forever(), name="placer"),
-            asyncio.create_task(self.sweeper.run_forever(), name="sweeper"),
+            asyncio.create_task(self.sweeper.run_forever(), name=SWEEPER_TASK),
         ]
         if self.foresight is not None:
             self._tasks.append(asyncio.create_task(self.foresight.run_forever(), name="foresight"))
@@ -166,6 +167,14 @@ class Dispatcher:
         (what was not done is redelivered or relayed by another replica)."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
+        # Sweeps first: the sweeper judges machines by the heartbeats this replica records, and
+        # once it stops consuming them a sweep finds every machine silent: alone, a replica
+        # whose drain outlasted offline_after_s declared live machines offline and failed
+        # their running runs (MachineLost). Another replica's sweeper takes the lease over.
+        sweeper = [t for t in self._tasks if t.get_name() == SWEEPER_TASK]
+        for task in sweeper:
+            task.cancel()
+        await asyncio.gather(*sweeper, return_exceptions=True)
         clean = await self.broker.stop_consuming(timeout_s)
         try:
             async with asyncio.timeout(max(0.1, deadline - time.monotonic())):

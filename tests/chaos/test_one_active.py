@@ -21,7 +21,7 @@ from dispatcher.settings import Settings
 from dispatcher.tools.doctor import consumed_queues
 from tests.e2e.test_doctor import doctor
 from tests.e2e.test_run_path import group_fleet
-from tests.support.constants import OWNER
+from tests.support.e2e import submit_runs
 from tests.support.processes import Processes, eventually, new_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -45,19 +45,6 @@ async def active_of(settings: Settings) -> dict[str, set[str]]:
         queue: {c.connection for c in of_queue if c.active} or {"?"}
         for queue, of_queue in consumers.items()
     }
-
-
-async def submit(client: Client, count: int) -> list[str]:
-    return [
-        await client.submit(
-            connection_id="c1",
-            flow_id="invoice",
-            requested_by=OWNER,
-            mode="unattended",
-            inputs={"duration_s": 0.2},
-        )
-        for _ in range(count)
-    ]
 
 
 async def test_the_standby_takes_over_from_a_killed_active_replica_and_no_run_is_lost_or_twice(
@@ -98,10 +85,10 @@ async def test_the_standby_takes_over_from_a_killed_active_replica_and_no_run_is
     assert replicas["status"] == "ok", replicas
     assert replicas["detail"].startswith("active: ") and two in replicas["detail"], replicas
 
-    before = await submit(client, RUNS // 2)
+    before = await submit_runs(client, RUNS // 2, duration_s=0.2)
     await eventually(lambda: _succeeded(client, before, at_least=10), timeout=60, interval=0.2)
     procs.kill("d1")  # SIGKILL: its connection closes without a word
-    after = await submit(client, RUNS // 2)
+    after = await submit_runs(client, RUNS // 2, duration_s=0.2)
     await eventually(lambda: consumes_all(two), timeout=60, interval=0.5)
 
     run_ids = before + after

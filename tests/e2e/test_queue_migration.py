@@ -29,7 +29,7 @@ from dispatcher.settings import Settings
 from tests.e2e.test_principals import publish_as, username_of
 from tests.e2e.test_run_path import group_fleet
 from tests.support.constants import OWNER
-from tests.support.e2e import cli_json
+from tests.support.e2e import cli_json, submit_runs
 from tests.support.processes import REPO, Processes, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -96,16 +96,7 @@ async def test_migrate_keeps_the_waiting_runs_and_their_senders(
 
     # Runs asked for while no replica runs wait in the requests queue: from the dispatcher's
     # identity, from a submitter acting for the owner, one from a submitter acting for another.
-    run_ids = [
-        await client.submit(
-            connection_id="c1",
-            flow_id="invoice",
-            requested_by=OWNER,
-            mode="unattended",
-            inputs={"duration_s": 0.05},
-        )
-        for _ in range(EACH)
-    ]
+    run_ids = await submit_runs(client, EACH)
     for submitter, count in ((envx, EACH), (envy, 1)):
         for _ in range(count):
             run_id = uuid.uuid4().hex
@@ -174,3 +165,35 @@ async def test_migrate_keeps_the_waiting_runs_and_their_senders(
     refused = await client.wait(foreign, timeout=30)
     assert refused.status is RunStatus.rejected and refused.error is not None
     assert refused.error.code is ErrorCode.ConnectionAccessDenied
+
+
+async def test_a_migration_cut_short_is_finished_by_running_it_again(
+    client: Client, settings: Settings, procs: Processes
+) -> None:
+    """The state a migration killed between deleting the old queue and declaring the new one
+    leaves: the requests queue gone, its runs (and those published since) in the holding
+    queue, which is bound in its place."""
+    names = Names(settings.namespace)
+    url = settings.amqp_url.get_secret_value()
+    holding = holding_queue(names.requests_queue)
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(names.requests_queue)
+        kept = await channel.declare_queue(
+            holding, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        for key in ("submit", "cancel"):
+            await kept.bind(names.requests_exchange, key)
+    run_ids = await submit_runs(client, 5)
+    migrated = {m["queue"]: m for m in migrate(procs)}
+    assert migrated[names.requests_queue]["moved"] == len(run_ids)
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        expected = shared_queue_arguments(names, one_active=True)[names.requests_queue]
+        await channel.declare_queue(names.requests_queue, durable=True, arguments=expected)
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.declare_queue(holding, passive=True)
+    assert await senders_of(url, names.requests_queue) == {admin_user_of(url): len(run_ids)}

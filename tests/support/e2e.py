@@ -29,6 +29,20 @@ async def submit(client: Client, connection_id: str, mode: str, **extra: Any) ->
     )
 
 
+async def submit_runs(client: Client, count: int, duration_s: float = 0.05) -> list[str]:
+    """``count`` unattended runs of connection ``c1`` for OWNER, simulated ``duration_s`` each."""
+    return [
+        await client.submit(
+            connection_id="c1",
+            flow_id="invoice",
+            requested_by=OWNER,
+            mode="unattended",
+            inputs={"duration_s": duration_s},
+        )
+        for _ in range(count)
+    ]
+
+
 async def recorded(client: Client, run_id: str, timeout: float = 15.0) -> Run:
     """The run's record, once the dispatcher has recorded it."""
 

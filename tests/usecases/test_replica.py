@@ -235,3 +235,25 @@ async def test_a_machine_queue_the_broker_refuses_is_declared_again_a_minute_lat
     await asyncio.sleep(0.05)
     assert sorted(tried) == ["m1", "m1", "m2"]
     await replica.stop()
+
+
+async def test_a_draining_replica_stops_its_sweeps_before_it_stops_consuming_heartbeats() -> None:
+    """Sweeping on without heartbeats, a replica alone finds every machine silent: its drain
+    outlasting offline_after_s declared live machines offline (tests/e2e/test_drain.py)."""
+    world = bots()
+    replica = world.dispatcher()
+    await replica.start()
+    original = world.broker.stop_consuming
+    sweeping: list[bool] = []
+
+    async def stop_consuming(timeout_s: float, queues: object = None) -> bool:
+        sweeping.append(
+            any(
+                t.get_name() == replica_module.SWEEPER_TASK and not t.done() for t in replica._tasks
+            )
+        )
+        return await original(timeout_s)
+
+    world.broker.stop_consuming = stop_consuming  # type: ignore[method-assign]
+    assert await replica.drain(5.0)
+    assert sweeping == [False]

@@ -16,8 +16,8 @@ from urllib.parse import quote
 
 import httpx
 
-from dispatcher.adapters.amqp.identities import management_client
-from dispatcher.errors import BrokerUnavailable, ConfigurationError
+from dispatcher.adapters.amqp.identities import checked, management_client
+from dispatcher.errors import BrokerUnavailable
 
 
 def connection_name(namespace: str) -> str:
@@ -44,7 +44,7 @@ async def read_consumers(
     escaped = quote(vhost, safe="")
     try:
         async with management_client(admin_url, timeout_s) as client:
-            connections = _checked(
+            connections = checked(
                 await client.get(
                     f"/api/vhosts/{escaped}/connections",
                     params={"columns": "name,client_properties"},
@@ -55,7 +55,7 @@ async def read_consumers(
                 response = await client.get(f"/api/queues/{escaped}/{quote(queue, safe='')}")
                 found = response.status_code != 404
                 details[queue] = (
-                    _checked(response).json().get("consumer_details", []) if found else []
+                    checked(response).json().get("consumer_details", []) if found else []
                 )
     except httpx.HTTPError as exc:
         raise BrokerUnavailable(
@@ -82,14 +82,3 @@ def _connection_of(consumer: dict[str, Any], named: dict[str, str]) -> str:
     if not isinstance(address, str):
         return "?"
     return named.get(address, address)
-
-
-def _checked(response: httpx.Response) -> httpx.Response:
-    if response.status_code in (401, 403):
-        raise ConfigurationError(
-            "the RabbitMQ management API refused the credentials of "
-            "RUNDISPATCH_BROKER_ADMIN_URL (a monitoring or administrator user is needed)"
-        )
-    if response.status_code >= 400:
-        raise BrokerUnavailable(f"the RabbitMQ management API answered {response.status_code}")
-    return response

@@ -38,6 +38,19 @@ def management_client(admin_url: str, timeout_s: float) -> httpx.AsyncClient:
     )
 
 
+def checked(response: httpx.Response) -> httpx.Response:
+    """A management API answer to a read (``doctor``, the bench): ``ConfigurationError`` when
+    it refused the credentials, ``BrokerUnavailable`` for any other error status."""
+    if response.status_code in (401, 403):
+        raise ConfigurationError(
+            "the RabbitMQ management API refused the credentials of "
+            "RUNDISPATCH_BROKER_ADMIN_URL (a monitoring or administrator user is needed)"
+        )
+    if response.status_code >= 400:
+        raise BrokerUnavailable(f"the RabbitMQ management API answered {response.status_code}")
+    return response
+
+
 class BrokerIdentities:
     """Users and permissions of one virtual host, through the management API."""
 

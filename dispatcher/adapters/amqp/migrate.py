@@ -16,7 +16,9 @@ publish with another user's id. The messages move as a temporary user with that 
 to read the two queues and write to the default exchange only, deleted at the end.
 
 Every step can be repeated: a move cut short (the tool killed, the broker lost) is finished by
-running the command again; no message is acknowledged before its copy is confirmed.
+running the command again. No message is acknowledged before its copy is confirmed, so none is
+lost; the copies of a batch confirmed but not yet acknowledged when the move was cut (at most
+``MOVE_BATCH``) arrive twice, handled as redeliveries.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from dispatcher.adapters.amqp.identities import management_client
-from dispatcher.errors import BrokerUnavailable, ConfigurationError
+from dispatcher.adapters.amqp.identities import checked, management_client
+from dispatcher.errors import BrokerUnavailable
 
 QUORUM_QUEUE_FILES = 3
 CLASSIC_QUEUE_FILES = 1
@@ -69,16 +69,8 @@ async def read_node_files(admin_url: str, timeout_s: float = 10.0) -> NodeFiles:
         raise BrokerUnavailable(
             f"the RabbitMQ management API cannot be reached ({type(exc).__name__})"
         ) from None
-    for response in (nodes, queues):
-        if response.status_code in (401, 403):
-            raise ConfigurationError(
-                "the RabbitMQ management API refused the credentials of "
-                "RUNDISPATCH_BROKER_ADMIN_URL (a monitoring or administrator user is needed)"
-            )
-        if response.status_code >= 400:
-            raise BrokerUnavailable(f"the RabbitMQ management API answered {response.status_code}")
-    limits = [int(node["fd_total"]) for node in nodes.json() if node.get("fd_total")]
-    types = [queue.get("type") for queue in queues.json()]
+    limits = [int(node["fd_total"]) for node in checked(nodes).json() if node.get("fd_total")]
+    types = [queue.get("type") for queue in checked(queues).json()]
     return NodeFiles(
         open_file_limit=min(limits) if limits else 0,
         quorum_queues=sum(kind == "quorum" for kind in types),
