@@ -13,6 +13,7 @@ import aio_pika
 import pytest
 import redis
 
+from dispatcher.adapters.amqp.inspect import inspect_namespace
 from dispatcher.client import Client
 from dispatcher.names import Names
 from dispatcher.settings import Settings
@@ -117,3 +118,14 @@ def test_unreachable_services_are_failures_not_tracebacks(procs: Processes) -> N
     assert checks["rabbitmq"]["status"] == "FAIL"
     assert checks["identities.secret_keys"]["status"] == "FAIL"
     assert "pw-one" not in text and "pw-two" not in text
+
+
+async def test_the_topology_of_a_cluster_s_url_list_is_read_from_a_node_that_answers(
+    client: Client, settings: Settings
+) -> None:
+    """``RUNDISPATCH_AMQP_URL`` lists a cluster's nodes: the first one down, the second up
+    (this broker): the namespace is read from the second (it was 'unavailable' before)."""
+    url = settings.amqp_url.get_secret_value()
+    down = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    report = await inspect_namespace(f"{down},{url}", Names(settings.namespace))
+    assert report.version != "?" and not report.missing and not report.differing

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import aio_pika
 from aiormq.exceptions import AMQPError, ChannelNotFoundEntity, ChannelPreconditionFailed
 
+from dispatcher.adapters.amqp.cluster import connect_any, split_urls
 from dispatcher.adapters.amqp.topology import DEAD_LETTER_MAX, shared_queue_arguments
 from dispatcher.errors import BrokerUnavailable
 from dispatcher.names import Names
@@ -50,7 +50,7 @@ async def inspect_namespace(
     )
     try:
         async with asyncio.timeout(timeout_s):
-            connection = await aio_pika.connect(url)
+            connection = await connect_any(split_urls(url))  # a cluster's list: any node
     except (AMQPError, OSError, TimeoutError) as exc:
         raise BrokerUnavailable(f"RabbitMQ is unavailable: {type(exc).__name__}") from None
     report = BrokerReport()
