@@ -128,6 +128,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     modes = {m.strip() for m in args.replicas_modes.split(",") if m.strip()}
     if not modes or modes - {"all", "one"}:
         parser.error(f"--replicas-modes: 'all', 'one' or both, not {args.replicas_modes!r}")
+    args.replicas_modes = modes
     args.sections = chosen or list(SECTIONS)
     if args.profile and "profile" not in args.sections:
         args.sections.append("profile")
@@ -236,7 +237,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "reps": reps,
             }
 
-        modes = [m.strip() for m in args.replicas_modes.split(",") if m.strip()]
+        modes = args.replicas_modes  # the set parse() made of the option
         if "replicas" in want and ref_rate and "all" in modes:
             log(f"replicas: {args.reps} pairs of drains with two and with one dispatcher")
             sections["replicas"] = replica_pairs(

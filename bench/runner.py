@@ -51,6 +51,8 @@ from bench.procfs import (
 from bench.producer import prefill
 from dispatcher.adapters.amqp.consumers import read_consumers
 from dispatcher.adapters.amqp.identities import vhost_of
+from dispatcher.adapters.amqp.migrate import delete_if_empty
+from dispatcher.adapters.amqp.topology import consumed_queues, run_queue_bindings
 from dispatcher.adapters.redis.machines import RedisMachines
 from dispatcher.core.principals import admin_user_of
 from dispatcher.names import Names, event_binding, event_of
@@ -174,19 +176,13 @@ class Bench:
         self.env["RUNDISPATCH_ACTIVE_REPLICAS"] = mode  # in place: the Procs share this dict
         connection = await aio_pika.connect(self.settings.amqp_url.get_secret_value())
         async with connection:
-            for queue, holds_runs in (
-                (self.names.requests_queue, True),
-                (self.names.reports_queue, True),
-                (self.names.heartbeats_queue, False),
-                (self.names.signals_queue, False),
-            ):
+            holding_runs = run_queue_bindings(self.names)
+            for queue in consumed_queues(self.names):
                 channel = await connection.channel()
-                # A run left in a queue would be lost (quorum queues refuse ``if_empty``);
-                # heartbeats and signals are hints.
-                left = (await channel.declare_queue(queue, passive=True)).declaration_result
-                if holds_runs and left.message_count:
-                    raise RuntimeError(f"{queue} holds {left.message_count} messages")
-                await channel.queue_delete(queue)
+                if queue in holding_runs:  # a run left there would be lost: refused
+                    await delete_if_empty(channel, queue)
+                else:  # heartbeats and signals are hints
+                    await channel.queue_delete(queue)
         await self.declare_product_topology()
 
     async def declare_product_topology(self, timeout: float = 60.0) -> None:

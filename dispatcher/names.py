@@ -89,6 +89,11 @@ class Names:
         """Quorum queue the dispatchers consume workers' reports from."""
         return f"{self.ns}.reports"
 
+    def holding_queue(self, queue: str) -> str:
+        """Where ``queues migrate`` keeps a shared queue's messages while it declares the queue
+        again (adapters/amqp/migrate.py)."""
+        return f"{queue}.moving"
+
     @property
     def heartbeats_exchange(self) -> str:
         return f"{self.ns}.heartbeats"
@@ -113,6 +118,11 @@ class Names:
     def operator_user(self, operator: str) -> str:
         """The RabbitMQ user of a registered operator (``operators register``)."""
         return f"{self.ns}.operator.{operator}"
+
+    @property
+    def migration_user(self) -> str:
+        """The temporary RabbitMQ user ``queues migrate`` moves messages as (deleted after)."""
+        return f"{self.ns}.queue-migration"
 
     def operator_queue_prefix(self, operator: str) -> str:
         """An operator may declare and read only queues named with this prefix."""

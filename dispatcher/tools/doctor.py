@@ -24,6 +24,7 @@ from dispatcher.adapters.amqp.consumers import QueueConsumer, read_consumers
 from dispatcher.adapters.amqp.identities import vhost_of
 from dispatcher.adapters.amqp.inspect import inspect_namespace
 from dispatcher.adapters.amqp.node_files import NodeFiles, files_per_machine, read_node_files
+from dispatcher.adapters.amqp.topology import consumed_queues
 from dispatcher.adapters.redis.connection import UNREACHABLE as REDIS_UNREACHABLE
 from dispatcher.adapters.redis.connection import make_redis
 from dispatcher.errors import BrokerUnavailable, ConfigurationError, DispatchError
@@ -241,11 +242,6 @@ async def check_replicas(settings: Settings) -> list[Check]:
     except (BrokerUnavailable, ConfigurationError) as exc:
         return [Check("rabbitmq.replicas", "warn", f"cannot read the queues' consumers: {exc}")]
     return [replicas_check(consumers, settings.active_replicas)]
-
-
-def consumed_queues(names: Names) -> list[str]:
-    """The shared queues every replica consumes."""
-    return [names.requests_queue, names.reports_queue, names.heartbeats_queue, names.signals_queue]
 
 
 def replicas_check(consumers: dict[str, list[QueueConsumer]], active_replicas: str) -> Check:

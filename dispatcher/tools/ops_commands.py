@@ -89,12 +89,11 @@ async def cmd_queues_migrate(args: argparse.Namespace, settings: Settings) -> in
     from dispatcher.adapters.amqp.identities import vhost_of
     from dispatcher.adapters.amqp.migrate import (
         Migration,
-        bindings_of,
         impersonator,
         migrate_queue,
         queue_state,
     )
-    from dispatcher.adapters.amqp.topology import shared_queue_arguments
+    from dispatcher.adapters.amqp.topology import run_queue_bindings, shared_queue_arguments
     from dispatcher.names import Names
     from dispatcher.tools.principals import principal_url
 
@@ -115,7 +114,7 @@ async def cmd_queues_migrate(args: argparse.Namespace, settings: Settings) -> in
     connection = await connect_any(urls)
     async with connection:
         if args.dry_run:
-            for queue in bindings_of(names):
+            for queue in run_queue_bindings(names):
                 results.append(
                     Migration(queue, await queue_state(connection, queue, expected[queue]))
                 )
@@ -123,9 +122,9 @@ async def cmd_queues_migrate(args: argparse.Namespace, settings: Settings) -> in
             admin = settings.broker_admin_url.get_secret_value()
             as_user = lambda user, password: principal_url(settings, user, password)  # noqa: E731
             async with impersonator(admin, vhost_of(url), names, as_user) as mover:
-                for queue, binding in bindings_of(names).items():
+                for queue in run_queue_bindings(names):
                     migration = await migrate_queue(
-                        connection, mover, queue, expected[queue], binding, progress=progress
+                        connection, mover, names, queue, expected[queue], progress=progress
                     )
                     results.append(migration)
     if args.json:

@@ -13,12 +13,12 @@ import pytest
 
 from dispatcher.adapters.amqp.consumers import read_consumers
 from dispatcher.adapters.amqp.identities import vhost_of
+from dispatcher.adapters.amqp.topology import consumed_queues
 from dispatcher.client import Client
 from dispatcher.errors import NotFound
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
-from dispatcher.tools.doctor import consumed_queues
 from tests.e2e.test_doctor import doctor
 from tests.e2e.test_run_path import group_fleet
 from tests.support.e2e import submit_runs

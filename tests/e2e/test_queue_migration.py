@@ -18,7 +18,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from dispatcher.adapters.amqp.identities import management_client
-from dispatcher.adapters.amqp.migrate import holding_queue, mover_principal
+from dispatcher.adapters.amqp.migrate import mover_principal
 from dispatcher.adapters.amqp.topology import shared_queue_arguments
 from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
@@ -144,7 +144,7 @@ async def test_migrate_keeps_the_waiting_runs_and_their_senders(
         for queue in (names.requests_queue, names.reports_queue):
             channel = await connection.channel()
             with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
-                await channel.declare_queue(holding_queue(queue), passive=True)
+                await channel.declare_queue(names.holding_queue(queue), passive=True)
     assert await senders_of(url, names.requests_queue) == before
     async with management_client(settings.broker_admin_url.get_secret_value(), 10) as api:
         users = (await api.get("/api/users")).json()
@@ -175,7 +175,7 @@ async def test_a_migration_cut_short_is_finished_by_running_it_again(
     queue, which is bound in its place."""
     names = Names(settings.namespace)
     url = settings.amqp_url.get_secret_value()
-    holding = holding_queue(names.requests_queue)
+    holding = names.holding_queue(names.requests_queue)
     connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel()

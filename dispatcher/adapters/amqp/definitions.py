@@ -22,6 +22,7 @@ from typing import Any
 from dispatcher.adapters.amqp.topology import (
     DEAD_LETTER_MAX,
     DELIVERY_LIMIT,
+    run_queue_bindings,
     shared_queue_arguments,
 )
 from dispatcher.names import TERMINAL_EVENT_KEYS, Names
@@ -76,9 +77,11 @@ def topology_definitions(
 
     bindings = [
         binding(names.dead_exchange, names.dead_queue, ""),
-        binding(names.requests_exchange, names.requests_queue, "submit"),
-        binding(names.requests_exchange, names.requests_queue, "cancel"),
-        binding(names.reports_exchange, names.reports_queue, "report"),
+        *(
+            binding(exchange, queue_name, key)
+            for queue_name, (exchange, keys) in run_queue_bindings(names).items()
+            for key in keys
+        ),
         binding(names.heartbeats_exchange, names.heartbeats_queue, ""),
         *(
             binding(names.events_exchange, names.signals_queue, key)

@@ -37,6 +37,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from dispatcher.adapters.amqp.identities import BrokerIdentities
+from dispatcher.adapters.amqp.topology import run_queue_bindings
 from dispatcher.core.principals import Permissions, Principal
 from dispatcher.errors import ConfigurationError
 from dispatcher.names import Names
@@ -69,19 +70,6 @@ class Migration:
     moved: int = 0
 
 
-def holding_queue(queue: str) -> str:
-    return f"{queue}.moving"
-
-
-def bindings_of(names: Names) -> dict[str, tuple[str, list[str]]]:
-    """The queues that hold runs, each with its exchange and routing keys (as declared by
-    ``declare_topology``)."""
-    return {
-        names.requests_queue: (names.requests_exchange, ["submit", "cancel"]),
-        names.reports_queue: (names.reports_exchange, ["report"]),
-    }
-
-
 async def queue_state(
     connection: AbstractConnection, queue: str, arguments: dict[str, Any]
 ) -> QueueState:
@@ -108,21 +96,22 @@ async def queue_state(
 async def migrate_queue(
     connection: AbstractConnection,
     mover: AbstractConnection,
+    names: Names,
     queue: str,
     arguments: dict[str, Any],
-    binding: tuple[str, list[str]],
     *,
     progress: Callable[[str], None],
 ) -> Migration:
-    """Declare ``queue`` again with ``arguments``, keeping its messages (see the module).
-    ``connection``: an identity that may configure the namespace; ``mover``: the impersonator.
-    ``ConfigurationError`` while a process consumes the queue (stop the dispatchers first)."""
+    """Declare ``queue`` (one of ``run_queue_bindings``) again with ``arguments``, keeping its
+    messages (see the module). ``connection``: an identity that may configure the namespace;
+    ``mover``: the impersonator. ``ConfigurationError`` while a process consumes the queue
+    (stop the dispatchers first)."""
     state = await queue_state(connection, queue, arguments)
-    holding = holding_queue(queue)
+    holding = names.holding_queue(queue)
     held = await queue_state(connection, holding, HOLDING_ARGUMENTS) != QueueState.missing
     if state == QueueState.as_configured and not held:
         return Migration(queue, QueueState.as_configured)
-    exchange, keys = binding
+    exchange, keys = run_queue_bindings(names)[queue]
     channel = await connection.channel()
     moved = 0
     try:
@@ -223,15 +212,16 @@ def copy_of(message: AbstractIncomingMessage) -> aio_pika.Message:
 def mover_principal(names: Names) -> Principal:
     """The temporary impersonator: reads the queues that hold runs and their holding queues,
     writes to the default exchange only, configures nothing."""
-    queues = "|".join(re.escape(q) for q in bindings_of(names))
+    queues = [*run_queue_bindings(names), *map(names.holding_queue, run_queue_bindings(names))]
+    readable = "|".join(re.escape(q) for q in queues)
     return Principal(
         kind="operator",
         name="queue-migration",
-        username=f"{names.ns}.queue-migration",
+        username=names.migration_user,
         permissions=Permissions(
             configure="^$",
-            write=rf"^(amq\.default|({queues})(\.moving)?)$",
-            read=rf"^({queues})(\.moving)?$",
+            write=rf"^(amq\.default|{readable})$",
+            read=rf"^({readable})$",
         ),
     )
 

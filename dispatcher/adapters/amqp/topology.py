@@ -52,6 +52,20 @@ def hint_arguments(cluster: bool) -> dict[str, Any]:
 ONE_ACTIVE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True}
 
 
+def consumed_queues(names: Names) -> list[str]:
+    """The shared queues every replica consumes (one consumer at a time with
+    ``active_replicas=one``)."""
+    return [names.requests_queue, names.reports_queue, names.heartbeats_queue, names.signals_queue]
+
+
+def run_queue_bindings(names: Names) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The shared queues that hold runs, each with its exchange and routing keys."""
+    return {
+        names.requests_queue: (names.requests_exchange, ("submit", "cancel")),
+        names.reports_queue: (names.reports_exchange, ("report",)),
+    }
+
+
 def shared_queue_arguments(
     names: Names,
     *,
@@ -63,15 +77,17 @@ def shared_queue_arguments(
     for the processes' declarations, the definitions export and ``doctor``'s expectations.
     ``one_active``: the queues the replicas consume take one consumer at a time
     (``ONE_ACTIVE_ARGUMENTS``); the dead-letter queue is an operator's, never consumed."""
-    consumed = ONE_ACTIVE_ARGUMENTS if one_active else {}
-    hints = {**hint_arguments(cluster), **consumed}
-    return {
-        names.requests_queue: {**quorum_arguments(names), **consumed},
+    arguments = {
+        names.requests_queue: quorum_arguments(names),
         names.dead_queue: dead_letter_arguments(dead_letter_max),
-        names.reports_queue: {**quorum_arguments(names), **consumed},
-        names.heartbeats_queue: hints,
-        names.signals_queue: hints,
+        names.reports_queue: quorum_arguments(names),
+        names.heartbeats_queue: hint_arguments(cluster),
+        names.signals_queue: hint_arguments(cluster),
     }
+    if one_active:
+        for queue in consumed_queues(names):
+            arguments[queue] = {**arguments[queue], **ONE_ACTIVE_ARGUMENTS}
+    return arguments
 
 
 async def declare_topology(
@@ -87,10 +103,11 @@ async def declare_topology(
     ``cluster``: the broker is a cluster (see :func:`hint_arguments`); ``one_active``: see
     :data:`ONE_ACTIVE_ARGUMENTS`. A queue that holds runs (requests, the workers' requests)
     or dead letters and exists with other arguments is used as it is (``doctor`` says so;
-    docs/operations.md, "Changing a queue's arguments"); a queue of hints is re-created."""
+    docs/operations.md, "Replicas: all active, or one"); a queue of hints is re-created."""
     arguments = shared_queue_arguments(
         names, cluster=cluster, dead_letter_max=dead_letter_max, one_active=one_active
     )
+    bindings = run_queue_bindings(names)
     direct, topic, fanout = (
         aio_pika.ExchangeType.DIRECT,
         aio_pika.ExchangeType.TOPIC,
@@ -105,8 +122,8 @@ async def declare_topology(
     requests_queue = await _declare_or_accept(
         connection, channel, names.requests_queue, arguments[names.requests_queue]
     )
-    await requests_queue.bind(requests, "submit")
-    await requests_queue.bind(requests, "cancel")
+    for key in bindings[names.requests_queue][1]:
+        await requests_queue.bind(requests, key)
     events = await channel.declare_exchange(names.events_exchange, topic, durable=True)
     machines = await channel.declare_exchange(names.machines_exchange, direct, durable=True)
     heartbeats = await channel.declare_exchange(names.heartbeats_exchange, fanout, durable=True)
@@ -114,7 +131,8 @@ async def declare_topology(
     reports_queue = await _declare_or_accept(
         connection, channel, names.reports_queue, arguments[names.reports_queue]
     )
-    await reports_queue.bind(reports, "report")
+    for key in bindings[names.reports_queue][1]:
+        await reports_queue.bind(reports, key)
     # Heartbeats and signals are hints (a machine alive, a slot freed): one lost costs at most
     # the next heartbeat or the periodic re-sweep, so a queue declared otherwise (a classic
     # queue of an earlier single-node set-up, another ``active_replicas``) is re-created, and
@@ -257,8 +275,7 @@ async def delete_namespace(url: str, names: Names, machine_ids: list[str]) -> No
         names.signals_queue,
         names.reports_queue,
         # Holding queues of a ``queues migrate`` cut short (adapters/amqp/migrate.py).
-        f"{names.requests_queue}.moving",
-        f"{names.reports_queue}.moving",
+        *(names.holding_queue(q) for q in run_queue_bindings(names)),
         *(names.machine_queue(m) for m in machine_ids),
         *(names.machine_replies_queue(m) for m in machine_ids),
     ]
