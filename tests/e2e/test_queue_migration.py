@@ -16,9 +16,10 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
+from pydantic import SecretStr
 
-from dispatcher.adapters.amqp.identities import management_client
-from dispatcher.adapters.amqp.migrate import mover_principal
+from dispatcher.adapters.amqp.identities import management_client, vhost_of
+from dispatcher.adapters.amqp.migrate import impersonator, mover_principal
 from dispatcher.adapters.amqp.topology import shared_queue_arguments
 from dispatcher.client import Client
 from dispatcher.codes import ErrorCode
@@ -26,10 +27,12 @@ from dispatcher.core.principals import admin_user_of
 from dispatcher.models import RunStatus
 from dispatcher.names import Names
 from dispatcher.settings import Settings
+from dispatcher.tools.principals import principal_url
 from tests.e2e.test_principals import publish_as, username_of
 from tests.e2e.test_run_path import group_fleet
 from tests.support.constants import OWNER
 from tests.support.e2e import cli_json, submit_runs
+from tests.support.privateredis import free_port
 from tests.support.processes import REPO, Processes, eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -197,3 +200,28 @@ async def test_a_migration_cut_short_is_finished_by_running_it_again(
         with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
             await channel.declare_queue(holding, passive=True)
     assert await senders_of(url, names.requests_queue) == {admin_user_of(url): len(run_ids)}
+
+
+async def test_the_mover_connects_to_a_cluster_s_first_node_that_answers(
+    client: Client, settings: Settings
+) -> None:
+    """On a cluster the mover's URL lists every node (``principal_url``): the first one down,
+    the second up (this broker)."""
+    listed = settings.model_copy(
+        update={
+            "amqp_url": SecretStr(
+                f"amqp://guest:guest@127.0.0.1:{free_port()}/,"
+                + settings.amqp_url.get_secret_value()
+            )
+        }
+    )
+    names = Names(settings.namespace)
+    admin = settings.broker_admin_url.get_secret_value()
+
+    def url_for(user: str, password: str) -> str:
+        return principal_url(listed, user, password)
+
+    async with impersonator(
+        admin, vhost_of(listed.amqp_url.get_secret_value()), names, url_for
+    ) as mover:
+        assert not mover.is_closed

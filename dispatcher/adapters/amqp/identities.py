@@ -103,10 +103,14 @@ class BrokerIdentities:
 
     async def delete_namespace(self, names: Names) -> int:
         """Delete every machine, submitter and operator identity of the namespace (demos,
-        tests)."""
+        tests), and a ``queues migrate`` mover left by a migration cut short."""
         prefixes = (names.machine_user(""), names.submitter_user(""), names.operator_user(""))
         response = await self._request("GET", "/api/users", None)
-        users = [u["name"] for u in response.json() if str(u["name"]).startswith(prefixes)]
+        users = [
+            u["name"]
+            for u in response.json()
+            if str(u["name"]).startswith(prefixes) or u["name"] == names.migration_user
+        ]
         for user in users:
             await self.delete(user)
         return len(users)

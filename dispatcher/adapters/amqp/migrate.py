@@ -36,6 +36,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aiormq.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
+from dispatcher.adapters.amqp.cluster import connect_any, split_urls
 from dispatcher.adapters.amqp.identities import BrokerIdentities
 from dispatcher.adapters.amqp.topology import run_queue_bindings
 from dispatcher.core.principals import Permissions, Principal
@@ -236,7 +237,8 @@ async def impersonator(
     async with BrokerIdentities(admin_url, vhost) as identities:
         await identities.put(principal, password, tags="impersonator")
         try:
-            connection = await aio_pika.connect(url_for(principal.username, password))
+            # On a cluster the URL lists every node: the first that answers.
+            connection = await connect_any(split_urls(url_for(principal.username, password)))
             async with connection:
                 yield connection
         finally:
